@@ -1,0 +1,36 @@
+"""Kaggle "CIFAR-10 - Object Recognition in Images" (kaggle.com/c/cifar-10).
+
+50,000 labelled 32x32 PNGs, 300,000 test PNGs; the submission names one class
+per id and is scored by accuracy. Recipe: the d2l chapter's 32x32 ResNet-18
+with SGD, momentum 0.9, weight decay 5e-4, batch 256, pad-4 crop and flip.
+"""
+from pipeline.competition import Competition, Recipe, register
+
+CIFAR10 = register(
+    Competition(
+        slug="cifar-10",
+        title="CIFAR-10 - Object Recognition in Images",
+        labels_file="trainLabels.csv",
+        id_column="id",
+        label_column="label",
+        sample_submission="sampleSubmission.csv",
+        submission="label",
+        metric="accuracy",
+        image_size=32,
+        image_ext=".png",
+        mean=(0.4914, 0.4822, 0.4465),
+        std=(0.2470, 0.2435, 0.2616),
+        recipe=Recipe(
+            model="resnet18_cifar",
+            epochs=30,
+            batch_size=256,
+            lr=0.1,
+            optimizer="sgd",
+            momentum=0.9,
+            weight_decay=5e-4,
+            schedule="cosine",
+            warmup_epochs=1,
+            augment="pad_crop_flip",
+        ),
+    )
+)

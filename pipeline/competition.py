@@ -1,0 +1,114 @@
+"""The Competition spec: every per-competition fact, in one frozen dataclass.
+
+Nothing else in ``pipeline/`` names a competition. A competition is a module in
+``competitions/`` that builds one :class:`Competition` and passes it to
+:func:`register`; the CLI imports that package so the registry is filled.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Literal
+
+from pipeline.errors import PipelineError
+
+SubmissionKind = Literal["label", "probs"]
+Metric = Literal["accuracy", "log_loss"]
+Augment = Literal["pad_crop_flip", "resized_crop_flip_jitter", "none"]
+
+
+@dataclass(frozen=True)
+class Recipe:
+    """Default training hyper-parameters of a competition (units in the names)."""
+
+    model: str
+    pretrained: bool = False  # start from the model's ImageNet weights
+    epochs: int = 10
+    batch_size: int = 128
+    lr: float = 0.1
+    optimizer: Literal["sgd", "adam", "adamw"] = "sgd"
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    schedule: Literal["step", "cosine", "onecycle", "constant"] = "cosine"
+    lr_period_epochs: int = 10  # step schedule: decay every this many epochs
+    lr_decay: float = 0.1  # step schedule: multiply by this at each period
+    warmup_epochs: float = 0.0
+    label_smoothing: float = 0.0
+    augment: Augment = "pad_crop_flip"
+    freeze_backbone: bool = False
+    head: Literal["linear", "mlp"] = "linear"
+    head_hidden: int = 256
+
+    def __post_init__(self) -> None:
+        if self.epochs < 1 or self.batch_size < 1:
+            raise PipelineError(f"recipe for {self.model}: epochs and batch_size must be >= 1")
+        if self.lr <= 0:
+            raise PipelineError(f"recipe for {self.model}: lr must be > 0, got {self.lr}")
+
+
+@dataclass(frozen=True)
+class Competition:
+    """Where a competition's files are, what it scores and how it is submitted.
+
+    Paths are relative to the unzipped Kaggle download (RAW_DIR).
+    """
+
+    slug: str  # the Kaggle slug, also the CLI name
+    title: str
+    labels_file: str  # CSV with one row per training image
+    id_column: str
+    label_column: str
+    sample_submission: str
+    submission: SubmissionKind  # one class-name column, or one probability column per class
+    metric: Metric
+    image_size: int  # side of the square the model sees by default
+    mean: tuple[float, float, float]
+    std: tuple[float, float, float]
+    recipe: Recipe
+    train_dir: str = "train"
+    test_dir: str = "test"
+    image_ext: str = ".png"
+    submission_label_column: str = "label"  # for submission == "label"
+    # Writes a Kaggle-layout download into the given folder, for competitions
+    # whose data ships with a dependency (the demo); None means "use kaggle".
+    make_raw: Callable[[Path], None] | None = field(default=None, compare=False)
+
+    def __post_init__(self) -> None:
+        if not self.image_ext.startswith("."):
+            raise PipelineError(f"competition {self.slug}: image_ext must start with '.', got {self.image_ext!r}")
+        if self.submission not in ("label", "probs"):
+            raise PipelineError(f"competition {self.slug}: submission must be 'label' or 'probs'")
+        if self.metric not in ("accuracy", "log_loss"):
+            raise PipelineError(f"competition {self.slug}: metric must be 'accuracy' or 'log_loss'")
+
+    @property
+    def higher_is_better(self) -> bool:
+        return self.metric == "accuracy"
+
+    def replace(self, **changes) -> Competition:
+        return dataclasses.replace(self, **changes)
+
+
+_REGISTRY: dict[str, Competition] = {}
+
+
+def register(comp: Competition) -> Competition:
+    """Add a competition to the registry; a second one with the same slug is an error."""
+    if comp.slug in _REGISTRY:
+        raise PipelineError(f"competition {comp.slug!r} is registered twice")
+    _REGISTRY[comp.slug] = comp
+    return comp
+
+
+def get_competition(slug: str) -> Competition:
+    """The registered competition called ``slug``, or an error listing the choices."""
+    try:
+        return _REGISTRY[slug]
+    except KeyError:
+        choices = ", ".join(sorted(_REGISTRY)) or "(none registered)"
+        raise PipelineError(f"unknown competition {slug!r}; known: {choices}") from None
+
+
+def list_competitions() -> list[Competition]:
+    return [_REGISTRY[k] for k in sorted(_REGISTRY)]

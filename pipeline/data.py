@@ -1,0 +1,218 @@
+"""Datasets, transforms and loaders over the trees that reorg wrote.
+
+Class indices follow reorg.json's class list (the submission's order), never a
+sort of folder names; every sample carries its index so ids come from the
+dataset itself.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import albumentations as A
+import cv2
+import numpy as np
+import pandas as pd
+import torch
+from albumentations.pytorch import ToTensorV2
+from PIL import Image, ImageOps
+from torch.utils.data import DataLoader, Dataset
+
+from pipeline.errors import PipelineError
+from pipeline.reorg import FOLDS_FILE, REORG_FILE, TEST_CLASS_DIR
+
+log = logging.getLogger("pipeline")
+
+BAD_TARGET = -100  # cross_entropy's default ignore_index: unreadable images drop out of the loss
+# Refuse images over ~180 megapixels outright (PIL's bomb check raises at twice this)
+Image.MAX_IMAGE_PIXELS = 89_478_485
+
+
+@dataclass(frozen=True)
+class Item:
+    """One image: its id, its file and its class index (-1 when unknown)."""
+
+    id: str
+    path: Path
+    target: int
+
+
+def load_reorg(work_dir: Path) -> dict:
+    """reorg.json of a complete tree, or an error saying to run reorg."""
+    path = Path(work_dir) / REORG_FILE
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise PipelineError(f"{path} not found: WORK_DIR is not a finished reorg; run `pipeline reorg` first") from None
+    except (OSError, ValueError) as exc:
+        raise PipelineError(f"{path} is unreadable ({exc}); run `pipeline reorg --force` to rebuild it") from None
+
+
+def _id_of(name: str, ext: str) -> str:
+    return name[: -len(ext)] if name.lower().endswith(ext.lower()) else Path(name).stem
+
+
+def list_split(work_dir: Path, info: dict, split: str) -> list[Item]:
+    """Every image of ``split`` (train, valid, train_valid or test), sorted by class then id."""
+    root = Path(work_dir) / split
+    ext = info["image_ext"]
+    if split == "test":
+        folder = root / TEST_CLASS_DIR
+        return [Item(_id_of(p.name, ext), p, -1) for p in sorted(folder.iterdir())]
+    items = []
+    for target, folder in enumerate(info["class_dirs"]):
+        class_dir = root / folder
+        if class_dir.is_dir():
+            items.extend(Item(_id_of(p.name, ext), p, target) for p in sorted(class_dir.iterdir()))
+    return items
+
+
+def read_folds(work_dir: Path) -> pd.Series:
+    """Fold number per id from folds.csv, or an error saying how to make it."""
+    path = Path(work_dir) / FOLDS_FILE
+    if not path.is_file():
+        raise PipelineError(f"{path} not found: run `pipeline reorg ... --folds K` (K >= 2) first")
+    frame = pd.read_csv(path, dtype={"id": str, "label": str, "fold": int}, keep_default_na=False)
+    return frame.set_index("id")["fold"]
+
+
+def fold_split(work_dir: Path, info: dict, fold: int) -> tuple[list[Item], list[Item]]:
+    """(train, valid) items of CV fold ``fold``: valid is that fold, train the others."""
+    folds = read_folds(work_dir)
+    n_folds = int(folds.max()) + 1
+    if not 0 <= fold < n_folds:
+        raise PipelineError(f"--fold {fold} is out of range: folds.csv has folds 0..{n_folds - 1}")
+    items = list_split(work_dir, info, "train_valid")
+    train = [it for it in items if folds.get(it.id) != fold]
+    valid = [it for it in items if folds.get(it.id) == fold]
+    return train, valid
+
+
+def n_folds(work_dir: Path) -> int:
+    return int(read_folds(work_dir).max()) + 1
+
+
+# ---------------------------------------------------------------- decoding
+
+
+def read_image(path: Path, min_side: int | None = None) -> np.ndarray:
+    """Decode any common image file to an RGB uint8 array (H, W, 3).
+
+    Applies the EXIF orientation, maps grayscale, palette, RGBA, CMYK and 16-bit
+    images to 8-bit RGB, and lets JPEG decode at a reduced scale when the model
+    needs no more than ``min_side`` pixels a side (PIL's draft mode).
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", Image.DecompressionBombWarning)
+        with Image.open(path) as img:
+            if min_side and img.format == "JPEG":
+                img.draft("RGB", (min_side, min_side))
+            img = ImageOps.exif_transpose(img)
+            if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+                arr = np.asarray(img, dtype=np.float64)
+                scale = 65535.0 if arr.max() > 255 else 255.0
+                gray = np.clip(arr / scale * 255.0 + 0.5, 0, 255).astype(np.uint8)
+                return np.repeat(gray[..., None], 3, axis=2)
+            return np.asarray(img.convert("RGB"))
+
+
+class ImageDataset(Dataset):
+    """Decoded, transformed images with their targets and positions.
+
+    ``__getitem__`` returns (image tensor (3, H, W), target, index). An image
+    that cannot be decoded is an error when ``strict``; otherwise it becomes a
+    black image with target BAD_TARGET, which the loss ignores, and its path is
+    logged once.
+    """
+
+    def __init__(self, items: list[Item], transform: A.Compose, image_size: int, strict: bool = False):
+        self.items = items
+        self.transform = transform
+        self.image_size = image_size
+        self.strict = strict
+        self._warned: set[int] = set()
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, int, int]:
+        item = self.items[index]
+        try:
+            image = read_image(item.path, min_side=self.image_size)
+        except Exception as exc:  # PIL raises many types for broken files
+            if self.strict:
+                raise PipelineError(f"cannot read image {item.path} (id {item.id!r}): {exc}; replace or remove the file") from exc
+            if index not in self._warned:
+                self._warned.add(index)
+                log.warning("skipping unreadable image %s (id %r): %s", item.path, item.id, exc)
+            return torch.zeros(3, self.image_size, self.image_size), BAD_TARGET, index
+        return self.transform(image=image)["image"], item.target, index
+
+
+# ---------------------------------------------------------------- transforms
+
+
+def build_transform(augment: str, image_size: int, mean, std, train: bool, seed: int = 0) -> A.Compose:
+    """The competition's albumentations pipeline, ending in a normalised tensor.
+
+    - pad_crop_flip (small images, the CIFAR tutorials): resize to size, pad 4
+      px of zeros per 32 px, random crop back, horizontal flip.
+    - resized_crop_flip_jitter (photos, the dog tutorial): RandomResizedCrop
+      scale (0.08, 1), ratio (3/4, 4/3), flip, ColorJitter(0.4, 0.4, 0.4);
+      evaluation resizes the short side to size * 256/224 and centre-crops.
+    - none: resize only.
+    """
+    s = image_size
+    tail = [A.Normalize(mean=mean, std=std, max_pixel_value=255.0), ToTensorV2()]
+    if augment == "resized_crop_flip_jitter":
+        if train:
+            ops = [A.RandomResizedCrop(size=(s, s), scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)),
+                   A.HorizontalFlip(p=0.5),
+                   A.ColorJitter(brightness=0.4, contrast=0.4, saturation=0.4, hue=0.0, p=1.0)]
+        else:
+            ops = [A.SmallestMaxSize(max_size=int(round(s * 256 / 224))), A.CenterCrop(height=s, width=s)]
+    elif augment in ("pad_crop_flip", "none"):
+        ops = [A.Resize(height=s, width=s, interpolation=cv2.INTER_AREA)]
+        if train and augment == "pad_crop_flip":
+            pad = max(1, s // 8)
+            ops += [A.PadIfNeeded(min_height=s + 2 * pad, min_width=s + 2 * pad, border_mode=cv2.BORDER_CONSTANT, fill=0),
+                    A.RandomCrop(height=s, width=s), A.HorizontalFlip(p=0.5)]
+    else:
+        raise PipelineError(f"unknown augment {augment!r}; choose pad_crop_flip, resized_crop_flip_jitter or none")
+    return A.Compose(ops + tail, seed=seed)
+
+
+def _seed_worker(worker_id: int) -> None:
+    """Give each worker's albumentations pipeline its own seed derived from torch's."""
+    info = torch.utils.data.get_worker_info()
+    seed = torch.initial_seed() % 2**32
+    np.random.seed(seed)
+    transform = getattr(info.dataset, "transform", None)
+    if transform is not None:
+        transform.set_random_seed(seed)
+
+
+def make_loader(dataset: ImageDataset, batch_size: int, shuffle: bool, num_workers: int, seed: int,
+                drop_last: bool = False, pin_memory: bool = False, sampler=None) -> DataLoader:
+    """A DataLoader whose shuffling and augmentation are fixed by ``seed``.
+
+    Call with a different seed per epoch (seed * 1000 + epoch) so epochs differ
+    and a resumed run replays the same epoch.
+    """
+    generator = torch.Generator().manual_seed(seed)
+    dataset.transform.set_random_seed(seed)  # for the num_workers == 0 path
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        shuffle=shuffle if sampler is None else False,
+        sampler=sampler,
+        num_workers=num_workers,
+        generator=generator,
+        worker_init_fn=_seed_worker if num_workers > 0 else None,
+        drop_last=drop_last,
+        pin_memory=pin_memory,
+        persistent_workers=False,
+    )

@@ -1,0 +1,33 @@
+"""The model zoo: ``create_model(name, num_classes, ...)`` over a registry of builders.
+
+Registered here: resnet18/34/50/101/152 (torchvision-compatible), resnet18_cifar
+and resnet34_cifar (32x32 stem), googlenet (with auxiliary heads). Any timm
+model is ``timm:<name>``.
+"""
+
+from pipeline.models import fastnet as _fastnet  # noqa: F401  (registers its builders)
+from pipeline.models import googlenet as _googlenet  # noqa: F401  (registers its builder)
+from pipeline.models import resnet as _resnet  # noqa: F401  (registers its builders)
+from pipeline.models.registry import create_model, list_models, register_model
+from pipeline.models.weights import (
+    LoadReport,
+    compute_loss,
+    freeze_backbone,
+    load_weights,
+    model_data_config,
+    param_groups,
+    set_train_mode,
+)
+
+__all__ = [
+    "LoadReport",
+    "compute_loss",
+    "create_model",
+    "freeze_backbone",
+    "list_models",
+    "load_weights",
+    "model_data_config",
+    "param_groups",
+    "register_model",
+    "set_train_mode",
+]

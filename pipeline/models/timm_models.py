@@ -1,0 +1,63 @@
+"""The ``timm:<name>`` route: every timm architecture, built through timm's own factory.
+
+timm models already follow the conventions the rest of the pipeline relies on
+(``forward_features``, ``forward_head``, ``reset_classifier``, ``pretrained_cfg``),
+so this module only validates the name, maps our option names onto timm's and
+turns download failures into a message the user can act on.
+"""
+
+from __future__ import annotations
+
+import difflib
+
+import timm
+from torch import nn
+
+from pipeline.errors import PipelineError
+
+TIMM_PREFIX = "timm:"
+
+
+def _suggest(name: str) -> str:
+    """Up to five timm names close to ``name``, for the error message."""
+    base = name.split(".")[0]
+    # timm's wildcard search catches substrings ("lite0" -> tf_efficientnet_lite0);
+    # difflib catches typos ("resnet5" -> resnet50).
+    close = timm.list_models(f"*{base}*")[:5] or difflib.get_close_matches(base, timm.list_models(), n=5)
+    return ", ".join(TIMM_PREFIX + c for c in close) if close else "none close; see timm.list_models()"
+
+
+def create_timm_model(
+    name: str,
+    num_classes: int,
+    *,
+    pretrained: bool = False,
+    drop_rate: float | None = None,
+    zero_init_residual: bool = False,
+    in_chans: int = 3,
+) -> nn.Module:
+    """``timm.create_model(name, ...)`` with our argument names and our errors.
+
+    ``name`` may carry a pretrained tag (``resnet50.a1_in1k``). ``drop_rate`` None
+    keeps timm's default; ``zero_init_residual`` maps to timm's ``zero_init_last``,
+    which only residual families accept.
+    """
+    if not timm.is_model(name):
+        raise PipelineError(f"unknown timm model {name!r}; close matches: {_suggest(name)}")
+    options: dict[str, object] = {"num_classes": num_classes, "in_chans": in_chans}
+    if drop_rate is not None:
+        options["drop_rate"] = drop_rate
+    if zero_init_residual:
+        options["zero_init_last"] = True
+    try:
+        return timm.create_model(name, pretrained=pretrained, **options)
+    except TypeError as err:  # an option this architecture's constructor lacks
+        raise PipelineError(f"timm model {name!r} does not accept these options ({err}); "
+                            "drop zero_init_residual/drop_rate for it") from err
+    except (OSError, RuntimeError) as err:  # hub / URL failures (no network, no file)
+        if not pretrained:
+            raise
+        raise PipelineError(
+            f"could not download pretrained weights for {TIMM_PREFIX}{name} ({err}); "
+            "for offline use pass --weights FILE with a local .safetensors/.pth file"
+        ) from err

@@ -1,0 +1,511 @@
+"""Training: one model on a holdout split, one per CV fold, or one on train_valid.
+
+``train(cfg)`` is the entry point. Each trained model (a "member") lives in its
+own folder with config.json, metrics.csv, last.pt (every epoch, for --resume)
+and best.pt (best validation metric). Every epoch re-seeds all randomness from
+(seed, epoch) and the learning rate is a pure function of the step, so a run
+resumed from an epoch checkpoint replays exactly what an uninterrupted run does.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import shutil
+import time
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm import tqdm
+
+from pipeline import distributed as dist
+from pipeline.checkpoint import load_checkpoint, save_checkpoint
+from pipeline.competition import Competition, get_competition
+from pipeline.config import TrainConfig
+from pipeline.data import BAD_TARGET, ImageDataset, Item, build_transform, fold_split, list_split, load_reorg, make_loader, n_folds
+from pipeline.errors import PipelineError
+from pipeline.io import atomic_write_csv, atomic_write_json
+from pipeline.metrics import is_better, score
+from pipeline.models import compute_loss, create_model, freeze_backbone, param_groups, set_train_mode
+
+log = logging.getLogger("pipeline")
+
+DONE_FILE = "done.json"  # written when a member finishes; guards against overwriting
+
+
+# ---------------------------------------------------------------- schedule
+
+
+def lr_multiplier(step: int, total_steps: int, steps_per_epoch: int, cfg: TrainConfig) -> float:
+    """The factor applied to each group's base lr at optimizer step ``step`` (0-based)."""
+    warmup = int(cfg.warmup_epochs * steps_per_epoch)
+    if cfg.schedule == "onecycle":
+        peak = max(1, int(0.3 * total_steps))
+        if step < peak:
+            return 0.04 + 0.96 * step / peak
+        progress = (step - peak) / max(1, total_steps - peak)
+        return 0.5 * (1 + math.cos(math.pi * progress)) + 1e-4
+    if step < warmup:
+        return (step + 1) / warmup
+    if cfg.schedule == "cosine":
+        progress = (step - warmup) / max(1, total_steps - warmup)
+        return 0.5 * (1 + math.cos(math.pi * min(progress, 1.0)))
+    if cfg.schedule == "step":
+        return cfg.lr_decay ** ((step // steps_per_epoch) // cfg.lr_period_epochs)
+    return 1.0
+
+
+def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """SGD/Adam/AdamW over the model's groups (no weight decay on norms and biases)."""
+    groups = param_groups(model, cfg.lr, cfg.weight_decay, cfg.backbone_lr_scale)
+    if not any(g["params"] for g in groups):
+        raise PipelineError("the model has no trainable parameters; drop --freeze-backbone or check --model")
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov and cfg.momentum > 0)
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(groups, lr=cfg.lr)
+    return torch.optim.AdamW(groups, lr=cfg.lr)
+
+
+def set_lr(optimizer: torch.optim.Optimizer, factor: float) -> float:
+    for group in optimizer.param_groups:
+        group["lr"] = group["base_lr"] * factor
+    return optimizer.param_groups[-1]["lr"]
+
+
+# ---------------------------------------------------------------- one epoch
+
+
+def mix_batch(x: torch.Tensor, y: torch.Tensor, cfg: TrainConfig, gen: torch.Generator):
+    """Mixup or cutmix (chosen at random when both are on); returns x, y_a, y_b, lam."""
+    alphas = [a for a in (cfg.mixup, cfg.cutmix) if a > 0]
+    if not alphas:
+        return x, y, y, 1.0
+    use_cutmix = cfg.cutmix > 0 and (cfg.mixup == 0 or torch.rand(1, generator=gen).item() < 0.5)
+    alpha = cfg.cutmix if use_cutmix else cfg.mixup
+    lam = float(torch.distributions.Beta(alpha, alpha).sample().item())
+    perm = torch.randperm(x.shape[0], generator=gen).to(x.device)
+    if use_cutmix:
+        h, w = x.shape[-2:]
+        cut_h, cut_w = int(h * math.sqrt(1 - lam)), int(w * math.sqrt(1 - lam))
+        cy, cx = int(torch.randint(h, (1,), generator=gen)), int(torch.randint(w, (1,), generator=gen))
+        y0, y1 = max(cy - cut_h // 2, 0), min(cy + cut_h // 2, h)
+        x0, x1 = max(cx - cut_w // 2, 0), min(cx + cut_w // 2, w)
+        x = x.clone()
+        x[..., y0:y1, x0:x1] = x[perm][..., y0:y1, x0:x1]
+        lam = 1 - (y1 - y0) * (x1 - x0) / (h * w)
+    else:
+        x = lam * x + (1 - lam) * x[perm]
+    return x, y, y[perm], lam
+
+
+@dataclass
+class Runtime:
+    """What the loop needs besides the config: device, precision, step count."""
+
+    device: torch.device
+    amp_dtype: torch.dtype | None
+    scaler: torch.amp.GradScaler | None
+    steps_per_epoch: int
+    total_steps: int
+    step: int = 0
+
+    def autocast(self):
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(device_type=self.device.type, dtype=self.amp_dtype)
+
+
+def train_one_epoch(model: nn.Module, loader, optimizer, criterion, cfg: TrainConfig, rt: Runtime,
+                    ema, epoch: int, gen: torch.Generator) -> float:
+    """One pass over ``loader``; returns the mean training loss."""
+    set_train_mode(model, True)
+    aux_weights = getattr(dist.unwrap(model), "aux_loss_weights", ())
+    loss_sum = torch.zeros((), device=rt.device)  # summed on device: no host sync per step
+    seen = 0
+    start = time.perf_counter()
+    bar = tqdm(loader, total=rt.steps_per_epoch, desc=f"epoch {epoch + 1}/{cfg.epochs}",
+               leave=False, disable=None if dist.is_main() else True, dynamic_ncols=True)
+    for i, (x, y, _) in enumerate(bar):
+        if i >= rt.steps_per_epoch:
+            break
+        x = x.to(rt.device, non_blocking=True)
+        y = y.to(rt.device, non_blocking=True)
+        if cfg.channels_last and rt.device.type == "cuda":
+            x = x.contiguous(memory_format=torch.channels_last)
+        set_lr(optimizer, lr_multiplier(rt.step, rt.total_steps, rt.steps_per_epoch, cfg))
+        x, y_a, y_b, lam = mix_batch(x, y, cfg, gen)
+        with rt.autocast():
+            out = model(x)
+            loss = lam * compute_loss(out, y_a, criterion, aux_weights)
+            if lam < 1:
+                loss = loss + (1 - lam) * compute_loss(out, y_b, criterion, aux_weights)
+        optimizer.zero_grad(set_to_none=True)
+        backward_step(loss, optimizer, model, cfg, rt)
+        if ema is not None:
+            ema.update_parameters(dist.unwrap(model))
+        rt.step += 1
+        loss_sum += loss.detach() * x.shape[0]
+        seen += x.shape[0]
+        if i % 10 == 0 and bar.disable is False:
+            bar.set_postfix(loss=f"{loss_sum.item() / seen:.4f}", img_s=f"{seen / (time.perf_counter() - start):.0f}")
+    total = dist.all_reduce_sum(torch.stack([loss_sum, torch.tensor(float(seen), device=rt.device)]))
+    return float(total[0] / max(total[1], 1))
+
+
+def backward_step(loss: torch.Tensor, optimizer, model: nn.Module, cfg: TrainConfig, rt: Runtime) -> None:
+    """Backward, optional gradient clipping, optimizer step; GradScaler for fp16."""
+    if not torch.isfinite(loss):
+        raise PipelineError(f"the training loss became {loss.item()}; lower --lr or enable --clip-grad")
+    if rt.scaler is not None:
+        rt.scaler.scale(loss).backward()
+        rt.scaler.unscale_(optimizer)
+    else:
+        loss.backward()
+    if cfg.clip_grad > 0:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
+    if rt.scaler is not None:
+        rt.scaler.step(optimizer)
+        rt.scaler.update()
+    else:
+        optimizer.step()
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, loader, rt: Runtime) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Softmax probabilities (N, C), targets (N,) and dataset positions (N,) over ``loader``.
+
+    Under DDP each rank sees a shard; the shards are gathered and the padding
+    repeats that DistributedSampler adds are dropped by position.
+    """
+    set_train_mode(model, False)
+    probs, targets, positions = [], [], []
+    for x, y, idx in loader:
+        x = x.to(rt.device, non_blocking=True)
+        if rt.device.type == "cuda":
+            x = x.contiguous(memory_format=torch.channels_last)
+        with rt.autocast():
+            logits = model(x)
+        probs.append(torch.softmax(logits.float(), dim=1))
+        targets.append(y.to(rt.device))
+        positions.append(idx.to(rt.device))
+    p = dist.gather_cat(torch.cat(probs)).cpu().double().numpy()
+    t = dist.gather_cat(torch.cat(targets)).cpu().numpy()
+    i = dist.gather_cat(torch.cat(positions)).cpu().numpy()
+    i, first = np.unique(i, return_index=True)
+    return p[first], t[first], i
+
+
+# ---------------------------------------------------------------- one member
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "cuda" and not torch.cuda.is_available():
+        raise PipelineError("--device cuda: no CUDA GPU is visible; use --device cpu or auto")
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and dist.is_distributed():
+        return torch.device("cuda", dist.local_rank())
+    return torch.device(name)
+
+
+def make_runtime(cfg: TrainConfig, device: torch.device, n_train: int) -> Runtime:
+    """Precision and step counts: bf16 autocast on CUDA by default, nothing on CPU."""
+    amp = cfg.amp
+    if amp == "auto":
+        amp = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "none"
+    if device.type != "cuda":
+        amp = "none"  # CPU autocast is slower than fp32 for these models
+    dtype = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[amp]
+    scaler = torch.amp.GradScaler("cuda") if amp == "fp16" else None
+    per_rank = math.ceil(n_train / dist.world_size())
+    steps = max(1, per_rank // cfg.batch_size)  # drop_last: every step a full batch
+    if cfg.steps_per_epoch:
+        steps = min(steps, cfg.steps_per_epoch)
+    return Runtime(device, dtype, scaler, steps, steps * cfg.epochs)
+
+
+def build_model(cfg: TrainConfig, num_classes: int) -> nn.Module:
+    model = create_model(cfg.model, num_classes, pretrained=cfg.pretrained, weights=cfg.weights,
+                         head=cfg.head, head_hidden=cfg.head_hidden, drop_rate=cfg.drop_rate)
+    if cfg.freeze_backbone:
+        freeze_backbone(model)
+    return model
+
+
+def data_loaders(cfg: TrainConfig, train_items: list[Item], valid_items: list[Item], epoch: int):
+    """Loaders for one epoch: shuffling and augmentation seeded by (seed, epoch)."""
+    epoch_seed = cfg.seed * 1000 + epoch
+    train_tf = build_transform(cfg.augment, cfg.image_size, cfg.mean, cfg.std, train=True, seed=epoch_seed)
+    eval_tf = build_transform(cfg.augment, cfg.image_size, cfg.mean, cfg.std, train=False)
+    train_ds = ImageDataset(train_items, train_tf, cfg.image_size, strict=cfg.strict)
+    sampler = dist.sampler(train_ds, shuffle=True, seed=epoch_seed)
+    pin = torch.cuda.is_available()
+    train_dl = make_loader(train_ds, cfg.batch_size, True, cfg.num_workers, epoch_seed,
+                           drop_last=True, pin_memory=pin, sampler=sampler)
+    valid_dl = None
+    if valid_items:
+        valid_ds = ImageDataset(valid_items, eval_tf, cfg.image_size, strict=cfg.strict)
+        valid_dl = make_loader(valid_ds, cfg.batch_size * 2, False, cfg.num_workers, 0,
+                               pin_memory=pin, sampler=dist.sampler(valid_ds, shuffle=False, seed=0))
+    return train_dl, valid_dl
+
+
+@dataclass
+class MemberResult:
+    name: str
+    dir: Path
+    epochs: int
+    best_epoch: int
+    best_metric: float
+    seconds: float
+
+
+def _member_state(model, ema, optimizer, rt: Runtime, epoch: int, history: list, best: dict,
+                  cfg: TrainConfig, classes: list[str]) -> dict:
+    return {
+        "model": dist.unwrap(model).state_dict(),
+        "ema": ema.module.state_dict() if ema is not None else None,
+        "optimizer": optimizer.state_dict(),
+        "scaler": rt.scaler.state_dict() if rt.scaler is not None else None,
+        "epoch": epoch,  # epochs completed
+        "history": history,
+        "best": best,
+        "config": cfg.to_json(),
+        "classes": classes,
+    }
+
+
+def _restore(path: Path, model, ema, optimizer, rt: Runtime) -> tuple[int, list, dict]:
+    state = load_checkpoint(path)
+    dist.unwrap(model).load_state_dict(state["model"])
+    if ema is not None and state.get("ema") is not None:
+        ema.module.load_state_dict(state["ema"])
+    optimizer.load_state_dict(state["optimizer"])
+    for group in optimizer.param_groups:  # base lrs come from this config, not the file
+        group.setdefault("base_lr", group["lr"])
+    if rt.scaler is not None and state.get("scaler"):
+        rt.scaler.load_state_dict(state["scaler"])
+    log.info("resuming %s after epoch %d", path.parent, state["epoch"])
+    return int(state["epoch"]), list(state["history"]), dict(state["best"])
+
+
+def _evaluate_variants(model, ema, valid_dl, rt: Runtime, num_classes: int, comp: Competition) -> dict:
+    """Scores of the live weights and, with --ema, of the averaged ones."""
+    p, t, _ = evaluate(model, valid_dl, rt)
+    row = {f"valid_{k}": v for k, v in score(p, t, num_classes).items()}
+    row = {"valid_loss": row["valid_log_loss"], **row}
+    if ema is not None:
+        p, t, _ = evaluate(ema.module, valid_dl, rt)
+        row.update({f"valid_{k}_ema": v for k, v in score(p, t, num_classes).items()})
+    return row
+
+
+def _pick_best(row: dict, comp: Competition, has_ema: bool) -> tuple[str, float]:
+    live = row.get(f"valid_{comp.metric}", math.nan)
+    if has_ema and is_better(comp, row.get(f"valid_{comp.metric}_ema", math.nan), live):
+        return "ema", row[f"valid_{comp.metric}_ema"]
+    return "live", live
+
+
+def fit_member(cfg: TrainConfig, comp: Competition, classes: list[str], member_dir: Path,
+               train_items: list[Item], valid_items: list[Item], resume: bool) -> MemberResult:
+    """Train one model; checkpoints in ``member_dir``; returns its best score."""
+    start = time.perf_counter()
+    device = resolve_device(cfg.device)
+    torch.manual_seed(cfg.seed)
+    model = build_model(cfg, len(classes)).to(device)
+    if cfg.channels_last and device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+    optimizer = build_optimizer(model, cfg)
+    rt = make_runtime(cfg, device, len(train_items))
+    ema = make_ema(model, cfg.ema)
+    criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing, ignore_index=BAD_TARGET)
+    first_epoch, history, best = 0, [], {"epoch": 0, "metric": math.nan, "variant": "live"}
+    if resume and (member_dir / "last.pt").is_file():
+        first_epoch, history, best = _restore(member_dir / "last.pt", model, ema, optimizer, rt)
+    net = dist.wrap(model, device)
+    if cfg.compile:
+        net = torch.compile(net)
+    stale = 0
+    for epoch in range(first_epoch, cfg.epochs):
+        t0 = time.perf_counter()
+        torch.manual_seed(cfg.seed * 1000 + epoch)  # dropout etc.: same stream on resume
+        gen = torch.Generator().manual_seed(cfg.seed * 1000 + epoch)
+        rt.step = epoch * rt.steps_per_epoch
+        train_dl, valid_dl = data_loaders(cfg, train_items, valid_items, epoch)
+        if hasattr(train_dl.sampler, "set_epoch"):
+            train_dl.sampler.set_epoch(epoch)
+        row = {"epoch": epoch + 1, "train_loss": train_one_epoch(net, train_dl, optimizer, criterion, cfg, rt, ema, epoch, gen)}
+        row["lr"] = optimizer.param_groups[-1]["lr"]
+        if valid_dl is not None:
+            row.update(_evaluate_variants(net, ema, valid_dl, rt, len(classes), comp))
+        row["seconds"] = round(time.perf_counter() - t0, 3)
+        history.append(row)
+        variant, metric = _pick_best(row, comp, ema is not None)
+        improved = valid_dl is None or is_better(comp, metric, best["metric"])
+        if improved:
+            best = {"epoch": epoch + 1, "metric": metric, "variant": variant}
+            stale = 0
+        else:
+            stale += 1
+        if dist.is_main():
+            _save_epoch(member_dir, model, ema, optimizer, rt, epoch + 1, history, best, cfg, classes, improved)
+        log.info(_epoch_line(row, comp, cfg.epochs))
+        if cfg.early_stop and stale >= cfg.early_stop:
+            log.info("early stop: no improvement of %s for %d epochs", comp.metric, stale)
+            break
+    if dist.is_main():
+        atomic_write_json(member_dir / DONE_FILE, {"epochs": len(history), "best": best})
+    return MemberResult(member_dir.name, member_dir, len(history), best["epoch"], best["metric"],
+                        time.perf_counter() - start)
+
+
+def make_ema(model: nn.Module, decay: float):
+    """An exponential moving average of the weights (and BN buffers), or None."""
+    if not decay:
+        return None
+    from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
+
+    return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
+
+
+def _save_epoch(member_dir: Path, model, ema, optimizer, rt, epochs_done: int, history: list, best: dict,
+                cfg: TrainConfig, classes: list[str], improved: bool) -> None:
+    """metrics.csv, last.pt every epoch, best.pt when the metric improved."""
+    atomic_write_csv(member_dir / "metrics.csv", pd.DataFrame(history))
+    state = _member_state(model, ema, optimizer, rt, epochs_done, history, best, cfg, classes)
+    save_checkpoint(member_dir / "last.pt", state)
+    if improved:
+        weights = state["ema"] if best["variant"] == "ema" else state["model"]
+        save_checkpoint(member_dir / "best.pt", {"model": weights, "config": state["config"],
+                                                 "classes": classes, "epoch": epochs_done, "best": best})
+
+
+def _epoch_line(row: dict, comp: Competition, epochs: int) -> str:
+    parts = [f"epoch {row['epoch']}/{epochs}", f"train_loss {row['train_loss']:.4f}"]
+    for key in ("valid_loss", "valid_accuracy", f"valid_{comp.metric}_ema"):
+        if key in row:
+            parts.append(f"{key} {row[key]:.4f}")
+    parts.append(f"lr {row['lr']:.3g}")
+    parts.append(f"{row['seconds']:.1f}s")
+    return "  ".join(parts)
+
+
+# ---------------------------------------------------------------- the stage
+
+MEMBER_FILES = ("config.json", "metrics.csv", "last.pt", "best.pt", DONE_FILE)
+RUN_FILES = ("oof.csv", "cv.json")
+
+
+def guard_member(member_dir: Path, resume: bool, force: bool) -> None:
+    """Refuse to overwrite a member the user did not ask to overwrite."""
+    done = (member_dir / DONE_FILE).is_file()
+    started = (member_dir / "last.pt").is_file()
+    if force:
+        for name in MEMBER_FILES:
+            (member_dir / name).unlink(missing_ok=True)
+        return
+    if done and not resume:
+        raise PipelineError(f"{member_dir} already holds a finished run; use --force to overwrite it or choose a new RUN_DIR")
+    if started and not resume:
+        raise PipelineError(f"{member_dir} holds an unfinished run; use --resume to continue it or --force to start over")
+
+
+def plan_members(cfg: TrainConfig, work_dir: Path, info: dict) -> list[tuple[Path, list[Item], list[Item]]]:
+    """(member dir, train items, valid items) for each model this command trains."""
+    run_dir = cfg.run_dir
+    if cfg.mode == "holdout":
+        return [(run_dir, list_split(work_dir, info, "train"), list_split(work_dir, info, "valid"))]
+    if cfg.mode == "full":
+        return [(run_dir / "full", list_split(work_dir, info, "train_valid"), [])]
+    total = n_folds(work_dir)
+    if cfg.folds and cfg.folds != total:
+        raise PipelineError(f"--folds {cfg.folds} but {work_dir}/folds.csv has {total} folds; "
+                            f"use --folds {total} or rerun reorg with --folds {cfg.folds}")
+    chosen = [cfg.fold] if cfg.fold is not None else list(range(total))
+    return [(run_dir / f"fold{k}", *fold_split(work_dir, info, k)) for k in chosen]
+
+
+def train(cfg: TrainConfig, resume: bool = False, force: bool = False) -> list[MemberResult]:
+    """Train every member ``cfg`` asks for; writes the run's files into cfg.run_dir."""
+    comp = get_competition(cfg.competition)
+    info = load_reorg(cfg.work_dir)
+    if info["competition"] != comp.slug:
+        raise PipelineError(f"{cfg.work_dir} was reorganised for {info['competition']!r}, not {comp.slug!r}")
+    classes = info["classes"]
+    members = plan_members(cfg, cfg.work_dir, info)
+    for member_dir, train_items, _ in members:
+        guard_member(member_dir, resume, force)
+        if len(train_items) < cfg.batch_size and not dist.is_distributed():
+            log.warning("%s: %d training images is less than one batch of %d; using batch size %d",
+                        member_dir, len(train_items), cfg.batch_size, len(train_items))
+    if dist.is_main():
+        atomic_write_json(cfg.run_dir / "config.json", cfg.to_json())
+    results = []
+    for member_dir, train_items, valid_items in members:
+        member_cfg = replace(cfg, batch_size=min(cfg.batch_size, len(train_items)),
+                             fold=int(member_dir.name[4:]) if member_dir.name.startswith("fold") else cfg.fold)
+        if dist.is_main():
+            atomic_write_json(member_dir / "config.json", member_cfg.to_json())
+        results.append(fit_member(member_cfg, comp, classes, member_dir, train_items, valid_items, resume))
+        dist.barrier()
+    if cfg.mode == "folds" and dist.is_main():
+        write_cv(cfg, comp, info, results)
+    return results
+
+
+def write_cv(cfg: TrainConfig, comp: Competition, info: dict, results: list[MemberResult]) -> dict | None:
+    """oof.csv and cv.json, once every fold of folds.csv has a finished model."""
+    from pipeline.predict import predict_member
+
+    total = n_folds(cfg.work_dir)
+    fold_dirs = [cfg.run_dir / f"fold{k}" for k in range(total)]
+    missing = [d.name for d in fold_dirs if not (d / DONE_FILE).is_file()]
+    if missing:
+        log.info("out-of-fold score waits for %s", ", ".join(missing))
+        return None
+    classes = info["classes"]
+    frames, per_fold = [], []
+    for k, member_dir in enumerate(fold_dirs):
+        _, valid_items = fold_split(cfg.work_dir, info, k)
+        ids, probs = predict_member(member_dir, valid_items, tta=cfg.tta, device=cfg.device,
+                                    num_workers=cfg.num_workers)
+        targets = np.array([it.target for it in valid_items])
+        per_fold.append({"fold": k, **score(probs, targets, len(classes)), **_fold_meta(member_dir)})
+        frame = pd.DataFrame(probs, columns=classes)
+        frame.insert(0, "label", [classes[t] for t in targets])
+        frame.insert(0, "id", ids)
+        frames.append(frame)
+    oof = pd.concat(frames, ignore_index=True)
+    atomic_write_csv(cfg.run_dir / "oof.csv", oof)
+    targets = oof["label"].map({c: i for i, c in enumerate(classes)}).to_numpy()
+    overall = score(oof[classes].to_numpy(), targets, len(classes))
+    cv = {"metric": comp.metric, "cv": overall[comp.metric], "overall": overall, "folds": per_fold, "tta": cfg.tta}
+    atomic_write_json(cfg.run_dir / "cv.json", cv)
+    log.info(format_cv_table(cv))
+    return cv
+
+
+def _fold_meta(member_dir: Path) -> dict:
+    import json
+
+    done = json.loads((member_dir / DONE_FILE).read_text())
+    metrics = pd.read_csv(member_dir / "metrics.csv")
+    return {"epochs": done["epochs"], "best_epoch": done["best"]["epoch"],
+            "seconds": round(float(metrics["seconds"].sum()), 1)}
+
+
+def format_cv_table(cv: dict) -> str:
+    lines = [f"{'fold':>4}  {'epochs':>6}  {'best':>4}  {'accuracy':>8}  {'log_loss':>8}  {'seconds':>8}"]
+    for f in cv["folds"]:
+        lines.append(f"{f['fold']:>4}  {f['epochs']:>6}  {f['best_epoch']:>4}  {f['accuracy']:>8.4f}  "
+                     f"{f['log_loss']:>8.4f}  {f['seconds']:>8.1f}")
+    o = cv["overall"]
+    lines.append(f"{'oof':>4}  {'':>6}  {'':>4}  {o['accuracy']:>8.4f}  {o['log_loss']:>8.4f}")
+    return "cross-validation (out of fold):\n" + "\n".join(lines)
