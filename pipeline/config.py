@@ -152,9 +152,20 @@ def config_from_recipe(comp: Competition, work_dir: Path, run_dir: Path, **optio
     if given.get("weights") is not None:
         recipe["pretrained"] = False  # a local file replaces the download
     merged = {**recipe, **given}
+    if merged.get("pretrained") or merged.get("weights") is not None:
+        merged.update({k: v for k, v in weights_data_config(merged["model"]).items() if k not in given})
     known = {f.name for f in dataclasses.fields(TrainConfig)}
     return TrainConfig(competition=comp.slug, work_dir=Path(work_dir), run_dir=Path(run_dir),
                        **{k: v for k, v in merged.items() if k in known})
+
+
+def weights_data_config(model_name: str) -> dict[str, Any]:
+    """Input size and normalisation that a model's pretrained weights expect."""
+    from pipeline.models import create_model, model_data_config
+
+    skeleton = create_model(model_name, num_classes=2)  # random init; only its config is read
+    data = model_data_config(skeleton, pretrained=True)
+    return {"image_size": int(data["input_size"][-1]), "mean": tuple(data["mean"]), "std": tuple(data["std"])}
 
 
 def _default(name: str) -> Any:

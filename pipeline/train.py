@@ -449,8 +449,9 @@ def train(cfg: TrainConfig, resume: bool = False, force: bool = False) -> list[M
         atomic_write_json(cfg.run_dir / "config.json", cfg.to_json())
     results = []
     for member_dir, train_items, valid_items in members:
-        member_cfg = replace(cfg, batch_size=min(cfg.batch_size, len(train_items)),
-                             fold=int(member_dir.name[4:]) if member_dir.name.startswith("fold") else cfg.fold)
+        member_cfg = replace(cfg, batch_size=min(cfg.batch_size, len(train_items)))
+        if cfg.mode == "folds":  # each member records the one fold it trained on
+            member_cfg = replace(member_cfg, folds=0, fold=int(member_dir.name[len("fold"):]))
         if dist.is_main():
             atomic_write_json(member_dir / "config.json", member_cfg.to_json())
         results.append(fit_member(member_cfg, comp, classes, member_dir, train_items, valid_items, resume))

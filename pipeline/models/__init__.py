@@ -1,7 +1,8 @@
 """The model zoo: ``create_model(name, num_classes, ...)`` over a registry of builders.
 
 Registered here: resnet18/34/50/101/152 (torchvision-compatible), resnet18_cifar
-and resnet34_cifar (32x32 stem), googlenet (with auxiliary heads). Any timm
+and resnet34_cifar (32x32 stem), googlenet (with auxiliary heads), fastnet and
+fastnet_s (small all-conv speed-run networks for small images). Any timm
 model is ``timm:<name>``.
 """
 

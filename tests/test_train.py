@@ -1,0 +1,98 @@
+"""The training engine: schedules, holdout runs, determinism, guards, folds."""
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+
+import numpy as np
+import pandas as pd
+import pytest
+
+from pipeline.config import TrainConfig, config_from_recipe
+from pipeline.errors import PipelineError
+from pipeline.metrics import score
+from pipeline.reorg import reorg
+from pipeline.train import lr_multiplier, train
+
+
+def cfg_for(comp, work, run, **kw) -> TrainConfig:
+    base = dict(epochs=3, batch_size=8, device="cpu")
+    return config_from_recipe(comp, work, run, **{**base, **kw})
+
+
+@pytest.fixture
+def toy_work(toy, tmp_path):
+    comp, raw = toy
+    reorg(comp, raw, tmp_path / "work", valid_ratio=0.25, folds=3, seed=0)
+    return comp, tmp_path / "work"
+
+
+def test_cosine_schedule_with_warmup():
+    cfg = TrainConfig(competition="x", work_dir=".", run_dir=".", model="m", schedule="cosine", warmup_epochs=1)
+    steps = [lr_multiplier(s, 100, 10, cfg) for s in range(100)]
+    assert steps[0] == pytest.approx(0.1) and steps[9] == pytest.approx(1.0)  # linear warm-up over 10 steps
+    assert steps[10] == pytest.approx(1.0) and steps[99] < 0.01
+    assert all(a >= b for a, b in zip(steps[9:], steps[10:]))  # then it only decays
+
+
+def test_step_schedule_matches_the_tutorial():
+    cfg = TrainConfig(competition="x", work_dir=".", run_dir=".", model="m", schedule="step",
+                      lr_period_epochs=10, lr_decay=0.1)
+    assert lr_multiplier(5 * 4, 80, 4, cfg) == 1.0  # epoch 5
+    assert lr_multiplier(10 * 4, 80, 4, cfg) == pytest.approx(0.1)  # epoch 10
+    assert lr_multiplier(19 * 4 + 3, 80, 4, cfg) == pytest.approx(0.1)
+
+
+def test_onecycle_peaks_at_30_percent():
+    cfg = TrainConfig(competition="x", work_dir=".", run_dir=".", model="m", schedule="onecycle")
+    values = [lr_multiplier(s, 100, 10, cfg) for s in range(100)]
+    assert int(np.argmax(values)) == 30 and values[0] < 0.1 and values[-1] < 0.01
+
+
+def test_holdout_run_writes_its_files_and_learns(toy_work, tmp_path):
+    comp, work = toy_work
+    results = train(cfg_for(comp, work, tmp_path / "run", epochs=4))
+    run = tmp_path / "run"
+    for name in ("config.json", "metrics.csv", "last.pt", "best.pt", "done.json"):
+        assert (run / name).is_file(), name
+    metrics = pd.read_csv(run / "metrics.csv")
+    assert list(metrics.columns[:4]) == ["epoch", "train_loss", "lr", "valid_loss"]
+    assert len(metrics) == 4 and metrics["valid_accuracy"].max() == pytest.approx(results[0].best_metric)
+    assert results[0].best_metric >= 0.8  # colours are trivially separable
+    assert json.loads((run / "config.json").read_text())["model"] == "fastnet_s"
+
+
+def test_same_seed_same_metrics(toy_work, tmp_path):
+    comp, work = toy_work
+    for name in ("a", "b"):
+        train(cfg_for(comp, work, tmp_path / name, epochs=2, mixup=0.2, label_smoothing=0.1))
+    a, b = (pd.read_csv(tmp_path / n / "metrics.csv").drop(columns="seconds") for n in "ab")
+    pd.testing.assert_frame_equal(a, b)
+
+
+def test_finished_run_is_not_overwritten_without_force(toy_work, tmp_path):
+    comp, work = toy_work
+    cfg = cfg_for(comp, work, tmp_path / "run", epochs=1)
+    train(cfg)
+    best = (tmp_path / "run" / "best.pt").read_bytes()
+    with pytest.raises(PipelineError, match="already holds a finished run; use --force"):
+        train(cfg)
+    assert (tmp_path / "run" / "best.pt").read_bytes() == best
+    train(cfg, force=True)
+
+
+def test_folds_give_out_of_fold_predictions_and_cv(toy_work, tmp_path):
+    comp, work = toy_work
+    train(cfg_for(comp, work, tmp_path / "run", epochs=2, folds=3))
+    run = tmp_path / "run"
+    assert all((run / f"fold{k}" / "best.pt").is_file() for k in range(3))
+    oof = pd.read_csv(run / "oof.csv", dtype={"id": str})
+    labels = pd.read_csv(work / "folds.csv", dtype=str)
+    assert sorted(oof["id"]) == sorted(labels["id"])  # every training id exactly once
+    cv = json.loads((run / "cv.json").read_text())
+    classes = ["cat", "dog", "frog"]
+    targets = oof["label"].map({c: i for i, c in enumerate(classes)}).to_numpy()
+    again = score(oof[classes].to_numpy(), targets, 3)
+    assert cv["cv"] == pytest.approx(again["accuracy"])
+    assert cv["overall"]["log_loss"] == pytest.approx(again["log_loss"])
+    assert [f["fold"] for f in cv["folds"]] == [0, 1, 2]
