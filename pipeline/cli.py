@@ -250,3 +250,10 @@ def check(
 
 def run() -> None:
     app()
+
+
+# Commands that live in their own modules register themselves on `app`.
+from pipeline import cli_report  # noqa: E402,F401
+from pipeline.cli_kernel import kernel_app  # noqa: E402
+
+app.add_typer(kernel_app, name="kernel")

@@ -1,0 +1,1 @@
+"""`pipeline report`, `pipeline predict-image`, `pipeline submit`: registered on the main app."""
