@@ -155,6 +155,7 @@ def train(
     steps_per_epoch: Annotated[Optional[int], typer.Option(help="Cap batches per epoch (smoke tests).")] = None,
     strict: Annotated[Optional[bool], typer.Option("--strict/--no-strict", help="Unreadable training images are errors.")] = None,
     seed: Annotated[Optional[int], typer.Option(help="Seed of initialisation, shuffling and augmentation.")] = None,
+    tensorboard: Annotated[Optional[bool], typer.Option("--tensorboard/--no-tensorboard", help="Log scalars for TensorBoard (pip install tensorboard).")] = None,
     resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted run from last.pt.")] = False,
     force: Annotated[bool, typer.Option("--force", help="Overwrite a finished run in RUN_DIR.")] = False,
 ) -> None:
@@ -175,11 +176,14 @@ def train(
     else:
         cfg = config_from_recipe(comp, work_dir, run_dir, **options)
     dist.init()
+    main_process = dist.is_main()
+    if not main_process:
+        logging.getLogger("pipeline").setLevel(logging.WARNING)  # rank 0 speaks for all
     try:
         results = run(cfg, resume=resume, force=force)
     finally:
         dist.shutdown()
-    if dist.is_main():
+    if main_process:
         for r in results:
             typer.echo(f"{r.dir}: {r.epochs} epochs, best {comp.metric} {r.best_metric:.4f} "
                        f"at epoch {r.best_epoch}, {r.seconds:.1f}s")

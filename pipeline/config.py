@@ -37,7 +37,7 @@ class TrainConfig:
     weights: Path | None = None
     head: str = "linear"
     head_hidden: int = 256
-    drop_rate: float = 0.0
+    drop_rate: float | None = None  # None: the architecture's default (googlenet 0.4)
     freeze_backbone: bool = False
     backbone_lr_scale: float = 1.0
     # data

@@ -122,12 +122,12 @@ class Runtime:
 
 
 def train_one_epoch(model: nn.Module, loader, optimizer, criterion, cfg: TrainConfig, rt: Runtime,
-                    ema, epoch: int, gen: torch.Generator) -> float:
-    """One pass over ``loader``; returns the mean training loss."""
+                    ema, epoch: int, gen: torch.Generator) -> tuple[float, int]:
+    """One pass over ``loader``; returns the mean training loss and the optimizer steps taken."""
     set_train_mode(model, True)
     aux_weights = getattr(dist.unwrap(model), "aux_loss_weights", ())
     loss_sum = torch.zeros((), device=rt.device)  # summed on device: no host sync per step
-    seen = 0
+    seen, first_step = 0, rt.step
     start = time.perf_counter()
     bar = tqdm(loader, total=rt.steps_per_epoch, desc=f"epoch {epoch + 1}/{cfg.epochs}",
                leave=False, disable=None if dist.is_main() else True, dynamic_ncols=True)
@@ -155,7 +155,7 @@ def train_one_epoch(model: nn.Module, loader, optimizer, criterion, cfg: TrainCo
         if i % 10 == 0 and bar.disable is False:
             bar.set_postfix(loss=f"{loss_sum.item() / seen:.4f}", img_s=f"{seen / (time.perf_counter() - start):.0f}")
     total = dist.all_reduce_sum(torch.stack([loss_sum, torch.tensor(float(seen), device=rt.device)]))
-    return float(total[0] / max(total[1], 1))
+    return float(total[0] / max(total[1], 1)), rt.step - first_step
 
 
 def backward_step(loss: torch.Tensor, optimizer, model: nn.Module, cfg: TrainConfig, rt: Runtime) -> None:
@@ -298,6 +298,9 @@ def _restore(path: Path, model, ema, optimizer, rt: Runtime) -> tuple[int, list,
 def _evaluate_variants(model, ema, valid_dl, rt: Runtime, num_classes: int, comp: Competition) -> dict:
     """Scores of the live weights and, with --ema, of the averaged ones."""
     p, t, _ = evaluate(model, valid_dl, rt)
+    if not np.isfinite(p).all():
+        raise PipelineError("the model's validation outputs are NaN or infinite: training diverged; "
+                            "lower --lr, add --clip-grad 1, or raise --batch-size")
     row = {f"valid_{k}": v for k, v in score(p, t, num_classes).items()}
     row = {"valid_loss": row["valid_log_loss"], **row}
     if ema is not None:
@@ -333,6 +336,7 @@ def fit_member(cfg: TrainConfig, comp: Competition, classes: list[str], member_d
     if cfg.compile:
         net = torch.compile(net)
     stale = 0
+    board = tensorboard_writer(member_dir) if cfg.tensorboard and dist.is_main() else None
     for epoch in range(first_epoch, cfg.epochs):
         t0 = time.perf_counter()
         torch.manual_seed(cfg.seed * 1000 + epoch)  # dropout etc.: same stream on resume
@@ -341,8 +345,8 @@ def fit_member(cfg: TrainConfig, comp: Competition, classes: list[str], member_d
         train_dl, valid_dl = data_loaders(cfg, train_items, valid_items, epoch)
         if hasattr(train_dl.sampler, "set_epoch"):
             train_dl.sampler.set_epoch(epoch)
-        row = {"epoch": epoch + 1, "train_loss": train_one_epoch(net, train_dl, optimizer, criterion, cfg, rt, ema, epoch, gen)}
-        row["lr"] = optimizer.param_groups[-1]["lr"]
+        loss, steps = train_one_epoch(net, train_dl, optimizer, criterion, cfg, rt, ema, epoch, gen)
+        row = {"epoch": epoch + 1, "train_loss": loss, "lr": optimizer.param_groups[-1]["lr"], "steps": steps}
         if valid_dl is not None:
             row.update(_evaluate_variants(net, ema, valid_dl, rt, len(classes), comp))
         row["seconds"] = round(time.perf_counter() - t0, 3)
@@ -356,6 +360,11 @@ def fit_member(cfg: TrainConfig, comp: Competition, classes: list[str], member_d
             stale += 1
         if dist.is_main():
             _save_epoch(member_dir, model, ema, optimizer, rt, epoch + 1, history, best, cfg, classes, improved)
+            if board is not None:
+                for key, value in row.items():
+                    if key != "epoch":
+                        board.add_scalar(key, value, epoch + 1)
+                board.flush()
         log.info(_epoch_line(row, comp, cfg.epochs))
         if cfg.early_stop and stale >= cfg.early_stop:
             log.info("early stop: no improvement of %s for %d epochs", comp.metric, stale)
@@ -364,6 +373,15 @@ def fit_member(cfg: TrainConfig, comp: Competition, classes: list[str], member_d
         atomic_write_json(member_dir / DONE_FILE, {"epochs": len(history), "best": best})
     return MemberResult(member_dir.name, member_dir, len(history), best["epoch"], best["metric"],
                         time.perf_counter() - start)
+
+
+def tensorboard_writer(member_dir: Path):
+    """A SummaryWriter logging into member_dir/tensorboard (needs the tensorboard package)."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise PipelineError("--tensorboard needs the tensorboard package: pip install tensorboard") from None
+    return SummaryWriter(log_dir=str(member_dir / "tensorboard"))
 
 
 def make_ema(model: nn.Module, decay: float):

@@ -96,6 +96,13 @@ def test_timm_style_surface(name: str) -> None:
         assert features.shape[1] == model.num_features == pooled.shape[1]
 
 
+@pytest.mark.parametrize("name", ["resnet18_cifar", "googlenet", SMALL_TIMM])
+def test_in_chans_changes_the_first_conv(name: str) -> None:
+    model = create_model(name, 2, in_chans=1).eval()
+    with torch.no_grad():
+        assert model(torch.randn(1, 1, 64, 64)).shape == (1, 2)
+
+
 def test_data_configs_of_our_models() -> None:
     cifar = model_data_config(create_model("resnet18_cifar", 10), pretrained=False)
     assert cifar["input_size"] == (3, 32, 32)
@@ -214,8 +221,10 @@ def test_frozen_googlenet_trains_all_three_classifiers() -> None:
     model = create_model("googlenet", 5)
     trainable = freeze_backbone(model)
     assert len(trainable) == 6
-    set_train_mode(model, True)
-    assert model.training and not model.conv1.bn.training
+    set_train_mode(nn.DataParallel(model), True)  # wrappers are seen through
+    assert model.training and model.aux1.training and not model.conv1.bn.training
+    groups = param_groups(nn.DataParallel(model), lr=0.1, weight_decay=0.0)
+    assert sum(len(g["params"]) for g in groups) == 6
 
 
 # ---------------------------------------------------------------- heads and optimizer groups

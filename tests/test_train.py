@@ -96,3 +96,48 @@ def test_folds_give_out_of_fold_predictions_and_cv(toy_work, tmp_path):
     assert cv["cv"] == pytest.approx(again["accuracy"])
     assert cv["overall"]["log_loss"] == pytest.approx(again["log_loss"])
     assert [f["fold"] for f in cv["folds"]] == [0, 1, 2]
+
+
+def test_one_fold_then_the_rest_then_full(toy_work, tmp_path):
+    comp, work = toy_work
+    run = tmp_path / "run"
+    train(cfg_for(comp, work, run, epochs=1, fold=1))
+    assert (run / "fold1" / "best.pt").is_file() and not (run / "fold0").exists()
+    assert not (run / "cv.json").exists()  # the CV score waits for every fold
+    train(cfg_for(comp, work, run, epochs=1, fold=0))
+    train(cfg_for(comp, work, run, epochs=1, fold=2))
+    assert json.loads((run / "cv.json").read_text())["metric"] == "accuracy"
+    train(cfg_for(comp, work, run, epochs=1, full=True))
+    metrics = pd.read_csv(run / "full" / "metrics.csv")
+    assert "valid_loss" not in metrics.columns and metrics["steps"].iloc[0] == 36 // 8
+
+
+def test_recipe_options_run_together(toy_work, tmp_path):
+    comp, work = toy_work
+    cfg = cfg_for(comp, work, tmp_path / "run", epochs=2, optimizer="adamw", lr=3e-3, schedule="step",
+                  lr_period_epochs=1, lr_decay=0.5, cutmix=1.0, mixup=0.2, clip_grad=1.0, ema=0.9,
+                  early_stop=5, nesterov=True)
+    train(cfg)
+    metrics = pd.read_csv(tmp_path / "run" / "metrics.csv")
+    assert {"valid_accuracy_ema", "valid_log_loss_ema"} <= set(metrics.columns)
+    assert metrics["lr"].tolist() == pytest.approx([3e-3, 1.5e-3])  # last step of each epoch
+
+
+def test_tensorboard_logs_every_epoch(toy_work, tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    comp, work = toy_work
+    train(cfg_for(comp, work, tmp_path / "run", epochs=2, tensorboard=True))
+    events = EventAccumulator(str(tmp_path / "run" / "tensorboard"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("valid_accuracy")] == [1, 2]
+
+
+def test_tensorboard_missing_is_a_clear_error(toy_work, tmp_path, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)
+    comp, work = toy_work
+    with pytest.raises(PipelineError, match="pip install tensorboard"):
+        train(cfg_for(comp, work, tmp_path / "run", epochs=1, tensorboard=True))

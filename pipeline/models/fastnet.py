@@ -13,12 +13,11 @@ import torch
 from torch import Tensor, nn
 
 from pipeline.models.registry import ClassifierBase, make_cfg, register_model
-
-CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
-CIFAR_STD = (0.2470, 0.2435, 0.2616)
+from pipeline.models.resnet import CIFAR10_MEAN, CIFAR10_STD
 
 
 def conv_bn(c_in: int, c_out: int) -> list[nn.Module]:
+    """3x3 conv (no bias: BN follows) -> BN -> GELU."""
     return [nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.GELU()]
 
 
@@ -43,7 +42,7 @@ class FastNet(ClassifierBase):
         self.logit_scale = logit_scale
         self._init_head(c, num_classes, drop_rate)
         self.avgpool = nn.AdaptiveMaxPool2d(1)  # max pooling suits these small maps
-        self.pretrained_cfg = make_cfg("fastnet", input_size=(3, 32, 32), mean=CIFAR_MEAN, std=CIFAR_STD,
+        self.pretrained_cfg = make_cfg("fastnet", input_size=(3, 32, 32), mean=CIFAR10_MEAN, std=CIFAR10_STD,
                                        first_conv="stem.0")
 
     def forward_features(self, x: Tensor) -> Tensor:

@@ -51,6 +51,15 @@ class LoadReport:
                 f"left random {len(self.random)}")
 
 
+def unwrap(model: nn.Module) -> nn.Module:
+    """The model itself under DDP/DataParallel (``.module``) or torch.compile (``._orig_mod``),
+    so that parameter names match ``pretrained_cfg``'s paths."""
+    wrappers = (nn.parallel.DistributedDataParallel, nn.DataParallel)
+    while isinstance(model, wrappers) or hasattr(model, "_orig_mod"):
+        model = model.module if isinstance(model, wrappers) else model._orig_mod
+    return model
+
+
 def architecture(model: nn.Module) -> str:
     """The model's name for messages."""
     return model.pretrained_cfg.get("architecture", type(model).__name__)
@@ -181,6 +190,7 @@ def apply_state_dict(model: nn.Module, state: Mapping[str, Tensor], source: str)
     Any other missing, unexpected or mis-shaped tensor means the file belongs
     to another architecture: that is an error naming the first few of them.
     """
+    model = unwrap(model)
     own = model.state_dict()
     heads = head_names(model)
     loaded, dropped, problems = _sort_keys(state, own, heads)
@@ -270,6 +280,7 @@ def freeze_backbone(model: nn.Module) -> list[nn.Parameter]:
     Returns the head parameters (for the optimizer) and marks the model so that
     ``set_train_mode`` keeps the frozen BatchNorm statistics fixed.
     """
+    model = unwrap(model)
     heads = head_names(model)
     trainable = []
     for name, param in model.named_parameters():
@@ -290,6 +301,7 @@ def set_train_mode(model: nn.Module, train: bool) -> None:
     under the head's feet, so the statistics are frozen along with the weights.
     """
     model.train(train)
+    model = unwrap(model)
     if not (train and getattr(model, "_frozen_backbone", False)):
         return
     heads = head_names(model)
@@ -304,6 +316,7 @@ def param_groups(model: nn.Module, lr: float, weight_decay: float,
     no weight decay on biases and norm parameters (ndim <= 1). Frozen
     parameters are left out. Each group keeps its ``base_lr`` for schedulers.
     """
+    model = unwrap(model)
     heads = head_names(model)
     groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
     for name, param in model.named_parameters():
@@ -327,7 +340,7 @@ def model_data_config(model: nn.Module, pretrained: bool) -> dict:
     is part of the interface so callers state why they ask; the values are the
     same either way, since a model trained from scratch here used them too.
     """
-    cfg = model.pretrained_cfg
+    cfg = unwrap(model).pretrained_cfg
     return {
         "input_size": tuple(cfg["input_size"]),
         "mean": tuple(cfg["mean"]),
