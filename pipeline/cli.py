@@ -222,6 +222,22 @@ def predict(
     result = run(_competition(competition), work_dir, run_dir, submission_csv, members=members, tta=tta,
                  device=device, force=force, num_workers=num_workers, batch_size=batch_size)
     typer.echo(f"{result.path}: {result.rows} rows from {len(result.members)} model(s) in {result.seconds:.1f}s")
+    if submission_csv.resolve().parent.name == "submissions":
+        _index_submission(competition, result, run_dir, tta)
+
+
+def _index_submission(competition: str, result, run_dir: Path, tta: str) -> None:
+    """One line in submissions/index.csv for every submission written there."""
+    from pipeline.submission_index import record_submission, run_summary
+
+    index = result.path.resolve().parent / "index.csv"
+    try:
+        summary = run_summary(run_dir)
+        record_submission(index, competition=competition, file=result.path.name, run_dir=str(run_dir),
+                          model=summary["model"], cv_score=summary["cv_score"],
+                          members=[Path(m).name for m in result.members], tta=tta)
+    except PipelineError as exc:  # the submission itself is written; say what was not recorded
+        log.warning("%s written, but not recorded in %s: %s", result.path, index, exc)
 
 
 @app.command()

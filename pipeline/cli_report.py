@@ -1,1 +1,80 @@
-"""`pipeline report`, `pipeline predict-image`, `pipeline submit`: registered on the main app."""
+"""`pipeline report`, `pipeline predict-image`, `pipeline submit`: registered on the main app.
+
+pipeline/cli.py imports this module at its end, after ``app``, ``handle_errors``
+and ``_competition`` exist.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from pipeline.cli import Comp, RunDir, _competition, app, check, handle_errors
+from pipeline.errors import PipelineError
+
+
+@app.command(name="predict-image")
+@handle_errors
+def predict_image(
+    run_dir: RunDir,
+    images: Annotated[list[Path], typer.Argument(help="Image files (any format PIL reads).")],
+    top_k: Annotated[int, typer.Option(help="How many classes to print per image.")] = 5,
+    tta: Annotated[str, typer.Option(help="Test-time augmentation: none or flip.")] = "none",
+    plot: Annotated[Optional[Path], typer.Option(help="Also save a PNG of the images titled with the top class.")] = None,
+    members: Annotated[str, typer.Option(help="auto, folds, full, holdout or all.")] = "auto",
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+) -> None:
+    """Top-k classes of image files with their probabilities, the run's members averaged."""
+    from pipeline.report import decode_image, image_grid, predict_images, save_figure
+    from pipeline.report import top_k as ranked
+
+    if top_k < 1:
+        raise PipelineError(f"--top-k must be >= 1, got {top_k}")
+    decoded = [decode_image(path) for path in images]  # every file readable before any model loads
+    classes, probs = predict_images(run_dir, decoded, members, tta, device)
+    width = max(len(c) for c in classes)
+    for path, row in zip(images, probs):
+        typer.echo(str(path))
+        for name, p in ranked(row, classes, top_k):
+            typer.echo(f"  {name:<{width}}  {p:.4f}")
+    if plot is not None:
+        titles = [f"{path.name}: {name} {p:.4f}" for path, row in zip(images, probs)
+                  for name, p in ranked(row, classes, 1)]
+        typer.echo(f"{save_figure(image_grid(decoded, titles), plot)}: written")
+
+
+@app.command(name="submit")
+@handle_errors
+def submit(
+    competition: Comp,
+    submission_csv: Annotated[Path, typer.Argument(help="The CSV to check and upload.")],
+    message: Annotated[str, typer.Option("--message", "-m", help="Submission description shown on Kaggle.")],
+    work_dir: Annotated[Optional[Path], typer.Option(help="A reorg folder: its sample and class names.")] = None,
+    sample: Annotated[Optional[Path], typer.Option(help="Sample submission (default: WORK_DIR's copy).")] = None,
+) -> None:
+    """Check a submission CSV like `pipeline check`, then upload it with the kaggle CLI."""
+    from pipeline.kaggle import run_kaggle
+
+    comp = _competition(competition)
+    check(competition, submission_csv, sample=sample, work_dir=work_dir)  # lists the problems and exits 1
+    output = run_kaggle(["competitions", "submit", "-c", comp.slug, "-f", str(submission_csv), "-m", message])
+    last = output.strip().splitlines()
+    typer.echo(f"{submission_csv}: submitted to {comp.slug}" + (f" ({last[-1]})" if last else ""))
+
+
+@app.command(name="report")
+@handle_errors
+def report(
+    run_dir: RunDir,
+    work_dir: Annotated[Optional[Path], typer.Option(help="The run's reorg folder (default: from its config.json).")] = None,
+    out: Annotated[Optional[Path], typer.Option(help="Folder for the PNGs (default: RUN_DIR/report).")] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda (a holdout run is predicted afresh).")] = "auto",
+) -> None:
+    """PNGs of a run: learning curves, confusion matrix, training images, most confident mistakes."""
+    from pipeline.config import load_config
+    from pipeline.report import write_report
+
+    work_dir = work_dir if work_dir is not None else load_config(run_dir).work_dir
+    for path in write_report(run_dir, work_dir, out if out is not None else run_dir / "report", device):
+        typer.echo(str(path))

@@ -1,0 +1,125 @@
+"""submissions/index.csv: one line per submission file, never rewritten.
+
+Each line says which run made which file, with what model, CV score, members
+and TTA, so a leaderboard score can be traced back to its run. Lines are only
+ever appended (one write each, under a lock), so an earlier record survives
+every later one byte for byte.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+from collections.abc import Sequence
+from datetime import datetime, timezone
+from pathlib import Path
+
+import pandas as pd
+
+from pipeline.competition import get_competition
+from pipeline.config import load_config
+from pipeline.errors import PipelineError
+from pipeline.io import exclusive_lock, os_error_message, read_csv
+
+COLUMNS = ("time", "competition", "file", "run_dir", "model", "cv_score", "members", "tta")
+
+
+def _csv_line(values: Sequence[str]) -> str:
+    """One CSV line (quoted where a value needs it), ending in a newline."""
+    buffer = io.StringIO()
+    csv.writer(buffer, lineterminator="\n").writerow(values)
+    return buffer.getvalue()
+
+
+def _score_text(cv_score: float | str | None) -> str:
+    if cv_score is None or cv_score == "":
+        return ""
+    value = float(cv_score)
+    return "" if math.isnan(value) else f"{value:.6g}"
+
+
+def _members_text(members: int | str | Sequence[str]) -> str:
+    if isinstance(members, (list, tuple)):
+        return ";".join(str(m) for m in members)
+    return str(members)
+
+
+def record_submission(index_path: Path, *, competition: str, file: Path | str, run_dir: Path | str, model: str,
+                      cv_score: float | str | None, members: int | str | Sequence[str], tta: str) -> None:
+    """Append one line to the index, creating it with a header when missing.
+
+    ``members`` may be a count, a name or a list of member folders (joined
+    with ';'); a missing or NaN ``cv_score`` is written as an empty field.
+    """
+    index_path = Path(index_path)
+    time = datetime.now(timezone.utc).isoformat(timespec="seconds")
+    line = _csv_line([time, competition, str(file), str(run_dir), model, _score_text(cv_score),
+                      _members_text(members), tta])
+    lock = index_path.with_name(f".{index_path.name}.lock")
+    with exclusive_lock(lock, what=f"the submission index {index_path}"):
+        try:
+            size = index_path.stat().st_size if index_path.exists() else 0
+            if size == 0:
+                line = _csv_line(COLUMNS) + line
+            elif not _ends_with_newline(index_path):
+                line = "\n" + line  # a hand-edited file without its last newline
+            with open(index_path, "a", encoding="utf-8", newline="") as fh:
+                fh.write(line)
+        except OSError as exc:
+            raise PipelineError(os_error_message(exc, index_path, "append to")) from exc
+
+
+def _ends_with_newline(path: Path) -> bool:
+    with open(path, "rb") as fh:
+        fh.seek(-1, io.SEEK_END)
+        return fh.read(1) == b"\n"
+
+
+def read_index(path: Path) -> pd.DataFrame:
+    """The index as a frame (cv_score numeric, time a UTC timestamp); empty when absent."""
+    path = Path(path)
+    if not path.is_file():
+        return pd.DataFrame(columns=list(COLUMNS))
+    frame = read_csv(path, what="submission index")
+    missing = [c for c in COLUMNS if c not in frame.columns]
+    if missing:
+        raise PipelineError(f"submission index {path} lacks columns {missing}; "
+                            "move it aside and the next submission starts a new one")
+    frame["cv_score"] = pd.to_numeric(frame["cv_score"], errors="coerce")
+    frame["time"] = pd.to_datetime(frame["time"], utc=True, errors="coerce")
+    return frame
+
+
+def run_summary(run_dir: Path) -> dict:
+    """{"model", "cv_score"} of a run: the CV score of cv.json, else the best holdout score.
+
+    The holdout score is the best value of the competition's metric in
+    RUN_DIR/metrics.csv; cv_score is "" when neither exists (a --full run, or
+    folds still training).
+    """
+    run_dir = Path(run_dir)
+    cfg = load_config(run_dir)
+    cv_path = run_dir / "cv.json"
+    if cv_path.is_file():
+        try:
+            cv = json.loads(cv_path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as exc:
+            raise PipelineError(f"{cv_path} is unreadable ({exc}); rerun training to rewrite it") from None
+        if cv.get("cv") is not None:
+            return {"model": cfg.model, "cv_score": float(cv["cv"])}
+    return {"model": cfg.model, "cv_score": _best_holdout_score(run_dir / "metrics.csv", cfg.competition)}
+
+
+def _best_holdout_score(metrics_path: Path, slug: str) -> float | str:
+    if not metrics_path.is_file():
+        return ""
+    try:
+        comp = get_competition(slug)
+    except PipelineError:
+        return ""  # a competition this process does not know: no direction to rank by
+    column = f"valid_{comp.metric}"
+    values = pd.read_csv(metrics_path).get(column, pd.Series(dtype=float)).dropna()
+    if values.empty:
+        return ""
+    return float(values.max() if comp.higher_is_better else values.min())
