@@ -56,7 +56,7 @@ def predict_probs(model: torch.nn.Module, loader, device: torch.device, tta: str
         views = [x, torch.flip(x, dims=[3])] if tta == "flip" else [x]
         p = sum(torch.softmax(model(v).float(), dim=1) for v in views) / len(views)
         out[idx.numpy()] = p.cpu().double().numpy()
-    return out
+    return out / out.sum(axis=1, keepdims=True)  # float32 softmax rows are 1 only to ~1e-7
 
 
 def resolve_device(name: str) -> torch.device:

@@ -92,3 +92,43 @@ def test_every_registered_model_trains_on_cifar10_tiny(cifar_tiny_work, tmp_path
        "--batch-size", "8", "--clip-grad", "1", "--device", "cpu")
     metrics = pd.read_csv(run / "metrics.csv")
     assert metrics["steps"].tolist() == [1] and metrics["valid_accuracy"].between(0, 1).all()
+
+
+FOLD_RUNS = {
+    "cifar-10": ("cifar-10-tiny", ["--model", "fastnet_s", "--batch-size", "64"]),
+    "dog-breed-identification": ("dog-breed-identification",
+                                 ["--model", "timm:tf_efficientnet_lite0", "--weights", str(WEIGHTS),
+                                  "--freeze-backbone", "--image-size", "64", "--batch-size", "32"]),
+}
+
+
+@pytest.mark.slow
+@requires_shared
+@pytest.mark.parametrize("slug", sorted(FOLD_RUNS))
+def test_three_folds_oof_cv_and_a_flip_tta_ensemble_submission(slug, tmp_path):
+    import json
+
+    import numpy as np
+    from sklearn.metrics import accuracy_score, log_loss
+
+    folder, args = FOLD_RUNS[slug]
+    raw = SHARED / "data" / folder
+    work, run, subs = tmp_path / "work", tmp_path / "run", tmp_path / "submissions"
+    ok("reorg", slug, raw, work, "--folds", "3")
+    ok("train", slug, work, run, "--folds", "3", "--epochs", "1", "--device", "cpu", "--tta", "flip", *args)
+    assert all((run / f"fold{k}" / "best.pt").is_file() for k in range(3))
+    oof = pd.read_csv(run / "oof.csv", dtype={"id": str})
+    labels = pd.read_csv(work / "folds.csv", dtype={"id": str})
+    assert oof["id"].is_unique and set(oof["id"]) == set(labels["id"])
+    classes = json.loads((work / "reorg.json").read_text())["classes"]
+    truth = oof["label"].map({c: i for i, c in enumerate(classes)}).to_numpy()
+    probs = oof[classes].to_numpy()
+    cv = json.loads((run / "cv.json").read_text())
+    assert cv["overall"]["accuracy"] == pytest.approx(accuracy_score(truth, probs.argmax(1)))
+    assert cv["overall"]["log_loss"] == pytest.approx(log_loss(truth, probs, labels=np.arange(len(classes))))
+    sub = subs / f"{slug}.csv"
+    ok("predict", slug, work, run, sub, "--tta", "flip")
+    ok("check", slug, sub, "--work-dir", work)
+    index = pd.read_csv(subs / "index.csv")
+    assert index["file"].tolist() == [f"{slug}.csv"] and index["members"].iloc[0] == "fold0;fold1;fold2"
+    assert index["cv_score"].iloc[0] == pytest.approx(cv["cv"], abs=1e-4)  # the index keeps 4 decimals
