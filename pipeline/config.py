@@ -23,6 +23,7 @@ CHOICES = {
     "head": ("linear", "mlp"),
     "augment": ("pad_crop_flip", "resized_crop_flip_jitter", "none"),
     "tta": ("none", "flip"),
+    "cache": ("auto", "on", "off"),
 }
 
 
@@ -47,6 +48,9 @@ class TrainConfig:
     augment: str = "pad_crop_flip"
     num_workers: int = 0
     strict: bool = False  # an unreadable training image is an error, not a warning
+    cache: str = "auto"  # decode small images once into a uint8 array (auto: side <= 64)
+    feature_cache: bool = True  # with freeze_backbone: train the head on cached features
+    feature_views: int = 1  # augmented views per image in the feature cache (0: un-augmented only)
     # optimisation (lr is per group before the schedule's multiplier)
     epochs: int = 10
     batch_size: int = 128

@@ -138,7 +138,11 @@ class ImageDataset(Dataset):
     def __len__(self) -> int:
         return len(self.items)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, int, int]:
+    def __getitem__(self, key: int | tuple[int, int]) -> tuple[torch.Tensor, int, int]:
+        """``key`` is an index, or (index, seed) from EpochSampler: that sample's augmentation seed."""
+        index, seed = key if isinstance(key, tuple) else (key, None)
+        if seed is not None:
+            self.transform.set_random_seed(seed)
         item = self.items[index]
         try:
             image = read_image(item.path, min_side=self.image_size)
@@ -185,34 +189,54 @@ def build_transform(augment: str, image_size: int, mean, std, train: bool, seed:
     return A.Compose(ops + tail, seed=seed)
 
 
-def _seed_worker(worker_id: int) -> None:
-    """Give each worker's albumentations pipeline its own seed derived from torch's."""
-    info = torch.utils.data.get_worker_info()
-    seed = torch.initial_seed() % 2**32
-    np.random.seed(seed)
-    transform = getattr(info.dataset, "transform", None)
-    if transform is not None:
-        transform.set_random_seed(seed)
+class EpochSampler(torch.utils.data.Sampler):
+    """Yields (index, seed) pairs: a permutation fixed by (seed, epoch), one seed per sample.
+
+    Per-sample seeds make augmentation independent of the worker count and
+    let workers persist across epochs (call ``set_epoch``). Under DDP each rank
+    takes every world-th index of the permutation, padded to equal length.
+    """
+
+    def __init__(self, n: int, shuffle: bool, seed: int, rank: int = 0, world: int = 1):
+        self.n, self.shuffle, self.seed, self.rank, self.world = n, shuffle, seed, rank, world
+        self.epoch = 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = epoch
+
+    def _order(self) -> torch.Tensor:
+        gen = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
+        order = torch.randperm(self.n, generator=gen) if self.shuffle else torch.arange(self.n)
+        if self.world > 1:
+            padded = -(-self.n // self.world) * self.world
+            order = torch.cat([order, order[: padded - self.n]])[self.rank :: self.world]
+        return order
+
+    def __iter__(self):
+        order = self._order()
+        gen = torch.Generator().manual_seed(self.seed * 7919 + self.epoch * 104_729 + 1)
+        seeds = torch.randint(0, 2**31 - 1, (self.n,), generator=gen)
+        return iter([(int(i), int(seeds[i])) for i in order])
+
+    def __len__(self) -> int:
+        return -(-self.n // self.world) if self.world > 1 else self.n
 
 
 def make_loader(dataset: ImageDataset, batch_size: int, shuffle: bool, num_workers: int, seed: int,
-                drop_last: bool = False, pin_memory: bool = False, sampler=None) -> DataLoader:
-    """A DataLoader whose shuffling and augmentation are fixed by ``seed``.
+                drop_last: bool = False, pin_memory: bool = False, rank: int = 0, world: int = 1) -> DataLoader:
+    """A DataLoader whose order and augmentation are fixed by ``seed`` and the epoch.
 
-    Call with a different seed per epoch (seed * 1000 + epoch) so epochs differ
-    and a resumed run replays the same epoch.
+    Workers persist across epochs; call ``loader.sampler.set_epoch(epoch)``
+    before each pass.
     """
-    generator = torch.Generator().manual_seed(seed)
-    dataset.transform.set_random_seed(seed)  # for the num_workers == 0 path
+    sampler = EpochSampler(len(dataset), shuffle, seed, rank, world)
     return DataLoader(
         dataset,
         batch_size=batch_size,
-        shuffle=shuffle if sampler is None else False,
         sampler=sampler,
         num_workers=num_workers,
-        generator=generator,
-        worker_init_fn=_seed_worker if num_workers > 0 else None,
         drop_last=drop_last,
         pin_memory=pin_memory,
-        persistent_workers=False,
+        persistent_workers=num_workers > 0,
+        prefetch_factor=4 if num_workers > 0 else None,
     )

@@ -12,7 +12,6 @@ from datetime import timedelta
 import torch
 import torch.distributed as tdist
 from torch import nn
-from torch.utils.data import Dataset, DistributedSampler
 
 
 def is_distributed() -> bool:
@@ -56,13 +55,6 @@ def barrier() -> None:
         tdist.barrier()
 
 
-def sampler(dataset: Dataset, shuffle: bool, seed: int) -> DistributedSampler | None:
-    """A DistributedSampler under DDP (each rank a shard), else None."""
-    if not is_distributed():
-        return None
-    return DistributedSampler(dataset, num_replicas=world_size(), rank=rank(), shuffle=shuffle, seed=seed)
-
-
 def wrap(model: nn.Module, device: torch.device) -> nn.Module:
     if not is_distributed():
         return model
@@ -77,6 +69,8 @@ def unwrap(model: nn.Module) -> nn.Module:
             model = model.module
         elif hasattr(model, "_orig_mod"):
             model = model._orig_mod
+        elif hasattr(model, "wrapped_model"):  # cache.FeatureHead
+            model = model.wrapped_model
         else:
             return model
 

@@ -11,10 +11,12 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import os
 import shutil
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 import pandas as pd
@@ -27,6 +29,8 @@ from pipeline import distributed as dist
 from pipeline.checkpoint import load_checkpoint, save_checkpoint
 from pipeline.competition import Competition, get_competition
 from pipeline.config import TrainConfig
+from pipeline.cache import (MAX_CACHED_SIDE, FeatureHead, FeatureLoader, TensorBatchLoader, cached_targets,
+                            check_cacheable, feature_bank, image_cache)
 from pipeline.data import BAD_TARGET, ImageDataset, Item, build_transform, fold_split, list_split, load_reorg, make_loader, n_folds
 from pipeline.errors import PipelineError
 from pipeline.io import atomic_write_csv, atomic_write_json
@@ -238,22 +242,96 @@ def build_model(cfg: TrainConfig, num_classes: int) -> nn.Module:
     return model
 
 
-def data_loaders(cfg: TrainConfig, train_items: list[Item], valid_items: list[Item], epoch: int):
-    """Loaders for one epoch: shuffling and augmentation seeded by (seed, epoch)."""
-    epoch_seed = cfg.seed * 1000 + epoch
-    train_tf = build_transform(cfg.augment, cfg.image_size, cfg.mean, cfg.std, train=True, seed=epoch_seed)
+@dataclass
+class DataPlan:
+    """The member's loaders (persistent across epochs) and how the model consumes them."""
+
+    train: object
+    valid: object | None
+    view: Callable[[nn.Module], nn.Module]  # wraps a model to take the loaders' inputs
+    kind: str  # images, cached, features
+
+
+def use_image_cache(cfg: TrainConfig) -> bool:
+    if cfg.cache == "off":
+        return False
+    if cfg.cache == "on":
+        check_cacheable(cfg.augment, cfg.image_size)
+        return True
+    return cfg.image_size <= MAX_CACHED_SIDE and cfg.augment in ("pad_crop_flip", "none")
+
+
+def plan_data(cfg: TrainConfig, model: nn.Module, train_items: list[Item], valid_items: list[Item],
+              device: torch.device) -> DataPlan:
+    """Feature cache for frozen backbones, image cache for small images, else files."""
+    if cfg.freeze_backbone and cfg.feature_cache:
+        return _feature_plan(cfg, model, train_items, valid_items, device)
+    if use_image_cache(cfg):
+        return _cached_plan(cfg, train_items, valid_items, device)
+    rank, world = dist.rank(), dist.world_size()
+    pin = device.type == "cuda"
+    train_tf = build_transform(cfg.augment, cfg.image_size, cfg.mean, cfg.std, train=True, seed=cfg.seed)
     eval_tf = build_transform(cfg.augment, cfg.image_size, cfg.mean, cfg.std, train=False)
-    train_ds = ImageDataset(train_items, train_tf, cfg.image_size, strict=cfg.strict)
-    sampler = dist.sampler(train_ds, shuffle=True, seed=epoch_seed)
-    pin = torch.cuda.is_available()
-    train_dl = make_loader(train_ds, cfg.batch_size, True, cfg.num_workers, epoch_seed,
-                           drop_last=True, pin_memory=pin, sampler=sampler)
+    train_dl = make_loader(ImageDataset(train_items, train_tf, cfg.image_size, strict=cfg.strict), cfg.batch_size,
+                           True, cfg.num_workers, cfg.seed, drop_last=True, pin_memory=pin, rank=rank, world=world)
     valid_dl = None
     if valid_items:
-        valid_ds = ImageDataset(valid_items, eval_tf, cfg.image_size, strict=cfg.strict)
-        valid_dl = make_loader(valid_ds, cfg.batch_size * 2, False, cfg.num_workers, 0,
-                               pin_memory=pin, sampler=dist.sampler(valid_ds, shuffle=False, seed=0))
-    return train_dl, valid_dl
+        valid_dl = make_loader(ImageDataset(valid_items, eval_tf, cfg.image_size, strict=cfg.strict),
+                               cfg.batch_size * 2, False, cfg.num_workers, 0, pin_memory=pin, rank=rank, world=world)
+    return DataPlan(train_dl, valid_dl, lambda m: m, "images")
+
+
+def _rows_of(items: list[Item], pool: list[Item]) -> torch.Tensor:
+    """Positions of ``items`` in ``pool`` (by id): members select from one shared cache."""
+    where = {it.id: i for i, it in enumerate(pool)}
+    return torch.tensor([where[it.id] for it in items], dtype=torch.long)
+
+
+def _cached_plan(cfg: TrainConfig, train_items, valid_items, device) -> DataPlan:
+    info = load_reorg(cfg.work_dir)
+    pool = list_split(cfg.work_dir, info, "train_valid")
+    array, bad = image_cache(cfg.work_dir, pool, cfg.image_size)
+    images = torch.from_numpy(np.array(array))  # into memory (or on to the GPU) once per member
+    targets = cached_targets(pool, bad)
+    common = dict(augment=cfg.augment, mean=cfg.mean, std=cfg.std, device=device, rank=dist.rank(),
+                  world=dist.world_size(), channels_last=cfg.channels_last and device.type == "cuda")
+    rows = _rows_of(train_items, pool)
+    train_dl = TensorBatchLoader(images[rows], targets[rows], cfg.batch_size, shuffle=True, seed=cfg.seed,
+                                 drop_last=True, **common)
+    valid_dl = None
+    if valid_items:
+        rows = _rows_of(valid_items, pool)
+        valid_dl = TensorBatchLoader(images[rows], targets[rows], cfg.batch_size * 2, shuffle=False,
+                                     **{**common, "augment": "none"})
+    return DataPlan(train_dl, valid_dl, lambda m: m, "cached")
+
+
+def _feature_plan(cfg: TrainConfig, model, train_items, valid_items, device) -> DataPlan:
+    info = load_reorg(cfg.work_dir)
+    pool = list_split(cfg.work_dir, info, "train_valid")
+    train_tf = build_transform(cfg.augment, cfg.image_size, cfg.mean, cfg.std, train=True, seed=cfg.seed)
+    eval_tf = build_transform(cfg.augment, cfg.image_size, cfg.mean, cfg.std, train=False)
+
+    def loader_for(train: bool, view: int):
+        ds = ImageDataset(pool, train_tf if train else eval_tf, cfg.image_size, strict=cfg.strict)
+        dl = make_loader(ds, 2 * cfg.batch_size, False, cfg.num_workers, cfg.seed + view, pin_memory=device.type == "cuda")
+        dl.sampler.set_epoch(view)
+        return dl
+
+    weights = cfg.weights and os.stat(cfg.weights)
+    key = [cfg.model, cfg.pretrained, str(cfg.weights), weights and weights.st_size, weights and weights.st_mtime_ns,
+           cfg.image_size, cfg.mean, cfg.std, cfg.augment, cfg.seed]
+    bank = feature_bank(model, pool, loader_for, cfg.feature_views, key, cfg.work_dir, device)
+    targets = torch.tensor([it.target for it in pool])
+    rows = _rows_of(train_items, pool)
+    common = dict(device=device, rank=dist.rank(), world=dist.world_size())
+    train_dl = FeatureLoader(bank["views"][:, rows], targets[rows], cfg.batch_size, shuffle=True, seed=cfg.seed,
+                             drop_last=True, **common)
+    valid_dl = None
+    if valid_items:
+        rows = _rows_of(valid_items, pool)
+        valid_dl = FeatureLoader(bank["eval"][None, rows], targets[rows], cfg.batch_size * 2, shuffle=False, **common)
+    return DataPlan(train_dl, valid_dl, FeatureHead, "features")
 
 
 @dataclass
@@ -295,16 +373,16 @@ def _restore(path: Path, model, ema, optimizer, rt: Runtime) -> tuple[int, list,
     return int(state["epoch"]), list(state["history"]), dict(state["best"])
 
 
-def _evaluate_variants(model, ema, valid_dl, rt: Runtime, num_classes: int, comp: Competition) -> dict:
-    """Scores of the live weights and, with --ema, of the averaged ones."""
+def _evaluate_variants(model, ema_view, valid_dl, rt: Runtime, num_classes: int) -> dict:
+    """Scores of the live weights and, with --ema, of the averaged ones (``ema_view``)."""
     p, t, _ = evaluate(model, valid_dl, rt)
     if not np.isfinite(p).all():
         raise PipelineError("the model's validation outputs are NaN or infinite: training diverged; "
                             "lower --lr, add --clip-grad 1, or raise --batch-size")
     row = {f"valid_{k}": v for k, v in score(p, t, num_classes).items()}
     row = {"valid_loss": row["valid_log_loss"], **row}
-    if ema is not None:
-        p, t, _ = evaluate(ema.module, valid_dl, rt)
+    if ema_view is not None:
+        p, t, _ = evaluate(ema_view, valid_dl, rt)
         row.update({f"valid_{k}_ema": v for k, v in score(p, t, num_classes).items()})
     return row
 
@@ -332,7 +410,8 @@ def fit_member(cfg: TrainConfig, comp: Competition, classes: list[str], member_d
     first_epoch, history, best = 0, [], {"epoch": 0, "metric": math.nan, "variant": "live"}
     if resume and (member_dir / "last.pt").is_file():
         first_epoch, history, best = _restore(member_dir / "last.pt", model, ema, optimizer, rt)
-    net = dist.wrap(model, device)
+    data = plan_data(cfg, model, train_items, valid_items, device)
+    net = dist.wrap(data.view(model), device)
     if cfg.compile:
         net = torch.compile(net)
     stale = 0
@@ -342,17 +421,15 @@ def fit_member(cfg: TrainConfig, comp: Competition, classes: list[str], member_d
         torch.manual_seed(cfg.seed * 1000 + epoch)  # dropout etc.: same stream on resume
         gen = torch.Generator().manual_seed(cfg.seed * 1000 + epoch)
         rt.step = epoch * rt.steps_per_epoch
-        train_dl, valid_dl = data_loaders(cfg, train_items, valid_items, epoch)
-        if hasattr(train_dl.sampler, "set_epoch"):
-            train_dl.sampler.set_epoch(epoch)
-        loss, steps = train_one_epoch(net, train_dl, optimizer, criterion, cfg, rt, ema, epoch, gen)
+        data.train.sampler.set_epoch(epoch)
+        loss, steps = train_one_epoch(net, data.train, optimizer, criterion, cfg, rt, ema, epoch, gen)
         row = {"epoch": epoch + 1, "train_loss": loss, "lr": optimizer.param_groups[-1]["lr"], "steps": steps}
-        if valid_dl is not None:
-            row.update(_evaluate_variants(net, ema, valid_dl, rt, len(classes), comp))
+        if data.valid is not None:
+            row.update(_evaluate_variants(net, ema and data.view(ema.module), data.valid, rt, len(classes)))
         row["seconds"] = round(time.perf_counter() - t0, 3)
         history.append(row)
         variant, metric = _pick_best(row, comp, ema is not None)
-        improved = valid_dl is None or is_better(comp, metric, best["metric"])
+        improved = data.valid is None or is_better(comp, metric, best["metric"])
         if improved:
             best = {"epoch": epoch + 1, "metric": metric, "variant": variant}
             stale = 0

@@ -132,3 +132,18 @@ def test_three_folds_oof_cv_and_a_flip_tta_ensemble_submission(slug, tmp_path):
     index = pd.read_csv(subs / "index.csv")
     assert index["file"].tolist() == [f"{slug}.csv"] and index["members"].iloc[0] == "fold0;fold1;fold2"
     assert index["cv_score"].iloc[0] == pytest.approx(cv["cv"], abs=1e-4)  # the index keeps 4 decimals
+
+
+@pytest.mark.slow
+@requires_shared
+def test_feature_cache_matches_the_uncached_path(tmp_path):
+    """Frozen backbone, no augmentation: cached features give the same head, hence the same scores."""
+    work = tmp_path / "work"
+    ok("reorg", "dog-breed-identification", SHARED / "data" / "dog-breed-identification", work, "--folds", "0")
+    common = ["--model", "timm:tf_efficientnet_lite0", "--weights", WEIGHTS, "--freeze-backbone", "--image-size", "48",
+              "--epochs", "2", "--batch-size", "32", "--augment", "none", "--lr", "0.01", "--device", "cpu"]
+    ok("train", "dog-breed-identification", work, tmp_path / "cached", *common)
+    ok("train", "dog-breed-identification", work, tmp_path / "plain", *common, "--no-feature-cache")
+    cached, plain = (pd.read_csv(tmp_path / n / "metrics.csv") for n in ("cached", "plain"))
+    assert cached["valid_log_loss"].to_numpy() == pytest.approx(plain["valid_log_loss"].to_numpy(), rel=1e-4)
+    assert list((work / "cache").glob("features-*.pt"))  # computed once, kept for the next run

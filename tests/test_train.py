@@ -56,7 +56,7 @@ def test_holdout_run_writes_its_files_and_learns(toy_work, tmp_path):
     for name in ("config.json", "metrics.csv", "last.pt", "best.pt", "done.json"):
         assert (run / name).is_file(), name
     metrics = pd.read_csv(run / "metrics.csv")
-    assert list(metrics.columns[:4]) == ["epoch", "train_loss", "lr", "valid_loss"]
+    assert list(metrics.columns[:5]) == ["epoch", "train_loss", "lr", "steps", "valid_loss"]
     assert len(metrics) == 4 and metrics["valid_accuracy"].max() == pytest.approx(results[0].best_metric)
     assert results[0].best_metric >= 0.8  # colours are trivially separable
     assert json.loads((run / "config.json").read_text())["model"] == "fastnet_s"
