@@ -47,6 +47,7 @@ class AlbumentationsOnPIL:
 
 def rate(loader, batches: int, warmup: int = 3) -> float:
     """Images per second over ``batches`` batches after ``warmup`` (worker start-up excluded)."""
+    batches = min(batches, len(loader) - warmup)  # a small set has few batches
     it = iter(loader)
     for _ in range(warmup):
         next(it)
@@ -64,7 +65,8 @@ def bench(slug: str, raw: Path, side: int, augment: str, workers: int, batches: 
     info = load_reorg(work)
     items = list_split(work, info, "train")
     tf = build_transform(augment, side, comp.mean, comp.std, train=True, seed=0)
-    base = DataLoader(ImageFolder(str(work / "train"), transform=AlbumentationsOnPIL(tf)), batch_size=batch_size,
+    folder = ImageFolder(str(work / "train"), transform=AlbumentationsOnPIL(tf), allow_empty=True)  # breeds with no image
+    base = DataLoader(folder, batch_size=batch_size,
                       shuffle=True, num_workers=workers, persistent_workers=workers > 0, drop_last=True)
     baseline = rate(base, batches)
     if side <= 64:

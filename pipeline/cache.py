@@ -146,19 +146,21 @@ class TensorBatchLoader(IndexBatches):
 
 
 def batch_crop_flip(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
-    """Random translation (zero padding, up to side/8 px) and horizontal flip of a batch."""
-    b, _, h, w = x.shape
+    """Random translation (zero padding, up to side/8 px) and horizontal flip of a batch.
+
+    One gather over flattened pixel indices: no per-image loop and no host sync.
+    """
+    b, c, h, w = x.shape
     pad = max(1, h // 8)
     dy = torch.randint(0, 2 * pad + 1, (b,), generator=gen).to(x.device)
     dx = torch.randint(0, 2 * pad + 1, (b,), generator=gen).to(x.device)
     flip = (torch.rand(b, generator=gen) < 0.5).to(x.device)
     padded = torch.nn.functional.pad(x, (pad, pad, pad, pad))
-    rows = (torch.arange(h, device=x.device)[None, :] + dy[:, None])  # (B, H)
+    rows = torch.arange(h, device=x.device)[None, :] + dy[:, None]  # (B, H)
     cols = torch.arange(w, device=x.device)[None, :].expand(b, w)
     cols = torch.where(flip[:, None], cols.flip(1), cols) + dx[:, None]  # (B, W)
-    batch = torch.arange(b, device=x.device)[:, None, None]
-    out = padded.permute(0, 2, 3, 1)[batch, rows[:, :, None], cols[:, None, :]]  # (B, H, W, C)
-    return out.permute(0, 3, 1, 2)
+    flat = (rows[:, :, None] * (w + 2 * pad) + cols[:, None, :]).reshape(b, 1, h * w).expand(b, c, h * w)
+    return padded.reshape(b, c, -1).gather(2, flat).reshape(b, c, h, w)
 
 
 def cached_targets(items: list[Item], bad_rows: set[int]) -> torch.Tensor:

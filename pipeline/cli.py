@@ -116,7 +116,8 @@ def train(
     competition: Comp,
     work_dir: WorkDir,
     run_dir: RunDir,
-    model: Annotated[Optional[str], typer.Option(help="Registered model or timm:<name>; default: the competition's.")] = None,
+    recipe: Annotated[Optional[str], typer.Option(help="A named recipe of the competition (e.g. cifar-10: fast, resnet18); options below override it.")] = None,
+    model: Annotated[Optional[str], typer.Option(help="Registered model or timm:<name>; default: the recipe's.")] = None,
     epochs: Annotated[Optional[int], typer.Option(help="Training epochs.")] = None,
     batch_size: Annotated[Optional[int], typer.Option(help="Images per step (per process under torchrun).")] = None,
     lr: Annotated[Optional[float], typer.Option(help="Peak learning rate of the head (backbone: x --backbone-lr-scale).")] = None,
@@ -137,6 +138,7 @@ def train(
     lr_decay: Annotated[Optional[float], typer.Option(help="step schedule: lr factor per period.")] = None,
     warmup_epochs: Annotated[Optional[float], typer.Option(help="Linear warm-up, epochs.")] = None,
     label_smoothing: Annotated[Optional[float], typer.Option(help="Label smoothing of the loss.")] = None,
+    data_init: Annotated[Optional[bool], typer.Option("--data-init/--no-data-init", help="Initialise from training data where the model can (fastnet: whitened stem).")] = None,
     mixup: Annotated[Optional[float], typer.Option(help="Mixup Beta alpha (0: off).")] = None,
     cutmix: Annotated[Optional[float], typer.Option(help="CutMix Beta alpha (0: off).")] = None,
     clip_grad: Annotated[Optional[float], typer.Option(help="Max gradient norm (0: off).")] = None,
@@ -170,14 +172,14 @@ def train(
     comp = _competition(competition)
     options = dict(locals())
     for key in ("competition", "work_dir", "run_dir", "comp", "resume", "force", "dist", "run",
-                "config_from_recipe", "load_config"):
+                "config_from_recipe", "load_config", "recipe"):
         options.pop(key, None)
     options["lr_period_epochs"] = options.pop("lr_period")
     options["full"] = full or None
     if resume and (run_dir / "config.json").is_file():
         cfg = _resumed_config(load_config(run_dir), options)
     else:
-        cfg = config_from_recipe(comp, work_dir, run_dir, **options)
+        cfg = config_from_recipe(comp, work_dir, run_dir, recipe_name=recipe, **options)
     dist.init()
     main_process = dist.is_main()
     if not main_process:

@@ -39,6 +39,10 @@ class Recipe:
     freeze_backbone: bool = False
     head: Literal["linear", "mlp"] = "linear"
     head_hidden: int = 256
+    nesterov: bool = False
+    ema: float = 0.0  # EMA decay per step; 0 is off
+    tta: Literal["none", "flip"] = "none"  # for the out-of-fold predictions
+    data_init: bool = False  # initialise from training data where the model can (whitening)
 
     def __post_init__(self) -> None:
         if self.epochs < 1 or self.batch_size < 1:
@@ -70,6 +74,8 @@ class Competition:
     test_dir: str = "test"
     image_ext: str = ".png"
     submission_label_column: str = "label"  # for submission == "label"
+    # Named alternatives to ``recipe`` (`pipeline train --recipe NAME`)
+    recipes: dict[str, Recipe] = field(default_factory=dict, compare=False)
     # Writes a Kaggle-layout download into the given folder, for competitions
     # whose data ships with a dependency (the demo); None means "use kaggle".
     make_raw: Callable[[Path], None] | None = field(default=None, compare=False)
@@ -81,6 +87,15 @@ class Competition:
             raise PipelineError(f"competition {self.slug}: submission must be 'label' or 'probs'")
         if self.metric not in ("accuracy", "log_loss"):
             raise PipelineError(f"competition {self.slug}: metric must be 'accuracy' or 'log_loss'")
+
+    def get_recipe(self, name: str | None) -> Recipe:
+        """The default recipe (None or "default"), or a named one; an unknown name lists the choices."""
+        if name in (None, "default"):
+            return self.recipe
+        if name not in self.recipes:
+            choices = ", ".join(["default", *sorted(self.recipes)])
+            raise PipelineError(f"competition {self.slug} has no recipe {name!r}; choose one of: {choices}")
+        return self.recipes[name]
 
     @property
     def higher_is_better(self) -> bool:

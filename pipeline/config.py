@@ -64,6 +64,7 @@ class TrainConfig:
     lr_decay: float = 0.1
     warmup_epochs: float = 0.0
     label_smoothing: float = 0.0
+    data_init: bool = False  # initialise from training data where the model can (FastNet: whitened stem)
     mixup: float = 0.0  # Beta(alpha, alpha) for mixup; 0 is off
     cutmix: float = 0.0  # Beta(alpha, alpha) for cutmix; 0 is off
     clip_grad: float = 0.0  # max grad norm; 0 is off
@@ -143,12 +144,14 @@ def load_config(run_dir: Path) -> TrainConfig:
         raise PipelineError(f"{path} is not a valid run config ({exc}); retrain into a new RUN_DIR") from None
 
 
-def config_from_recipe(comp: Competition, work_dir: Path, run_dir: Path, **options: Any) -> TrainConfig:
-    """The competition's recipe, with every option the user gave (not None) on top."""
-    recipe = dataclasses.asdict(comp.recipe)
+def config_from_recipe(comp: Competition, work_dir: Path, run_dir: Path, recipe_name: str | None = None,
+                       **options: Any) -> TrainConfig:
+    """The competition's recipe (default or named), with every option the user gave (not None) on top."""
+    chosen = comp.get_recipe(recipe_name)
+    recipe = dataclasses.asdict(chosen)
     recipe.update(image_size=comp.image_size, mean=comp.mean, std=comp.std)
     given = {k: v for k, v in options.items() if v is not None}
-    if "model" in given and given["model"] != comp.recipe.model:
+    if "model" in given and given["model"] != chosen.model:
         # The recipe's transfer-learning choices belong to its own model: with
         # another model the user states them (--pretrained, --freeze-backbone, --head).
         for key in ("pretrained", "freeze_backbone", "head"):

@@ -411,6 +411,8 @@ def fit_member(cfg: TrainConfig, comp: Competition, classes: list[str], member_d
     if resume and (member_dir / "last.pt").is_file():
         first_epoch, history, best = _restore(member_dir / "last.pt", model, ema, optimizer, rt)
     data = plan_data(cfg, model, train_items, valid_items, device)
+    if cfg.data_init and first_epoch == 0 and hasattr(model, "init_from_data"):
+        model.init_from_data(next(iter(data.train))[0])  # e.g. a whitening first layer
     net = dist.wrap(data.view(model), device)
     if cfg.compile:
         net = torch.compile(net)

@@ -48,6 +48,10 @@ class FastNet(ClassifierBase):
     def forward_features(self, x: Tensor) -> Tensor:
         return self.groups(self.stem(x))  # (B, C, H/8, W/8)
 
+    def init_from_data(self, images: Tensor) -> None:
+        """Whiten the stem from a batch of normalised training images (B, C, H, W)."""
+        whiten_stem(self, images)
+
     def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
         out = super().forward_head(x, pre_logits)
         return out if pre_logits else out * self.logit_scale
