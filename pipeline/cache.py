@@ -136,7 +136,9 @@ class TensorBatchLoader(IndexBatches):
     def __iter__(self):
         for idx, gen in self.batches():
             dev_idx = idx.to(self.device, non_blocking=True)
-            x = self.images[dev_idx].permute(0, 3, 1, 2).float()  # (B, 3, H, W), 0..255
+            # contiguous before float: a permuted float tensor keeps channels-last strides
+            # and makes every later op (pad, gather) slow
+            x = self.images.index_select(0, dev_idx).permute(0, 3, 1, 2).contiguous().float()  # (B, 3, H, W)
             if self.augment == "pad_crop_flip":
                 x = batch_crop_flip(x, gen)
             x = (x - self.mean) / self.std
