@@ -166,12 +166,10 @@ def batch_crop_flip(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
 
 
 def cached_targets(items: list[Item], bad_rows: set[int]) -> torch.Tensor:
-    """Targets of cached items, unreadable rows marked so the loss ignores them."""
+    """Targets of cached items, unreadable rows marked so the loss and the scores ignore them."""
     targets = torch.tensor([it.target for it in items], dtype=torch.long)
     if bad_rows:
         targets[sorted(bad_rows)] = BAD_TARGET
-        names = ", ".join(str(items[i].path) for i in sorted(bad_rows)[:5])
-        log.warning("skipping %d unreadable images: %s%s", len(bad_rows), names, " ..." if len(bad_rows) > 5 else "")
     return targets
 
 

@@ -177,7 +177,7 @@ def train(
     options["lr_period_epochs"] = options.pop("lr_period")
     options["full"] = full or None
     if resume and (run_dir / "config.json").is_file():
-        cfg = _resumed_config(load_config(run_dir), options)
+        cfg = _resumed_config(load_config(run_dir), options, work_dir, run_dir)
     else:
         cfg = config_from_recipe(comp, work_dir, run_dir, recipe_name=recipe, **options)
     dist.init()
@@ -194,14 +194,18 @@ def train(
                        f"at epoch {r.best_epoch}, {r.seconds:.1f}s")
 
 
-def _resumed_config(saved, options: dict):
-    """A resumed run keeps its saved settings; only where/how it runs may change."""
+def _resumed_config(saved, options: dict, work_dir: Path, run_dir: Path):
+    """A resumed run keeps its saved settings; only where/how it runs may change.
+
+    The folders are always the ones on the command line: a config.json that
+    names others cannot move writes outside RUN_DIR.
+    """
     from dataclasses import replace
 
     movable = {k: options[k] for k in ("device", "num_workers", "fold", "folds", "full") if options.get(k) is not None}
     if "full" in movable:
         movable["folds"], movable["fold"] = 0, None
-    return replace(saved, **movable)
+    return replace(saved, work_dir=work_dir, run_dir=run_dir, **movable)
 
 
 @app.command()
@@ -216,6 +220,7 @@ def predict(
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
     batch_size: Annotated[int, typer.Option(help="Images per inference batch.")] = 256,
     num_workers: Annotated[int, typer.Option(help="DataLoader worker processes.")] = 0,
+    unreadable_test: Annotated[str, typer.Option(help="A test image that cannot be decoded: error (default), or uniform (1/C for every class, with a warning).")] = "error",
     force: Annotated[bool, typer.Option("--force", help="Overwrite SUBMISSION_CSV if it exists.")] = False,
 ) -> None:
     """Softmax over the test set (members averaged) and a checked submission CSV."""
@@ -225,7 +230,8 @@ def predict(
     if tta not in CHOICES["tta"]:
         raise PipelineError(f"--tta {tta!r} is not one of: {', '.join(CHOICES['tta'])}")
     result = run(_competition(competition), work_dir, run_dir, submission_csv, members=members, tta=tta,
-                 device=device, force=force, num_workers=num_workers, batch_size=batch_size)
+                 device=device, force=force, num_workers=num_workers, batch_size=batch_size,
+                 unreadable=unreadable_test)
     typer.echo(f"{result.path}: {result.rows} rows from {len(result.members)} model(s) in {result.seconds:.1f}s")
     if submission_csv.resolve().parent.name == "submissions":
         _index_submission(competition, result, run_dir, tta)

@@ -124,13 +124,19 @@ def read_image(path: Path, min_side: int | None = None) -> np.ndarray:
 
 
 def _decode_jpeg_fast(path: Path) -> np.ndarray | None:
-    """libjpeg-turbo through torchvision (about 1.3x PIL here, same pixels); None to fall back."""
-    from torchvision.io import ImageReadMode, decode_image, read_file
+    """libjpeg-turbo through torchvision (about 1.3x PIL here, same pixels); None to fall back.
 
-    try:
-        tensor = decode_image(read_file(str(path)), mode=ImageReadMode.RGB, apply_exif_orientation=True)
-    except (RuntimeError, ValueError):
-        return None
+    torchvision 0.29 deprecates its decoders in favour of torchcodec; when they
+    are gone the import fails and PIL decodes everything.
+    """
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        try:
+            from torchvision.io import ImageReadMode, decode_image, read_file
+
+            tensor = decode_image(read_file(str(path)), mode=ImageReadMode.RGB, apply_exif_orientation=True)
+        except (ImportError, RuntimeError, ValueError):
+            return None
     return tensor.permute(1, 2, 0).numpy()
 
 
@@ -139,8 +145,8 @@ class ImageDataset(Dataset):
 
     ``__getitem__`` returns (image tensor (3, H, W), target, index). An image
     that cannot be decoded is an error when ``strict``; otherwise it becomes a
-    black image with target BAD_TARGET, which the loss ignores, and its path is
-    logged once.
+    black image with target BAD_TARGET, which the loss and the scores ignore;
+    the loops that see such targets report them (once per run, not per epoch).
     """
 
     def __init__(self, items: list[Item], transform: A.Compose, image_size: int, strict: bool = False):
@@ -148,7 +154,6 @@ class ImageDataset(Dataset):
         self.transform = transform
         self.image_size = image_size
         self.strict = strict
-        self._warned: set[int] = set()
 
     def __len__(self) -> int:
         return len(self.items)
@@ -164,9 +169,6 @@ class ImageDataset(Dataset):
         except Exception as exc:  # PIL raises many types for broken files
             if self.strict:
                 raise PipelineError(f"cannot read image {item.path} (id {item.id!r}): {exc}; replace or remove the file") from exc
-            if index not in self._warned:
-                self._warned.add(index)
-                log.warning("skipping unreadable image %s (id %r): %s", item.path, item.id, exc)
             return torch.zeros(3, self.image_size, self.image_size), BAD_TARGET, index
         return self.transform(image=image)["image"], item.target, index
 
@@ -255,3 +257,10 @@ def make_loader(dataset: ImageDataset, batch_size: int, shuffle: bool, num_worke
         persistent_workers=num_workers > 0,
         prefetch_factor=4 if num_workers > 0 else None,
     )
+
+
+def unreadable_message(items: list[Item], positions, what: str) -> str:
+    """'N unreadable <what>: path, path, ...' (the first 20 paths)."""
+    paths = [str(items[int(i)].path) for i in sorted(positions)]
+    more = f" ... and {len(paths) - 20} more" if len(paths) > 20 else ""
+    return f"{len(paths)} unreadable {what}: {', '.join(paths[:20])}{more}"

@@ -32,13 +32,52 @@ def os_error_message(exc: OSError, path: Path, doing: str) -> str:
     return f"cannot {doing} {path}: {exc.strerror or exc}; {hint}"
 
 
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, but another user's
+        pass
+    return True
+
+
+def remove_stale_temps(path: Path) -> list[Path]:
+    """Delete the temporary files of ``path`` left by writers that no longer run.
+
+    A writer killed between creating its temporary file and the rename (SIGKILL,
+    power loss) leaves ``.NAME.<pid>-<random>.tmp`` beside the target. Such a file
+    is never read, and the next write of the same target removes it once its
+    pid is gone; files of live writers are left alone.
+    """
+    prefix = f".{path.name}."
+    removed = []
+    with contextlib.suppress(OSError), os.scandir(path.parent) as entries:  # tidying never blocks a write
+        for entry in entries:
+            name = entry.name
+            if not (name.startswith(prefix) and name.endswith(".tmp")):
+                continue
+            pid = name[len(prefix):].split("-", 1)[0]
+            if pid.isdigit() and not _pid_alive(int(pid)):
+                with contextlib.suppress(OSError):
+                    os.unlink(entry.path)
+                    removed.append(Path(entry.path))
+    return removed
+
+
 @contextlib.contextmanager
 def atomic_path(path: Path) -> Iterator[Path]:
-    """Yield a temporary path beside ``path``; rename it over ``path`` on success."""
+    """Yield a temporary path beside ``path``; rename it over ``path`` on success.
+
+    The temporary file is ``.NAME.<pid>-<random>.tmp``, so that a later write can
+    tell the leftovers of a killed process from a live one's (see
+    :func:`remove_stale_temps`).
+    """
     path = Path(path)
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+        remove_stale_temps(path)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.{os.getpid()}-", suffix=".tmp", dir=path.parent)
         os.close(fd)
     except OSError as exc:
         raise PipelineError(os_error_message(exc, path, "write")) from exc
@@ -100,9 +139,17 @@ def read_csv(path: Path, what: str, **kwargs: Any) -> pd.DataFrame:
 
 @contextlib.contextmanager
 def exclusive_lock(path: Path, what: str) -> Iterator[None]:
-    """Hold an advisory lock on ``path``; a second holder gets a clear error at once."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a+") as fh:
+    """Hold an advisory lock on ``path``; a second holder gets a clear error at once.
+
+    The kernel releases the lock when its holder exits, killed or not, so a
+    leftover lock file never blocks anyone.
+    """
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fh = open(path, "a+")
+    except OSError as exc:
+        raise PipelineError(os_error_message(exc, path, "create the lock file")) from exc
+    with fh:
         try:
             fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

@@ -31,7 +31,8 @@ def credentials_present() -> bool:
 def kaggle_command() -> str:
     exe = shutil.which("kaggle")
     if exe is None:
-        raise PipelineError("the kaggle CLI is not installed; `pip install kaggle`, or download the data by hand")
+        raise PipelineError("the kaggle CLI is not installed; `pip install kaggle` (to skip downloading, unzip the "
+                            "data by hand and pass its folder: RAW_DIR, or DATA=... for make)")
     if not credentials_present():
         raise PipelineError(f"no Kaggle credentials found: {CREDENTIALS_HELP}")
     return exe

@@ -19,7 +19,7 @@ from tqdm import tqdm
 from pipeline.checkpoint import load_checkpoint
 from pipeline.competition import Competition
 from pipeline.config import TrainConfig
-from pipeline.data import ImageDataset, Item, build_transform, list_split, load_reorg, make_loader
+from pipeline.data import BAD_TARGET, ImageDataset, Item, build_transform, list_split, load_reorg, make_loader, unreadable_message
 from pipeline.errors import PipelineError
 from pipeline.io import read_csv
 from pipeline.models import create_model, set_train_mode
@@ -47,10 +47,17 @@ def load_member(member_dir: Path, device: torch.device) -> tuple[torch.nn.Module
 
 
 @torch.no_grad()
-def predict_probs(model: torch.nn.Module, loader, device: torch.device, tta: str, n: int, n_classes: int) -> np.ndarray:
-    """(n, C) softmax probabilities, averaged over the TTA views; streamed batch by batch."""
+def predict_probs(model: torch.nn.Module, loader, device: torch.device, tta: str, n: int, n_classes: int,
+                  unreadable: set[int] | None = None) -> np.ndarray:
+    """(n, C) softmax probabilities, averaged over the TTA views; streamed batch by batch.
+
+    Positions whose image could not be decoded (target BAD_TARGET) are added
+    to ``unreadable`` when it is given.
+    """
     out = np.zeros((n, n_classes), dtype=np.float64)
-    for x, _, idx in tqdm(loader, desc="predict", leave=False, disable=None):
+    for x, y, idx in tqdm(loader, desc="predict", leave=False, disable=None):
+        if unreadable is not None:
+            unreadable.update(int(i) for i in idx[y == BAD_TARGET])
         x = x.to(device, non_blocking=True)
         views = [x, torch.flip(x, dims=[3])] if tta == "flip" else [x]
         p = sum(torch.softmax(model(v).float(), dim=1) for v in views) / len(views)
@@ -66,15 +73,33 @@ def resolve_device(name: str) -> torch.device:
     return torch.device(name)
 
 
+UNREADABLE_CHOICES = ("error", "uniform", "drop")
+
+
 def predict_member(member_dir: Path, items: list[Item], tta: str = "none", device: str = "auto",
-                   num_workers: int = 0, batch_size: int = 256) -> tuple[list[str], np.ndarray]:
-    """Ids and probabilities of one trained model over ``items`` (test images must all decode)."""
+                   num_workers: int = 0, batch_size: int = 256, unreadable: str = "error") -> tuple[list[str], np.ndarray]:
+    """Ids and probabilities of one trained model over ``items``.
+
+    An image that cannot be decoded is an error naming it (``unreadable``
+    "error"), gets the uniform distribution ("uniform", with a warning), or
+    is left out ("drop", for out-of-fold rows).
+    """
+    if unreadable not in UNREADABLE_CHOICES:
+        raise PipelineError(f"--unreadable-test {unreadable!r} is not one of: {', '.join(UNREADABLE_CHOICES)}")
     dev = resolve_device(device)
     model, cfg, classes = load_member(member_dir, dev)
     transform = build_transform(cfg.augment, cfg.image_size, cfg.mean, cfg.std, train=False)
-    dataset = ImageDataset(items, transform, cfg.image_size, strict=True)
+    dataset = ImageDataset(items, transform, cfg.image_size, strict=unreadable == "error")
     loader = make_loader(dataset, batch_size, False, num_workers, 0, pin_memory=dev.type == "cuda")
-    probs = predict_probs(model, loader, dev, tta, len(items), len(classes))
+    bad: set[int] = set()
+    probs = predict_probs(model, loader, dev, tta, len(items), len(classes), bad)
+    if bad and unreadable == "uniform":
+        probs[sorted(bad)] = 1.0 / len(classes)
+        log.warning("%s predicted as uniform", unreadable_message(items, bad, "test images"))
+    elif bad:
+        log.warning("leaving out %s", unreadable_message(items, bad, "images"))
+        keep = [i for i in range(len(items)) if i not in bad]
+        return [items[i].id for i in keep], probs[keep]
     return [it.id for it in items], probs
 
 
@@ -113,7 +138,7 @@ class PredictResult:
 
 def predict(comp: Competition, work_dir: Path, run_dir: Path, out_csv: Path, members: str = "auto",
             tta: str = "none", device: str = "auto", force: bool = False, num_workers: int = 0,
-            batch_size: int = 256) -> PredictResult:
+            batch_size: int = 256, unreadable: str = "error") -> PredictResult:
     """Average the members' softmax over WORK_DIR/test and write a checked submission."""
     start = time.perf_counter()
     out_csv = Path(out_csv)
@@ -127,7 +152,9 @@ def predict(comp: Competition, work_dir: Path, run_dir: Path, out_csv: Path, mem
     chosen = find_members(run_dir, members)
     total = None
     for member_dir in chosen:
-        ids, probs = predict_member(member_dir, items, tta, device, num_workers, batch_size)
+        if unreadable == "drop":
+            raise PipelineError("--unreadable-test drop would leave ids out of the submission; use error or uniform")
+        ids, probs = predict_member(member_dir, items, tta, device, num_workers, batch_size, unreadable)
         total = probs if total is None else total + probs
     frame = build_submission(comp, ids, total / len(chosen), info["classes"], sample)
     found = check_submission(comp, frame, sample, info["classes"])

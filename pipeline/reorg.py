@@ -3,7 +3,9 @@
 The download is never modified: images are hard-linked (symlinked, then copied,
 where links are impossible). The tree is built in a staging folder and swapped
 in; ``reorg.json`` is written last and is the completion marker, so a run
-killed half-way leaves no tree that claims to be complete.
+killed half-way leaves no tree that claims to be complete. A lock file keeps a
+second reorg of the same WORK_DIR out (it fails at once, naming the holder),
+and the next run removes what a killed one left behind.
 """
 from __future__ import annotations
 
@@ -24,7 +26,7 @@ import pandas as pd
 
 from pipeline.competition import Competition
 from pipeline.errors import PipelineError
-from pipeline.io import atomic_write_json, exclusive_lock, os_error_message, read_csv
+from pipeline.io import atomic_write_json, exclusive_lock, os_error_message, read_csv, remove_stale_temps
 
 log = logging.getLogger("pipeline")
 
@@ -34,6 +36,9 @@ REORG_FILE = "reorg.json"
 FOLDS_FILE = "folds.csv"
 SAMPLE_FILE = "sample_submission.csv"  # a copy of the download's, for predict and check
 FORMAT_VERSION = 2  # part of the fingerprint: bump when the split algorithm changes
+STAGING_DIR, TRASH_DIR = ".staging", ".trash"  # the next tree, the replaced one (inside WORK_DIR)
+LOCK_FILE = ".reorg.lock"
+MAX_DIR_NAME = 200  # bytes of a class folder name, under every file system's 255
 
 
 @dataclass(frozen=True)
@@ -55,8 +60,7 @@ def check_id(image_id: str, where: str) -> None:
     """Reject ids that could escape a folder or name no file."""
     if not image_id:
         raise PipelineError(f"{where}: empty id; every row needs an id")
-    bad = [c for c in ("/", "\\", "\0") if c in image_id]
-    if bad or image_id in (".", "..") or ".." in image_id.split("."):
+    if any(c in image_id for c in ("/", "\\", "\0")) or ".." in image_id or image_id == ".":
         raise PipelineError(f"{where}: id {image_id!r} contains a path separator, NUL or '..'; fix the row")
 
 
@@ -129,9 +133,17 @@ def class_list(comp: Competition, labels: pd.DataFrame, sample_columns: list[str
 
 
 def class_dir_name(label: str) -> str:
-    """A folder name for a class that stays inside its parent whatever the label."""
+    """A folder name for a class that stays inside its parent whatever the label.
+
+    Percent-encoding keeps names distinct and free of separators; a leading dot
+    is encoded so no class folder is hidden or '..'. Names that would pass the
+    file-system limit (255 bytes) are cut and end in a digest of the label.
+    """
     name = quote(label, safe=" _-+,()'&=@")
-    return "%2E" + name[1:] if name.startswith(".") else name
+    name = "%2E" + name[1:] if name.startswith(".") else name
+    if len(name) > MAX_DIR_NAME:
+        name = name[: MAX_DIR_NAME - 17] + "~" + hashlib.sha256(label.encode()).hexdigest()[:16]
+    return name
 
 
 # ---------------------------------------------------------------- planning
@@ -326,7 +338,7 @@ def _check_test(comp: Competition, raw_dir: Path, test_files: dict[str, str], sa
 
 def _swap_in(staging: Path, work_dir: Path, names: list[str]) -> None:
     """Replace each ``work_dir/name`` by ``staging/name``; the old ones go to a trash folder."""
-    trash = work_dir / ".trash"
+    trash = work_dir / TRASH_DIR
     shutil.rmtree(trash, ignore_errors=True)
     trash.mkdir()
     for name in names:
@@ -366,7 +378,8 @@ def reorg(comp: Competition, raw_dir: Path, work_dir: Path, valid_ratio: float =
         work_dir.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
         raise PipelineError(os_error_message(exc, work_dir, "create")) from exc
-    with exclusive_lock(work_dir / ".reorg.lock", f"WORK_DIR {work_dir}"):
+    with exclusive_lock(work_dir / LOCK_FILE, f"WORK_DIR {work_dir}"):
+        _remove_leftovers(work_dir)
         labels = read_labels(comp, raw_dir)
         train_files = scan_images(raw_dir / comp.train_dir, comp.image_ext)
         test_files = scan_images(raw_dir / comp.test_dir, comp.image_ext)
@@ -384,26 +397,48 @@ def reorg(comp: Competition, raw_dir: Path, work_dir: Path, valid_ratio: float =
     return ReorgResult(work_dir, info, skipped=False, seconds=time.perf_counter() - start)
 
 
+def _remove_leftovers(work_dir: Path) -> None:
+    """Remove what a killed reorg left: a half-built staging tree, a half-emptied trash.
+
+    Called with the lock held, so no other reorg is using them.
+    """
+    for name in (STAGING_DIR, TRASH_DIR):
+        shutil.rmtree(work_dir / name, ignore_errors=True)
+    remove_stale_temps(work_dir / REORG_FILE)
+
+
+def _stage(comp: Competition, raw_dir: Path, plan: SplitPlan, classes: list[str],
+           train_files: dict[str, str], test_files: dict[str, str], staging: Path) -> tuple[str, list[str]]:
+    """The whole new tree in ``staging``; returns the link mode and the names to swap in."""
+    mode = materialize(plan, classes, raw_dir / comp.train_dir, raw_dir / comp.test_dir,
+                       train_files, test_files, staging)
+    shutil.copyfile(raw_dir / comp.sample_submission, staging / SAMPLE_FILE)
+    names = [*SPLITS, "test", SAMPLE_FILE]
+    if plan.folds is not None:
+        frame = pd.DataFrame({"id": plan.labels["id"], "label": plan.labels["label"],
+                              "fold": plan.folds.loc[plan.labels["id"]].to_numpy()})
+        frame.to_csv(staging / FOLDS_FILE, index=False)
+        names.append(FOLDS_FILE)
+    return mode, names
+
+
 def _build(comp: Competition, raw_dir: Path, work_dir: Path, plan: SplitPlan, classes: list[str],
            train_files: dict[str, str], test_files: dict[str, str], params: dict, digest: str) -> dict:
-    staging = work_dir / ".staging"
+    staging = work_dir / STAGING_DIR
+    swapping = False
     try:
-        shutil.rmtree(staging, ignore_errors=True)
-        (work_dir / REORG_FILE).unlink(missing_ok=True)  # from here on the old tree is not complete
-        mode = materialize(plan, classes, raw_dir / comp.train_dir, raw_dir / comp.test_dir,
-                           train_files, test_files, staging)
-        shutil.copyfile(raw_dir / comp.sample_submission, staging / SAMPLE_FILE)
-        names = [*SPLITS, "test", SAMPLE_FILE]
-        if plan.folds is not None:
-            frame = pd.DataFrame({"id": plan.labels["id"], "label": plan.labels["label"],
-                                  "fold": plan.folds.loc[plan.labels["id"]].to_numpy()})
-            frame.to_csv(staging / FOLDS_FILE, index=False)
-            names.append(FOLDS_FILE)
-        else:
+        mode, names = _stage(comp, raw_dir, plan, classes, train_files, test_files, staging)
+        # Up to here a failure leaves the previous tree complete; from here on
+        # it is not, until the new reorg.json says otherwise.
+        swapping = True
+        (work_dir / REORG_FILE).unlink(missing_ok=True)
+        if plan.folds is None:
             (work_dir / FOLDS_FILE).unlink(missing_ok=True)
         _swap_in(staging, work_dir, names)
     except OSError as exc:
-        raise PipelineError(os_error_message(exc, work_dir, "write the tree in")) from exc
+        shutil.rmtree(staging, ignore_errors=True)
+        state = "WORK_DIR is incomplete until a reorg succeeds" if swapping else "the previous tree is unchanged"
+        raise PipelineError(f"{os_error_message(exc, work_dir, 'write the tree in')} ({state})") from exc
     n_valid = len(plan.valid_ids)
     info = {
         "competition": comp.slug,

@@ -13,7 +13,7 @@ import logging
 import math
 import os
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -29,7 +29,8 @@ from pipeline.competition import Competition, get_competition
 from pipeline.config import TrainConfig
 from pipeline.cache import (MAX_CACHED_SIDE, FeatureHead, FeatureLoader, TensorBatchLoader, cached_targets,
                             check_cacheable, feature_bank, image_cache)
-from pipeline.data import BAD_TARGET, ImageDataset, Item, build_transform, fold_split, list_split, load_reorg, make_loader, n_folds
+from pipeline.data import (BAD_TARGET, ImageDataset, Item, build_transform, fold_split, list_split, load_reorg,
+                           make_loader, n_folds, unreadable_message)
 from pipeline.errors import PipelineError
 from pipeline.io import atomic_write_csv, atomic_write_json
 from pipeline.metrics import is_better, score
@@ -124,18 +125,21 @@ class Runtime:
 
 
 def train_one_epoch(model: nn.Module, loader, optimizer, criterion, cfg: TrainConfig, rt: Runtime,
-                    ema, epoch: int, gen: torch.Generator) -> tuple[float, int]:
-    """One pass over ``loader``; returns the mean training loss and the optimizer steps taken."""
+                    ema, epoch: int, gen: torch.Generator) -> tuple[float, int, set[int]]:
+    """One pass; returns the mean training loss, the optimizer steps taken and unreadable positions."""
     set_train_mode(model, True)
     aux_weights = getattr(dist.unwrap(model), "aux_loss_weights", ())
     loss_sum = torch.zeros((), device=rt.device)  # summed on device: no host sync per step
     seen, first_step = 0, rt.step
+    unreadable = []  # dataset positions whose image could not be decoded (file loaders only)
     start = time.perf_counter()
     bar = tqdm(loader, total=rt.steps_per_epoch, desc=f"epoch {epoch + 1}/{cfg.epochs}",
                leave=False, disable=None if dist.is_main() else True, dynamic_ncols=True)
-    for i, (x, y, _) in enumerate(bar):
+    for i, (x, y, idx) in enumerate(bar):
         if i >= rt.steps_per_epoch:
             break
+        if y.device.type == "cpu":  # checked before the copy: no host sync
+            unreadable.append(idx[y == BAD_TARGET])
         x = x.to(rt.device, non_blocking=True)
         y = y.to(rt.device, non_blocking=True)
         if cfg.channels_last and rt.device.type == "cuda":
@@ -157,7 +161,8 @@ def train_one_epoch(model: nn.Module, loader, optimizer, criterion, cfg: TrainCo
         if i % 10 == 0 and bar.disable is False:
             bar.set_postfix(loss=f"{loss_sum.item() / seen:.4f}", img_s=f"{seen / (time.perf_counter() - start):.0f}")
     total = dist.all_reduce_sum(torch.stack([loss_sum, torch.tensor(float(seen), device=rt.device)]))
-    return float(total[0] / max(total[1], 1)), rt.step - first_step
+    bad = {int(i) for part in unreadable for i in part}
+    return float(total[0] / max(total[1], 1)), rt.step - first_step, bad
 
 
 def backward_step(loss: torch.Tensor, optimizer, model: nn.Module, cfg: TrainConfig, rt: Runtime) -> None:
@@ -248,6 +253,7 @@ class DataPlan:
     valid: object | None
     view: Callable[[nn.Module], nn.Module]  # wraps a model to take the loaders' inputs
     kind: str  # images, cached, features
+    unreadable_train: set[int] = field(default_factory=set)  # positions in train_items, found up front
 
 
 def use_image_cache(cfg: TrainConfig) -> bool:
@@ -289,6 +295,14 @@ def _cached_plan(cfg: TrainConfig, train_items, valid_items, device) -> DataPlan
     info = load_reorg(cfg.work_dir)
     pool = list_split(cfg.work_dir, info, "train_valid")
     array, bad = image_cache(cfg.work_dir, pool, cfg.image_size)
+    bad_ids = {pool[i].id for i in bad}
+    bad_train = {j for j, it in enumerate(train_items) if it.id in bad_ids}
+    if cfg.strict and (bad_train or any(it.id in bad_ids for it in valid_items)):
+        first = next(it for it in [*train_items, *valid_items] if it.id in bad_ids)
+        raise PipelineError(f"cannot read image {first.path} (id {first.id!r}); replace or remove the file "
+                            f"({len(bad_ids)} unreadable)")
+    if bad_train:
+        log.warning("skipping %s", unreadable_message(train_items, bad_train, "training images"))
     images = torch.from_numpy(np.array(array))  # into memory (or on to the GPU) once per member
     targets = cached_targets(pool, bad)
     common = dict(augment=cfg.augment, mean=cfg.mean, std=cfg.std, device=device, rank=dist.rank(),
@@ -301,7 +315,7 @@ def _cached_plan(cfg: TrainConfig, train_items, valid_items, device) -> DataPlan
         rows = _rows_of(valid_items, pool)
         valid_dl = TensorBatchLoader(images[rows], targets[rows], cfg.batch_size * 2, shuffle=False,
                                      **{**common, "augment": "none"})
-    return DataPlan(train_dl, valid_dl, lambda m: m, "cached")
+    return DataPlan(train_dl, valid_dl, lambda m: m, "cached", bad_train)
 
 
 def _feature_plan(cfg: TrainConfig, model, train_items, valid_items, device) -> DataPlan:
@@ -371,18 +385,23 @@ def _restore(path: Path, model, ema, optimizer, rt: Runtime) -> tuple[int, list,
     return int(state["epoch"]), list(state["history"]), dict(state["best"])
 
 
-def _evaluate_variants(model, ema_view, valid_dl, rt: Runtime, num_classes: int) -> dict:
-    """Scores of the live weights and, with --ema, of the averaged ones (``ema_view``)."""
-    p, t, _ = evaluate(model, valid_dl, rt)
+def _evaluate_variants(model, ema_view, valid_dl, rt: Runtime, num_classes: int) -> tuple[dict, set[int]]:
+    """Scores of the live weights and, with --ema, of the averaged ones (``ema_view``).
+
+    Unreadable images (target BAD_TARGET) are left out of the scores; their
+    positions come back for the caller to report.
+    """
+    p, t, pos = evaluate(model, valid_dl, rt)
     if not np.isfinite(p).all():
         raise PipelineError("the model's validation outputs are NaN or infinite: training diverged; "
                             "lower --lr, add --clip-grad 1, or raise --batch-size")
-    row = {f"valid_{k}": v for k, v in score(p, t, num_classes).items()}
+    keep = t != BAD_TARGET
+    row = {f"valid_{k}": v for k, v in score(p[keep], t[keep], num_classes).items()}
     row = {"valid_loss": row["valid_log_loss"], **row}
     if ema_view is not None:
         p, t, _ = evaluate(ema_view, valid_dl, rt)
-        row.update({f"valid_{k}_ema": v for k, v in score(p, t, num_classes).items()})
-    return row
+        row.update({f"valid_{k}_ema": v for k, v in score(p[keep], t[keep], num_classes).items()})
+    return row, {int(i) for i in pos[~keep]}
 
 
 def _pick_best(row: dict, comp: Competition, has_ema: bool) -> tuple[str, float]:
@@ -414,7 +433,7 @@ def fit_member(cfg: TrainConfig, comp: Competition, classes: list[str], member_d
     net = dist.wrap(data.view(model), device)
     if cfg.compile:
         net = torch.compile(net)
-    stale = 0
+    stale, reported = 0, {"train": set(data.unreadable_train), "valid": set()}
     board = tensorboard_writer(member_dir) if cfg.tensorboard and dist.is_main() else None
     for epoch in range(first_epoch, cfg.epochs):
         t0 = time.perf_counter()
@@ -422,10 +441,17 @@ def fit_member(cfg: TrainConfig, comp: Competition, classes: list[str], member_d
         gen = torch.Generator().manual_seed(cfg.seed * 1000 + epoch)
         rt.step = epoch * rt.steps_per_epoch
         data.train.sampler.set_epoch(epoch)
-        loss, steps = train_one_epoch(net, data.train, optimizer, criterion, cfg, rt, ema, epoch, gen)
+        loss, steps, bad = train_one_epoch(net, data.train, optimizer, criterion, cfg, rt, ema, epoch, gen)
+        if bad - reported["train"]:
+            log.warning("skipping %s", unreadable_message(train_items, bad, "training images"))
+            reported["train"] |= bad
         row = {"epoch": epoch + 1, "train_loss": loss, "lr": optimizer.param_groups[-1]["lr"], "steps": steps}
         if data.valid is not None:
-            row.update(_evaluate_variants(net, ema and data.view(ema.module), data.valid, rt, len(classes)))
+            scores, bad = _evaluate_variants(net, ema and data.view(ema.module), data.valid, rt, len(classes))
+            row.update(scores)
+            if bad - reported["valid"]:
+                log.warning("not scoring %s", unreadable_message(valid_items, bad, "validation images"))
+                reported["valid"] |= bad
         row["seconds"] = round(time.perf_counter() - t0, 3)
         history.append(row)
         variant, metric = _pick_best(row, comp, ema is not None)
@@ -571,8 +597,9 @@ def write_cv(cfg: TrainConfig, comp: Competition, info: dict, results: list[Memb
     for k, member_dir in enumerate(fold_dirs):
         _, valid_items = fold_split(cfg.work_dir, info, k)
         ids, probs = predict_member(member_dir, valid_items, tta=cfg.tta, device=cfg.device,
-                                    num_workers=cfg.num_workers)
-        targets = np.array([it.target for it in valid_items])
+                                    num_workers=cfg.num_workers, unreadable="drop")
+        kept = set(ids)
+        targets = np.array([it.target for it in valid_items if it.id in kept])
         per_fold.append({"fold": k, **score(probs, targets, len(classes)), **_fold_meta(member_dir)})
         frame = pd.DataFrame(probs, columns=classes)
         frame.insert(0, "label", [classes[t] for t in targets])
