@@ -161,14 +161,18 @@ def train_one_epoch(model: nn.Module, loader, optimizer, criterion, cfg: TrainCo
         if i % 10 == 0 and bar.disable is False:
             bar.set_postfix(loss=f"{loss_sum.item() / seen:.4f}", img_s=f"{seen / (time.perf_counter() - start):.0f}")
     total = dist.all_reduce_sum(torch.stack([loss_sum, torch.tensor(float(seen), device=rt.device)]))
+    if not torch.isfinite(total[0]):
+        raise PipelineError(f"the training loss became {float(total[0])} in epoch {epoch + 1}: training diverged; "
+                            "lower --lr or add --clip-grad 1")
     bad = {int(i) for part in unreadable for i in part}
     return float(total[0] / max(total[1], 1)), rt.step - first_step, bad
 
 
 def backward_step(loss: torch.Tensor, optimizer, model: nn.Module, cfg: TrainConfig, rt: Runtime) -> None:
-    """Backward, optional gradient clipping, optimizer step; GradScaler for fp16."""
-    if not torch.isfinite(loss):
-        raise PipelineError(f"the training loss became {loss.item()}; lower --lr or enable --clip-grad")
+    """Backward, optional gradient clipping, optimizer step; GradScaler for fp16.
+
+    No host sync here: a non-finite loss is caught once per epoch, from the sum.
+    """
     if rt.scaler is not None:
         rt.scaler.scale(loss).backward()
         rt.scaler.unscale_(optimizer)
@@ -416,6 +420,8 @@ def fit_member(cfg: TrainConfig, comp: Competition, classes: list[str], member_d
     """Train one model; checkpoints in ``member_dir``; returns its best score."""
     start = time.perf_counter()
     device = resolve_device(cfg.device)
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = True  # fixed input sizes: let cuDNN pick the fastest kernels
     torch.manual_seed(cfg.seed)
     model = build_model(cfg, len(classes)).to(device)
     if cfg.channels_last and device.type == "cuda":

@@ -140,3 +140,10 @@ def test_tensorboard_missing_is_a_clear_error(toy_work, tmp_path, monkeypatch):
     comp, work = toy_work
     with pytest.raises(PipelineError, match="pip install tensorboard"):
         train(cfg_for(comp, work, tmp_path / "run", epochs=1, tensorboard=True))
+
+
+def test_divergence_is_a_clear_error_and_keeps_the_last_good_epoch(toy_work, tmp_path):
+    comp, work = toy_work
+    with pytest.raises(PipelineError, match="training diverged; lower --lr"):
+        train(cfg_for(comp, work, tmp_path / "run", epochs=2, lr=1e12, optimizer="sgd", momentum=0.0))
+    assert not (tmp_path / "run" / "done.json").exists()
