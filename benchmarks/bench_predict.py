@@ -29,9 +29,10 @@ import torch
 from pipeline.checkpoint import save_checkpoint
 from pipeline.config import TrainConfig
 from pipeline.data import ImageDataset, build_transform, list_split, load_reorg
+from pipeline.distributed import resolve_device
 from pipeline.io import atomic_write_json
 from pipeline.models import create_model
-from pipeline.predict import predict_probs, resolve_device
+from pipeline.predict import predict_probs
 
 
 def write_run(work: Path, info: dict, model_name: str, side: int) -> Path:

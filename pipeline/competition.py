@@ -6,7 +6,6 @@ Nothing else in ``pipeline/`` names a competition. A competition is a module in
 """
 from __future__ import annotations
 
-import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Literal
@@ -100,9 +99,6 @@ class Competition:
     @property
     def higher_is_better(self) -> bool:
         return self.metric == "accuracy"
-
-    def replace(self, **changes) -> Competition:
-        return dataclasses.replace(self, **changes)
 
 
 _REGISTRY: dict[str, Competition] = {}

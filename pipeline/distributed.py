@@ -34,6 +34,19 @@ def is_main() -> bool:
     return rank() == 0
 
 
+def resolve_device(name: str) -> torch.device:
+    """auto -> cuda when visible, else cpu; under torchrun each rank takes its local GPU."""
+    from pipeline.errors import PipelineError
+
+    if name == "cuda" and not torch.cuda.is_available():
+        raise PipelineError("--device cuda: no CUDA GPU is visible; use --device cpu or auto")
+    if name == "auto":
+        name = "cuda" if torch.cuda.is_available() else "cpu"
+    if name == "cuda" and is_distributed():
+        return torch.device("cuda", local_rank())
+    return torch.device(name)
+
+
 def init() -> bool:
     """Join the process group when launched by torchrun; True if distributed."""
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or is_distributed():

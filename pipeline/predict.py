@@ -19,7 +19,17 @@ from tqdm import tqdm
 from pipeline.checkpoint import load_checkpoint
 from pipeline.competition import Competition
 from pipeline.config import TrainConfig
-from pipeline.data import BAD_TARGET, ImageDataset, Item, build_transform, list_split, load_reorg, make_loader, unreadable_message
+from pipeline.data import (
+    BAD_TARGET,
+    ImageDataset,
+    Item,
+    build_transform,
+    list_split,
+    load_reorg,
+    make_loader,
+    unreadable_message,
+)
+from pipeline.distributed import resolve_device
 from pipeline.errors import PipelineError
 from pipeline.io import read_csv
 from pipeline.models import create_model, set_train_mode
@@ -63,14 +73,6 @@ def predict_probs(model: torch.nn.Module, loader, device: torch.device, tta: str
         p = sum(torch.softmax(model(v).float(), dim=1) for v in views) / len(views)
         out[idx.numpy()] = p.cpu().double().numpy()
     return out / out.sum(axis=1, keepdims=True)  # float32 softmax rows are 1 only to ~1e-7
-
-
-def resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise PipelineError("--device cuda: no CUDA GPU is visible; use --device cpu or auto")
-    return torch.device(name)
 
 
 UNREADABLE_CHOICES = ("error", "uniform", "drop")

@@ -25,10 +25,18 @@ from matplotlib.lines import Line2D
 from matplotlib.ticker import MaxNLocator
 
 from pipeline.config import CHOICES, load_config
-from pipeline.data import Item, build_transform, fold_split, list_split, load_reorg, read_image
+from pipeline.data import (
+    Item,
+    build_transform,
+    fold_split,
+    list_split,
+    load_reorg,
+    read_image,
+)
+from pipeline.distributed import resolve_device
 from pipeline.errors import PipelineError
 from pipeline.io import atomic_save, read_csv
-from pipeline.predict import find_members, load_member, predict_member, predict_probs, resolve_device
+from pipeline.predict import find_members, load_member, predict_member, predict_probs
 
 log = logging.getLogger("pipeline")
 

@@ -215,16 +215,6 @@ def evaluate(model: nn.Module, loader, rt: Runtime) -> tuple[np.ndarray, np.ndar
 # ---------------------------------------------------------------- one member
 
 
-def resolve_device(name: str) -> torch.device:
-    if name == "cuda" and not torch.cuda.is_available():
-        raise PipelineError("--device cuda: no CUDA GPU is visible; use --device cpu or auto")
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda" and dist.is_distributed():
-        return torch.device("cuda", dist.local_rank())
-    return torch.device(name)
-
-
 def make_runtime(cfg: TrainConfig, device: torch.device, n_train: int) -> Runtime:
     """Precision and step counts: bf16 autocast on CUDA by default, nothing on CPU."""
     amp = cfg.amp
@@ -419,7 +409,7 @@ def fit_member(cfg: TrainConfig, comp: Competition, classes: list[str], member_d
                train_items: list[Item], valid_items: list[Item], resume: bool) -> MemberResult:
     """Train one model; checkpoints in ``member_dir``; returns its best score."""
     start = time.perf_counter()
-    device = resolve_device(cfg.device)
+    device = dist.resolve_device(cfg.device)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed input sizes: let cuDNN pick the fastest kernels
     torch.manual_seed(cfg.seed)
