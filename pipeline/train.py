@@ -405,15 +405,31 @@ def _pick_best(row: dict, comp: Competition, has_ema: bool) -> tuple[str, float]
     return "live", live
 
 
-def fit_member(cfg: TrainConfig, comp: Competition, classes: list[str], member_dir: Path,
-               train_items: list[Item], valid_items: list[Item], resume: bool) -> MemberResult:
-    """Train one model; checkpoints in ``member_dir``; returns its best score."""
-    start = time.perf_counter()
+@dataclass
+class MemberState:
+    """Everything one member's epochs share."""
+
+    model: nn.Module  # the plain model: what checkpoints hold
+    net: nn.Module  # what the loop calls: the model seen through the data plan, DDP, compile
+    optimizer: torch.optim.Optimizer
+    ema: object | None
+    rt: Runtime
+    criterion: nn.Module
+    data: DataPlan
+    first_epoch: int
+    history: list
+    best: dict
+    reported: dict  # unreadable positions already warned about, per split
+
+
+def _setup_member(cfg: TrainConfig, n_classes: int, member_dir: Path, train_items: list[Item],
+                  valid_items: list[Item], resume: bool) -> MemberState:
+    """Model, optimizer, precision, EMA, data; restored from last.pt when resuming."""
     device = dist.resolve_device(cfg.device)
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True  # fixed input sizes: let cuDNN pick the fastest kernels
     torch.manual_seed(cfg.seed)
-    model = build_model(cfg, len(classes)).to(device)
+    model = build_model(cfg, n_classes).to(device)
     if cfg.channels_last and device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
     optimizer = build_optimizer(model, cfg)
@@ -429,49 +445,79 @@ def fit_member(cfg: TrainConfig, comp: Competition, classes: list[str], member_d
     net = dist.wrap(data.view(model), device)
     if cfg.compile:
         net = torch.compile(net)
-    stale, reported = 0, {"train": set(data.unreadable_train), "valid": set()}
+    reported = {"train": set(data.unreadable_train), "valid": set()}
+    return MemberState(model, net, optimizer, ema, rt, criterion, data, first_epoch, history, best, reported)
+
+
+def _warn_unreadable(st: MemberState, split: str, bad: set[int], items: list[Item], verb: str) -> None:
+    """One warning per run for the unreadable images of a split (not one per epoch)."""
+    if bad - st.reported[split]:
+        noun = {"train": "training images", "valid": "validation images"}[split]
+        log.warning("%s %s", verb, unreadable_message(items, bad, noun))
+        st.reported[split] |= bad
+
+
+def _run_epoch(cfg: TrainConfig, st: MemberState, epoch: int, train_items: list[Item], valid_items: list[Item],
+               n_classes: int) -> dict:
+    """Train one epoch and score it; the metrics.csv row."""
+    t0 = time.perf_counter()
+    torch.manual_seed(cfg.seed * 1000 + epoch)  # dropout etc.: the same stream on resume
+    gen = torch.Generator().manual_seed(cfg.seed * 1000 + epoch)
+    st.rt.step = epoch * st.rt.steps_per_epoch
+    st.data.train.sampler.set_epoch(epoch)
+    loss, steps, bad = train_one_epoch(st.net, st.data.train, st.optimizer, st.criterion, cfg, st.rt, st.ema, epoch, gen)
+    _warn_unreadable(st, "train", bad, train_items, "skipping")
+    row = {"epoch": epoch + 1, "train_loss": loss, "lr": st.optimizer.param_groups[-1]["lr"], "steps": steps}
+    if st.data.valid is not None:
+        ema_view = st.ema and st.data.view(st.ema.module)
+        scores, bad = _evaluate_variants(st.net, ema_view, st.data.valid, st.rt, n_classes)
+        row.update(scores)
+        _warn_unreadable(st, "valid", bad, valid_items, "not scoring")
+    row["seconds"] = round(time.perf_counter() - t0, 3)
+    return row
+
+
+def _update_best(st: MemberState, row: dict, comp: Competition) -> bool:
+    """Record the epoch as best if it improved the metric (always, without validation)."""
+    variant, metric = _pick_best(row, comp, st.ema is not None)
+    if st.data.valid is not None and not is_better(comp, metric, st.best["metric"]):
+        return False
+    st.best = {"epoch": row["epoch"], "metric": metric, "variant": variant}
+    return True
+
+
+def fit_member(cfg: TrainConfig, comp: Competition, classes: list[str], member_dir: Path,
+               train_items: list[Item], valid_items: list[Item], resume: bool) -> MemberResult:
+    """Train one model; checkpoints in ``member_dir``; returns its best score."""
+    start = time.perf_counter()
+    st = _setup_member(cfg, len(classes), member_dir, train_items, valid_items, resume)
     board = tensorboard_writer(member_dir) if cfg.tensorboard and dist.is_main() else None
-    for epoch in range(first_epoch, cfg.epochs):
-        t0 = time.perf_counter()
-        torch.manual_seed(cfg.seed * 1000 + epoch)  # dropout etc.: same stream on resume
-        gen = torch.Generator().manual_seed(cfg.seed * 1000 + epoch)
-        rt.step = epoch * rt.steps_per_epoch
-        data.train.sampler.set_epoch(epoch)
-        loss, steps, bad = train_one_epoch(net, data.train, optimizer, criterion, cfg, rt, ema, epoch, gen)
-        if bad - reported["train"]:
-            log.warning("skipping %s", unreadable_message(train_items, bad, "training images"))
-            reported["train"] |= bad
-        row = {"epoch": epoch + 1, "train_loss": loss, "lr": optimizer.param_groups[-1]["lr"], "steps": steps}
-        if data.valid is not None:
-            scores, bad = _evaluate_variants(net, ema and data.view(ema.module), data.valid, rt, len(classes))
-            row.update(scores)
-            if bad - reported["valid"]:
-                log.warning("not scoring %s", unreadable_message(valid_items, bad, "validation images"))
-                reported["valid"] |= bad
-        row["seconds"] = round(time.perf_counter() - t0, 3)
-        history.append(row)
-        variant, metric = _pick_best(row, comp, ema is not None)
-        improved = data.valid is None or is_better(comp, metric, best["metric"])
-        if improved:
-            best = {"epoch": epoch + 1, "metric": metric, "variant": variant}
-            stale = 0
-        else:
-            stale += 1
+    stale = 0
+    for epoch in range(st.first_epoch, cfg.epochs):
+        row = _run_epoch(cfg, st, epoch, train_items, valid_items, len(classes))
+        st.history.append(row)
+        improved = _update_best(st, row, comp)
+        stale = 0 if improved else stale + 1
         if dist.is_main():
-            _save_epoch(member_dir, model, ema, optimizer, rt, epoch + 1, history, best, cfg, classes, improved)
-            if board is not None:
-                for key, value in row.items():
-                    if key != "epoch":
-                        board.add_scalar(key, value, epoch + 1)
-                board.flush()
+            _save_epoch(member_dir, st.model, st.ema, st.optimizer, st.rt, epoch + 1, st.history, st.best,
+                        cfg, classes, improved)
+            _log_scalars(board, row)
         log.info(_epoch_line(row, comp, cfg.epochs))
         if cfg.early_stop and stale >= cfg.early_stop:
             log.info("early stop: no improvement of %s for %d epochs", comp.metric, stale)
             break
     if dist.is_main():
-        atomic_write_json(member_dir / DONE_FILE, {"epochs": len(history), "best": best})
-    return MemberResult(member_dir.name, member_dir, len(history), best["epoch"], best["metric"],
+        atomic_write_json(member_dir / DONE_FILE, {"epochs": len(st.history), "best": st.best})
+    return MemberResult(member_dir.name, member_dir, len(st.history), st.best["epoch"], st.best["metric"],
                         time.perf_counter() - start)
+
+
+def _log_scalars(board, row: dict) -> None:
+    if board is not None:
+        for key, value in row.items():
+            if key != "epoch":
+                board.add_scalar(key, value, row["epoch"])
+        board.flush()
 
 
 def tensorboard_writer(member_dir: Path):
