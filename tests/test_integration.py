@@ -1,6 +1,8 @@
 """The three stages on real Kaggle-layout data from ../shared, and the demo."""
 from __future__ import annotations
 
+import json
+
 import pandas as pd
 import pytest
 from typer.testing import CliRunner
@@ -51,8 +53,6 @@ def test_dog_breed_chain_with_offline_weights_and_frozen_backbone(tmp_path):
     assert frame["id"].tolist() == sample["id"].tolist()
     probs = frame.iloc[:, 1:].to_numpy()
     assert (abs(probs.sum(axis=1) - 1) < 1e-6).all() and probs.min() > 0
-    import json
-
     config = json.loads((run / "config.json").read_text())
     assert config["mean"] == [0.5, 0.5, 0.5] and config["image_size"] == 64  # the weights' normalisation
 
@@ -106,8 +106,6 @@ FOLD_RUNS = {
 @requires_shared
 @pytest.mark.parametrize("slug", sorted(FOLD_RUNS))
 def test_three_folds_oof_cv_and_a_flip_tta_ensemble_submission(slug, tmp_path):
-    import json
-
     import numpy as np
     from sklearn.metrics import accuracy_score, log_loss
 
@@ -147,3 +145,15 @@ def test_feature_cache_matches_the_uncached_path(tmp_path):
     cached, plain = (pd.read_csv(tmp_path / n / "metrics.csv") for n in ("cached", "plain"))
     assert cached["valid_log_loss"].to_numpy() == pytest.approx(plain["valid_log_loss"].to_numpy(), rel=1e-4)
     assert list((work / "cache").glob("features-*.pt"))  # computed once, kept for the next run
+
+
+@pytest.mark.slow
+@requires_shared
+def test_fast_recipe_with_a_whitened_stem_runs_through_the_cli(cifar_tiny_work, tmp_path):
+    run = tmp_path / "run"
+    ok("train", "cifar-10", cifar_tiny_work, run, "--recipe", "fast", "--epochs", "2", "--batch-size", "64",
+       "--device", "cpu")
+    config = json.loads((run / "config.json").read_text())
+    assert (config["model"], config["data_init"], config["tta"], config["label_smoothing"]) == ("fastnet", True, "flip", 0.2)
+    metrics = pd.read_csv(run / "metrics.csv")
+    assert metrics["steps"].tolist() == [900 // 64] * 2 and metrics["valid_accuracy"].max() > 0.1
