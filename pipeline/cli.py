@@ -224,11 +224,8 @@ def predict(
     force: Annotated[bool, typer.Option("--force", help="Overwrite SUBMISSION_CSV if it exists.")] = False,
 ) -> None:
     """Softmax over the test set (members averaged) and a checked submission CSV."""
-    from pipeline.config import CHOICES
     from pipeline.predict import predict as run
 
-    if tta not in CHOICES["tta"]:
-        raise PipelineError(f"--tta {tta!r} is not one of: {', '.join(CHOICES['tta'])}")
     result = run(_competition(competition), work_dir, run_dir, submission_csv, members=members, tta=tta,
                  device=device, force=force, num_workers=num_workers, batch_size=batch_size,
                  unreadable=unreadable_test)

@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.competition import Competition
-from pipeline.errors import PipelineError
+from pipeline.errors import PipelineError, check_choice
 
 CHOICES = {
     "optimizer": ("sgd", "adam", "adamw"),
@@ -86,9 +86,7 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         for name, allowed in CHOICES.items():
-            value = getattr(self, name, None)
-            if value not in allowed:
-                raise PipelineError(f"--{name.replace('_', '-')} {value!r} is not one of: {', '.join(allowed)}")
+            check_choice(f"--{name.replace('_', '-')}", getattr(self, name), allowed)
         for name in ("epochs", "batch_size", "image_size", "head_hidden"):
             if getattr(self, name) < 1:
                 raise PipelineError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")

@@ -28,3 +28,9 @@ class PipelineError(Exception):
                     self.add_note(message)
                 return
         super().__init__(*args)
+
+
+def check_choice(flag: str, value: object, choices: tuple) -> None:
+    """An error listing the valid choices when ``value`` is not one of them."""
+    if value not in choices:
+        raise PipelineError(f"{flag} {value!r} is not one of: {', '.join(map(str, choices))}")

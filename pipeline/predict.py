@@ -18,7 +18,7 @@ from tqdm import tqdm
 
 from pipeline.checkpoint import load_checkpoint
 from pipeline.competition import Competition
-from pipeline.config import TrainConfig
+from pipeline.config import CHOICES, TrainConfig
 from pipeline.data import (
     BAD_TARGET,
     ImageDataset,
@@ -30,7 +30,7 @@ from pipeline.data import (
     unreadable_message,
 )
 from pipeline.distributed import resolve_device
-from pipeline.errors import PipelineError
+from pipeline.errors import PipelineError, check_choice
 from pipeline.io import read_csv
 from pipeline.models import create_model, set_train_mode
 from pipeline.reorg import SAMPLE_FILE
@@ -64,6 +64,7 @@ def predict_probs(model: torch.nn.Module, loader, device: torch.device, tta: str
     Positions whose image could not be decoded (target BAD_TARGET) are added
     to ``unreadable`` when it is given.
     """
+    check_choice("--tta", tta, CHOICES["tta"])
     out = np.zeros((n, n_classes), dtype=np.float64)
     for x, y, idx in tqdm(loader, desc="predict", leave=False, disable=None):
         if unreadable is not None:
@@ -86,8 +87,7 @@ def predict_member(member_dir: Path, items: list[Item], tta: str = "none", devic
     "error"), gets the uniform distribution ("uniform", with a warning), or
     is left out ("drop", for out-of-fold rows).
     """
-    if unreadable not in UNREADABLE_CHOICES:
-        raise PipelineError(f"--unreadable-test {unreadable!r} is not one of: {', '.join(UNREADABLE_CHOICES)}")
+    check_choice("--unreadable-test", unreadable, UNREADABLE_CHOICES)
     dev = resolve_device(device)
     model, cfg, classes = load_member(member_dir, dev)
     transform = build_transform(cfg.augment, cfg.image_size, cfg.mean, cfg.std, train=False)
@@ -110,8 +110,7 @@ def find_members(run_dir: Path, members: str = "auto") -> list[Path]:
 
     auto: the folds if there are any, else full, else the holdout model.
     """
-    if members not in MEMBER_CHOICES:
-        raise PipelineError(f"--members {members!r} is not one of: {', '.join(MEMBER_CHOICES)}")
+    check_choice("--members", members, MEMBER_CHOICES)
     run_dir = Path(run_dir)
     found = {
         "folds": sorted((p for p in run_dir.glob("fold*") if (p / "best.pt").is_file()), key=lambda p: int(p.name[4:] or 0)),

@@ -24,7 +24,7 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.ticker import MaxNLocator
 
-from pipeline.config import CHOICES, load_config
+from pipeline.config import load_config
 from pipeline.data import (
     Item,
     build_transform,
@@ -182,8 +182,6 @@ def decode_image(path: Path) -> np.ndarray:
 def predict_images(run_dir: Path, images: list[np.ndarray], members: str = "auto", tta: str = "none",
                    device: str = "auto") -> tuple[list[str], np.ndarray]:
     """Class names and (N, C) softmax of decoded images, averaged over the run's members."""
-    if tta not in CHOICES["tta"]:
-        raise PipelineError(f"--tta {tta!r} is not one of: {', '.join(CHOICES['tta'])}")
     dev = resolve_device(device)
     chosen = find_members(run_dir, members)
     classes, total = None, 0.0

@@ -17,8 +17,8 @@ from pathlib import Path
 
 import pandas as pd
 
-from pipeline.competition import get_competition
 from pipeline.config import load_config
+from pipeline.train import DONE_FILE
 from pipeline.errors import PipelineError
 from pipeline.io import exclusive_lock, os_error_message, read_csv
 
@@ -94,8 +94,8 @@ def read_index(path: Path) -> pd.DataFrame:
 def run_summary(run_dir: Path) -> dict:
     """{"model", "cv_score"} of a run: the CV score of cv.json, else the best holdout score.
 
-    The holdout score is the best value of the competition's metric in
-    RUN_DIR/metrics.csv; cv_score is "" when neither exists (a --full run, or
+    The holdout score is the best validation score training recorded in
+    RUN_DIR/done.json; cv_score is "" when neither exists (a --full run, or
     folds still training).
     """
     run_dir = Path(run_dir)
@@ -108,18 +108,13 @@ def run_summary(run_dir: Path) -> dict:
             raise PipelineError(f"{cv_path} is unreadable ({exc}); rerun training to rewrite it") from None
         if cv.get("cv") is not None:
             return {"model": cfg.model, "cv_score": float(cv["cv"])}
-    return {"model": cfg.model, "cv_score": _best_holdout_score(run_dir / "metrics.csv", cfg.competition)}
+    return {"model": cfg.model, "cv_score": _best_holdout_score(run_dir)}
 
 
-def _best_holdout_score(metrics_path: Path, slug: str) -> float | str:
-    if not metrics_path.is_file():
-        return ""
+def _best_holdout_score(run_dir: Path) -> float | str:
+    """The best validation score that training recorded in done.json ("" if none)."""
     try:
-        comp = get_competition(slug)
-    except PipelineError:
-        return ""  # a competition this process does not know: no direction to rank by
-    column = f"valid_{comp.metric}"
-    values = pd.read_csv(metrics_path).get(column, pd.Series(dtype=float)).dropna()
-    if values.empty:
+        metric = json.loads((run_dir / DONE_FILE).read_text(encoding="utf-8"))["best"]["metric"]
+    except (OSError, ValueError, KeyError, TypeError):
         return ""
-    return float(values.max() if comp.higher_is_better else values.min())
+    return "" if metric is None or math.isnan(metric) else float(metric)

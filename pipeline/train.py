@@ -246,7 +246,6 @@ class DataPlan:
     train: object
     valid: object | None
     view: Callable[[nn.Module], nn.Module]  # wraps a model to take the loaders' inputs
-    kind: str  # images, cached, features
     unreadable_train: set[int] = field(default_factory=set)  # positions in train_items, found up front
 
 
@@ -276,7 +275,7 @@ def plan_data(cfg: TrainConfig, model: nn.Module, train_items: list[Item], valid
     if valid_items:
         valid_dl = make_loader(ImageDataset(valid_items, eval_tf, cfg.image_size, strict=cfg.strict),
                                cfg.batch_size * 2, False, cfg.num_workers, 0, pin_memory=pin, rank=rank, world=world)
-    return DataPlan(train_dl, valid_dl, lambda m: m, "images")
+    return DataPlan(train_dl, valid_dl, lambda m: m)
 
 
 def _rows_of(items: list[Item], pool: list[Item]) -> torch.Tensor:
@@ -309,7 +308,7 @@ def _cached_plan(cfg: TrainConfig, train_items, valid_items, device) -> DataPlan
         rows = _rows_of(valid_items, pool)
         valid_dl = TensorBatchLoader(images[rows], targets[rows], cfg.batch_size * 2, shuffle=False,
                                      **{**common, "augment": "none"})
-    return DataPlan(train_dl, valid_dl, lambda m: m, "cached", bad_train)
+    return DataPlan(train_dl, valid_dl, lambda m: m, bad_train)
 
 
 def _feature_plan(cfg: TrainConfig, model, train_items, valid_items, device) -> DataPlan:
@@ -337,7 +336,7 @@ def _feature_plan(cfg: TrainConfig, model, train_items, valid_items, device) -> 
     if valid_items:
         rows = _rows_of(valid_items, pool)
         valid_dl = FeatureLoader(bank["eval"][None, rows], targets[rows], cfg.batch_size * 2, shuffle=False, **common)
-    return DataPlan(train_dl, valid_dl, FeatureHead, "features")
+    return DataPlan(train_dl, valid_dl, FeatureHead)
 
 
 @dataclass
@@ -563,7 +562,6 @@ def _epoch_line(row: dict, comp: Competition, epochs: int) -> str:
 # ---------------------------------------------------------------- the stage
 
 MEMBER_FILES = ("config.json", "metrics.csv", "last.pt", "best.pt", DONE_FILE)
-RUN_FILES = ("oof.csv", "cv.json")
 
 
 def guard_member(member_dir: Path, resume: bool, force: bool) -> None:
