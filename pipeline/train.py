@@ -12,6 +12,8 @@ import contextlib
 import logging
 import math
 import os
+import signal
+import threading
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -537,16 +539,37 @@ def make_ema(model: nn.Module, decay: float):
     return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
 
 
+@contextlib.contextmanager
+def deferred_interrupt():
+    """Hold Ctrl-C back until the block ends, then raise it: an epoch's files are all or none."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    caught = []
+    previous = signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    if caught:
+        raise KeyboardInterrupt
+
+
 def _save_epoch(member_dir: Path, model, ema, optimizer, rt, epochs_done: int, history: list, best: dict,
                 cfg: TrainConfig, classes: list[str], improved: bool) -> None:
-    """metrics.csv, last.pt every epoch, best.pt when the metric improved."""
-    atomic_write_csv(member_dir / "metrics.csv", pd.DataFrame(history))
-    state = _member_state(model, ema, optimizer, rt, epochs_done, history, best, cfg, classes)
-    save_checkpoint(member_dir / "last.pt", state)
-    if improved:
-        weights = state["ema"] if best["variant"] == "ema" else state["model"]
-        save_checkpoint(member_dir / "best.pt", {"model": weights, "config": state["config"],
-                                                 "classes": classes, "epoch": epochs_done, "best": best})
+    """last.pt every epoch, best.pt when the metric improved, then metrics.csv.
+
+    Ctrl-C waits until all three are written, and a metrics.csv row always has
+    its checkpoint on disk (resume rewrites metrics.csv from last.pt's history).
+    """
+    with deferred_interrupt():
+        state = _member_state(model, ema, optimizer, rt, epochs_done, history, best, cfg, classes)
+        save_checkpoint(member_dir / "last.pt", state)
+        if improved:
+            weights = state["ema"] if best["variant"] == "ema" else state["model"]
+            save_checkpoint(member_dir / "best.pt", {"model": weights, "config": state["config"],
+                                                     "classes": classes, "epoch": epochs_done, "best": best})
+        atomic_write_csv(member_dir / "metrics.csv", pd.DataFrame(history))
 
 
 def _epoch_line(row: dict, comp: Competition, epochs: int) -> str:

@@ -147,3 +147,19 @@ def test_divergence_is_a_clear_error_and_keeps_the_last_good_epoch(toy_work, tmp
     with pytest.raises(PipelineError, match="training diverged; lower --lr"):
         train(cfg_for(comp, work, tmp_path / "run", epochs=2, lr=1e12, optimizer="sgd", momentum=0.0))
     assert not (tmp_path / "run" / "done.json").exists()
+
+
+def test_ctrl_c_during_an_epochs_writes_waits_for_them():
+    import os
+    import signal
+
+    from pipeline.train import deferred_interrupt
+
+    written = []
+    with pytest.raises(KeyboardInterrupt):
+        with deferred_interrupt():
+            os.kill(os.getpid(), signal.SIGINT)  # arrives in the middle of the "writes"
+            written.append("last.pt")
+            written.append("metrics.csv")
+    assert written == ["last.pt", "metrics.csv"]
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # restored
