@@ -196,21 +196,29 @@ class FeatureHead(torch.nn.Module):
 
     def forward(self, feats: torch.Tensor) -> torch.Tensor:
         model = self.wrapped_model
-        rate = getattr(model, "drop_rate", 0.0) or 0.0
+        if hasattr(model, "logits_from_pooled"):  # ours: the same head as the whole model's forward
+            return model.logits_from_pooled(feats)
+        rate = getattr(model, "drop_rate", 0.0) or 0.0  # timm: pooled (pre-logits) features -> classifier
         return model.get_classifier()(torch.nn.functional.dropout(feats, rate, self.training))
 
 
 @torch.no_grad()
-def _extract(model: torch.nn.Module, loader, device: torch.device, n: int) -> torch.Tensor:
-    out = None
-    for x, _, idx in loader:
+def extract_features(model: torch.nn.Module, loader, device: torch.device, n: int,
+                     transform=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pooled features (n, F) of the loader's images (after ``transform``, e.g. a TTA view) and targets (n,)."""
+    out, targets = None, torch.zeros(n, dtype=torch.long)
+    for x, y, idx in loader:
+        x = x.to(device, non_blocking=True)
+        if transform is not None:
+            x = transform(x)
         with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
-            f = model.forward_head(model.forward_features(x.to(device, non_blocking=True)), pre_logits=True)
+            f = model.forward_head(model.forward_features(x), pre_logits=True)
         f = f.float().cpu()
         if out is None:
             out = torch.empty((n, f.shape[1]))
         out[idx] = f
-    return out
+        targets[idx] = torch.as_tensor(y)
+    return out, targets
 
 
 def feature_bank(model: torch.nn.Module, items: list[Item], make_loader_for, views: int, key_extra: list,
@@ -227,9 +235,9 @@ def feature_bank(model: torch.nn.Module, items: list[Item], make_loader_for, vie
         return torch.load(path, map_location="cpu", weights_only=True)
     was_training = model.training
     model.eval()
-    bank = {"eval": _extract(model, make_loader_for(False, 0), device, len(items))}
-    bank["views"] = torch.stack([_extract(model, make_loader_for(True, v), device, len(items)) for v in range(views)]) \
-        if views else bank["eval"][None]
+    bank = {"eval": extract_features(model, make_loader_for(False, 0), device, len(items))[0]}
+    bank["views"] = torch.stack([extract_features(model, make_loader_for(True, v), device, len(items))[0]
+                                 for v in range(views)]) if views else bank["eval"][None]
     model.train(was_training)
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(path) as tmp:

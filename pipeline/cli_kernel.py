@@ -12,24 +12,16 @@ from typing import Annotated, Optional
 
 import typer
 
+from pipeline.cli_common import Comp, all_competitions, handle_errors, load_competition
 from pipeline.errors import PipelineError
+from pipeline.runs import LAST_FILE
 
 kernel_app = typer.Typer(no_args_is_help=True, help="Build, package and push offline Kaggle kernels.")
-
-# After kernel_app exists: cli.py imports this module at its end, so either may load first.
-from pipeline.cli import Comp, _competition, handle_errors  # noqa: E402
 
 DatasetRef = Annotated[Optional[str], typer.Option(
     "--dataset", help="The companion dataset, USER/SLUG (default: USER/kaggle-pipeline).")]
 User = Annotated[Optional[str], typer.Option(help="Kaggle user name (default: --dataset's owner, $KAGGLE_USERNAME).")]
 Force = Annotated[bool, typer.Option("--force", help="Replace what an earlier run of this command wrote.")]
-
-
-def _competitions() -> list:
-    import competitions  # noqa: F401  (fills the registry)
-    from pipeline.competition import list_competitions
-
-    return list_competitions()
 
 
 def _split(option: str, value: str) -> list[str]:
@@ -56,9 +48,10 @@ def build(
 ) -> None:
     """Write a kernel folder: kernel-metadata.json and a script that writes submission.csv offline."""
     from pipeline.kernel import (KernelSpec, dataset_ref, kaggle_user, kernel_metadata, portable_train_args,
-                                 run_files, write_kernel)
+                                 write_kernel)
+    from pipeline.kernel_dataset import run_files
 
-    comp = _competition(competition)
+    comp = load_competition(competition)
     if run is not None and train:
         raise PipelineError("give --run RUN_DIR (predict with a trained run) or --train (train in the kernel), not both")
     if run is not None:
@@ -87,15 +80,16 @@ def dataset_(
     wheels: Annotated[bool, typer.Option("--wheels/--no-wheels",
                                          help="Add wheels of the dependencies Kaggle's image lacks (needs PyPI).")] = False,
     weights: Annotated[Optional[list[Path]], typer.Option(help="A weights file a --train kernel starts from (repeatable).")] = None,
-    with_last: Annotated[bool, typer.Option("--with-last", help="Also last.pt (optimizer state, large).")] = False,
+    with_last: Annotated[bool, typer.Option("--with-last", help=f"Also {LAST_FILE} (optimizer state, large).")] = False,
     force: Force = False,
 ) -> None:
     """Write the dataset a kernel attaches: the pipeline's wheel, the run's checkpoints, metadata."""
-    from pipeline.kernel import dataset_ref, kaggle_user, plan_dataset, write_dataset
+    from pipeline.kernel import dataset_ref, kaggle_user
+    from pipeline.kernel_dataset import plan_dataset, write_dataset
 
     ref = dataset_ref(dataset, kaggle_user(user, dataset))
     plan = plan_dataset(ref, title or ref.split("/")[1], run, weights or [], with_last, wheels)
-    files = write_dataset(plan, out, _competitions(), force)
+    files = write_dataset(plan, out, all_competitions(), force)
     megabytes = sum((out / f).stat().st_size for f in files) / 1e6
     typer.echo(f"{out}: dataset {ref}, {len(files)} files, {megabytes:.1f} MB: {', '.join(map(str, files))}")
 
@@ -106,7 +100,7 @@ def push(kernel_dir: Annotated[Path, typer.Argument(help="A folder written by `p
     """Upload and run a kernel folder (`kaggle kernels push -p DIR`)."""
     from pipeline.kernel import push_kernel
 
-    typer.echo(push_kernel(kernel_dir, _competitions()).strip())
+    typer.echo(push_kernel(kernel_dir, all_competitions()).strip())
 
 
 @kernel_app.command("push-dataset")
@@ -118,4 +112,4 @@ def push_dataset(
     """Upload a dataset folder: `kaggle datasets create`, or `datasets version -m MESSAGE`."""
     from pipeline.kernel import push_dataset as upload
 
-    typer.echo(upload(dataset_dir, _competitions(), message).strip())
+    typer.echo(upload(dataset_dir, all_competitions(), message).strip())

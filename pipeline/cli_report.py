@@ -1,8 +1,4 @@
-"""`pipeline report`, `pipeline predict-image`, `pipeline submit`: registered on the main app.
-
-pipeline/cli.py imports this module at its end, after ``app``, ``handle_errors``
-and ``_competition`` exist.
-"""
+"""`pipeline report`, `pipeline predict-image`, `pipeline submit`: pipeline/cli.py registers them."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -10,11 +6,10 @@ from typing import Annotated, Optional
 
 import typer
 
-from pipeline.cli import Comp, RunDir, _competition, app, check, handle_errors
+from pipeline.cli_common import Comp, RunDir, checked_submission, handle_errors, load_competition
 from pipeline.errors import PipelineError
 
 
-@app.command(name="predict-image")
 @handle_errors
 def predict_image(
     run_dir: RunDir,
@@ -32,7 +27,7 @@ def predict_image(
     if top_k < 1:
         raise PipelineError(f"--top-k must be >= 1, got {top_k}")
     decoded = [decode_image(path) for path in images]  # every file readable before any model loads
-    classes, probs = predict_images(run_dir, decoded, members, tta, device)
+    classes, probs = predict_images(run_dir, images, members, tta, device)
     width = max(len(c) for c in classes)
     for path, row in zip(images, probs):
         typer.echo(str(path))
@@ -44,7 +39,6 @@ def predict_image(
         typer.echo(f"{save_figure(image_grid(decoded, titles), plot)}: written")
 
 
-@app.command(name="submit")
 @handle_errors
 def submit(
     competition: Comp,
@@ -56,25 +50,26 @@ def submit(
     """Check a submission CSV like `pipeline check`, then upload it with the kaggle CLI."""
     from pipeline.kaggle import run_kaggle
 
-    comp = _competition(competition)
-    check(competition, submission_csv, sample=sample, work_dir=work_dir)  # lists the problems and exits 1
+    comp = load_competition(competition)
+    checked_submission(comp, submission_csv, sample, work_dir)
     output = run_kaggle(["competitions", "submit", "-c", comp.slug, "-f", str(submission_csv), "-m", message])
     last = output.strip().splitlines()
     typer.echo(f"{submission_csv}: submitted to {comp.slug}" + (f" ({last[-1]})" if last else ""))
 
 
-@app.command(name="report")
 @handle_errors
 def report(
     run_dir: RunDir,
-    work_dir: Annotated[Optional[Path], typer.Option(help="The run's reorg folder (default: from its config.json).")] = None,
+    work_dir: Annotated[Optional[Path], typer.Option(help="The run's reorg folder (default: the one it was trained on).")] = None,
     out: Annotated[Optional[Path], typer.Option(help="Folder for the PNGs (default: RUN_DIR/report).")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda (a holdout run is predicted afresh).")] = "auto",
 ) -> None:
     """PNGs of a run: learning curves, confusion matrix, training images, most confident mistakes."""
-    from pipeline.config import load_config
+    from pipeline.config import load_resolved
     from pipeline.report import write_report
+    from pipeline.runs import Run
 
-    work_dir = work_dir if work_dir is not None else load_config(run_dir).work_dir
-    for path in write_report(run_dir, work_dir, out if out is not None else run_dir / "report", device):
+    run = Run(run_dir)
+    work_dir = work_dir if work_dir is not None else load_resolved(run.config_path)[0].work_dir
+    for path in write_report(run_dir, work_dir, out if out is not None else run.report_dir, device):
         typer.echo(str(path))

@@ -10,44 +10,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Literal
 
+from pipeline.config import Recipe
 from pipeline.errors import PipelineError
+
+__all__ = ["Competition", "Recipe", "register", "get_competition", "list_competitions"]
 
 SubmissionKind = Literal["label", "probs"]
 Metric = Literal["accuracy", "log_loss"]
-Augment = Literal["pad_crop_flip", "resized_crop_flip_jitter", "none"]
-
-
-@dataclass(frozen=True)
-class Recipe:
-    """Default training hyper-parameters of a competition (units in the names)."""
-
-    model: str
-    pretrained: bool = False  # start from the model's ImageNet weights
-    epochs: int = 10
-    batch_size: int = 128
-    lr: float = 0.1
-    optimizer: Literal["sgd", "adam", "adamw"] = "sgd"
-    momentum: float = 0.9
-    weight_decay: float = 5e-4
-    schedule: Literal["step", "cosine", "onecycle", "constant"] = "cosine"
-    lr_period_epochs: int = 10  # step schedule: decay every this many epochs
-    lr_decay: float = 0.1  # step schedule: multiply by this at each period
-    warmup_epochs: float = 0.0
-    label_smoothing: float = 0.0
-    augment: Augment = "pad_crop_flip"
-    freeze_backbone: bool = False
-    head: Literal["linear", "mlp"] = "linear"
-    head_hidden: int = 256
-    nesterov: bool = False
-    ema: float = 0.0  # EMA decay per step; 0 is off
-    tta: Literal["none", "flip"] = "none"  # for the out-of-fold predictions
-    data_init: bool = False  # initialise from training data where the model can (whitening)
-
-    def __post_init__(self) -> None:
-        if self.epochs < 1 or self.batch_size < 1:
-            raise PipelineError(f"recipe for {self.model}: epochs and batch_size must be >= 1")
-        if self.lr <= 0:
-            raise PipelineError(f"recipe for {self.model}: lr must be > 0, got {self.lr}")
 
 
 @dataclass(frozen=True)

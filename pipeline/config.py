@@ -1,103 +1,111 @@
-"""TrainConfig: every training setting in one frozen, validated dataclass.
+"""The training settings, declared once: TrainConfig, recipes as partial overlays, resolution.
 
-The CLI fills it from the competition's recipe plus the user's options
-(:func:`config_from_recipe`); every run writes it to RUN_DIR/config.json and
-every checkpoint carries it, so a run can be re-created from its files.
+Every setting is a field of :class:`TrainConfig` whose metadata holds its help
+text, its choices and whether it may change on ``--resume``. The ``train``
+command's options are generated from these fields (pipeline/cli_train.py), a
+recipe is a :class:`Recipe` naming only the settings it sets, and
+:func:`resolve_config` merges the layers
+
+    default < competition (its spec and default recipe) < --recipe NAME < weights < flags
+
+recording which layer each value came from. The run stores the result with
+those sources in RUN_DIR/config.json; ``--dry-run`` prints it.
 """
 from __future__ import annotations
 
 import dataclasses
 import json
-from dataclasses import dataclass
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipeline.competition import Competition
 from pipeline.errors import PipelineError, check_choice
 
-CHOICES = {
-    "optimizer": ("sgd", "adam", "adamw"),
-    "schedule": ("step", "cosine", "onecycle", "constant"),
-    "amp": ("auto", "none", "bf16", "fp16"),
-    "device": ("auto", "cpu", "cuda"),
-    "head": ("linear", "mlp"),
-    "augment": ("pad_crop_flip", "resized_crop_flip_jitter", "none"),
-    "tta": ("none", "flip"),
-    "cache": ("auto", "on", "off"),
-}
+AUGMENTS = ("pad_crop_flip", "resized_crop_flip_jitter", "none")
+TTAS = ("none", "flip")
+
+
+def setting(default: Any, help: str, *, choices: tuple = (), movable: bool = False, flag: str | None = None,
+            minimum: float | None = None, cli: bool = True) -> Any:
+    """A TrainConfig field: its default and what the CLI and --resume need to know of it."""
+    meta = {"help": help, "choices": choices, "movable": movable, "flag": flag, "minimum": minimum, "cli": cli}
+    if isinstance(default, (list, dict, set)):
+        raise TypeError("settings are immutable values")
+    return field(default=default, metadata=meta)
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    competition: str
-    work_dir: Path
-    run_dir: Path
+    competition: str = setting("", "Competition slug or spec file.", cli=False)
+    work_dir: Path = setting(Path("."), "The reorg folder.", cli=False)
+    run_dir: Path = setting(Path("."), "The run folder.", cli=False)
     # model
-    model: str
-    pretrained: bool = False
-    weights: Path | None = None
-    head: str = "linear"
-    head_hidden: int = 256
-    drop_rate: float | None = None  # None: the architecture's default (googlenet 0.4)
-    freeze_backbone: bool = False
-    backbone_lr_scale: float = 1.0
+    model: str = setting("", "Registered model (resnet18, resnet18_cifar, googlenet, fastnet, ...) or timm:<name>.")
+    pretrained: bool = setting(False, "Download ImageNet weights (timm hub / torchvision).")
+    weights: Path | None = setting(None, "Local weights (.safetensors/.pth/.pt) to start from, offline.")
+    head: str = setting("linear", "New head: linear, or mlp (Linear-ReLU-Linear).", choices=("linear", "mlp"))
+    head_hidden: int = setting(256, "Hidden width of the mlp head.", minimum=1)
+    drop_rate: float | None = setting(None, "Dropout before the classifier (default: the architecture's).")
+    freeze_backbone: bool = setting(False, "Train only a new head on a frozen backbone.")
+    backbone_lr_scale: float = setting(1.0, "Backbone lr = lr x this (fine-tuning).")
     # data
-    image_size: int = 32
-    mean: tuple[float, ...] = (0.5, 0.5, 0.5)
-    std: tuple[float, ...] = (0.5, 0.5, 0.5)
-    augment: str = "pad_crop_flip"
-    num_workers: int = 0
-    strict: bool = False  # an unreadable training image is an error, not a warning
-    cache: str = "auto"  # decode small images once into a uint8 array (auto: side <= 64)
-    feature_cache: bool = True  # with freeze_backbone: train the head on cached features
-    feature_views: int = 1  # augmented views per image in the feature cache (0: un-augmented only)
+    image_size: int = setting(32, "Side of the square input, pixels.", minimum=1)
+    mean: tuple[float, ...] = setting((0.5, 0.5, 0.5), "Normalisation mean (RGB, 0-1).", cli=False)
+    std: tuple[float, ...] = setting((0.5, 0.5, 0.5), "Normalisation std (RGB, 0-1).", cli=False)
+    augment: str = setting("pad_crop_flip", "Training augmentation preset.", choices=AUGMENTS)
+    num_workers: int = setting(0, "DataLoader worker processes.", movable=True, minimum=0)
+    strict: bool = setting(False, "Unreadable training images are errors, not warnings.")
+    cache: str = setting("auto", "Decode images once into a uint8 array: auto (side <= 64), on, off.",
+                         choices=("auto", "on", "off"))
+    feature_cache: bool = setting(True, "With --freeze-backbone: train the head on cached features.")
+    feature_views: int = setting(1, "Augmented views per image in the feature cache (0: none).", minimum=0)
     # optimisation (lr is per group before the schedule's multiplier)
-    epochs: int = 10
-    batch_size: int = 128
-    lr: float = 0.1
-    optimizer: str = "sgd"
-    momentum: float = 0.9
-    nesterov: bool = False
-    weight_decay: float = 5e-4
-    schedule: str = "cosine"
-    lr_period_epochs: int = 10
-    lr_decay: float = 0.1
-    warmup_epochs: float = 0.0
-    label_smoothing: float = 0.0
-    data_init: bool = False  # initialise from training data where the model can (FastNet: whitened stem)
-    mixup: float = 0.0  # Beta(alpha, alpha) for mixup; 0 is off
-    cutmix: float = 0.0  # Beta(alpha, alpha) for cutmix; 0 is off
-    clip_grad: float = 0.0  # max grad norm; 0 is off
-    ema: float = 0.0  # EMA decay per step, e.g. 0.999; 0 is off
-    early_stop: int = 0  # stop after this many epochs without improvement; 0 is off
-    steps_per_epoch: int = 0  # cap on batches per epoch (smoke tests); 0 is the whole set
+    epochs: int = setting(10, "Training epochs.", movable=True, minimum=1)
+    batch_size: int = setting(128, "Images per step (per process under torchrun).", minimum=1)
+    lr: float = setting(0.1, "Peak learning rate of the head (backbone: x --backbone-lr-scale).")
+    optimizer: str = setting("sgd", "Optimizer.", choices=("sgd", "adam", "adamw"))
+    momentum: float = setting(0.9, "SGD momentum.", minimum=0)
+    nesterov: bool = setting(False, "Nesterov momentum (SGD).")
+    weight_decay: float = setting(5e-4, "Weight decay (not on norms and biases).", minimum=0)
+    schedule: str = setting("cosine", "Learning-rate schedule.", choices=("step", "cosine", "onecycle", "constant"))
+    lr_period_epochs: int = setting(10, "step schedule: decay every N epochs.", flag="--lr-period", minimum=1)
+    lr_decay: float = setting(0.1, "step schedule: lr factor per period.")
+    warmup_epochs: float = setting(0.0, "Linear warm-up, epochs.", minimum=0)
+    label_smoothing: float = setting(0.0, "Label smoothing of the loss, in [0, 1).", minimum=0)
+    data_init: bool = setting(False, "Initialise from training data where the model can (fastnet: whitened stem).")
+    mixup: float = setting(0.0, "Mixup Beta alpha (0: off).", minimum=0)
+    cutmix: float = setting(0.0, "CutMix Beta alpha (0: off).", minimum=0)
+    clip_grad: float = setting(0.0, "Max gradient norm (0: off).", minimum=0)
+    ema: float = setting(0.0, "EMA decay of the weights per step, e.g. 0.999 (0: off).", minimum=0)
+    early_stop: int = setting(0, "Stop after N epochs without improvement (0: off).", movable=True, minimum=0)
+    steps_per_epoch: int = setting(0, "Cap on batches per epoch (smoke tests; 0: the whole set).", minimum=0)
     # what to train: holdout (train/ vs valid/), CV folds, or train_valid
-    folds: int = 0  # > 0: train every fold of folds.csv (the value must match it)
-    fold: int | None = None
-    full: bool = False
-    tta: str = "none"  # for the out-of-fold predictions
+    folds: int = setting(0, "Train every fold of folds.csv (give its fold count).", movable=True, minimum=0)
+    fold: int | None = setting(None, "Train one fold of folds.csv.", movable=True, minimum=0)
+    full: bool = setting(False, "Train on train_valid, no validation (final retrain).", movable=True)
+    tta: str = setting("none", "Test-time augmentation of validation and out-of-fold predictions.", choices=TTAS)
     # hardware
-    device: str = "auto"
-    amp: str = "auto"
-    channels_last: bool = True
-    compile: bool = False
-    seed: int = 0
-    tensorboard: bool = False
+    device: str = setting("auto", "auto, cpu, cuda or cuda:N.", movable=True)
+    amp: str = setting("auto", "Mixed precision: auto (bf16 on GPU), none, bf16 or fp16.",
+                       choices=("auto", "none", "bf16", "fp16"))
+    channels_last: bool = setting(True, "channels_last memory format on CUDA.")
+    compile: bool = setting(False, "torch.compile the model.", movable=True)
+    seed: int = setting(0, "Seed of initialisation, shuffling and augmentation.")
+    tensorboard: bool = setting(False, "Log scalars for TensorBoard (pip install tensorboard).", movable=True)
 
     def __post_init__(self) -> None:
-        for name, allowed in CHOICES.items():
-            check_choice(f"--{name.replace('_', '-')}", getattr(self, name), allowed)
-        for name in ("epochs", "batch_size", "image_size", "head_hidden"):
-            if getattr(self, name) < 1:
-                raise PipelineError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(self, name)}")
+        for f in dataclasses.fields(self):
+            _check_value(f, getattr(self, f.name))
+        if not self.model:
+            raise PipelineError("no model: give --model NAME (the competition's recipe names none)")
         if self.lr <= 0:
             raise PipelineError(f"--lr must be > 0, got {self.lr}")
         if not 0 <= self.ema < 1:
             raise PipelineError(f"--ema must be in [0, 1) (a decay like 0.999), got {self.ema}")
         if not 0 <= self.label_smoothing < 1:
             raise PipelineError(f"--label-smoothing must be in [0, 1), got {self.label_smoothing}")
-        modes = (self.folds > 0) + (self.fold is not None) + self.full
-        if modes > 1:
+        if (self.folds > 0) + (self.fold is not None) + self.full > 1:
             raise PipelineError("choose one of --folds, --fold and --full")
         if self.pretrained and self.weights is not None:
             raise PipelineError("choose --pretrained (download) or --weights FILE (local), not both")
@@ -111,57 +119,176 @@ class TrainConfig:
         return "holdout"
 
     def to_json(self) -> dict[str, Any]:
-        out = dataclasses.asdict(self)
-        for key, value in out.items():
-            if isinstance(value, Path):
-                out[key] = str(value)
-            elif isinstance(value, tuple):
-                out[key] = list(value)
-        return out
+        return {f.name: _plain(getattr(self, f.name)) for f in dataclasses.fields(self)}
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> TrainConfig:
-        known = {f.name for f in dataclasses.fields(cls)}
-        data = {k: v for k, v in data.items() if k in known}
-        for key in ("work_dir", "run_dir"):
-            data[key] = Path(data[key])
-        if data.get("weights"):
-            data["weights"] = Path(data["weights"])
-        for key in ("mean", "std"):
-            data[key] = tuple(data[key])
-        return cls(**data)
+        """From ``to_json``'s dict, or a run's config.json ({"config": ..., "sources": ...})."""
+        data = data.get("config", data)
+        known = {f.name: f for f in dataclasses.fields(cls)}
+        return cls(**{k: _typed(known[k], v) for k, v in data.items() if k in known})
 
 
-def load_config(run_dir: Path) -> TrainConfig:
-    path = Path(run_dir) / "config.json"
+def flag_of(f: dataclasses.Field) -> str:
+    return f.metadata.get("flag") or "--" + f.name.replace("_", "-")
+
+
+def cli_fields() -> list[dataclasses.Field]:
+    """The settings that are `pipeline train` options, in declaration order."""
+    return [f for f in dataclasses.fields(TrainConfig) if f.metadata.get("cli")]
+
+
+def _check_value(f: dataclasses.Field, value: Any) -> None:
+    if f.metadata.get("choices"):
+        check_choice(flag_of(f), value, f.metadata["choices"])
+    minimum = f.metadata.get("minimum")
+    if minimum is not None and value is not None and value < minimum:
+        raise PipelineError(f"{flag_of(f)} must be >= {minimum}, got {value}")
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, Path):
+        return str(value)
+    return list(value) if isinstance(value, tuple) else value
+
+
+def _typed(f: dataclasses.Field, value: Any) -> Any:
+    """A JSON value back to the field's type (paths and tuples)."""
+    if value is None:
+        return None
+    if f.name in ("work_dir", "run_dir", "weights"):
+        return Path(value)
+    return tuple(value) if isinstance(value, list) else value
+
+
+# ---------------------------------------------------------------- recipes
+
+
+class Recipe(Mapping):
+    """A partial overlay of TrainConfig: only the settings it names, checked against the schema."""
+
+    def __init__(self, **settings: Any):
+        fields = {f.name: f for f in dataclasses.fields(TrainConfig) if f.metadata.get("cli")}
+        unknown = sorted(set(settings) - set(fields))
+        if unknown:
+            raise PipelineError(f"recipe setting(s) {', '.join(unknown)} unknown; valid: {', '.join(sorted(fields))}")
+        for name, value in settings.items():
+            _check_value(fields[name], value)
+        self._settings = dict(settings)
+
+    def __getitem__(self, key: str) -> Any:
+        return self._settings[key]
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(self._settings)
+
+    def __len__(self) -> int:
+        return len(self._settings)
+
+    def __repr__(self) -> str:
+        return f"Recipe({', '.join(f'{k}={v!r}' for k, v in self._settings.items())})"
+
+    @property
+    def model(self) -> str | None:
+        return self._settings.get("model")
+
+
+# ---------------------------------------------------------------- resolution
+
+
+@dataclass(frozen=True)
+class Resolved:
+    """A resolved configuration, where each value came from, and what resolution changed and why."""
+
+    config: TrainConfig
+    sources: dict[str, str]
+    notes: tuple[str, ...] = ()
+    recipe: str | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"config": self.config.to_json(), "sources": self.sources, "notes": list(self.notes),
+                "recipe": self.recipe}
+
+    def table(self) -> str:
+        """One line per setting: name, value and its source, for --dry-run and the run's log."""
+        rows = [(f.name, _plain(getattr(self.config, f.name)), self.sources.get(f.name, "default"))
+                for f in dataclasses.fields(TrainConfig)]
+        width = max(len(r[0]) for r in rows)
+        lines = [f"{name:<{width}}  {json.dumps(value)!s:<28}  {source}" for name, value, source in rows]
+        return "\n".join(lines + [f"note: {n}" for n in self.notes])
+
+
+def resolve_config(comp, work_dir: Path, run_dir: Path, recipe_name: str | None = None,
+                   flags: Mapping[str, Any] | None = None,
+                   weights_config: Any = None) -> Resolved:
+    """Merge default < competition < --recipe < weights < flags, recording the source of each value.
+
+    ``flags`` holds the options the user gave (None: not given). Overriding the
+    model keeps the recipe's other choices; a local --weights file replaces the
+    recipe's download. ``weights_config(model) -> {image_size, mean, std}`` is
+    the data config of a model's pretrained weights (injected for tests).
+    """
+    flags = {k: v for k, v in (flags or {}).items() if v is not None}
+    values: dict[str, Any] = {}
+    sources: dict[str, str] = {}
+    notes: list[str] = []
+
+    def layer(name: str, settings: Mapping[str, Any]) -> None:
+        values.update(settings)
+        sources.update({k: name for k in settings})
+
+    layer("competition", {"image_size": comp.image_size, "mean": tuple(comp.mean), "std": tuple(comp.std),
+                          **comp.recipe})
+    if recipe_name not in (None, "default"):
+        layer(f"recipe {recipe_name}", comp.get_recipe(recipe_name))
+    if "weights" in flags and values.get("pretrained"):
+        layer("flag", {"pretrained": False})
+        notes.append("--weights FILE replaces the recipe's download (pretrained off)")
+    model = flags.get("model", values.get("model", ""))
+    if model and (flags.get("pretrained", values.get("pretrained")) or flags.get("weights")):
+        data = (weights_config or weights_data_config)(model)
+        layer("weights", {k: v for k, v in data.items() if k not in flags})
+    layer("flag", flags)
+    cfg = TrainConfig(competition=comp.slug, work_dir=Path(work_dir), run_dir=Path(run_dir), **values)
+    return Resolved(cfg, {k: sources.get(k, "default") for k in values}, tuple(notes), recipe_name)
+
+
+def resumed_config(saved: TrainConfig, flags: Mapping[str, Any], work_dir: Path, run_dir: Path) -> TrainConfig:
+    """The saved settings with the movable ones the user changed; any other change is an error.
+
+    The folders are always the ones on the command line: a config.json that
+    names others cannot move writes outside RUN_DIR.
+    """
+    fields = {f.name: f for f in dataclasses.fields(TrainConfig)}
+    changes: dict[str, Any] = {}
+    for name, value in flags.items():
+        if value is None or _typed(fields[name], _plain(value)) == getattr(saved, name):
+            continue
+        if not fields[name].metadata.get("movable"):
+            raise PipelineError(f"{flag_of(fields[name])} {_plain(value)} differs from the run's "
+                                f"{_plain(getattr(saved, name))}; a resumed run keeps its settings: drop the option, "
+                                "or train into a new RUN_DIR")
+        changes[name] = value
+    if changes.get("full"):
+        changes.update(folds=0, fold=None)
+    elif "fold" in changes or "folds" in changes:
+        changes.setdefault("full", False)
+        if "fold" in changes:
+            changes["folds"] = 0
+        else:
+            changes["fold"] = None
+    return dataclasses.replace(saved, work_dir=Path(work_dir), run_dir=Path(run_dir), **changes)
+
+
+def load_resolved(path: Path) -> tuple[TrainConfig, dict]:
+    """A run's or member's config.json: the config and the whole stored document."""
     try:
-        return TrainConfig.from_json(json.loads(path.read_text(encoding="utf-8")))
+        data = json.loads(Path(path).read_text(encoding="utf-8"))
+        return TrainConfig.from_json(data), data
     except FileNotFoundError:
         raise PipelineError(f"{path} not found: RUN_DIR is not a training run; run `pipeline train` first") from None
-    except (ValueError, TypeError, KeyError) as exc:
+    except (ValueError, TypeError, KeyError, AttributeError) as exc:
         raise PipelineError(f"{path} is not a valid run config ({exc}); retrain into a new RUN_DIR") from None
-
-
-def config_from_recipe(comp: Competition, work_dir: Path, run_dir: Path, recipe_name: str | None = None,
-                       **options: Any) -> TrainConfig:
-    """The competition's recipe (default or named), with every option the user gave (not None) on top."""
-    chosen = comp.get_recipe(recipe_name)
-    recipe = dataclasses.asdict(chosen)
-    recipe.update(image_size=comp.image_size, mean=comp.mean, std=comp.std)
-    given = {k: v for k, v in options.items() if v is not None}
-    if "model" in given and given["model"] != chosen.model:
-        # The recipe's transfer-learning choices belong to its own model: with
-        # another model the user states them (--pretrained, --freeze-backbone, --head).
-        for key in ("pretrained", "freeze_backbone", "head"):
-            recipe[key] = _default(key)
-    if given.get("weights") is not None:
-        recipe["pretrained"] = False  # a local file replaces the download
-    merged = {**recipe, **given}
-    if merged.get("pretrained") or merged.get("weights") is not None:
-        merged.update({k: v for k, v in weights_data_config(merged["model"]).items() if k not in given})
-    known = {f.name for f in dataclasses.fields(TrainConfig)}
-    return TrainConfig(competition=comp.slug, work_dir=Path(work_dir), run_dir=Path(run_dir),
-                       **{k: v for k, v in merged.items() if k in known})
 
 
 def weights_data_config(model_name: str) -> dict[str, Any]:
@@ -173,5 +300,7 @@ def weights_data_config(model_name: str) -> dict[str, Any]:
     return {"image_size": int(data["input_size"][-1]), "mean": tuple(data["mean"]), "std": tuple(data["std"])}
 
 
-def _default(name: str) -> Any:
-    return next(f.default for f in dataclasses.fields(TrainConfig) if f.name == name)
+def config_from_recipe(comp, work_dir: Path, run_dir: Path, recipe_name: str | None = None,
+                       **flags: Any) -> Resolved:
+    """:func:`resolve_config` with the flags as keyword arguments (for Python callers)."""
+    return resolve_config(comp, work_dir, run_dir, recipe_name, flags)

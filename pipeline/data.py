@@ -6,7 +6,6 @@ dataset itself.
 """
 from __future__ import annotations
 
-import json
 import logging
 import warnings
 from dataclasses import dataclass
@@ -22,6 +21,7 @@ from PIL import Image, ImageOps
 from torch.utils.data import DataLoader, Dataset
 
 from pipeline.errors import PipelineError
+from pipeline.io import read_json
 from pipeline.reorg import FOLDS_FILE, REORG_FILE, TEST_CLASS_DIR
 
 log = logging.getLogger("pipeline")
@@ -42,13 +42,8 @@ class Item:
 
 def load_reorg(work_dir: Path) -> dict:
     """reorg.json of a complete tree, or an error saying to run reorg."""
-    path = Path(work_dir) / REORG_FILE
-    try:
-        return json.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise PipelineError(f"{path} not found: WORK_DIR is not a finished reorg; run `pipeline reorg` first") from None
-    except (OSError, ValueError) as exc:
-        raise PipelineError(f"{path} is unreadable ({exc}); run `pipeline reorg --force` to rebuild it") from None
+    return read_json(Path(work_dir) / REORG_FILE, "WORK_DIR is not a finished reorg; run `pipeline reorg` first",
+                     "run `pipeline reorg --force` to rebuild it")
 
 
 def _id_of(name: str, ext: str) -> str:

@@ -164,3 +164,13 @@ def exclusive_lock(path: Path, what: str) -> Iterator[None]:
             yield
         finally:
             fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+
+
+def read_json(path: Path, missing: str, unreadable: str) -> Any:
+    """A JSON file, or one line saying it is missing (``missing``) or broken (``unreadable``: what to do)."""
+    try:
+        return json.loads(Path(path).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise PipelineError(f"{path} not found: {missing}") from None
+    except (OSError, ValueError) as exc:  # UnicodeDecodeError is a ValueError
+        raise PipelineError(f"{path} is unreadable ({exc}); {unreadable}") from None

@@ -15,46 +15,33 @@ from __future__ import annotations
 import json
 import os
 import re
-import shutil
-import subprocess
-import sys
-import tempfile
-import zipfile
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
+from pipeline import kernel_script as kernel_script_module
 from pipeline.competition import Competition
 from pipeline.errors import PipelineError
 from pipeline.io import atomic_write_json, atomic_write_text
 from pipeline.kaggle import CREDENTIALS_HELP, credentials_present, run_kaggle
+from pipeline.kernel_dataset import (DATASET_METADATA_FILE, RUN_FOLDER, SECRET_VARIABLES, WEIGHTS_FOLDER,
+                                     SLUG, WHEEL_PATTERN, check_folder, ref_problem, secret_values,
+                                     validate_dataset_metadata)
+from pipeline.runs import CONFIG_FILE
 
 KERNEL_METADATA_FILE = "kernel-metadata.json"
-DATASET_METADATA_FILE = "dataset-metadata.json"
 CODE_FILE = "kernel.py"
-RUN_FOLDER = "run"  # where the dataset carries the trained run
-WEIGHTS_FOLDER = "weights"  # where it carries --weights files for training in the kernel
 DATASET_PLACEHOLDER = "{dataset}"  # replaced by the dataset's folder when the kernel runs
 DEFAULT_DATASET_SLUG = "kaggle-pipeline"
-DISTRIBUTION = "kaggle-pipeline"
-WHEEL_PATTERN = "kaggle_pipeline-*.whl"
-# What Kaggle's Python image already has; the rest ships as wheels with --wheels.
-KAGGLE_IMAGE = frozenset({"torch", "torchvision", "timm", "pandas", "scikit-learn", "albumentations",
-                          "pillow", "matplotlib", "tqdm", "safetensors"})
-SECRET_VARIABLES = ("KAGGLE_KEY", "KAGGLE_API_TOKEN")
-# What predict needs from a run: per member, and once per run.
-MEMBER_FILES = ("best.pt", "config.json", "done.json", "metrics.csv")
-RUN_FILES = ("config.json", "cv.json")
+SETTINGS_START = "# ---- settings: `pipeline kernel build` replaces this block with the kernel's values"
+SETTINGS_END = "# ---- end of settings"
 
 # The fields kernels_metadata.md and datasets_metadata.md of the kaggle client document.
 KERNEL_FIELDS = frozenset({"id", "id_no", "title", "code_file", "language", "kernel_type", "is_private",
                            "enable_gpu", "enable_internet", "dataset_sources", "competition_sources",
                            "kernel_sources", "model_sources"})
-DATASET_FIELDS = frozenset({"title", "subtitle", "description", "id", "id_no", "licenses", "resources",
-                            "keywords"})
 LANGUAGES = ("python", "r", "rmarkdown")
 KERNEL_TYPES = ("script", "notebook")
-SLUG = re.compile(r"[a-z0-9]+(-[a-z0-9]+)*")
 
 
 def slugify(title: str) -> str:
@@ -160,16 +147,6 @@ def _is_bool(value: object) -> bool:
     return isinstance(value, bool) or value in ("true", "false")
 
 
-def _ref_problem(where: str, ref: object, min_slug: int) -> str | None:
-    """Why ``ref`` is not ``owner/slug`` (slug at least ``min_slug`` characters), or None."""
-    owner, _, slug = str(ref).partition("/")
-    if not isinstance(ref, str) or not owner or "/" in slug or not SLUG.fullmatch(slug):
-        return f"{where} {ref!r} is not 'owner/slug' (slug: lower-case letters, digits and '-')"
-    if not min_slug <= len(slug) <= 50:
-        return f"{where} {ref!r}: the slug must be {min_slug} to 50 characters"
-    return None
-
-
 def validate_kernel_metadata(meta: dict) -> list[str]:
     """Every way ``meta`` breaks the kaggle client's rules for kernel-metadata.json (empty: valid)."""
     problems = [f"unknown field {k!r}; the kaggle client reads {', '.join(sorted(KERNEL_FIELDS))}"
@@ -180,7 +157,7 @@ def validate_kernel_metadata(meta: dict) -> list[str]:
     if ref is None and meta.get("id_no") is None:
         problems.append("id (owner/kernel-slug) is missing")
     elif ref is not None:
-        problems += filter(None, [_ref_problem("id", ref, 5)])
+        problems += filter(None, [ref_problem("id", ref, 5)])
         if isinstance(title, str) and str(ref).partition("/")[2] != slugify(title):
             problems.append(f"id {ref!r} does not match the title: Kaggle's slug of {title!r} is {slugify(title)!r}")
     if not meta.get("code_file"):
@@ -193,145 +170,32 @@ def validate_kernel_metadata(meta: dict) -> list[str]:
         if key in meta and not _is_bool(meta[key]):
             problems.append(f"{key} must be true or false, not {meta[key]!r}")
     for key in ("dataset_sources", "kernel_sources"):
-        problems += filter(None, (_ref_problem(key, ref, 1) for ref in meta.get(key, [])))
+        problems += filter(None, (ref_problem(key, ref, 1) for ref in meta.get(key, [])))
     for slug in meta.get("competition_sources", []):
         if not isinstance(slug, str) or not SLUG.fullmatch(slug):
             problems.append(f"competition_sources {slug!r} is not a competition slug")
     return problems
 
 
-SCRIPT_HEAD = '''"""Offline Kaggle kernel written by `pipeline kernel build`.
-
-Installs the pipeline from the attached dataset (pip, no index), runs its
-stages on the competition's data and writes submission.csv, checked.
-KAGGLE_INPUT and KAGGLE_WORKING (default /kaggle/input, /kaggle/working) let
-it run anywhere; PIPELINE_KERNEL_PIP_TARGET=DIR installs into DIR (put on
-PYTHONPATH for the stages) instead of the environment, whose packages must then
-already provide the dependencies.
-"""
-import os
-import shutil
-import subprocess
-import sys
-import time
-from pathlib import Path
-
-# ---- settings written by `pipeline kernel build`
-'''
-
-SCRIPT_BODY = '''# ----
-
-INPUT = Path(os.environ.get("KAGGLE_INPUT", "/kaggle/input"))
-WORKING = Path(os.environ.get("KAGGLE_WORKING", "/kaggle/working"))
-PIP_TARGET = os.environ.get("PIPELINE_KERNEL_PIP_TARGET")
-START = time.monotonic()
-
-
-def say(message):
-    print(f"[kernel {time.monotonic() - START:6.1f}s] {message}", flush=True)
-
-
-def fail(message):
-    say(f"error: {message}")
-    sys.exit(1)
-
-
-def find_folder(name, marker):
-    """INPUT/name when it holds `marker`, else the shallowest folder below INPUT that does."""
-    if any((INPUT / name).glob(marker)):
-        return INPUT / name
-    for pattern in (f"*/{marker}", f"*/*/{marker}", f"*/*/*/{marker}"):
-        hits = sorted(INPUT.glob(pattern), key=lambda p: (p.parent.name != name, str(p)))
-        if hits:
-            return hits[0].parent
-    fail(f"no {marker} under {INPUT}: attach {name} to the kernel (or set KAGGLE_INPUT)")
-
-
-def stage_env():
-    env = dict(os.environ)
-    if PIP_TARGET:
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [PIP_TARGET, env.get("PYTHONPATH")]))
-    return env
-
-
-def install(dataset):
-    """The dataset's wheels, dependencies not resolved: the image's own packages stay as they are."""
-    names = sorted({wheel.name.split("-")[0] for wheel in dataset.glob("*.whl")})
-    where = ["--target", PIP_TARGET] if PIP_TARGET else []
-    say(f"pip install {' '.join(names)} from {dataset}")
-    cmd = [sys.executable, "-m", "pip", "install", "--no-index", "--find-links", str(dataset), "--no-deps",
-           "--upgrade", "--force-reinstall", "--quiet", "--disable-pip-version-check", *where, *names]
-    if subprocess.run(cmd).returncode != 0:
-        fail(f"pip could not install from {dataset} (its message is above)")
-    probe = subprocess.run([sys.executable, "-c", "import pipeline.cli, pipeline.predict; print(pipeline.__file__)"],
-                           capture_output=True, text=True, env=stage_env(), cwd=WORKING)
-    if probe.returncode != 0:
-        last = (probe.stderr.strip().splitlines() or ["no message"])[-1]
-        fail(f"the pipeline does not import ({last}); rebuild the dataset with `pipeline kernel dataset --wheels`")
-    say(f"pipeline ready: {probe.stdout.strip()}")
-
-
-def stage(*args):
-    say("pipeline " + " ".join(args))
-    done = subprocess.run([sys.executable, "-m", "pipeline", *args], env=stage_env(), cwd=WORKING)
-    if done.returncode != 0:
-        fail(f"pipeline {args[0]} exited with code {done.returncode} (its message is above)")
-
-
-def trained_run(dataset):
-    """The dataset's run: a folder, or the archive a zip/tar upload of the folder left."""
-    run = dataset / RUN_FOLDER
-    if (run / "config.json").is_file():
-        return run
-    for archive in sorted(dataset.glob(RUN_FOLDER + ".*")):
-        unpacked = WORKING / "run-unpacked"
-        shutil.unpack_archive(archive, unpacked)
-        configs = sorted(unpacked.rglob("config.json"), key=lambda p: len(p.parts))
-        if configs:
-            return configs[0].parent
-    fail(f"{dataset} holds no trained run ({RUN_FOLDER}/config.json): "
-         "rebuild it with `pipeline kernel dataset --run RUN_DIR`")
-
-
-def main():
-    WORKING.mkdir(parents=True, exist_ok=True)
-    dataset = find_folder(DATASET.split("/")[1], WHEEL_PATTERN)
-    data = find_folder(COMPETITION, DATA_MARKER)
-    say(f"competition data {data}, dataset {dataset}, working folder {WORKING}")
-    install(dataset)
-    work, submission = WORKING / "work", WORKING / "submission.csv"
-    stage("reorg", COMPETITION, str(data), str(work), *REORG_ARGS)
-    if TRAIN:
-        run = WORKING / "run"
-        train_args = [arg.replace(DATASET_PLACEHOLDER, str(dataset)) for arg in TRAIN_ARGS]
-        stage("train", COMPETITION, str(work), str(run), *train_args, "--force")
-    else:
-        run = trained_run(dataset)
-    stage("predict", COMPETITION, str(work), str(run), str(submission), *PREDICT_ARGS, "--force")
-    stage("check", COMPETITION, str(submission), "--work-dir", str(work))
-    say(f"done: {submission}")
-
-
-if __name__ == "__main__":
-    main()
-'''
-
-
 def kernel_script(spec: KernelSpec) -> str:
-    """The kernel's Python source: settings as literals, then a fixed body (stdlib only)."""
+    """The kernel's Python source: pipeline/kernel_script.py with its settings block filled in."""
     settings = {
         "COMPETITION": spec.competition,
         "DATA_MARKER": spec.labels_file,
         "DATASET": spec.dataset,
         "WHEEL_PATTERN": WHEEL_PATTERN,
         "RUN_FOLDER": RUN_FOLDER,
+        "RUN_MARKER": CONFIG_FILE,
         "DATASET_PLACEHOLDER": DATASET_PLACEHOLDER,
         "TRAIN": spec.train,
         "REORG_ARGS": reorg_args(spec),
         "TRAIN_ARGS": list(spec.train_args),
         "PREDICT_ARGS": list(spec.predict_args),
     }
-    return SCRIPT_HEAD + "".join(f"{name} = {value!r}\n" for name, value in settings.items()) + SCRIPT_BODY
+    source = Path(kernel_script_module.__file__).read_text(encoding="utf-8")
+    start, end = source.index(SETTINGS_START), source.index(SETTINGS_END)
+    block = "".join(f"{name} = {value!r}\n" for name, value in settings.items())
+    return source[:start] + SETTINGS_START + "\n" + block + source[end:]
 
 
 def write_kernel(spec: KernelSpec, out_dir: Path, force: bool = False) -> Path:
@@ -349,251 +213,6 @@ def write_kernel(spec: KernelSpec, out_dir: Path, force: bool = False) -> Path:
     atomic_write_text(out_dir / CODE_FILE, script)
     atomic_write_json(out_dir / KERNEL_METADATA_FILE, meta)
     return out_dir
-
-
-# ---------------------------------------------------------------- the dataset
-
-
-def dataset_metadata(ref: str, title: str, description: str) -> dict:
-    """dataset-metadata.json for `kaggle datasets create` (private unless made public there)."""
-    return {"title": title, "id": ref, "licenses": [{"name": "CC0-1.0"}], "description": description}
-
-
-def validate_dataset_metadata(meta: dict) -> list[str]:
-    """Every way ``meta`` breaks the kaggle client's rules for dataset-metadata.json (empty: valid)."""
-    problems = [f"unknown field {k!r}; the kaggle client reads {', '.join(sorted(DATASET_FIELDS))}"
-                for k in sorted(set(meta) - DATASET_FIELDS)]
-    title = meta.get("title")
-    if not isinstance(title, str) or not 6 <= len(title) <= 50:
-        problems.append(f"title {title!r} must be 6 to 50 characters")
-    problems += filter(None, [_ref_problem("id", meta.get("id"), 3)])
-    licenses = meta.get("licenses")
-    if not isinstance(licenses, list) or len(licenses) != 1 or not licenses[0].get("name"):
-        problems.append("licenses must hold exactly one entry with a name, e.g. [{'name': 'CC0-1.0'}]")
-    return problems
-
-
-def requirement_name(requirement: str) -> str:
-    """The normalised project name of a requirement string ('Typer>=0.12' -> 'typer')."""
-    name = re.match(r"[A-Za-z0-9._-]+", requirement.strip())
-    return re.sub(r"[-_.]+", "-", name.group(0)).lower() if name else ""
-
-
-def wheel_requirements(requires: Iterable[str], installed: dict[str, str]) -> list[str]:
-    """The pipeline's run-time requirements missing from Kaggle's image, pinned to what is installed here."""
-    wanted = []
-    for requirement in requires:
-        name = requirement_name(requirement)
-        if ";" in requirement or name in KAGGLE_IMAGE:  # extras (test, kaggle) never run in the kernel
-            continue
-        wanted.append(f"{name}=={installed[name]}" if name in installed else requirement)
-    return wanted
-
-
-def build_pipeline_wheel(dest: Path) -> Path:
-    """Build the pipeline's wheel into ``dest`` from a clean copy of the source tree."""
-    import pipeline
-
-    root = Path(pipeline.__file__).resolve().parents[1]
-    if not (root / "pyproject.toml").is_file():
-        raise PipelineError(f"{root} has no pyproject.toml: build the dataset from a source checkout of the pipeline")
-    with tempfile.TemporaryDirectory(prefix="pipeline-wheel-") as tmp:
-        src = Path(tmp) / "src"
-        for name in ("pipeline", "competitions"):  # the packages pyproject.toml includes
-            shutil.copytree(root / name, src / name, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
-        for name in ("pyproject.toml", "README.md"):
-            if (root / name).is_file():
-                shutil.copy2(root / name, src / name)
-        _pip(["wheel", "--no-deps", "--no-build-isolation", "-w", str(dest), str(src)], "build the pipeline's wheel")
-    wheels = sorted(Path(dest).glob(WHEEL_PATTERN))
-    if not wheels:
-        raise PipelineError(f"pip wrote no {WHEEL_PATTERN} into {dest}; run `pip wheel {root}` to see why")
-    return wheels[-1]
-
-
-def download_wheels(requirements: list[str], dest: Path) -> None:
-    """`pip download` the requirements and their dependencies as wheels (needs PyPI)."""
-    if requirements:
-        _pip(["download", "--only-binary=:all:", "-d", str(dest), *requirements],
-             f"download wheels of {', '.join(requirements)} (is PyPI reachable?)")
-
-
-def _pip(args: list[str], doing: str) -> None:
-    cmd = [sys.executable, "-m", "pip", *args, "--quiet", "--disable-pip-version-check"]
-    done = subprocess.run(cmd, capture_output=True, text=True, check=False)
-    if done.returncode != 0:
-        last = (done.stderr or done.stdout).strip().splitlines()
-        raise PipelineError(f"pip could not {doing}: {last[-1] if last else f'exit code {done.returncode}'}")
-
-
-def run_files(run_dir: Path, with_last: bool = False) -> list[Path]:
-    """The files of a run that predict reads, relative to ``run_dir``; last.pt only on request."""
-    from pipeline.predict import find_members
-
-    run_dir = Path(run_dir)
-    if not any(run_dir.rglob("best.pt")):
-        raise PipelineError(f"{run_dir} holds no best.pt; train the run first, or leave out --run")
-    names = (*MEMBER_FILES, "last.pt") if with_last else MEMBER_FILES
-    files = [Path(name) for name in RUN_FILES if (run_dir / name).is_file()]
-    for member in find_members(run_dir, "all"):
-        rel = member.relative_to(run_dir)
-        files += [rel / name for name in names if (member / name).is_file() and rel / name not in files]
-    return files
-
-
-@dataclass(frozen=True)
-class DatasetPlan:
-    """Which local file lands where in the dataset folder."""
-
-    ref: str
-    title: str
-    copies: list[tuple[Path, Path]] = field(default_factory=list)  # (source, path in the dataset)
-    wheels: bool = False  # also the wheels of requirements missing from Kaggle's image
-
-    def description(self) -> str:
-        run = [str(dest) for _, dest in self.copies if dest.name == "best.pt"]
-        models = f"the trained models {', '.join(run)}" if run else "no trained run"
-        return (f"The {DISTRIBUTION} wheel and {models}, for offline Kaggle kernels "
-                "built by `pipeline kernel build`.")
-
-
-def plan_dataset(ref: str, title: str, run_dir: Path | None, weights: Iterable[Path] = (),
-                 with_last: bool = False, wheels: bool = False) -> DatasetPlan:
-    """What the dataset folder will hold; nothing is read but the run's file list."""
-    copies = [(Path(run_dir) / rel, RUN_FOLDER / rel) for rel in run_files(run_dir, with_last)] if run_dir else []
-    for path in weights:
-        if not Path(path).is_file():
-            raise PipelineError(f"--weights {path} is not a file; give the weights file the kernel trains from")
-        copies.append((Path(path), Path(WEIGHTS_FOLDER) / Path(path).name))
-    return DatasetPlan(ref, title, copies, wheels)
-
-
-def write_dataset(plan: DatasetPlan, out_dir: Path, comps: Iterable[Competition], force: bool = False) -> list[Path]:
-    """Write the dataset folder for `kaggle datasets create -p OUT_DIR`; returns its files.
-
-    Built beside ``out_dir`` and renamed into place once complete and checked.
-    """
-    out_dir, comps = Path(out_dir), list(comps)
-    meta = dataset_metadata(plan.ref, plan.title, plan.description())
-    problems = validate_dataset_metadata(meta)
-    if problems:
-        raise PipelineError(f"dataset metadata for {plan.ref}: {problems[0]}; pass another --title or --dataset")
-    _check_out_dir(out_dir, force)
-    check_sources([src for src, _ in plan.copies], comps)
-    staging = out_dir.resolve().with_name(f".{out_dir.resolve().name}.partial")
-    shutil.rmtree(staging, ignore_errors=True)
-    staging.mkdir(parents=True)
-    try:
-        build_pipeline_wheel(staging)
-        if plan.wheels:
-            download_wheels(wheel_requirements(_requires(), _installed()), staging)
-        for src, dest in plan.copies:
-            (staging / dest).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(src, staging / dest)
-        atomic_write_json(staging / DATASET_METADATA_FILE, meta)
-        check_folder(staging, comps)
-        shutil.rmtree(out_dir, ignore_errors=True)
-        staging.rename(out_dir)
-    finally:
-        shutil.rmtree(staging, ignore_errors=True)
-    return sorted(p.relative_to(out_dir) for p in out_dir.rglob("*") if p.is_file())
-
-
-def _check_out_dir(out_dir: Path, force: bool) -> None:
-    """Only an empty folder, or with --force one this command wrote, may become the dataset."""
-    if not out_dir.exists() or (out_dir.is_dir() and not any(out_dir.iterdir())):
-        return
-    if not (out_dir / DATASET_METADATA_FILE).is_file():
-        raise PipelineError(f"{out_dir} is not empty and holds no {DATASET_METADATA_FILE}; choose an empty --out")
-    if not force:
-        raise PipelineError(f"{out_dir} already holds a dataset; pass --force to replace it")
-
-
-def _requires() -> list[str]:
-    from importlib.metadata import PackageNotFoundError, requires
-
-    try:
-        return requires(DISTRIBUTION) or []
-    except PackageNotFoundError:
-        raise PipelineError(f"{DISTRIBUTION} is not installed here; `pip install -e .` in the project first") from None
-
-
-def _installed() -> dict[str, str]:
-    from importlib.metadata import distributions
-
-    return {requirement_name(d.metadata["Name"] or ""): d.version for d in distributions()}
-
-
-# ---------------------------------------------------------------- never packaged
-
-
-def forbidden_name(name: str) -> bool:
-    """Credentials by name: kaggle.json and .env files."""
-    return name == "kaggle.json" or name == ".env" or name.startswith(".env.") or name.endswith(".env")
-
-
-def download_root(path: Path, comps: Iterable[Competition]) -> Path | None:
-    """The competition download ``path`` lies in (a folder with its labels file and sample), or None."""
-    path = Path(path).resolve()
-    for folder in (path, *path.parents) if path.is_dir() else path.parents:
-        for comp in comps:
-            if (folder / comp.labels_file).is_file() and (folder / comp.sample_submission).is_file():
-                return folder
-    return None
-
-
-def check_sources(sources: Iterable[Path], comps: Iterable[Competition]) -> None:
-    """Refuse credentials and anything inside a competition's download."""
-    comps = list(comps)
-    for src in sources:
-        if forbidden_name(Path(src).name):
-            raise PipelineError(f"refusing to package {src}: credentials never leave this machine; "
-                                "move the file out of the folders you package")
-        root = download_root(src, comps)
-        if root is not None:
-            raise PipelineError(f"refusing to package {src}: it lies in the competition download {root}; "
-                                "the kernel attaches the competition's data itself")
-
-
-def secret_values() -> list[str]:
-    """The values of the Kaggle secrets set in the environment (too short to be a key: ignored)."""
-    return [os.environ[v] for v in SECRET_VARIABLES if len(os.environ.get(v, "")) >= 8]
-
-
-def _contains(path: Path, needle: bytes, chunk: int = 1 << 22) -> bool:
-    """Whether ``needle`` occurs in the file, read in overlapping chunks."""
-    tail = b""
-    with open(path, "rb") as fh:
-        while block := fh.read(chunk):
-            if needle in tail + block:
-                return True
-            tail = block[-len(needle):]
-    return False
-
-
-def _archive_problem(path: Path, secrets: list[bytes]) -> str | None:
-    """A credential inside a wheel or zip, by name or by (compressed) content."""
-    with zipfile.ZipFile(path) as zf:
-        for info in zf.infolist():
-            if forbidden_name(Path(info.filename).name):
-                return f"holds {info.filename}"
-            if secrets and any(s in zf.read(info) for s in secrets):
-                return f"member {info.filename} holds the value of ${'/$'.join(SECRET_VARIABLES)}"
-    return None
-
-
-def check_folder(folder: Path, comps: Iterable[Competition]) -> None:
-    """Scan what is about to be uploaded: no credentials by name, no secret value inside, no raw data."""
-    files = sorted(p for p in Path(folder).rglob("*") if p.is_file())
-    check_sources(files, comps)
-    secrets = [s.encode() for s in secret_values()]
-    for path in files:
-        if any(_contains(path, s) for s in secrets):
-            raise PipelineError(f"refusing to package {path}: it holds the value of "
-                                f"${'/$'.join(SECRET_VARIABLES)}; remove it and build again")
-        problem = _archive_problem(path, secrets) if path.suffix in (".whl", ".zip") else None
-        if problem:
-            raise PipelineError(f"refusing to package {path}: it {problem}; remove it and build again")
 
 
 # ---------------------------------------------------------------- pushing

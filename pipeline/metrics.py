@@ -28,3 +28,12 @@ def is_better(comp: Competition, new: float, old: float | None) -> bool:
     if old is None or math.isnan(old):
         return True
     return new > old if comp.higher_is_better else new < old
+
+
+def better(metric: str, new: float, old: float | None) -> bool:
+    """Whether ``new`` beats ``old`` under ``metric`` (NaN never does; a missing old always loses)."""
+    if math.isnan(new):
+        return False
+    if old is None or math.isnan(old):
+        return True
+    return new > old if metric == "accuracy" else new < old

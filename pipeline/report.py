@@ -5,7 +5,7 @@ The figures are pure functions of frames and arrays that return a matplotlib
 construction). :func:`write_report` gathers their inputs from a run and its
 work folder and is the only function here that writes files.
 
-A "predictions frame" has the layout of oof.csv: columns id, label, then one
+A "predictions frame" has the layout of the out-of-fold predictions: columns id, label, then one
 probability column per class in reorg.json's order.
 """
 from __future__ import annotations
@@ -18,25 +18,22 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-import torch
 from matplotlib import colormaps
 from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.ticker import MaxNLocator
 
-from pipeline.config import load_config
 from pipeline.data import (
     Item,
-    build_transform,
     fold_split,
     list_split,
     load_reorg,
     read_image,
 )
-from pipeline.distributed import resolve_device
 from pipeline.errors import PipelineError
 from pipeline.io import atomic_save, read_csv
-from pipeline.predict import find_members, load_member, predict_member, predict_probs
+from pipeline.predict import predict_items
+from pipeline.runs import HOLDOUT, Member, Run
 
 log = logging.getLogger("pipeline")
 
@@ -179,22 +176,12 @@ def decode_image(path: Path) -> np.ndarray:
         raise PipelineError(f"cannot read image {path} ({exc}); check the path and that it is an image file") from None
 
 
-def predict_images(run_dir: Path, images: list[np.ndarray], members: str = "auto", tta: str = "none",
+def predict_images(run_dir: Path, paths: list[Path], members: str = "auto", tta: str = "none",
                    device: str = "auto") -> tuple[list[str], np.ndarray]:
-    """Class names and (N, C) softmax of decoded images, averaged over the run's members."""
-    dev = resolve_device(device)
-    chosen = find_members(run_dir, members)
-    classes, total = None, 0.0
-    for member_dir in chosen:
-        model, cfg, member_classes = load_member(member_dir, dev)
-        if classes is not None and member_classes != classes:
-            raise PipelineError(f"{member_dir} was trained on other classes than {chosen[0]}; choose --members")
-        classes = member_classes
-        transform = build_transform(cfg.augment, cfg.image_size, cfg.mean, cfg.std, train=False)
-        x = torch.stack([transform(image=image)["image"] for image in images])  # (N, 3, H, W)
-        one_batch = [(x, None, torch.arange(len(images)))]
-        total = total + predict_probs(model, one_batch, dev, tta, len(images), len(classes))
-    return classes, total / len(chosen)
+    """Class names and (N, C) softmax of image files, averaged over the run's members."""
+    items = [Item(str(path), Path(path), -1) for path in paths]
+    _, probs, classes = predict_items(Run(run_dir).finished(members), items, tta=tta, device=device)
+    return classes, probs
 
 
 # ---------------------------------------------------------------- a run's inputs
@@ -205,22 +192,17 @@ def _natural_key(name: str) -> tuple:
 
 
 def read_metrics(run_dir: Path) -> dict[str, pd.DataFrame]:
-    """Every member's metrics.csv under the run, by member name (holdout, fold0, ..., full)."""
-    run_dir = Path(run_dir)
-    found = {}
-    for path in sorted(run_dir.rglob("metrics.csv"), key=lambda p: _natural_key(str(p.relative_to(run_dir)))):
-        name = "holdout" if path.parent == run_dir else str(path.parent.relative_to(run_dir))
-        found[name] = pd.read_csv(path)
+    """Every member's metrics.csv, by member name (holdout, fold0, ..., full)."""
+    found = {m.name: m.metrics() for m in Run(run_dir).members() if m.metrics_path.is_file()}
     if not found:
-        raise PipelineError(f"no metrics.csv under {run_dir}; is it a training run that finished an epoch?")
+        raise PipelineError(f"no member with metrics under {run_dir}; is it a training run that finished an epoch?")
     return found
 
 
-def _valid_items(member_dir: Path, work_dir: Path, info: dict) -> list[Item]:
-    cfg = load_config(member_dir)
-    if cfg.fold is not None:
-        return fold_split(work_dir, info, cfg.fold)[1]
-    return list_split(work_dir, info, "valid") if cfg.mode == "holdout" else []
+def _valid_items(member: Member, work_dir: Path, info: dict) -> list[Item]:
+    if member.fold is not None:
+        return fold_split(work_dir, info, member.fold)[1]
+    return list_split(work_dir, info, "valid") if member.kind == HOLDOUT else []
 
 
 def validation_predictions(run_dir: Path, work_dir: Path, info: dict, device: str = "auto") -> pd.DataFrame:
@@ -230,7 +212,8 @@ def validation_predictions(run_dir: Path, work_dir: Path, info: dict, device: st
     has no validation images and adds nothing.
     """
     classes = info["classes"]
-    oof_path = Path(run_dir) / "oof.csv"
+    run = Run(run_dir)
+    oof_path = run.oof_path
     if oof_path.is_file():
         frame = read_csv(oof_path, what="out-of-fold predictions")
         missing = [c for c in ("id", "label", *classes) if c not in frame.columns]
@@ -239,14 +222,15 @@ def validation_predictions(run_dir: Path, work_dir: Path, info: dict, device: st
         frame[classes] = frame[classes].astype(np.float64)
         return frame
     frames = []
-    for member_dir in find_members(run_dir, "all"):
-        items = _valid_items(member_dir, work_dir, info)
+    for member in run.finished("all"):
+        items = _valid_items(member, work_dir, info)
         if items:
-            ids, probs = predict_member(member_dir, items, device=device)
+            ids, probs, _ = predict_items([member], items, device=device, unreadable="drop")
             if probs.shape[1] != len(classes):
-                raise PipelineError(f"{member_dir} predicts {probs.shape[1]} classes, {work_dir} has {len(classes)}; "
+                raise PipelineError(f"{member.dir} predicts {probs.shape[1]} classes, {work_dir} has {len(classes)}; "
                                     "pass the --work-dir the run used")
-            frames.append(prediction_frame(ids, [it.target for it in items], probs, classes))
+            target = {it.id: it.target for it in items}
+            frames.append(prediction_frame(ids, [target[i] for i in ids], probs, classes))
     if not frames:
         return prediction_frame([], [], np.zeros((0, len(classes))), classes)
     return pd.concat(frames, ignore_index=True)
@@ -303,7 +287,7 @@ def write_report(run_dir: Path, work_dir: Path, out_dir: Path, device: str = "au
     preds = validation_predictions(run_dir, work_dir, info, device)
     if len(preds):
         matrix = confusion_counts(preds, classes)
-        source = "out-of-fold" if (run_dir / "oof.csv").is_file() else "validation"
+        source = "out-of-fold" if Run(run_dir).oof_path.is_file() else "validation"
         title = f"{source}: {len(preds)} images, accuracy {np.trace(matrix) / len(preds):.4f}"
         figures["confusion_matrix.png"] = confusion_figure(matrix, classes, title)
         paths = {it.id: it.path for it in list_split(work_dir, info, "train_valid")}

@@ -114,3 +114,18 @@ def write_submission(frame: pd.DataFrame, path: Path, force: bool) -> None:
     if path.exists() and not force:
         raise PipelineError(f"{path} already exists; pass --force to overwrite it or choose another name")
     atomic_write_csv(path, frame, float_format="%.10g")
+
+
+def check_submission_file(comp: Competition, submission_csv: Path, sample: Path | None = None,
+                          work_dir: Path | None = None) -> tuple[pd.DataFrame, list[str]]:
+    """Read a submission CSV and list every problem against the sample (and the work dir's classes)."""
+    from pipeline.data import load_reorg
+    from pipeline.io import read_csv
+    from pipeline.reorg import SAMPLE_FILE
+
+    if sample is None and work_dir is None:
+        raise PipelineError("give --sample FILE (the competition's sample submission) or --work-dir DIR")
+    sample_path = sample or Path(work_dir) / SAMPLE_FILE
+    classes = load_reorg(work_dir)["classes"] if work_dir is not None else None
+    frame = read_csv(submission_csv, what="submission")
+    return frame, check_submission(comp, frame, read_csv(sample_path, what="sample submission"), classes)

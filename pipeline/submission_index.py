@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import csv
 import io
-import json
 import math
 from collections.abc import Sequence
 from datetime import datetime, timezone
@@ -17,10 +16,10 @@ from pathlib import Path
 
 import pandas as pd
 
-from pipeline.config import load_config
-from pipeline.train import DONE_FILE
+from pipeline.config import load_resolved
 from pipeline.errors import PipelineError
 from pipeline.io import exclusive_lock, os_error_message, read_csv
+from pipeline.runs import HOLDOUT, Member, Run
 
 COLUMNS = ("time", "competition", "file", "run_dir", "model", "cv_score", "members", "tta")
 
@@ -94,27 +93,22 @@ def read_index(path: Path) -> pd.DataFrame:
 def run_summary(run_dir: Path) -> dict:
     """{"model", "cv_score"} of a run: the CV score of cv.json, else the best holdout score.
 
-    The holdout score is the best validation score training recorded in
-    RUN_DIR/done.json; cv_score is "" when neither exists (a --full run, or
-    folds still training).
+    The holdout score is the best validation score training recorded when the
+    holdout member finished; cv_score is "" when neither exists (a --full run,
+    or folds still training).
     """
-    run_dir = Path(run_dir)
-    cfg = load_config(run_dir)
-    cv_path = run_dir / "cv.json"
-    if cv_path.is_file():
-        try:
-            cv = json.loads(cv_path.read_text(encoding="utf-8"))
-        except (OSError, ValueError) as exc:
-            raise PipelineError(f"{cv_path} is unreadable ({exc}); rerun training to rewrite it") from None
-        if cv.get("cv") is not None:
-            return {"model": cfg.model, "cv_score": float(cv["cv"])}
-    return {"model": cfg.model, "cv_score": _best_holdout_score(run_dir)}
+    run = Run(run_dir)
+    cfg, _ = load_resolved(run.config_path)
+    cv = run.read_cv()
+    if cv is not None and cv.get("cv") is not None:
+        return {"model": cfg.model, "cv_score": float(cv["cv"])}
+    return {"model": cfg.model, "cv_score": _best_holdout_score(run.member(HOLDOUT))}
 
 
-def _best_holdout_score(run_dir: Path) -> float | str:
-    """The best validation score that training recorded in done.json ("" if none)."""
+def _best_holdout_score(member: Member) -> float | str:
+    """The best validation score that training recorded for the holdout member ("" if none)."""
     try:
-        metric = json.loads((run_dir / DONE_FILE).read_text(encoding="utf-8"))["best"]["metric"]
-    except (OSError, ValueError, KeyError, TypeError):
+        metric = member.done()["best"]["metric"]
+    except (PipelineError, KeyError, TypeError):
         return ""
     return "" if metric is None or math.isnan(metric) else float(metric)

@@ -19,13 +19,13 @@ requires_shared = pytest.mark.skipif(not (SHARED / "data").is_dir(), reason=f"{S
 
 def make_competition(slug: str = "toy", submission: str = "label", image_ext: str = ".png", **kw) -> Competition:
     """A registered toy competition (removed again by the fixture that uses it)."""
+    kw.setdefault("recipe", Recipe(model="fastnet_s", epochs=2, batch_size=16, lr=0.3, schedule="cosine",
+                                   augment="pad_crop_flip"))
     comp = Competition(
         slug=slug, title="toy", labels_file="labels.csv", id_column="id", label_column="label",
         sample_submission="sample.csv", submission=submission,
         metric="accuracy" if submission == "label" else "log_loss", image_size=16, image_ext=image_ext,
-        mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25),
-        recipe=Recipe(model="fastnet_s", epochs=2, batch_size=16, lr=0.3, schedule="cosine", augment="pad_crop_flip"),
-        **kw,
+        mean=(0.5, 0.5, 0.5), std=(0.25, 0.25, 0.25), **kw,
     )
     _REGISTRY.pop(slug, None)
     return register(comp)

@@ -102,7 +102,7 @@ def test_named_recipes():
     from pipeline.config import config_from_recipe
 
     comp = get_competition("cifar-10")
-    fast = config_from_recipe(comp, "w", "r", recipe_name="fast", epochs=3)
+    fast = config_from_recipe(comp, "w", "r", recipe_name="fast", epochs=3).config
     assert (fast.model, fast.tta, fast.nesterov, fast.epochs) == ("fastnet", "flip", True, 3)
     with pytest.raises(PipelineError, match="no recipe 'nope'; choose one of: default, fast, resnet18"):
         config_from_recipe(comp, "w", "r", recipe_name="nope")

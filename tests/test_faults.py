@@ -40,7 +40,7 @@ def digits_work(tmp_path_factory) -> Path:
 
 def metrics_rows(run: Path) -> int:
     try:
-        return len(pd.read_csv(run / "metrics.csv"))
+        return len(pd.read_csv(run / "holdout" / "metrics.csv"))
     except (FileNotFoundError, pd.errors.EmptyDataError):
         return 0
 
@@ -59,7 +59,7 @@ def start_and_signal(args: list, run: Path, sig: int, after_rows: int) -> subpro
 
 
 def comparable(run: Path) -> pd.DataFrame:
-    return pd.read_csv(run / "metrics.csv").drop(columns="seconds")
+    return pd.read_csv(run / "holdout" / "metrics.csv").drop(columns="seconds")
 
 
 @pytest.mark.slow
@@ -68,13 +68,13 @@ def test_sigkill_then_resume_matches_an_uninterrupted_run(digits_work, tmp_path)
     pipeline("train", "digits", digits_work, whole, *TRAIN)
     proc = start_and_signal(["train", "digits", digits_work, killed, *TRAIN], killed, signal.SIGKILL, after_rows=2)
     assert proc.returncode == -signal.SIGKILL
-    assert 2 <= metrics_rows(killed) < EPOCHS and not (killed / "done.json").exists()
-    load_checkpoint(killed / "last.pt")  # the checkpoint on disk is complete
+    assert 2 <= metrics_rows(killed) < EPOCHS and not (killed / "holdout" / "done.json").exists()
+    load_checkpoint(killed / "holdout" / "last.pt")  # the checkpoint on disk is complete
     refused = pipeline("train", "digits", digits_work, killed, *TRAIN, check=False)
     assert refused.returncode == 1 and "use --resume" in refused.stderr
     pipeline("train", "digits", digits_work, killed, "--resume")
     pd.testing.assert_frame_equal(comparable(whole), comparable(killed))
-    assert load_checkpoint(whole / "best.pt")["best"] == load_checkpoint(killed / "best.pt")["best"]
+    assert load_checkpoint(whole / "holdout" / "best.pt")["best"] == load_checkpoint(killed / "holdout" / "best.pt")["best"]
 
 
 @pytest.mark.slow
@@ -83,9 +83,9 @@ def test_ctrl_c_saves_and_exits_130(digits_work, tmp_path):
     proc = start_and_signal(["train", "digits", digits_work, run, *TRAIN], run, signal.SIGINT, after_rows=1)
     assert proc.returncode == 130
     assert "--resume" in proc.stderr_text and "Traceback" not in proc.stderr_text
-    assert load_checkpoint(run / "last.pt")["epoch"] >= 1
+    assert load_checkpoint(run / "holdout" / "last.pt")["epoch"] >= 1
     pipeline("train", "digits", digits_work, run, "--resume")
-    assert metrics_rows(run) == EPOCHS and (run / "done.json").is_file()
+    assert metrics_rows(run) == EPOCHS and (run / "holdout" / "done.json").is_file()
 
 
 @pytest.mark.slow
@@ -95,13 +95,13 @@ def test_torchrun_two_cpu_processes_with_gloo(digits_work, tmp_path):
            "digits", str(digits_work), str(run), "--epochs", "2", "--batch-size", "32", "--device", "cpu"]
     done = subprocess.run(cmd, capture_output=True, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
-    metrics = pd.read_csv(run / "metrics.csv")
+    metrics = pd.read_csv(run / "holdout" / "metrics.csv")
     n_train = json.loads((digits_work / "reorg.json").read_text())["counts"]["train"]
     per_rank = -(-n_train // 2)  # DistributedSampler pads to an even split
     assert metrics["steps"].tolist() == [per_rank // 32] * 2  # each rank steps on its half
     assert len(metrics) == 2  # written once, by rank 0
     assert done.stdout.count("best accuracy") == 1
-    state = load_checkpoint(run / "best.pt")
+    state = load_checkpoint(run / "holdout" / "best.pt")
     assert not any(k.startswith("module.") for k in state["model"])  # saved unwrapped: predict loads it
     pipeline("predict", "digits", digits_work, run, tmp_path / "sub.csv")
     assert len(pd.read_csv(tmp_path / "sub.csv")) == 300

@@ -44,7 +44,7 @@ def test_dog_breed_chain_with_offline_weights_and_frozen_backbone(tmp_path):
     work, run, sub = tmp_path / "work", tmp_path / "run", tmp_path / "sub.csv"
     ok("reorg", "dog-breed-identification", raw, work)
     ok("train", "dog-breed-identification", work, run, "--model", "timm:tf_efficientnet_lite0", "--weights", WEIGHTS,
-       "--freeze-backbone", "--image-size", "64", "--epochs", "1", "--batch-size", "32", "--device", "cpu")
+       "--image-size", "64", "--epochs", "1", "--batch-size", "32", "--device", "cpu")
     ok("predict", "dog-breed-identification", work, run, sub)
     frame = pd.read_csv(sub, dtype={"id": str})
     sample = pd.read_csv(raw / "sample_submission.csv", dtype={"id": str})
@@ -53,8 +53,12 @@ def test_dog_breed_chain_with_offline_weights_and_frozen_backbone(tmp_path):
     assert frame["id"].tolist() == sample["id"].tolist()
     probs = frame.iloc[:, 1:].to_numpy()
     assert (abs(probs.sum(axis=1) - 1) < 1e-6).all() and probs.min() > 0
-    config = json.loads((run / "config.json").read_text())
+    doc = json.loads((run / "config.json").read_text())
+    config, sources = doc["config"], doc["sources"]
     assert config["mean"] == [0.5, 0.5, 0.5] and config["image_size"] == 64  # the weights' normalisation
+    assert (sources["mean"], sources["image_size"]) == ("weights", "flag")
+    # overriding --model keeps the recipe's transfer choices: frozen backbone, MLP head
+    assert (config["freeze_backbone"], config["head"], sources["head"]) == (True, "mlp", "competition")
 
 
 @pytest.mark.slow
@@ -64,7 +68,7 @@ def test_digits_demo_reaches_90_percent(tmp_path):
     ok("reorg", "digits", raw, work)
     out = ok("train", "digits", work, run, "--device", "cpu")
     ok("predict", "digits", work, run, sub)
-    metrics = pd.read_csv(run / "metrics.csv")
+    metrics = pd.read_csv(run / "holdout" / "metrics.csv")
     assert metrics["valid_accuracy"].max() >= 0.9, out
     assert len(pd.read_csv(sub)) == 300
 
@@ -90,7 +94,7 @@ def test_every_registered_model_trains_on_cifar10_tiny(cifar_tiny_work, tmp_path
     # Bottleneck ResNets see 1x1 maps in layer4 at 32 px: clip so one step at lr 0.1 cannot diverge
     ok("train", "cifar-10", cifar_tiny_work, run, "--model", model, "--epochs", "1", "--steps-per-epoch", "1",
        "--batch-size", "8", "--clip-grad", "1", "--device", "cpu")
-    metrics = pd.read_csv(run / "metrics.csv")
+    metrics = pd.read_csv(run / "holdout" / "metrics.csv")
     assert metrics["steps"].tolist() == [1] and metrics["valid_accuracy"].between(0, 1).all()
 
 
@@ -142,7 +146,7 @@ def test_feature_cache_matches_the_uncached_path(tmp_path):
               "--epochs", "2", "--batch-size", "32", "--augment", "none", "--lr", "0.01", "--device", "cpu"]
     ok("train", "dog-breed-identification", work, tmp_path / "cached", *common)
     ok("train", "dog-breed-identification", work, tmp_path / "plain", *common, "--no-feature-cache")
-    cached, plain = (pd.read_csv(tmp_path / n / "metrics.csv") for n in ("cached", "plain"))
+    cached, plain = (pd.read_csv(tmp_path / n / "holdout" / "metrics.csv") for n in ("cached", "plain"))
     assert cached["valid_log_loss"].to_numpy() == pytest.approx(plain["valid_log_loss"].to_numpy(), rel=1e-4)
     assert list((work / "cache").glob("features-*.pt"))  # computed once, kept for the next run
 
@@ -153,7 +157,7 @@ def test_fast_recipe_with_a_whitened_stem_runs_through_the_cli(cifar_tiny_work, 
     run = tmp_path / "run"
     ok("train", "cifar-10", cifar_tiny_work, run, "--recipe", "fast", "--epochs", "2", "--batch-size", "64",
        "--device", "cpu")
-    config = json.loads((run / "config.json").read_text())
+    config = json.loads((run / "config.json").read_text())["config"]
     assert (config["model"], config["data_init"], config["tta"], config["label_smoothing"]) == ("fastnet", True, "flip", 0.2)
-    metrics = pd.read_csv(run / "metrics.csv")
+    metrics = pd.read_csv(run / "holdout" / "metrics.csv")
     assert metrics["steps"].tolist() == [900 // 64] * 2 and metrics["valid_accuracy"].max() > 0.1

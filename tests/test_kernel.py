@@ -16,7 +16,7 @@ import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
-from pipeline import kernel
+from pipeline import kernel, kernel_dataset
 from pipeline.cli import app
 from pipeline.competition import list_competitions
 from pipeline.errors import PipelineError
@@ -35,7 +35,7 @@ def make_spec(**changes) -> KernelSpec:
     return KernelSpec(**{**fields, **changes})
 
 
-def fake_run(root: Path, members: tuple[str, ...] = ("",)) -> Path:
+def fake_run(root: Path, members: tuple[str, ...] = ("holdout",)) -> Path:
     """A run's file layout with placeholder contents (predict is not called)."""
     for member in members:
         (root / member).mkdir(parents=True, exist_ok=True)
@@ -53,7 +53,7 @@ def fake_wheel(monkeypatch):
         with zipfile.ZipFile(path, "w") as zf:
             zf.writestr("pipeline/__init__.py", "")
         return path
-    monkeypatch.setattr(kernel, "build_pipeline_wheel", build)
+    monkeypatch.setattr(kernel_dataset, "build_pipeline_wheel", build)
 
 
 @pytest.fixture
@@ -121,11 +121,11 @@ def test_validate_kernel_metadata_wants_an_id():
 
 
 def test_dataset_metadata_is_valid_and_its_validation_names_problems():
-    meta = kernel.dataset_metadata("me/kaggle-pipeline", "kaggle-pipeline", "wheel and run")
-    assert kernel.validate_dataset_metadata(meta) == []
-    assert kernel.validate_dataset_metadata({**meta, "title": "short"}) == ["title 'short' must be 6 to 50 characters"]
-    assert kernel.validate_dataset_metadata({**meta, "id": "me/ab"}) == ["id 'me/ab': the slug must be 3 to 50 characters"]
-    assert "licenses must hold exactly one entry" in kernel.validate_dataset_metadata({**meta, "licenses": []})[0]
+    meta = kernel_dataset.dataset_metadata("me/kaggle-pipeline", "kaggle-pipeline", "wheel and run")
+    assert kernel_dataset.validate_dataset_metadata(meta) == []
+    assert kernel_dataset.validate_dataset_metadata({**meta, "title": "short"}) == ["title 'short' must be 6 to 50 characters"]
+    assert kernel_dataset.validate_dataset_metadata({**meta, "id": "me/ab"}) == ["id 'me/ab': the slug must be 3 to 50 characters"]
+    assert "licenses must hold exactly one entry" in kernel_dataset.validate_dataset_metadata({**meta, "licenses": []})[0]
 
 
 def test_user_comes_from_option_then_dataset_owner_then_environment(monkeypatch, no_secrets):
@@ -223,7 +223,7 @@ def test_kernel_script_unpacks_a_run_that_was_uploaded_as_an_archive(monkeypatch
     dataset.mkdir(parents=True)
     shutil.make_archive(str(dataset / "run"), "zip", root_dir=tmp_path / "src", base_dir="run")
     run = ns["trained_run"](dataset)
-    assert run == tmp_path / "working" / "run-unpacked" / "run" and (run / "best.pt").is_file()
+    assert run == tmp_path / "working" / "run-unpacked" / "run" and (run / "holdout" / "best.pt").is_file()
     with pytest.raises(SystemExit):
         ns["trained_run"](tmp_path / "input")  # no run/ and no archive
 
@@ -235,47 +235,47 @@ def test_run_files_take_what_predict_needs_and_never_last_pt(tmp_path):
     run = fake_run(tmp_path / "run", ("fold0", "fold1", "full"))
     (run / "cv.json").write_text("{}")
     (run / "oof.csv").write_text("id\n")
-    files = kernel.run_files(run)
+    files = kernel_dataset.run_files(run)
     member = ["best.pt", "config.json", "done.json", "metrics.csv"]
     assert files == [Path("config.json"), Path("cv.json"),
                      *[Path(m) / n for m in ("fold0", "fold1", "full") for n in member]]
-    assert Path("fold0/last.pt") in kernel.run_files(run, with_last=True)
-    holdout = kernel.run_files(fake_run(tmp_path / "holdout"))
-    assert holdout == [Path("config.json"), Path("best.pt"), Path("done.json"), Path("metrics.csv")]
+    assert Path("fold0/last.pt") in kernel_dataset.run_files(run, with_last=True)
+    holdout = kernel_dataset.run_files(fake_run(tmp_path / "holdout"))
+    assert holdout == [Path("config.json"), *[Path("holdout") / n for n in member]]
 
 
 def test_run_files_want_a_trained_model(tmp_path):
     (tmp_path / "run").mkdir()
-    with pytest.raises(PipelineError, match="holds no best.pt"):
-        kernel.run_files(tmp_path / "run")
+    with pytest.raises(PipelineError, match="holds no finished model"):
+        kernel_dataset.run_files(tmp_path / "run")
 
 
 def test_wheel_requirements_are_what_kaggles_image_lacks_pinned_to_this_machine():
     requires = ["torch>=2.1", "timm>=1.0", "Scikit_Learn>=1.3", "typer>=0.12", "rich>=13",
                 'pytest>=8; extra == "test"', 'kaggle>=1.6; extra == "kaggle"']
-    assert kernel.wheel_requirements(requires, {"typer": "0.29.2"}) == ["typer==0.29.2", "rich>=13"]
+    assert kernel_dataset.wheel_requirements(requires, {"typer": "0.29.2"}) == ["typer==0.29.2", "rich>=13"]
 
 
 def test_download_wheels_calls_pip_download_with_an_argument_list(monkeypatch, tmp_path):
     calls = []
-    monkeypatch.setattr(kernel.subprocess, "run", lambda cmd, **kw: calls.append(cmd) or subprocess.CompletedProcess(cmd, 0, "", ""))
-    kernel.download_wheels(["typer==0.29.2"], tmp_path)
+    monkeypatch.setattr(kernel_dataset.subprocess, "run", lambda cmd, **kw: calls.append(cmd) or subprocess.CompletedProcess(cmd, 0, "", ""))
+    kernel_dataset.download_wheels(["typer==0.29.2"], tmp_path)
     assert calls == [[sys.executable, "-m", "pip", "download", "--only-binary=:all:", "-d", str(tmp_path),
                       "typer==0.29.2", "--quiet", "--disable-pip-version-check"]]
 
 
 def test_a_failing_pip_is_one_line_naming_the_reason(monkeypatch, tmp_path):
     failed = subprocess.CompletedProcess([], 1, "", "ERROR: No matching distribution found for typer==0.29.2\n")
-    monkeypatch.setattr(kernel.subprocess, "run", lambda cmd, **kw: failed)
+    monkeypatch.setattr(kernel_dataset.subprocess, "run", lambda cmd, **kw: failed)
     with pytest.raises(PipelineError, match="pip could not download wheels of typer==0.29.2.*No matching distribution"):
-        kernel.download_wheels(["typer==0.29.2"], tmp_path)
+        kernel_dataset.download_wheels(["typer==0.29.2"], tmp_path)
 
 
 def test_dataset_with_wheels_asks_pip_for_the_missing_requirements(monkeypatch, tmp_path, fake_wheel):
     asked = []
-    monkeypatch.setattr(kernel, "download_wheels", lambda reqs, dest: asked.append(reqs))
-    plan = kernel.plan_dataset("me/kaggle-pipeline", "kaggle-pipeline", None, wheels=True)
-    kernel.write_dataset(plan, tmp_path / "ds", list_competitions())
+    monkeypatch.setattr(kernel_dataset, "download_wheels", lambda reqs, dest: asked.append(reqs))
+    plan = kernel_dataset.plan_dataset("me/kaggle-pipeline", "kaggle-pipeline", None, wheels=True)
+    kernel_dataset.write_dataset(plan, tmp_path / "ds", list_competitions())
     assert asked == [[f"typer=={importlib.metadata.version('typer')}"]]
 
 
@@ -290,7 +290,7 @@ def test_dataset_folder_holds_metadata_wheel_and_best_checkpoints(tmp_path, fake
     assert files == sorted(["dataset-metadata.json", "kaggle_pipeline-0.1.0-py3-none-any.whl", "run/config.json",
                             *[f"run/fold{k}/{n}" for k in (0, 1) for n in member], "weights/lite0.safetensors"])
     meta = json.loads((tmp_path / "ds" / "dataset-metadata.json").read_text())
-    assert meta["id"] == "me/kaggle-pipeline" and kernel.validate_dataset_metadata(meta) == []
+    assert meta["id"] == "me/kaggle-pipeline" and kernel_dataset.validate_dataset_metadata(meta) == []
     again = invoke("kernel", "dataset", "--out", tmp_path / "ds", "--run", run)
     assert again.exit_code == 1 and "--force" in again.output
     assert invoke("kernel", "dataset", "--out", tmp_path / "ds", "--run", run, "--force").exit_code == 0
@@ -300,9 +300,9 @@ def test_dataset_folder_holds_metadata_wheel_and_best_checkpoints(tmp_path, fake
 def test_dataset_refuses_a_folder_it_did_not_write(tmp_path, fake_wheel):
     (tmp_path / "ds").mkdir()
     (tmp_path / "ds" / "notes.txt").write_text("mine")
-    plan = kernel.plan_dataset("me/kaggle-pipeline", "kaggle-pipeline", None)
+    plan = kernel_dataset.plan_dataset("me/kaggle-pipeline", "kaggle-pipeline", None)
     with pytest.raises(PipelineError, match="choose an empty --out"):
-        kernel.write_dataset(plan, tmp_path / "ds", [], force=True)
+        kernel_dataset.write_dataset(plan, tmp_path / "ds", [], force=True)
     assert (tmp_path / "ds" / "notes.txt").read_text() == "mine"
 
 
@@ -314,26 +314,26 @@ def test_credentials_are_refused_by_name(tmp_path, fake_wheel, name):
     secret = tmp_path / "conf" / name
     secret.parent.mkdir()
     secret.write_text("{}")
-    plan = kernel.plan_dataset("me/kaggle-pipeline", "kaggle-pipeline", None, weights=[secret])
+    plan = kernel_dataset.plan_dataset("me/kaggle-pipeline", "kaggle-pipeline", None, weights=[secret])
     with pytest.raises(PipelineError, match=f"refusing to package .*{name}: credentials never leave"):
-        kernel.write_dataset(plan, tmp_path / "ds", [])
+        kernel_dataset.write_dataset(plan, tmp_path / "ds", [])
     assert not (tmp_path / "ds").exists()
 
 
 def test_competition_download_is_refused(toy, tmp_path, fake_wheel):
     comp, raw = toy
-    plan = kernel.plan_dataset("me/kaggle-pipeline", "kaggle-pipeline", None, weights=[raw / "train" / "1.png"])
+    plan = kernel_dataset.plan_dataset("me/kaggle-pipeline", "kaggle-pipeline", None, weights=[raw / "train" / "1.png"])
     with pytest.raises(PipelineError, match=f"lies in the competition download {raw}"):
-        kernel.write_dataset(plan, tmp_path / "ds", [comp])
+        kernel_dataset.write_dataset(plan, tmp_path / "ds", [comp])
 
 
 def test_a_file_holding_the_kaggle_key_is_refused(tmp_path, monkeypatch, fake_wheel):
     monkeypatch.setenv("KAGGLE_KEY", KEY)
     run = fake_run(tmp_path / "run")
-    (run / "metrics.csv").write_text(f"epoch,note\n1,{KEY}\n")
-    plan = kernel.plan_dataset("me/kaggle-pipeline", "kaggle-pipeline", run)
+    (run / "holdout" / "metrics.csv").write_text(f"epoch,note\n1,{KEY}\n")
+    plan = kernel_dataset.plan_dataset("me/kaggle-pipeline", "kaggle-pipeline", run)
     with pytest.raises(PipelineError, match=r"metrics.csv: it holds the value of \$KAGGLE_KEY"):
-        kernel.write_dataset(plan, tmp_path / "ds", [])
+        kernel_dataset.write_dataset(plan, tmp_path / "ds", [])
     assert not (tmp_path / "ds").exists() and not list(tmp_path.glob(".ds*"))
 
 
@@ -349,11 +349,11 @@ def test_a_wheel_hiding_credentials_is_refused(tmp_path, monkeypatch):
     with zipfile.ZipFile(tmp_path / "x-1.0-py3-none-any.whl", "w", zipfile.ZIP_DEFLATED) as zf:
         zf.writestr("x/settings.py", f"KEY = '{KEY}'\n" * 50)  # compressed: only a member scan sees it
     with pytest.raises(PipelineError, match="member x/settings.py holds the value"):
-        kernel.check_folder(tmp_path, [])
+        kernel_dataset.check_folder(tmp_path, [])
     with zipfile.ZipFile(tmp_path / "x-1.0-py3-none-any.whl", "w") as zf:
         zf.writestr("x/kaggle.json", "{}")
     with pytest.raises(PipelineError, match="holds x/kaggle.json"):
-        kernel.check_folder(tmp_path, [])
+        kernel_dataset.check_folder(tmp_path, [])
 
 
 # ---------------------------------------------------------------- the CLI and push
@@ -422,7 +422,7 @@ def test_push_calls_kaggle_kernels_push(built_kernel, monkeypatch):
 def test_push_dataset_creates_or_versions(tmp_path, monkeypatch, fake_wheel):
     calls = mock_kaggle(monkeypatch)
     ds = tmp_path / "ds"
-    kernel.write_dataset(kernel.plan_dataset("me/kaggle-pipeline", "kaggle-pipeline", fake_run(tmp_path / "run")), ds, [])
+    kernel_dataset.write_dataset(kernel_dataset.plan_dataset("me/kaggle-pipeline", "kaggle-pipeline", fake_run(tmp_path / "run")), ds, [])
     assert invoke("kernel", "push-dataset", ds).exit_code == 0
     assert invoke("kernel", "push-dataset", ds, "--message", "new run").exit_code == 0
     assert calls == [["/usr/bin/kaggle", "datasets", "create", "-p", str(ds), "--dir-mode", "zip"],
@@ -511,7 +511,7 @@ def test_training_kernel_starts_from_weights_carried_in_the_dataset(tmp_path, no
     done = run_kernel_script(tmp_path / "kern", inputs, tmp_path / "working")
     assert done.returncode == 0, done.stdout + done.stderr
     assert f"--weights {inputs / 'kaggle-pipeline-renamed' / 'weights' / WEIGHTS.name}" in done.stdout
-    assert (tmp_path / "working" / "run" / "best.pt").is_file()
+    assert (tmp_path / "working" / "run" / "holdout" / "best.pt").is_file()
     assert_dog_submission(tmp_path / "working" / "submission.csv", raw)
     print(f"kernel dry run, training: {time.perf_counter() - start:.1f}s")
 

@@ -198,7 +198,7 @@ def test_read_index_of_a_missing_file_is_empty(tmp_path):
 def test_run_summary_prefers_cv_then_the_best_holdout_score(runs, tmp_path):
     cv = json.loads((runs.folds / "cv.json").read_text())
     assert run_summary(runs.folds) == {"model": "fastnet_s", "cv_score": cv["cv"]}
-    best = pd.read_csv(runs.holdout / "metrics.csv")["valid_accuracy"].max()
+    best = pd.read_csv(runs.holdout / "holdout" / "metrics.csv")["valid_accuracy"].max()
     assert run_summary(runs.holdout) == {"model": "fastnet_s", "cv_score": best}
     untrained = tmp_path / "untrained"
     untrained.mkdir()

@@ -446,7 +446,7 @@ def test_unreadable_training_images_are_skipped_with_a_warning_naming_each(toy, 
     warned = _warned_about(result.stderr, ids)
     assert warned and all("unreadable" in line for line in warned)
     assert all(any(f"/{i}.png" in line for line in warned) for i in ids), warned
-    assert (tmp_path / "run" / "best.pt").is_file() and tree_hash(raw) == before
+    assert (tmp_path / "run" / "holdout" / "best.pt").is_file() and tree_hash(raw) == before
 
 
 @pytest.mark.parametrize("cache", [CACHE_ON, CACHE_OFF],
@@ -456,7 +456,7 @@ def test_strict_makes_an_unreadable_training_image_an_error(toy, tmp_path, cache
     line = error_line(train_fast(comp, work, tmp_path / "run", "--strict", *cache))
     assert line.startswith("error: cannot read image ") and "replace or remove the file" in line
     assert any(f"/{i}.png (id '{i}')" in line for i in ids)
-    assert not (tmp_path / "run" / "best.pt").exists()
+    assert not (tmp_path / "run" / "holdout" / "best.pt").exists()
 
 
 @pytest.mark.parametrize("cache", [CACHE_ON, CACHE_OFF],
@@ -587,12 +587,13 @@ def test_disk_full_while_checkpointing_keeps_the_last_epoch(toy, tmp_path, monke
 
     monkeypatch.setattr(torch, "save", save)
     line = error_line(train_fast(comp, work, run, "--epochs", "2"))
-    assert line == f"error: cannot write {run}/last.pt: No space left on device; free some disk space and run again"
+    member = run / "holdout"
+    assert line == f"error: cannot write {member}/last.pt: No space left on device; free some disk space and run again"
     monkeypatch.undo()
-    assert load_checkpoint(run / "last.pt")["epoch"] == 1
-    assert not [p for p in os.listdir(run) if p.endswith(".tmp")]
+    assert load_checkpoint(member / "last.pt")["epoch"] == 1
+    assert not [p for p in os.listdir(member) if p.endswith(".tmp")]
     ok(train_fast(comp, work, run, "--epochs", "2", "--resume"))
-    assert load_checkpoint(run / "last.pt")["epoch"] == 2
+    assert load_checkpoint(member / "last.pt")["epoch"] == 2
 
 
 def test_the_next_write_removes_temp_files_of_killed_writers_only(toy_run, tmp_path):
@@ -691,9 +692,9 @@ def test_a_checkpoint_that_would_run_code_is_refused_by_predict(toy_run, tmp_pat
     hostile = tmp_path / "hostile"
     shutil.copytree(run, hostile)
     marker = tmp_path / "pwned"
-    torch.save({"model": RunsCode(marker)}, hostile / "best.pt")  # torch's zip format, hostile pickle inside
+    torch.save({"model": RunsCode(marker)}, hostile / "holdout" / "best.pt")  # torch's zip format, hostile pickle inside
     line = predict_fails(comp, raw, hostile, tmp_path)
-    assert line.startswith(f"error: checkpoint {hostile}/best.pt was refused: it is not a plain-data checkpoint (")
+    assert line.startswith(f"error: checkpoint {hostile}/holdout/best.pt was refused: it is not a plain-data checkpoint (")
     assert "GLOBAL posix.system" in line and line.endswith("; only load files you trust from a pipeline run")
     assert not marker.exists()
 
@@ -702,11 +703,11 @@ def test_a_raw_pickle_as_last_pt_is_refused_on_resume(toy, tmp_path):
     comp, raw = toy
     work, run, marker = tmp_path / "work", tmp_path / "run", tmp_path / "pwned"
     reorg_ok(comp, raw, work)
-    run.mkdir()
-    (run / "last.pt").write_bytes(pickle.dumps({"model": RunsCode(marker)}))
+    (run / "holdout").mkdir(parents=True)
+    (run / "holdout" / "last.pt").write_bytes(pickle.dumps({"model": RunsCode(marker)}))
     line = error_line(train_fast(comp, work, run, "--resume"))
-    assert line.startswith(f"error: checkpoint {run}/last.pt was refused: it is not a plain-data checkpoint")
-    assert not marker.exists() and (run / "last.pt").read_bytes() == pickle.dumps({"model": RunsCode(marker)})
+    assert line.startswith(f"error: checkpoint {run}/holdout/last.pt was refused: it is not a plain-data checkpoint")
+    assert not marker.exists() and (run / "holdout" / "last.pt").read_bytes() == pickle.dumps({"model": RunsCode(marker)})
 
 
 def test_a_tampered_run_config_cannot_move_writes_outside_run_dir(toy_run, tmp_path):
@@ -714,8 +715,9 @@ def test_a_tampered_run_config_cannot_move_writes_outside_run_dir(toy_run, tmp_p
     work, mine = tmp_path / "work", tmp_path / "run"
     reorg_ok(comp, raw, work)
     shutil.copytree(run, mine)
-    config = json.loads((mine / "config.json").read_text())
-    (mine / "config.json").write_text(json.dumps({**config, "run_dir": str(tmp_path / "elsewhere")}))
+    doc = json.loads((mine / "config.json").read_text())
+    doc["config"]["run_dir"] = str(tmp_path / "elsewhere")
+    (mine / "config.json").write_text(json.dumps(doc))
     before = listing(tmp_path)
     train_fast(comp, work, mine, "--resume")
     # inside RUN_DIR, or training's own image cache inside WORK_DIR: nothing else

@@ -52,9 +52,8 @@ class FastNet(ClassifierBase):
         """Whiten the stem from a batch of normalised training images (B, C, H, W)."""
         whiten_stem(self, images)
 
-    def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
-        out = super().forward_head(x, pre_logits)
-        return out if pre_logits else out * self.logit_scale
+    def logits_from_pooled(self, x: Tensor) -> Tensor:
+        return super().logits_from_pooled(x) * self.logit_scale
 
 
 @torch.no_grad()

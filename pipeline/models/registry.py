@@ -80,9 +80,13 @@ class ClassifierBase(nn.Module):
     def forward_head(self, x: Tensor, pre_logits: bool = False) -> Tensor:
         """(B, C, H, W) map -> (B, num_features) pooled vector, or (B, num_classes) logits."""
         x = torch.flatten(self.avgpool(x), 1)
+        return x if pre_logits else self.logits_from_pooled(x)
+
+    def logits_from_pooled(self, x: Tensor) -> Tensor:
+        """(B, num_features) pooled vector -> (B, num_classes) logits: what a feature cache's head runs."""
         if self.drop_rate > 0:
             x = F.dropout(x, self.drop_rate, self.training)
-        return x if pre_logits else self.fc(x)
+        return self.fc(x)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.forward_head(self.forward_features(x))

@@ -1,0 +1,119 @@
+"""`pipeline train` and `pipeline recipes`: the train options are generated from TrainConfig's fields.
+
+A new setting is one field in pipeline/config.py: its flag, help and choices
+reach this command from the field's metadata.
+"""
+from __future__ import annotations
+
+import inspect
+import logging
+from pathlib import Path
+from typing import Annotated, Any, Optional
+
+import typer
+
+from pipeline.cli_common import Comp, RunDir, WorkDir, handle_errors, load_competition
+from pipeline.config import cli_fields, flag_of
+from pipeline.errors import PipelineError
+from pipeline.runs import LAST_FILE
+
+_TYPES = {"bool": bool, "int": int, "float": float, "str": str, "Path": Path}
+
+
+def _option(f) -> inspect.Parameter:
+    """A Typer option for one schema field: None when not given, so a recipe's value stays."""
+    base = _TYPES[str(f.type).split("|")[0].strip()]
+    flag = flag_of(f)
+    help_text = f.metadata["help"]
+    if f.metadata.get("choices"):
+        help_text += f" [{'|'.join(f.metadata['choices'])}]"
+    decls = [f"{flag}/--no-{flag[2:]}"] if base is bool else [flag]
+    annotation = Annotated[Optional[base], typer.Option(*decls, help=help_text, show_default=False)]
+    return inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=None, annotation=annotation)
+
+
+def _fixed_params() -> list[inspect.Parameter]:
+    kw = inspect.Parameter.KEYWORD_ONLY
+    opt = Optional[str]
+    return [
+        inspect.Parameter("competition", kw, annotation=Comp),
+        inspect.Parameter("work_dir", kw, annotation=WorkDir),
+        inspect.Parameter("run_dir", kw, annotation=RunDir),
+        inspect.Parameter("recipe", kw, default=None, annotation=Annotated[opt, typer.Option(
+            help="A named recipe of the competition (see `pipeline recipes`); options override it.")]),
+    ]
+
+
+def _control_params() -> list[inspect.Parameter]:
+    kw = inspect.Parameter.KEYWORD_ONLY
+    return [
+        inspect.Parameter("dry_run", kw, default=False, annotation=Annotated[bool, typer.Option(
+            "--dry-run", help="Print the resolved settings and the source of each; train nothing.")]),
+        inspect.Parameter("resume", kw, default=False, annotation=Annotated[bool, typer.Option(
+            "--resume", help=f"Continue an interrupted run from {LAST_FILE} (epochs, early stop, workers may change).")]),
+        inspect.Parameter("force", kw, default=False, annotation=Annotated[bool, typer.Option(
+            "--force", help="Overwrite a finished run in RUN_DIR.")]),
+    ]
+
+
+def resolve_for_command(competition: str, work_dir: Path, run_dir: Path, recipe: str | None, resume: bool,
+                        flags: dict[str, Any]):
+    """The run's Resolved config: a fresh resolution, or on --resume the saved one with movable changes."""
+    from pipeline.config import Resolved, load_resolved, resolve_config, resumed_config
+    from pipeline.runs import Run
+
+    comp = load_competition(competition)
+    run = Run(run_dir)
+    if resume and run.is_run():
+        saved, doc = load_resolved(run.config_path)
+        if recipe is not None and recipe != doc.get("recipe"):
+            raise PipelineError(f"--recipe {recipe} differs from the run's {doc.get('recipe')}; "
+                                "a resumed run keeps its settings: drop --recipe or train into a new RUN_DIR")
+        cfg = resumed_config(saved, flags, work_dir, run_dir)
+        return Resolved(cfg, doc.get("sources", {}), tuple(doc.get("notes", ())), doc.get("recipe"))
+    return resolve_config(comp, work_dir, run_dir, recipe, flags)
+
+
+@handle_errors
+def train(**options: Any) -> None:
+    """Train a model on the holdout split, on every CV fold, or on train_valid."""
+    from pipeline import distributed as dist
+    from pipeline.train import train as run
+
+    fixed = {k: options.pop(k) for k in ("competition", "work_dir", "run_dir", "recipe", "dry_run", "resume", "force")}
+    resolved = resolve_for_command(fixed["competition"], fixed["work_dir"], fixed["run_dir"], fixed["recipe"],
+                                   fixed["resume"], options)
+    if fixed["dry_run"]:
+        typer.echo(resolved.table())
+        return
+    dist.init()
+    main_process = dist.is_main()
+    if not main_process:
+        logging.getLogger("pipeline").setLevel(logging.WARNING)  # rank 0 speaks for all
+    try:
+        results = run(resolved, resume=fixed["resume"], force=fixed["force"])
+    finally:
+        dist.shutdown()
+    if main_process:
+        metric = load_competition(fixed["competition"]).metric
+        for r in results:
+            state = "already finished, " if r.skipped else ""
+            typer.echo(f"{r.dir}: {state}{r.epochs} epochs, best {metric} {r.best_metric:.4f} "
+                       f"at epoch {r.best_epoch}, {r.seconds:.1f}s")
+
+
+train.__signature__ = inspect.Signature(_fixed_params() + [_option(f) for f in cli_fields()] + _control_params())
+
+
+@handle_errors
+def recipes(competition: Annotated[Optional[str], typer.Argument(
+        help="A competition slug; default: every registered competition.")] = None) -> None:
+    """Each competition's recipes: the default and the named ones, with the settings each sets."""
+    from pipeline.cli_common import all_competitions
+
+    comps = [load_competition(competition)] if competition else all_competitions()
+    for comp in comps:
+        typer.echo(f"{comp.slug}: image_size {comp.image_size}, mean {list(comp.mean)}, std {list(comp.std)}")
+        for name, recipe in [("default", comp.recipe), *sorted(comp.recipes.items())]:
+            settings = "  ".join(f"{k}={v}" for k, v in recipe.items())
+            typer.echo(f"  {name:<10} {settings}")

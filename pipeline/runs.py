@@ -1,0 +1,242 @@
+"""The run directory: its members, every file name in it, what is finished, and a member's state.
+
+A run (RUN_DIR) holds one folder per trained model, its *members*: ``holdout``
+(train/ vs valid/), ``fold<K>`` (one per CV fold) and ``full`` (train_valid,
+no validation). This is the only module that spells a run's file names; every
+other module asks it for paths, for the finished members, and to save or
+restore a member's training state (one symmetric pair, so nothing saved is
+forgotten on resume).
+
+    RUN_DIR/config.json         resolved settings + the source of each value
+    RUN_DIR/oof.csv, cv.json    out-of-fold predictions and the CV score (fold runs)
+    RUN_DIR/<member>/config.json, metrics.csv, last.pt, best.pt, done.json
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import pandas as pd
+
+from pipeline.errors import PipelineError, check_choice
+from pipeline.io import atomic_write_csv, atomic_write_json, read_json
+
+CONFIG_FILE = "config.json"
+METRICS_FILE = "metrics.csv"
+LAST_FILE = "last.pt"  # every epoch: what --resume continues from
+BEST_FILE = "best.pt"  # the weights predict uses
+DONE_FILE = "done.json"  # written when a member finishes: predict and the CV take only finished members
+OOF_FILE = "oof.csv"
+CV_FILE = "cv.json"
+TENSORBOARD_DIR = "tensorboard"
+REPORT_DIR = "report"  # where `pipeline report` writes by default
+HOLDOUT, FULL, FOLD = "holdout", "full", "fold"
+_FOLD_NAME = re.compile(r"fold(\d+)")
+MEMBER_CHOICES = ("auto", "folds", "full", "holdout", "all")
+
+
+class Stateful(Protocol):
+    def state_dict(self) -> dict: ...
+
+    def load_state_dict(self, state: dict) -> Any: ...
+
+
+@dataclass(frozen=True)
+class Member:
+    """One trained model of a run: its folder and files."""
+
+    run_dir: Path
+    name: str  # holdout | full | fold<K>
+
+    @property
+    def dir(self) -> Path:
+        return self.run_dir / self.name
+
+    @property
+    def fold(self) -> int | None:
+        match = _FOLD_NAME.fullmatch(self.name)
+        return int(match.group(1)) if match else None
+
+    @property
+    def kind(self) -> str:
+        return FOLD if self.fold is not None else self.name
+
+    def path(self, file: str) -> Path:
+        return self.dir / file
+
+    @property
+    def config_path(self) -> Path:
+        return self.dir / CONFIG_FILE
+
+    @property
+    def best_path(self) -> Path:
+        return self.dir / BEST_FILE
+
+    @property
+    def metrics_path(self) -> Path:
+        return self.dir / METRICS_FILE
+
+    @property
+    def is_started(self) -> bool:
+        return (self.dir / LAST_FILE).is_file()
+
+    @property
+    def is_finished(self) -> bool:
+        return (self.dir / DONE_FILE).is_file() and (self.dir / BEST_FILE).is_file()
+
+    def done(self) -> dict:
+        """What training recorded when the member finished (epochs, best)."""
+        return _read_json(self.dir / DONE_FILE, "finished-member record")
+
+    def mark_done(self, record: dict) -> None:
+        atomic_write_json(self.dir / DONE_FILE, record)
+
+    def unmark_done(self) -> None:
+        (self.dir / DONE_FILE).unlink(missing_ok=True)
+
+    def clear(self) -> None:
+        """Remove what training writes into the member (for --force); other files stay."""
+        for name in (CONFIG_FILE, METRICS_FILE, LAST_FILE, BEST_FILE, DONE_FILE):
+            (self.dir / name).unlink(missing_ok=True)
+
+    def files_for_predict(self) -> tuple[Path, ...]:
+        """The member's files that inference and the reports read (no last.pt)."""
+        return tuple(self.dir / n for n in (BEST_FILE, CONFIG_FILE, DONE_FILE, METRICS_FILE))
+
+    @property
+    def last_path(self) -> Path:
+        return self.dir / LAST_FILE
+
+    @property
+    def tensorboard_dir(self) -> Path:
+        return self.dir / TENSORBOARD_DIR
+
+    def metrics(self) -> pd.DataFrame:
+        return pd.read_csv(self.dir / METRICS_FILE)
+
+
+def member_name(kind: str, fold: int | None = None) -> str:
+    return f"{FOLD}{fold}" if kind == FOLD else kind
+
+
+@dataclass(frozen=True)
+class Run:
+    """A run directory and the members found in it."""
+
+    dir: Path
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "dir", Path(self.dir))
+
+    def member(self, name: str) -> Member:
+        return Member(self.dir, name)
+
+    @property
+    def config_path(self) -> Path:
+        return self.dir / CONFIG_FILE
+
+    @property
+    def oof_path(self) -> Path:
+        return self.dir / OOF_FILE
+
+    @property
+    def cv_path(self) -> Path:
+        return self.dir / CV_FILE
+
+    @property
+    def report_dir(self) -> Path:
+        return self.dir / REPORT_DIR
+
+    def is_run(self) -> bool:
+        return self.config_path.is_file()
+
+    def members(self) -> list[Member]:
+        """Member folders on disk (stray folders beside them are ignored), holdout, folds, full."""
+        if not self.dir.is_dir():
+            return []
+        folds = sorted((m for m in (Member(self.dir, p.name) for p in self.dir.iterdir() if p.is_dir())
+                        if m.fold is not None), key=lambda m: m.fold)
+        holdout, full = ([Member(self.dir, n)] if (self.dir / n).is_dir() else [] for n in (HOLDOUT, FULL))
+        return holdout + folds + full
+
+    def finished(self, selection: str = "auto") -> list[Member]:
+        """Finished members: auto = the folds if any, else full, else holdout; or folds/full/holdout/all."""
+        check_choice("--members", selection, MEMBER_CHOICES)
+        done = [m for m in self.members() if m.is_finished]
+        found = {k: [m for m in done if m.kind == kind] for k, kind in
+                 (("folds", FOLD), ("full", FULL), ("holdout", HOLDOUT))}
+        if selection == "auto":
+            chosen = found["folds"] or found["full"] or found["holdout"]
+        elif selection == "all":
+            chosen = done
+        else:
+            chosen = found[selection]
+        if not chosen:
+            have = ", ".join(k for k, v in found.items() if v) or "none"
+            unfinished = [m.name for m in self.members()
+                          if (m.is_started or m.best_path.is_file()) and not m.is_finished]
+            hint = f"; still training: {', '.join(unfinished)}" if unfinished else ""
+            raise PipelineError(f"{self.dir} has no finished {selection} model (found: {have}{hint}); "
+                                "train first or change --members")
+        return chosen
+
+    def files_for_predict(self) -> list[Path]:
+        """Every file a copy of the run needs for predict and reports (finished members only)."""
+        run_files = [p for p in (self.config_path, self.cv_path) if p.is_file()]
+        return run_files + [p for m in self.finished("all") for p in m.files_for_predict() if p.is_file()]
+
+    def read_cv(self) -> dict | None:
+        return _read_json(self.cv_path, "CV score") if self.cv_path.is_file() else None
+
+    def write_cv(self, cv: dict, oof: pd.DataFrame) -> None:
+        atomic_write_csv(self.oof_path, oof)
+        atomic_write_json(self.cv_path, cv)
+
+
+def _read_json(path: Path, what: str) -> dict:
+    return read_json(path, f"the {what} is missing; train the run first", "retrain into a new RUN_DIR")
+
+
+# ---------------------------------------------------------------- a member's training state
+
+
+def save_state(path: Path, parts: dict[str, Stateful | None], meta: dict[str, Any]) -> None:
+    """Write every part's ``state_dict()`` and the plain ``meta`` values into one checkpoint."""
+    from pipeline.checkpoint import save_checkpoint
+
+    state = {name: (part.state_dict() if part is not None else None) for name, part in parts.items()}
+    save_checkpoint(path, {**state, **meta})
+
+
+def restore_state(path: Path, parts: dict[str, Stateful | None]) -> dict[str, Any]:
+    """The mirror of :func:`save_state`: load each part, return the checkpoint for its meta values."""
+    from pipeline.checkpoint import load_checkpoint
+
+    state = load_checkpoint(path)
+    for name, part in parts.items():
+        if part is not None and state.get(name) is not None:
+            part.load_state_dict(state[name])
+    return state
+
+
+def save_epoch(member: Member, parts: dict[str, Stateful | None], meta: dict[str, Any],
+               best: dict[str, Any] | None, history: list[dict]) -> None:
+    """last.pt every epoch, best.pt when ``best`` is given, then metrics.csv.
+
+    last.pt is written first, so every metrics.csv row has its checkpoint on
+    disk (resume rewrites metrics.csv from last.pt's history).
+    """
+    from pipeline.checkpoint import save_checkpoint
+
+    save_state(member.dir / LAST_FILE, parts, meta)
+    if best is not None:
+        save_checkpoint(member.dir / BEST_FILE, best)
+    atomic_write_csv(member.dir / METRICS_FILE, pd.DataFrame(history))
+
+
+def load_best(member: Member) -> dict[str, Any]:
+    from pipeline.checkpoint import load_checkpoint
+
+    return load_checkpoint(member.dir / BEST_FILE)
