@@ -6,7 +6,7 @@ WORK_DIR is a reorganised competition (e.g. the full CIFAR-10 from
 ../shared/data/cifar10_png.py after `pipeline reorg`). A run with a randomly
 initialised model is written to a temporary folder (speed does not depend on
 the weights). It prints:
-- images/s of pipeline.predict.predict_probs against a bare `model(x)` +
+- images/s of pipeline.inference.infer against a bare `model(x)` +
   softmax loop over the same decoded tensors (the overhead ratio);
 - images/s and peak RSS of the whole `pipeline predict` over WORK_DIR/test
   (decode, transform, softmax, building, checking and writing the CSV), run in
@@ -32,7 +32,8 @@ from pipeline.data import ImageDataset, build_transform, list_split, load_reorg
 from pipeline.distributed import resolve_device
 from pipeline.io import atomic_write_json
 from pipeline.models import create_model
-from pipeline.predict import predict_probs
+from pipeline.inference import infer
+from pipeline.runs import HOLDOUT, Run
 
 
 def write_run(work: Path, info: dict, model_name: str, side: int) -> Path:
@@ -40,8 +41,10 @@ def write_run(work: Path, info: dict, model_name: str, side: int) -> Path:
     cfg = TrainConfig(competition=info["competition"], work_dir=work, run_dir=run, model=model_name, image_size=side,
                       augment="none")
     model = create_model(model_name, len(info["classes"]))
-    save_checkpoint(run / "best.pt", {"model": model.state_dict(), "config": cfg.to_json(), "classes": info["classes"]})
-    atomic_write_json(run / "config.json", cfg.to_json())
+    member = Run(run).member(HOLDOUT)
+    save_checkpoint(member.best_path, {"model": model.state_dict(), "config": cfg.to_json(), "classes": info["classes"]})
+    atomic_write_json(Run(run).config_path, {"config": cfg.to_json()})
+    member.mark_done({"epochs": 0, "best": {"epoch": 0, "metric": 0.0, "variant": "live"}})
     return run
 
 
@@ -55,7 +58,7 @@ def loop_rates(model, tensors: torch.Tensor, batch: int, device: torch.device) -
         torch.softmax(model(x.to(device)), dim=1).cpu()
     bare = len(tensors) / (time.perf_counter() - start)
     start = time.perf_counter()
-    predict_probs(model, batches, device, "none", len(tensors), model.num_classes)
+    infer(model, batches, device)
     ours = len(tensors) / (time.perf_counter() - start)
     return bare, ours
 
@@ -89,7 +92,7 @@ def main() -> None:
     print(f"torch {torch.__version__}, device {device}, model {args.model} at {args.side}px, batch {args.batch}")
     print(f"{'what':<44} {'images':>7} {'img/s':>8} {'peak RSS MiB':>13}")
     print(f"{'bare model(x) + softmax loop':<44} {len(tensors):>7} {bare:>8.0f}")
-    print(f"{'predict_probs over the same tensors':<44} {len(tensors):>7} {ours:>8.0f}   overhead x{bare / ours:.2f}")
+    print(f"{'pipeline.inference.infer, same tensors':<44} {len(tensors):>7} {ours:>8.0f}   overhead x{bare / ours:.2f}")
     print(f"{'pipeline predict (files -> checked CSV)':<44} {len(items):>7} {len(items) / seconds:>8.0f} {peak:>13.0f}")
 
 

@@ -19,7 +19,7 @@ from torch import nn
 from pipeline.config import TrainConfig
 from pipeline.distributed import resolve_device
 from pipeline.models import create_model, freeze_backbone
-from pipeline.train import build_optimizer, make_runtime, train_one_epoch
+from pipeline.engine import build_optimizer, make_runtime, train_one_epoch
 
 # (model, input side, batch size, freeze backbone)
 DEFAULTS = [
