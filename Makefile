@@ -35,14 +35,14 @@ $(DEMO)/raw/labels.csv: | $(VENV)/.installed
 $(DEMO)/work/reorg.json: $(DEMO)/raw/labels.csv
 	$(PIPE) reorg digits $(DEMO)/raw $(DEMO)/work
 
-$(DEMO)/run/done.json: $(DEMO)/work/reorg.json
+$(DEMO)/run/holdout/done.json: $(DEMO)/work/reorg.json
 	$(PIPE) train digits $(DEMO)/work $(DEMO)/run --device cpu --force
 
-submissions/digits-demo.csv: $(DEMO)/run/done.json
+submissions/digits-demo.csv: $(DEMO)/run/holdout/done.json
 	$(PIPE) predict digits $(DEMO)/work $(DEMO)/run $@ --force
 
 demo: submissions/digits-demo.csv
-	@$(BIN)/python -c "import pandas as p; m = p.read_csv('$(DEMO)/run/metrics.csv'); print(f'digits: validation accuracy {m.valid_accuracy.max():.4f} (best of {len(m)} epochs)')"
+	@$(BIN)/python -c "import pandas as p; m = p.read_csv('$(DEMO)/run/holdout/metrics.csv'); print(f'digits: validation accuracy {m.valid_accuracy.max():.4f} (best of {len(m)} epochs)')"
 	@echo "submission: $<"
 
 # ---- real competitions: DATA=unzipped download, else the kaggle CLI fetches it
@@ -57,10 +57,10 @@ $(BUILD)/$(1)/raw/$(2): | $(VENV)/.installed
 $$($(1)_WORK)/reorg.json: $$($(1)_RAW)/$(2)
 	$(PIPE) reorg $(1) $$($(1)_RAW) $$($(1)_WORK)
 
-$$($(1)_RUN)/done.json: $$($(1)_WORK)/reorg.json
+$$($(1)_RUN)/holdout/done.json: $$($(1)_WORK)/reorg.json
 	$(PIPE) train $(1) $$($(1)_WORK) $$($(1)_RUN) $(TRAIN_ARGS) $(FORCE)
 
-submissions/$(1).csv: $$($(1)_RUN)/done.json
+submissions/$(1).csv: $$($(1)_RUN)/holdout/done.json
 	$(PIPE) predict $(1) $$($(1)_WORK) $$($(1)_RUN) $$@ $(PREDICT_ARGS) $(FORCE)
 endef
 
