@@ -1,0 +1,236 @@
+"""Every CPU-vs-GPU decision as a pure function of an :class:`Accelerator`.
+
+:func:`probe` and :func:`resolve_device` are the only places that ask torch
+about the hardware (:func:`cpu_autocast_fp16` asks, once, what this torch can
+do); every decision takes the probed (or, in tests, a made-up) accelerator and
+returns a value, so each rule is checked for a T4, an A100 or a CPU anywhere.
+:func:`plan_device` gathers the decisions into one :class:`DevicePlan`.
+"""
+from __future__ import annotations
+
+import functools
+import os
+import platform
+import re
+from dataclasses import asdict, dataclass
+from typing import Any
+
+import torch
+
+from pipeline.errors import PipelineError
+
+AMP_CHOICES = ("auto", "none", "bf16", "fp16")
+INPUT_KINDS = ("files", "image_cache", "features")  # image files / uint8 tensors / 2-D features
+_DTYPES = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+_MAX_FILE_WORKERS = 8  # beyond ~8 JPEG decoders per GPU the returns vanish and RAM grows
+
+
+@dataclass(frozen=True)
+class Accelerator:
+    """What a run computes on: kind, CUDA compute capability, name, devices visible."""
+    type: str  # "cpu" | "cuda" | "mps"
+    capability: tuple[int, int] | None
+    name: str
+    count: int = 1
+
+
+def gpu(capability: tuple[int, int], name: str, count: int = 1) -> Accelerator:
+    """A CUDA accelerator from its facts, for tests and dry runs."""
+    return Accelerator("cuda", capability, name, count)
+
+
+CPU = Accelerator("cpu", None, "cpu")
+P100 = gpu((6, 0), "Tesla P100-PCIE-16GB")
+V100 = gpu((7, 0), "Tesla V100-SXM2-16GB")
+T4 = gpu((7, 5), "Tesla T4")
+A100 = gpu((8, 0), "NVIDIA A100-SXM4-40GB")
+H100 = gpu((9, 0), "NVIDIA H100 80GB HBM3")
+
+
+def probe(device: torch.device) -> Accelerator:
+    """Read the facts about ``device`` from torch; every decision below starts from this."""
+    if device.type == "cuda":
+        index = device.index if device.index is not None else torch.cuda.current_device()
+        return Accelerator("cuda", tuple(torch.cuda.get_device_capability(index)),
+                           torch.cuda.get_device_name(index), torch.cuda.device_count())
+    if device.type == "mps":
+        return Accelerator("mps", None, "Apple MPS")
+    return Accelerator("cpu", None, platform.processor() or "cpu")
+
+
+def resolve_device(requested: str, local_rank: int | None = None) -> torch.device:
+    """auto -> cuda when visible, else cpu; under torchrun each rank takes its local GPU.
+
+    Same semantics as ``distributed.resolve_device``; the rank comes from
+    ``local_rank`` or, when WORLD_SIZE > 1, the LOCAL_RANK torchrun sets.
+    """
+    if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", requested):
+        raise PipelineError(f"--device {requested!r}: use auto, cpu, cuda, cuda:N or mps")
+    if requested.startswith("cuda") and not torch.cuda.is_available():
+        raise PipelineError(f"--device {requested}: no CUDA GPU is visible; use --device cpu or auto")
+    if requested == "mps" and not torch.backends.mps.is_available():
+        raise PipelineError("--device mps: no Apple GPU is available; use --device cpu or auto")
+    if requested == "auto":
+        requested = "cuda" if torch.cuda.is_available() else "cpu"
+    if local_rank is None and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if requested == "cuda" and local_rank is not None:
+        return torch.device("cuda", local_rank)
+    return torch.device(requested)
+
+
+def _cap(acc: Accelerator) -> tuple[int, int]:
+    return acc.capability or (0, 0)
+
+
+def ddp_backend(acc: Accelerator) -> str:
+    """NCCL only when this run computes on CUDA: gloo handles CPU tensors, NCCL cannot,
+    so ``--device cpu`` on a GPU machine must still use gloo."""
+    return "nccl" if acc.type == "cuda" else "gloo"
+
+
+@functools.cache
+def cpu_autocast_fp16() -> bool:
+    """Whether CPU autocast in this torch casts to float16 (older releases warned and ran fp32)."""
+    a = torch.ones(2, 2)
+    with torch.autocast("cpu", dtype=torch.float16):
+        return torch.mm(a, a).dtype == torch.float16
+
+
+def autocast_dtype(requested: str, acc: Accelerator) -> torch.dtype | None:
+    """The autocast dtype for ``--amp requested`` on ``acc`` (None: full fp32).
+
+    auto: bf16 where the tensor cores do it natively (capability >= 8.0); fp16
+    on older GPUs from Pascal (6.0) on, where bf16 is emulated and slow; nothing
+    on CPU/MPS, where autocast is slower than fp32 for these models. An explicit
+    choice is honoured everywhere (bf16 on CPU lets CI exercise the GPU's
+    precision path), except fp16 on a CPU whose torch cannot autocast to it.
+    """
+    if requested not in AMP_CHOICES:
+        raise PipelineError(f"--amp {requested!r}: choose one of {', '.join(AMP_CHOICES)}")
+    if requested == "auto":
+        if acc.type != "cuda" or _cap(acc) < (6, 0):
+            return None
+        return torch.bfloat16 if _cap(acc) >= (8, 0) else torch.float16
+    if requested == "fp16" and acc.type == "cpu" and not cpu_autocast_fp16():
+        return None
+    return _DTYPES[requested]
+
+
+def precision_warning(requested: str, acc: Accelerator) -> str | None:
+    """A one-line warning when an explicit --amp is honoured but a poor fit for ``acc``."""
+    if requested == "bf16" and acc.type == "cuda" and _cap(acc) < (8, 0):
+        major, minor = _cap(acc)
+        return (f"bf16 on {acc.name} (capability {major}.{minor}) is emulated and slow; "
+                "use --amp fp16 or auto")
+    if requested == "fp16" and acc.type == "cpu" and autocast_dtype(requested, acc) is None:
+        return "fp16 autocast is not supported on CPU by this torch; running fp32 (use --amp bf16)"
+    return None
+
+
+def needs_grad_scaler(dtype: torch.dtype | None, acc: Accelerator) -> bool:
+    """fp16 gradients underflow without loss scaling; bf16 has fp32's range and needs none.
+
+    The scaler is built as ``torch.amp.GradScaler(acc.type)``: CUDA, and CPU
+    (torch >= 2.3) when an explicit fp16 was honoured there.
+    """
+    return dtype == torch.float16 and acc.type in ("cuda", "cpu")
+
+
+def use_channels_last(requested: bool | None, acc: Accelerator, batch_ndim: int) -> bool:
+    """NHWC memory format for image batches: only ever for 4-D tensors (a 2-D
+    feature batch has no channels_last). None (auto): on for CUDA from Volta
+    (7.0), whose tensor-core convolutions are NHWC-native; off elsewhere, where
+    the format conversions cost more than they save. An explicit True is honoured
+    on CPU too."""
+    if batch_ndim != 4:
+        return False
+    if requested is not None:
+        return requested
+    return acc.type == "cuda" and _cap(acc) >= (7, 0)
+
+
+def _check_kind(input_kind: str) -> None:
+    if input_kind not in INPUT_KINDS:
+        raise PipelineError(f"input kind {input_kind!r}: choose one of {', '.join(INPUT_KINDS)}")
+
+
+def default_workers(cpu_count: int, acc: Accelerator, world_size: int, input_kind: str) -> int:
+    """DataLoader workers per process when --num-workers is not given.
+
+    Tensors already in memory (image cache, features) are indexed, not decoded:
+    workers would only add start-up and copies, so 0. Image files need decoding:
+    with a GPU computing, each process gets its share of the cores minus one for
+    the main loop (capped at 8). On CPU the model's own threads use every core,
+    so at most 2 workers overlap decoding with compute without starving it.
+    """
+    _check_kind(input_kind)
+    if input_kind != "files":
+        return 0
+    per_process = max(cpu_count, 1) // max(world_size, 1) - 1
+    cap = _MAX_FILE_WORKERS if acc.type != "cpu" else 2
+    return max(0, min(cap, per_process))
+
+
+def pin_memory(acc: Accelerator, input_kind: str) -> bool:
+    """Page-locked batches let host-to-GPU copies run async; only worth it on CUDA for
+    batches built by workers (files). In-memory tensors read with 0 workers would
+    be pinned on the main thread: an extra copy with nothing to overlap."""
+    _check_kind(input_kind)
+    return acc.type == "cuda" and input_kind == "files"
+
+
+def non_blocking(acc: Accelerator) -> bool:
+    """Async host-to-device copies on CUDA; a no-op on CPU, and MPS has had races with it."""
+    return acc.type == "cuda"
+
+
+def cudnn_benchmark(acc: Accelerator) -> bool:
+    """Input sizes are fixed per run, so let cuDNN time and pick its fastest kernels (CUDA only)."""
+    return acc.type == "cuda"
+
+
+@dataclass(frozen=True)
+class DevicePlan:
+    """Every device decision for one run, resolved once and written with the run."""
+    device_type: str
+    device_name: str
+    capability: tuple[int, int] | None
+    amp_dtype: str  # "bf16" | "fp16" | "none"
+    grad_scaler: bool
+    channels_last: bool
+    cudnn_benchmark: bool
+    workers: int
+    pin_memory: bool
+    non_blocking: bool
+    backend: str
+    warnings: tuple[str, ...] = ()
+
+    @property
+    def dtype(self) -> torch.dtype | None:
+        """The torch dtype for ``torch.autocast`` (None: no autocast)."""
+        return _DTYPES[self.amp_dtype]
+
+    def to_json(self) -> dict[str, Any]:
+        """Plain JSON types (lists for tuples), for the run directory."""
+        d = asdict(self)
+        d["capability"] = list(self.capability) if self.capability else None
+        d["warnings"] = list(self.warnings)
+        return d
+
+
+def plan_device(acc: Accelerator, *, amp: str, channels_last: bool | None, num_workers: int | None,
+                world_size: int, cpu_count: int, input_kind: str) -> DevicePlan:
+    """All decisions for ``acc``; an explicit ``num_workers`` wins over the default."""
+    dtype = autocast_dtype(amp, acc)
+    name = {v: k for k, v in _DTYPES.items()}[dtype]
+    warning = precision_warning(amp, acc)
+    batch_ndim = 2 if input_kind == "features" else 4
+    workers = default_workers(cpu_count, acc, world_size, input_kind) if num_workers is None else num_workers
+    return DevicePlan(
+        device_type=acc.type, device_name=acc.name, capability=acc.capability, amp_dtype=name,
+        grad_scaler=needs_grad_scaler(dtype, acc),
+        channels_last=use_channels_last(channels_last, acc, batch_ndim),
+        cudnn_benchmark=cudnn_benchmark(acc), workers=workers,
+        pin_memory=pin_memory(acc, input_kind), non_blocking=non_blocking(acc),
+        backend=ddp_backend(acc), warnings=(warning,) if warning else ())
