@@ -29,14 +29,13 @@ import os
 import posixpath
 import secrets
 import shutil
+import sys
 import tarfile
 import tempfile
 import zipfile
 import zlib
 from pathlib import Path
 from typing import IO
-
-import py7zr
 
 from pipeline.errors import PipelineError
 
@@ -45,10 +44,9 @@ MANIFEST_NAME = ".unpacked.json"
 _KINDS = ((".tar.gz", "tar"), (".tar.bz2", "tar"), (".tar.xz", "tar"), (".tgz", "tar"), (".tar", "tar"),
           (".zip", "zip"), (".7z", "7z"), (".rar", "rar"))
 # what a damaged or unreadable archive raises while it is read (RuntimeError: encrypted zip,
-# NotImplementedError: a zip compression method Python lacks)
-_UNREADABLE = (zipfile.BadZipFile, zipfile.LargeZipFile, tarfile.TarError, py7zr.exceptions.ArchiveError,
-               py7zr.exceptions.PasswordRequired, EOFError, zlib.error, lzma.LZMAError, gzip.BadGzipFile,
-               RuntimeError, NotImplementedError)
+# NotImplementedError: a zip compression method Python lacks); py7zr's own are added where it is used
+_UNREADABLE = (zipfile.BadZipFile, zipfile.LargeZipFile, tarfile.TarError, EOFError, zlib.error, lzma.LZMAError,
+               gzip.BadGzipFile, RuntimeError, NotImplementedError)
 _S_IFMT, _S_IFLNK = 0o170000, 0o120000  # a zip member's file type sits in external_attr's high 16 bits
 
 
@@ -112,7 +110,7 @@ class _Unpacker:
         return [rel for rel in entry.get("archives", []) if rel != key]
 
     def _save(self) -> None:
-        text = json.dumps(self.manifest, indent=1, sort_keys=True)
+        text = json.dumps(self.manifest, separators=(",", ":"))  # compact: it may list 300,000 files
         _atomic_write_bytes(self.dest / MANIFEST_NAME, text.encode())
 
     def _unpack(self, archive: Path, into: Path) -> None:
@@ -124,7 +122,7 @@ class _Unpacker:
         unpack = {"zip": self._unpack_zip, "tar": self._unpack_tar, "7z": self._unpack_7z}[kind]
         try:
             unpack(archive, into)
-        except _UNREADABLE as exc:
+        except _unreadable_errors() as exc:  # evaluated once raised, when py7zr may be loaded
             reason = (str(exc).splitlines() or [type(exc).__name__])[0]
             raise PipelineError(f"{archive}: cannot unpack it as {kind} ({reason}); download it again, or unpack "
                                 f"it by hand into {into} and move the archive out of {archive.parent}") from None
@@ -169,11 +167,13 @@ class _Unpacker:
 
     def _unpack_7z(self, archive: Path, into: Path) -> None:
         """py7zr writes a folder of its own at once: stage it beside the targets, then rename in."""
+        import py7zr  # here, not at the top: it is slow to import and only .7z needs it
+
         with py7zr.SevenZipFile(archive) as sz:
-            infos = sz.list()
+            infos = list(sz.files)  # ArchiveFile: its is_* properties are the same in py7zr 0.20 and 1.x
             for info in infos:
                 _member_parts(archive, info.filename)
-                if info.is_symlink or not (info.is_file or info.is_directory):
+                if info.is_symlink or info.is_junction or info.is_socket:
                     raise PipelineError(f"{archive}: member {info.filename!r} is a link or special file; "
                                         "refusing the archive (unpack it by hand if you trust it)")
             _make_dir(into, str(archive))
@@ -225,6 +225,14 @@ class _Unpacker:
     def _ours(self, rel: str, target: Path) -> bool:
         """Whether an earlier unpack wrote ``target`` and it has not changed since."""
         return not target.is_symlink() and self.owned.get(rel) == _stat_key(target)
+
+
+def _unreadable_errors() -> tuple[type[BaseException], ...]:
+    """The errors of an unreadable archive, py7zr's among them once it is loaded."""
+    py7zr = sys.modules.get("py7zr")
+    if py7zr is None:
+        return _UNREADABLE
+    return (*_UNREADABLE, py7zr.exceptions.ArchiveError, py7zr.exceptions.PasswordRequired)
 
 
 def _member_parts(archive: Path, name: str) -> tuple[str, ...]:

@@ -3,6 +3,9 @@ from __future__ import annotations
 
 import io
 import os
+import shutil
+import subprocess
+import sys
 import tarfile
 import zipfile
 from pathlib import Path
@@ -154,10 +157,21 @@ def _zip_symlink(path: Path) -> None:
         zf.writestr(ZIP_SYMLINK, "/etc/passwd")
 
 
+def _7z_symlink(path: Path) -> None:
+    folder = path.parent.parent / "src"  # outside the download folder, and removed again
+    folder.mkdir()
+    (folder / "ok.txt").write_bytes(b"fine")
+    (folder / "link").symlink_to("/etc/passwd")
+    with py7zr.SevenZipFile(path, "w") as sz:
+        sz.writeall(folder, "d")
+    shutil.rmtree(folder)
+
+
 @pytest.mark.parametrize("name, build, member", [
     ("up.zip", lambda p: p.write_bytes(zip_bytes({"ok.txt": b"fine", "../x": b"evil"})), "'../x'"),
     ("abs.zip", lambda p: p.write_bytes(zip_bytes({"ok.txt": b"fine", "/abs/x": b"evil"})), "'/abs/x'"),
     ("link.zip", _zip_symlink, "'link' is a symlink"),
+    ("link.7z", _7z_symlink, "'d/link' is a link or special file"),
     ("up.tar", lambda p: write_tar(p, {"ok.txt": b"fine", "a/../../x": b"evil"}), "'a/../../x'"),
     ("sym.tar", lambda p: write_tar(p, {"ok.txt": b"fine", "etc": ("sym", "/etc")}), "'etc' links to '/etc'"),
     ("symup.tar.gz", lambda p: write_tar(p, {"ok.txt": b"fine", "d/l": ("sym", "../../x")}, "w:gz"), "'d/l'"),
@@ -223,3 +237,10 @@ def test_kaggle_download_unpacks_once_and_keeps_the_zip(tmp_path, monkeypatch):
     before = mtimes(raw)
     kaggle.download(comp, raw)
     assert len(calls) == 1 and mtimes(raw) == before
+
+
+def test_py7zr_is_loaded_only_for_a_7z():
+    """It is slow to import and may be missing where only zips are met (a Kaggle kernel)."""
+    code = "import sys, pipeline.kaggle; print('py7zr' in sys.modules)"
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "False"
