@@ -236,10 +236,10 @@ def _unreadable_errors() -> tuple[type[BaseException], ...]:
 
 
 def _member_parts(archive: Path, name: str) -> tuple[str, ...]:
-    """The path parts of a member name; an error if it is absolute or climbs out with ``..``."""
+    """The path parts of a member name (none for "./"); an error if it is absolute or climbs out with ``..``."""
     posix = name.replace("\\", "/")  # a zip made on Windows may use backslashes
     parts = tuple(p for p in posix.split("/") if p not in ("", "."))
-    if posix.startswith("/") or (len(posix) > 1 and posix[1] == ":") or ".." in parts or not parts:
+    if posix.startswith("/") or (len(posix) > 1 and posix[1] == ":") or ".." in parts:
         raise PipelineError(f"{archive}: member {name!r} would be written outside the folder it unpacks into; "
                             "refusing the archive (download it again from a source you trust)")
     return parts

@@ -93,12 +93,12 @@ def test_7z_inside_zip_like_the_cifar_download(tmp_path):
 def test_tar_files_with_inside_links_become_copies(tmp_path, name, mode):
     raw = tmp_path / "raw"
     raw.mkdir()
-    write_tar(raw / name, {"top": ("dir",), "top/a.txt": b"alpha", "top/sym.txt": ("sym", "a.txt"),
-                           "top/hard.txt": ("hard", "top/a.txt")}, mode)
+    write_tar(raw / name, {".": ("dir",), "top": ("dir",), "./top/a.txt": b"alpha", "top/sym.txt": ("sym", "a.txt"),
+                           "top/hard.txt": ("hard", "./top/a.txt")}, mode)  # "." as `tar -C dir .` makes
     unpack_all(raw, tmp_path / "out")
     assert tree(tmp_path / "out") == {"top/a.txt": b"alpha", "top/sym.txt": b"alpha", "top/hard.txt": b"alpha"}
     assert not (tmp_path / "out/top/sym.txt").is_symlink()
-    assert tree(raw) == {name: (raw / name).read_bytes()}  # the download folder only gained nothing
+    assert tree(raw) == {name: (raw / name).read_bytes()}  # the download folder gained nothing
 
 
 def test_second_call_is_a_no_op_and_rewrites_nothing(tmp_path, monkeypatch):
