@@ -16,7 +16,7 @@ from pipeline.errors import PipelineError
 __all__ = ["Competition", "Recipe", "register", "get_competition", "list_competitions"]
 
 SubmissionKind = Literal["label", "probs"]
-Metric = Literal["accuracy", "log_loss"]
+Metric = Literal["accuracy", "log_loss", "roc_auc", "qwk", "macro_f1"]  # pipeline/metrics.py METRICS
 
 
 @dataclass(frozen=True)
@@ -53,8 +53,9 @@ class Competition:
             raise PipelineError(f"competition {self.slug}: image_ext must start with '.', got {self.image_ext!r}")
         if self.submission not in ("label", "probs"):
             raise PipelineError(f"competition {self.slug}: submission must be 'label' or 'probs'")
-        if self.metric not in ("accuracy", "log_loss"):
-            raise PipelineError(f"competition {self.slug}: metric must be 'accuracy' or 'log_loss'")
+        from pipeline.metrics import check_metric  # sklearn loads only when a competition is built
+
+        check_metric(self.metric)
 
     def get_recipe(self, name: str | None) -> Recipe:
         """The default recipe (None or "default"), or a named one; an unknown name lists the choices."""
@@ -67,7 +68,9 @@ class Competition:
 
     @property
     def higher_is_better(self) -> bool:
-        return self.metric == "accuracy"
+        from pipeline.metrics import METRICS
+
+        return METRICS[self.metric].greater_is_better
 
 
 _REGISTRY: dict[str, Competition] = {}

@@ -9,9 +9,9 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-import zipfile
 from pathlib import Path
 
+from pipeline.archives import MANIFEST_NAME, unpack_all
 from pipeline.competition import Competition
 from pipeline.errors import PipelineError
 
@@ -54,27 +54,20 @@ def run_kaggle(args: list[str]) -> str:
 
 
 def download(comp: Competition, raw_dir: Path) -> Path:
-    """Put the competition's download in ``raw_dir``: the demo writes its own, others use kaggle."""
+    """Put the competition's download in ``raw_dir``: the demo writes its own, others use kaggle.
+
+    Kaggle's archives are unpacked in place (nested ones too) and kept: the
+    unpack manifest makes a second call a no-op and resumes an interrupted one.
+    """
     raw_dir = Path(raw_dir)
     if comp.make_raw is not None:
         comp.make_raw(raw_dir)
         return raw_dir
-    if (raw_dir / comp.labels_file).is_file():
-        return raw_dir  # already downloaded
-    raw_dir.mkdir(parents=True, exist_ok=True)
-    run_kaggle(["competitions", "download", "-c", comp.slug, "-p", str(raw_dir)])
-    for archive in sorted(raw_dir.glob("*.zip")):
-        with zipfile.ZipFile(archive) as zf:
-            _safe_extract(zf, raw_dir)
-        archive.unlink()
+    have_labels = (raw_dir / comp.labels_file).is_file()
+    if have_labels and not (raw_dir / MANIFEST_NAME).is_file():
+        return raw_dir  # downloaded and unpacked by hand
+    if not have_labels:
+        raw_dir.mkdir(parents=True, exist_ok=True)
+        run_kaggle(["competitions", "download", "-c", comp.slug, "-p", str(raw_dir)])
+    unpack_all(raw_dir)
     return raw_dir
-
-
-def _safe_extract(zf: zipfile.ZipFile, dest: Path) -> None:
-    """Extract, refusing members that would land outside ``dest``."""
-    root = dest.resolve()
-    for member in zf.namelist():
-        target = (root / member).resolve()
-        if root != target and root not in target.parents:
-            raise PipelineError(f"archive member {member!r} would be written outside {dest}; refusing the archive")
-    zf.extractall(root)

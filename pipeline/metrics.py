@@ -1,39 +1,131 @@
-"""Scores from probabilities, with scikit-learn's metrics (Kaggle's definitions)."""
+"""Scores from probabilities, with scikit-learn's metrics (Kaggle's definitions).
+
+Every metric lives in :data:`METRICS` with its direction and whether it reads
+the (N, C) probabilities or their argmax labels. Probabilities are renormalised
+per row before scoring; ``clip`` floors them first with :func:`clip_probs`, the
+same function the submission writer uses, so a CV log loss equals what the
+clipped submission would score.
+"""
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import Callable, Literal, Sequence
 
 import numpy as np
-from sklearn.metrics import accuracy_score, log_loss
+from sklearn.metrics import accuracy_score, cohen_kappa_score, f1_score, log_loss, roc_auc_score
 
-from pipeline.competition import Competition
+from pipeline.errors import check_choice
+
+# fn(targets (N,), probs (N, C) or labels (N,), num_classes, positive class or None) -> score
+MetricFn = Callable[[np.ndarray, np.ndarray, int, "int | None"], float]
 
 
-def score(probs: np.ndarray, targets: np.ndarray, num_classes: int) -> dict[str, float]:
-    """Accuracy and multi-class log loss of (N, C) probabilities against (N,) targets."""
+@dataclass(frozen=True)
+class Metric:
+    """One scoring rule: its name, direction, input kind and function."""
+
+    name: str
+    greater_is_better: bool
+    uses: Literal["probs", "labels"]  # probabilities, or their argmax labels
+    fn: MetricFn
+
+
+def _accuracy(targets: np.ndarray, labels: np.ndarray, num_classes: int, positive: int | None) -> float:
+    return float(accuracy_score(targets, labels))
+
+
+def _log_loss(targets: np.ndarray, probs: np.ndarray, num_classes: int, positive: int | None) -> float:
+    return float(log_loss(targets, probs, labels=list(range(num_classes))))
+
+
+def _auc_one(is_pos: np.ndarray, scores: np.ndarray) -> float:
+    """ROC AUC of one class against the rest; NaN when the targets hold only one side."""
+    if is_pos.all() or not is_pos.any():
+        return math.nan
+    return float(roc_auc_score(is_pos, scores))
+
+
+def _roc_auc(targets: np.ndarray, probs: np.ndarray, num_classes: int, positive: int | None) -> float:
+    """Binary: AUC of the positive class's probability (class 1 unless ``positive``).
+
+    More classes: the macro mean of one-vs-rest AUCs over the classes that have
+    both positives and negatives among the targets (a class absent from the
+    targets has no defined AUC, so it is left out rather than counted as 0 or
+    0.5); NaN when no class qualifies. ``positive`` picks one class's
+    one-vs-rest AUC instead.
+    """
+    if positive is not None or num_classes == 2:
+        k = 1 if positive is None else positive
+        return _auc_one(targets == k, probs[:, k])
+    aucs = [_auc_one(targets == k, probs[:, k]) for k in range(num_classes)]
+    aucs = [a for a in aucs if not math.isnan(a)]
+    return float(np.mean(aucs)) if aucs else math.nan
+
+
+def _qwk(targets: np.ndarray, labels: np.ndarray, num_classes: int, positive: int | None) -> float:
+    # labels=range(C) keeps the grade distances when a grade is absent from both sides
+    return float(cohen_kappa_score(targets, labels, weights="quadratic", labels=list(range(num_classes))))
+
+
+def _macro_f1(targets: np.ndarray, labels: np.ndarray, num_classes: int, positive: int | None) -> float:
+    # a class absent from both targets and predictions scores 0 (zero_division), as in sklearn
+    return float(f1_score(targets, labels, average="macro", labels=list(range(num_classes)), zero_division=0))
+
+
+METRICS: dict[str, Metric] = {m.name: m for m in (
+    Metric("accuracy", True, "labels", _accuracy),
+    Metric("log_loss", False, "probs", _log_loss),
+    Metric("roc_auc", True, "probs", _roc_auc),
+    Metric("qwk", True, "labels", _qwk),  # quadratic weighted kappa; class order is the grade order
+    Metric("macro_f1", True, "labels", _macro_f1),
+)}
+
+
+def check_metric(name: str) -> Metric:
+    """The metric called ``name``, or an error listing the valid names."""
+    check_choice("metric", name, tuple(METRICS))
+    return METRICS[name]
+
+
+def clip_probs(probs: np.ndarray, eps: float = 1e-6) -> np.ndarray:
+    """(N, C) probabilities floored at ``eps``, each row renormalised to sum 1."""
+    floored = np.maximum(np.asarray(probs, dtype=np.float64), eps)
+    return floored / floored.sum(axis=1, keepdims=True)
+
+
+def score(probs: np.ndarray, targets: np.ndarray, num_classes: int,
+          metrics: Sequence[str] = ("accuracy", "log_loss"), *,
+          positive: int | None = None, clip: float | None = None) -> dict[str, float]:
+    """Each named metric of (N, C) probabilities against (N,) targets; NaN for each when empty.
+
+    ``positive``: the positive class index for roc_auc (see :func:`_roc_auc`).
+    ``clip``: floor probabilities at this value first (:func:`clip_probs`).
+    """
+    chosen = [check_metric(name) for name in metrics]
     if len(targets) == 0:
-        return {"accuracy": math.nan, "log_loss": math.nan}
+        return {m.name: math.nan for m in chosen}
     probs = np.asarray(probs, dtype=np.float64)
     probs = probs / probs.sum(axis=1, keepdims=True)
-    return {
-        "accuracy": float(accuracy_score(targets, probs.argmax(axis=1))),
-        "log_loss": float(log_loss(targets, probs, labels=list(range(num_classes)))),
-    }
+    if clip is not None:
+        probs = clip_probs(probs, clip)
+    targets = np.asarray(targets)
+    labels = probs.argmax(axis=1)
+    return {m.name: m.fn(targets, probs if m.uses == "probs" else labels, num_classes, positive) for m in chosen}
 
 
-def is_better(comp: Competition, new: float, old: float | None) -> bool:
-    """Whether ``new`` beats ``old`` under the competition's metric (NaN never does)."""
+def compute(name: str, probs: np.ndarray, targets: np.ndarray, num_classes: int, *,
+            positive: int | None = None, clip: float | None = None) -> float:
+    """One metric of (N, C) probabilities against (N,) targets (see :func:`score`)."""
+    return score(probs, targets, num_classes, (name,), positive=positive, clip=clip)[name]
+
+
+def better(metric_name: str, new: float, old: float | None) -> bool:
+    """Whether ``new`` beats ``old`` under the metric; NaN never wins, a missing/NaN ``old`` always loses."""
+    direction = check_metric(metric_name).greater_is_better
     if math.isnan(new):
         return False
     if old is None or math.isnan(old):
         return True
-    return new > old if comp.higher_is_better else new < old
+    return new > old if direction else new < old
 
-
-def better(metric: str, new: float, old: float | None) -> bool:
-    """Whether ``new`` beats ``old`` under ``metric`` (NaN never does; a missing old always loses)."""
-    if math.isnan(new):
-        return False
-    if old is None or math.isnan(old):
-        return True
-    return new > old if metric == "accuracy" else new < old

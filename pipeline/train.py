@@ -129,12 +129,13 @@ def _validate(st: MemberState, cfg: TrainConfig, n_classes: int) -> tuple[dict, 
         raise PipelineError("the model's validation outputs are NaN or infinite: training diverged; "
                             "lower --lr, add --clip-grad 1, or raise --batch-size")
     keep = t != BAD_TARGET
-    row = {f"valid_{k}": v for k, v in score(p[keep], t[keep], n_classes).items()}
+    names = tuple(dict.fromkeys(("accuracy", "log_loss", st.best.metric_name)))  # the competition's metric too
+    row = {f"valid_{k}": v for k, v in score(p[keep], t[keep], n_classes, names).items()}
     row = {"valid_loss": row["valid_log_loss"], **row}
     if st.ema is not None:
         p, t, _ = infer(st.data.view(st.ema.module), st.data.valid, rt.device, tta=cfg.tta, amp_dtype=rt.amp_dtype,
                         channels_last=rt.channels_last)
-        row.update({f"valid_{k}_ema": v for k, v in score(p[keep], t[keep], n_classes).items()})
+        row.update({f"valid_{k}_ema": v for k, v in score(p[keep], t[keep], n_classes, names).items()})
     return row, unreadable_positions(t, pos)
 
 
