@@ -16,13 +16,14 @@ def predict_image(
     images: Annotated[list[Path], typer.Argument(help="Image files (any format PIL reads).")],
     top_k: Annotated[int, typer.Option(help="How many classes to print per image.")] = 5,
     tta: Annotated[str, typer.Option(help="Test-time augmentation: none or flip.")] = "none",
-    plot: Annotated[Optional[Path], typer.Option(help="Also save a PNG of the images titled with the top class.")] = None,
+    plot: Annotated[Optional[Path], typer.Option(help="Also save a PNG: each image beside its top-k bar chart, titled with its path.")] = None,
     members: Annotated[str, typer.Option(help="auto, folds, full, holdout or all.")] = "auto",
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
 ) -> None:
     """Top-k classes of image files with their probabilities, the run's members averaged."""
-    from pipeline.report import decode_image, image_grid, predict_images, save_figure
-    from pipeline.report import top_k as ranked
+    from pipeline.report import decode_image, predict_images, save_figure
+    from pipeline.report_figures import predictions_figure
+    from pipeline.report_figures import top_k as ranked
 
     if top_k < 1:
         raise PipelineError(f"--top-k must be >= 1, got {top_k}")
@@ -33,10 +34,9 @@ def predict_image(
         typer.echo(str(path))
         for name, p in ranked(row, classes, top_k):
             typer.echo(f"  {name:<{width}}  {p:.4f}")
-    if plot is not None:
-        titles = [f"{path.name}: {name} {p:.4f}" for path, row in zip(images, probs)
-                  for name, p in ranked(row, classes, 1)]
-        typer.echo(f"{save_figure(image_grid(decoded, titles), plot)}: written")
+    if plot is not None:  # each image beside its top-k bars, titled with its path
+        entries = [(image, str(path), ranked(row, classes, top_k)) for image, path, row in zip(decoded, images, probs)]
+        typer.echo(f"{save_figure(predictions_figure(entries), plot)}: written")
 
 
 @handle_errors
@@ -61,10 +61,10 @@ def submit(
 def report(
     run_dir: RunDir,
     work_dir: Annotated[Optional[Path], typer.Option(help="The run's reorg folder (default: the one it was trained on).")] = None,
-    out: Annotated[Optional[Path], typer.Option(help="Folder for the PNGs (default: RUN_DIR/report).")] = None,
+    out: Annotated[Optional[Path], typer.Option(help="Folder for report.html and its PNGs (default: RUN_DIR/report).")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda (a holdout run is predicted afresh).")] = "auto",
 ) -> None:
-    """PNGs of a run: learning curves, confusion matrix, training images, most confident mistakes."""
+    """A run's report: report.html with learning curves, CV table, confusions, training images, mistakes."""
     from pipeline.config import load_resolved
     from pipeline.report import write_report
     from pipeline.runs import Run

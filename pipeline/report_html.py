@@ -1,0 +1,149 @@
+"""The report's index page: a self-contained report.html built from plain values.
+
+Pure functions of dicts, frames and file names that return strings; the caller
+writes the file. The page has no external assets (styles inline, PNGs linked
+relatively, so the folder can be moved or zipped as a whole), and every user
+string is HTML-escaped: Kaggle class names and ids may contain ``<`` or ``&``.
+"""
+from __future__ import annotations
+
+import html
+import math
+from urllib.parse import quote
+
+import numpy as np
+import pandas as pd
+
+# config.json keys worth a line in the summary, in the order shown
+SUMMARY_KEYS = ("competition", "model", "pretrained", "image_size", "augment", "epochs", "batch_size",
+                "optimizer", "lr", "schedule", "weight_decay", "label_smoothing", "mixup", "cutmix", "ema",
+                "folds", "fold", "full", "tta", "seed")
+
+# under each figure of the page, by file name
+CAPTIONS = {
+    "learning_curves.png": "Loss, validation accuracy and learning rate per epoch, one colour per member.",
+    "train_images.png": "Random training images under their class names.",
+    "confusion_matrix.png": "Confusion matrix of the validation predictions, coloured by share of the true class.",
+    "confused_pairs.png": "The most frequent mistakes: true class → predicted class.",
+    "per_class_accuracy.png": "Accuracy per class, worst first; the tick is the mean probability of the true class.",
+    "most_wrong.png": "Wrong validation images that gave their true class the least probability.",
+}
+
+STYLE = """
+body { font-family: system-ui, sans-serif; margin: 2em auto; max-width: 1200px; padding: 0 1em; color: #222; }
+nav a { margin-right: 1em; }
+table { border-collapse: collapse; margin: 0.5em 0 1.5em; font-size: 0.9em; }
+th, td { border: 1px solid #ccc; padding: 0.2em 0.6em; text-align: left; }
+td.num { text-align: right; font-variant-numeric: tabular-nums; }
+thead th { background: #f0f0f0; position: sticky; top: 0; }
+figure { margin: 1em 0 2em; }
+figure img { max-width: 100%; border: 1px solid #ddd; }
+figcaption { color: #555; font-size: 0.9em; }
+"""
+
+
+def _esc(value: object) -> str:
+    return html.escape(str(value), quote=True)
+
+
+def _text(value: object) -> str:
+    """A config or score value as one short string."""
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    if isinstance(value, (list, tuple)):
+        return ", ".join(_text(v) for v in value)
+    return "-" if value is None else str(value)
+
+
+def _mode(config: dict) -> str:
+    if config.get("full"):
+        return "full"
+    return "folds" if config.get("folds") or config.get("fold") is not None else "holdout"
+
+
+def _best_epoch(done: dict | None) -> str:
+    """'3 of 10 (score 0.9123, ema)' from a member's done.json; 'not finished' without one."""
+    if not done:
+        return "not finished"
+    best = done.get("best") or {}
+    text = f"{best.get('epoch', '?')} of {done.get('epochs', '?')}"
+    metric = best.get("metric")
+    if isinstance(metric, (int, float)) and not math.isnan(metric):
+        variant = ", ema" if best.get("variant") == "ema" else ""
+        text += f" (score {metric:.4g}{variant})"
+    return text
+
+
+def report_summary(config: dict, cv: dict | None, members: dict[str, dict | None]) -> dict[str, str]:
+    """Key values of a run: its config, number of members, CV score, each member's best epoch.
+
+    ``config`` is config.json's content, ``cv`` cv.json's (None without one)
+    and ``members`` each member's done.json by name (None while it trains).
+    """
+    summary = {"mode": _mode(config)}
+    summary.update({key: _text(config[key]) for key in SUMMARY_KEYS if key in config})
+    summary["members"] = str(len(members))
+    if cv and cv.get("cv") is not None:
+        summary[f"CV {cv.get('metric', 'score')}"] = _text(float(cv["cv"]))
+    for name, done in members.items():
+        summary[f"best epoch, {name}"] = _best_epoch(done)
+    return summary
+
+
+def cv_frame(cv: dict | None) -> pd.DataFrame | None:
+    """cv.json's per-fold rows and an 'all' row of the out-of-fold scores; None without folds."""
+    if not cv or not cv.get("folds"):
+        return None
+    frame = pd.DataFrame(cv["folds"])
+    overall = pd.DataFrame([{"fold": "all", **cv.get("overall", {})}])
+    return pd.concat([frame, overall], ignore_index=True)
+
+
+def _cell(value: object) -> str:
+    if isinstance(value, (bool, np.bool_)):
+        return f"<td>{_esc(value)}</td>"
+    if isinstance(value, (float, np.floating)):
+        return f'<td class="num">{"" if math.isnan(value) else f"{value:.4f}"}</td>'
+    if isinstance(value, (int, np.integer)):
+        return f'<td class="num">{value}</td>'
+    return f"<td>{_esc(value)}</td>"
+
+
+def table_html(frame: pd.DataFrame) -> str:
+    """A frame as an HTML table: every header and cell escaped, floats to 4 decimals."""
+    head = "".join(f"<th>{_esc(c)}</th>" for c in frame.columns)
+    body = "\n".join("<tr>" + "".join(_cell(v) for v in row) + "</tr>"
+                     for row in frame.itertuples(index=False, name=None))
+    return f"<table>\n<thead><tr>{head}</tr></thead>\n<tbody>\n{body}\n</tbody>\n</table>"
+
+
+def _summary_html(summary: dict) -> str:
+    rows = "\n".join(f"<tr><th>{_esc(k)}</th><td>{_esc(v)}</td></tr>" for k, v in summary.items())
+    return f"<table>\n{rows}\n</table>"
+
+
+def _figure_html(caption: str, filename: str) -> str:
+    src = _esc(quote(filename))  # a relative link: the PNG sits beside report.html
+    return (f'<figure><a href="{src}"><img src="{src}" alt="{_esc(caption)}" loading="lazy"></a>'
+            f"<figcaption>{_esc(caption)}</figcaption></figure>")
+
+
+def report_html(title: str, summary: dict, cv_table: pd.DataFrame | None, images: list[tuple[str, str]],
+                tables: dict[str, pd.DataFrame]) -> str:
+    """The whole report.html: summary, CV table, every image (caption, file name) and table.
+
+    A navigation line at the top links each section.
+    """
+    sections = [("summary", "Summary", _summary_html(summary))]
+    if cv_table is not None and len(cv_table):
+        sections.append(("cv", "Cross-validation", table_html(cv_table)))
+    if images:
+        sections.append(("figures", "Figures", "\n".join(_figure_html(c, f) for c, f in images)))
+    for i, (name, frame) in enumerate(tables.items()):
+        sections.append((f"table{i}", name, table_html(frame) if len(frame) else "<p>none</p>"))
+    nav = " ".join(f'<a href="#{key}">{_esc(heading)}</a>' for key, heading, _ in sections)
+    body = "\n".join(f'<section id="{key}">\n<h2>{_esc(heading)}</h2>\n{content}\n</section>'
+                     for key, heading, content in sections)
+    return (f'<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n<title>{_esc(title)}</title>\n'
+            f"<style>{STYLE}</style>\n</head>\n<body>\n<h1>{_esc(title)}</h1>\n<nav>{nav}</nav>\n{body}\n"
+            "</body>\n</html>\n")
