@@ -157,7 +157,7 @@ class ImageDataset(Dataset):
         """``key`` is an index, or (index, seed) from EpochSampler: that sample's augmentation seed."""
         index, seed = key if isinstance(key, tuple) else (key, None)
         if seed is not None:
-            self.transform.set_random_seed(seed)
+            seed_transform(self.transform, seed)
         item = self.items[index]
         try:
             image = read_image(item.path, min_side=self.image_size)
@@ -171,6 +171,68 @@ class ImageDataset(Dataset):
 # ---------------------------------------------------------------- transforms
 
 
+def seed_transform(transform: A.BaseCompose, seed: int) -> None:
+    """Reseed ``transform`` so each transform in it draws from its own stream, fixed by ``seed``.
+
+    albumentations' ``set_random_seed`` gives every transform a generator with
+    the same seed, so their first draws coincide: over 2,000 samples of
+    resized_crop_flip_jitter, crop area vs brightness r = 0.71, flip vs
+    brightness r = -0.87 (tests/test_augment.py measures it). Child seeds from
+    ``SeedSequence.spawn`` are independent streams: every |r| < 0.03.
+    """
+    transform.set_random_seed(seed)  # the Compose's own draws (its p); children are replaced below
+    children = np.random.SeedSequence(seed % 2**64).spawn(len(transform.transforms))
+    for child, sub in zip(children, transform.transforms):
+        sub_seed = int(child.generate_state(1)[0])
+        if isinstance(sub, A.BaseCompose):
+            seed_transform(sub, sub_seed)
+        else:
+            sub.set_random_seed(sub_seed)
+
+
+def _resize(s: int) -> A.BasicTransform:
+    return A.Resize(height=s, width=s, interpolation=cv2.INTER_AREA)
+
+
+def _pad_crop_flip(s: int, train: bool, fill: tuple[int, ...]) -> list:
+    if not train:
+        return [_resize(s)]
+    pad = max(1, s // 8)
+    return [_resize(s),
+            A.PadIfNeeded(min_height=s + 2 * pad, min_width=s + 2 * pad, border_mode=cv2.BORDER_CONSTANT, fill=0),
+            A.RandomCrop(height=s, width=s), A.HorizontalFlip(p=0.5)]
+
+
+def _resized_crop_flip_jitter(s: int, train: bool, fill: tuple[int, ...]) -> list:
+    if not train:
+        return [A.SmallestMaxSize(max_size=int(round(s * 256 / 224))), A.CenterCrop(height=s, width=s)]
+    return [A.RandomResizedCrop(size=(s, s), scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)), A.HorizontalFlip(p=0.5),
+            A.ColorJitter(brightness=0.4, contrast=0.4, saturation=0.4, hue=0.0, p=1.0)]
+
+
+def _letterbox(s: int, train: bool, fill: tuple[int, ...]) -> list:
+    # Shrinking before padding gives the same framing as pad-then-resize, with a crisp edge.
+    ops = [A.LongestMaxSize(max_size=s, interpolation=cv2.INTER_AREA),
+           A.PadIfNeeded(min_height=s, min_width=s, position="center", border_mode=cv2.BORDER_CONSTANT, fill=fill)]
+    return (ops + [A.HorizontalFlip(p=0.5)]) if train else ops
+
+
+def _light(s: int, train: bool, fill: tuple[int, ...]) -> list:
+    if not train:
+        return [_resize(s)]
+    return [_resize(s), A.Affine(translate_percent=(-0.06, 0.06), scale=(0.9, 1.1), rotate=(-10, 10),
+                                 border_mode=cv2.BORDER_CONSTANT, fill=fill, p=1.0), A.HorizontalFlip(p=0.5)]
+
+
+def _none(s: int, train: bool, fill: tuple[int, ...]) -> list:
+    return [_resize(s)]
+
+
+_PRESETS = {"pad_crop_flip": _pad_crop_flip, "resized_crop_flip_jitter": _resized_crop_flip_jitter,
+            "letterbox": _letterbox, "light": _light, "none": _none}
+AUGMENTS = tuple(_PRESETS)  # the --augment choices
+
+
 def build_transform(augment: str, image_size: int, mean, std, train: bool, seed: int = 0) -> A.Compose:
     """The competition's albumentations pipeline, ending in a normalised tensor.
 
@@ -179,26 +241,23 @@ def build_transform(augment: str, image_size: int, mean, std, train: bool, seed:
     - resized_crop_flip_jitter (photos, the dog tutorial): RandomResizedCrop
       scale (0.08, 1), ratio (3/4, 4/3), flip, ColorJitter(0.4, 0.4, 0.4);
       evaluation resizes the short side to size * 256/224 and centre-crops.
+    - letterbox (keeps the whole image): longest side to size, pad to a square
+      with the mean colour (zero after normalising), centred; flip when training.
+    - light (keeps nearly all of it): resize to size x size, then Affine with
+      shifts up to 6 %, scale 0.9-1.1, rotation up to 10 degrees; flip.
     - none: resize only.
+
+    Evaluation does the preset's geometry without its randomness (letterbox:
+    the same letterbox; light and none: the resize), so train and test framing
+    agree. Each random transform draws from its own stream (``seed_transform``).
     """
-    s = image_size
+    if augment not in _PRESETS:
+        raise PipelineError(f"unknown augment {augment!r}; choose one of {', '.join(AUGMENTS)}")
+    fill = tuple(int(round(255 * m)) for m in mean)
     tail = [A.Normalize(mean=mean, std=std, max_pixel_value=255.0), ToTensorV2()]
-    if augment == "resized_crop_flip_jitter":
-        if train:
-            ops = [A.RandomResizedCrop(size=(s, s), scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)),
-                   A.HorizontalFlip(p=0.5),
-                   A.ColorJitter(brightness=0.4, contrast=0.4, saturation=0.4, hue=0.0, p=1.0)]
-        else:
-            ops = [A.SmallestMaxSize(max_size=int(round(s * 256 / 224))), A.CenterCrop(height=s, width=s)]
-    elif augment in ("pad_crop_flip", "none"):
-        ops = [A.Resize(height=s, width=s, interpolation=cv2.INTER_AREA)]
-        if train and augment == "pad_crop_flip":
-            pad = max(1, s // 8)
-            ops += [A.PadIfNeeded(min_height=s + 2 * pad, min_width=s + 2 * pad, border_mode=cv2.BORDER_CONSTANT, fill=0),
-                    A.RandomCrop(height=s, width=s), A.HorizontalFlip(p=0.5)]
-    else:
-        raise PipelineError(f"unknown augment {augment!r}; choose pad_crop_flip, resized_crop_flip_jitter or none")
-    return A.Compose(ops + tail, seed=seed)
+    compose = A.Compose(_PRESETS[augment](image_size, train, fill) + tail, seed=seed)
+    seed_transform(compose, seed)
+    return compose
 
 
 class EpochSampler(torch.utils.data.Sampler):

@@ -18,8 +18,9 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from pipeline.errors import PipelineError
+from pipeline.models.heads import build_head, check_head
 from pipeline.models.timm_models import TIMM_PREFIX, create_timm_model
-from pipeline.models.weights import check_head, load_pretrained_url, load_weights, replace_head
+from pipeline.models.weights import load_pretrained_url, load_weights, replace_head
 
 log = logging.getLogger("pipeline")
 
@@ -54,8 +55,9 @@ def make_cfg(architecture: str, *, input_size: tuple[int, int, int] = (3, 224, 2
 
 
 def classifier_layer(in_features: int, num_classes: int) -> nn.Module:
-    """Linear layer, or Identity for num_classes=0 (timm's "features only" convention)."""
-    return nn.Linear(in_features, num_classes) if num_classes > 0 else nn.Identity()
+    """A zero-started Linear layer, or Identity for num_classes=0 (timm's "features only"
+    convention); see ``heads.build_head``."""
+    return build_head("linear", in_features, num_classes)
 
 
 class ClassifierBase(nn.Module):
@@ -146,10 +148,11 @@ def create_model(
     """Build model ``name`` with a ``num_classes``-way head, optionally with weights.
 
     ``weights`` (a local file) wins over ``pretrained`` (a download), so a user
-    offline can pass both and still get the same network. Classifier tensors
-    that do not fit ``num_classes`` are left at their random init; the loader
-    logs what it did. ``head="mlp"`` swaps the classifier for
-    Linear -> ReLU -> Dropout -> Linear before any weights are loaded.
+    offline can pass both and still get the same network. Every head not
+    loaded from weights (new, or whose tensors do not fit ``num_classes``)
+    starts with its final layer at zero, i.e. uniform predictions (see
+    ``heads``); the loader logs what it did. ``head="mlp"`` swaps the classifier
+    for Linear -> ReLU -> Dropout -> Linear before any weights are loaded.
     """
     check_head(head)
     download = pretrained and weights is None

@@ -14,6 +14,8 @@ import timm
 from torch import nn
 
 from pipeline.errors import PipelineError
+from pipeline.models.heads import init_new_heads
+from pipeline.models.weights import head_names
 
 TIMM_PREFIX = "timm:"
 
@@ -40,7 +42,8 @@ def create_timm_model(
 
     ``name`` may carry a pretrained tag (``resnet50.a1_in1k``). ``drop_rate`` None
     keeps timm's default; ``zero_init_residual`` maps to timm's ``zero_init_last``,
-    which only residual families accept.
+    which only residual families accept. A classifier not loaded from the
+    pretrained weights starts at zero (see ``heads.init_head_small``).
     """
     if not timm.is_model(name):
         raise PipelineError(f"unknown timm model {name!r}; close matches: {_suggest(name)}")
@@ -50,7 +53,7 @@ def create_timm_model(
     if zero_init_residual:
         options["zero_init_last"] = True
     try:
-        return timm.create_model(name, pretrained=pretrained, **options)
+        model = timm.create_model(name, pretrained=pretrained, **options)
     except TypeError as err:  # an option this architecture's constructor lacks
         raise PipelineError(f"timm model {name!r} does not accept these options ({err}); "
                             "drop zero_init_residual/drop_rate for it") from err
@@ -61,3 +64,13 @@ def create_timm_model(
             f"could not download pretrained weights for {TIMM_PREFIX}{name} ({err}); "
             "for offline use pass --weights FILE with a local .safetensors/.pth file"
         ) from err
+    if not _head_loaded(model, num_classes, pretrained):
+        init_new_heads(model, head_names(model))
+    return model
+
+
+def _head_loaded(model: nn.Module, num_classes: int, pretrained: bool) -> bool:
+    """Whether timm filled the classifier from the pretrained weights: it keeps
+    them only when the class counts agree, and otherwise leaves timm's own
+    random init, which ``init_new_heads`` replaces by a zero start."""
+    return pretrained and num_classes == model.pretrained_cfg.get("num_classes")

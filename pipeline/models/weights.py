@@ -22,8 +22,9 @@ from torch import Tensor, nn
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from pipeline.errors import PipelineError
+from pipeline.models.heads import HEADS, build_head, check_head, final_layer, init_head_small
 
-HEADS = ("linear", "mlp")
+__all__ = ["HEADS", "check_head"]  # re-exported: they used to live here
 SUFFIXES = (".safetensors", ".pth", ".pt", ".bin")
 # Where training scripts (ours, timm's, torchvision's references) keep the weights.
 CHECKPOINT_KEYS = ("state_dict", "model", "model_state", "state_dict_ema")
@@ -38,7 +39,7 @@ class LoadReport:
 
     loaded: list[str]
     dropped: list[str]  # in the file, head-only, did not fit: ignored
-    random: list[str]  # in the model's head, not loaded: left at random init
+    random: list[str]  # in the model's head, not loaded: a new head (final layer zero-started)
     source: str = ""
     reason: str = ""  # why ``dropped`` was dropped, e.g. "1000 classes, model has 120"
 
@@ -48,7 +49,7 @@ class LoadReport:
         if self.dropped:
             dropped += f" ({', '.join(self.dropped)}: {self.reason})"
         return (f"weights {self.source}: loaded {len(self.loaded)} tensors, {dropped}, "
-                f"left random {len(self.random)}")
+                f"new head tensors {len(self.random)}")
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -184,8 +185,17 @@ def _sort_keys(state: Mapping[str, Tensor], own: Mapping[str, Tensor], heads: Se
     return loaded, dropped, problems
 
 
+def _zero_unloaded_heads(model: nn.Module, heads: Sequence[str], loaded: set[str]) -> None:
+    """Zero-start every head whose final layer the file did not fill (see heads.init_head_small)."""
+    for path in heads:
+        module = model.get_submodule(path)
+        found = final_layer(module)
+        if found is not None and ".".join(filter(None, (path, found[0], "weight"))) not in loaded:
+            init_head_small(module)
+
+
 def apply_state_dict(model: nn.Module, state: Mapping[str, Tensor], source: str) -> LoadReport:
-    """Load ``state`` into ``model``; head tensors that do not fit stay random.
+    """Load ``state`` into ``model``; a head whose tensors do not fit starts at zero.
 
     Any other missing, unexpected or mis-shaped tensor means the file belongs
     to another architecture: that is an error naming the first few of them.
@@ -202,6 +212,7 @@ def apply_state_dict(model: nn.Module, state: Mapping[str, Tensor], source: str)
                             "use weights saved from this architecture or pick the model they belong to")
     model.load_state_dict({key: state[key] for key in loaded}, strict=False)
     done = set(loaded)
+    _zero_unloaded_heads(model, heads, done)
     random = [key for key in own if in_head(key, heads) and key not in done]
     return LoadReport(loaded, dropped, random, source=source, reason=_drop_reason(dropped, state, own))
 
@@ -237,12 +248,6 @@ def load_pretrained_url(model: nn.Module) -> LoadReport:
 # ---------------------------------------------------------------- heads
 
 
-def check_head(head: str) -> None:
-    """Raise unless ``head`` is one of HEADS."""
-    if head not in HEADS:
-        raise PipelineError(f"unknown head {head!r}; choose one of {', '.join(HEADS)}")
-
-
 def _set_submodule(model: nn.Module, path: str, module: nn.Module) -> None:
     parent, _, leaf = path.rpartition(".")
     setattr(model.get_submodule(parent) if parent else model, leaf, module)
@@ -250,12 +255,8 @@ def _set_submodule(model: nn.Module, path: str, module: nn.Module) -> None:
 
 def replace_head(model: nn.Module, head: str, num_classes: int, *, hidden: int = 256,
                  drop_rate: float = 0.0) -> None:
-    """Swap the main classifier for ``head``: "linear" keeps it, "mlp" is
-    Linear(in, hidden) -> ReLU -> Dropout(drop_rate) -> Linear(hidden, num_classes).
-
-    The Dropout is kept even at p=0 so checkpoint names (``fc.0``, ``fc.3``) do
-    not depend on the drop rate.
-    """
+    """Swap the main classifier for ``build_head(head, ...)``: "linear" keeps the
+    (already zero-started) Linear, "mlp" is Linear -> ReLU -> Dropout -> Linear."""
     check_head(head)
     if head == "linear":
         return
@@ -265,10 +266,8 @@ def replace_head(model: nn.Module, head: str, num_classes: int, *, hidden: int =
         if not isinstance(old, nn.Linear):
             raise PipelineError(f"head mlp needs a Linear classifier but {architecture(model)}."
                                 f"{path} is a {type(old).__name__}; use --head linear")
-        _set_submodule(model, path, nn.Sequential(
-            nn.Linear(old.in_features, hidden), nn.ReLU(inplace=True),
-            nn.Dropout(drop_rate), nn.Linear(hidden, num_classes),
-        ))
+        _set_submodule(model, path, build_head("mlp", old.in_features, num_classes, hidden=hidden,
+                                               drop_rate=drop_rate))
 
 
 # ---------------------------------------------------------------- training helpers
