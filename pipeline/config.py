@@ -22,7 +22,7 @@ from typing import Any
 
 from pipeline.errors import PipelineError, check_choice
 
-AUGMENTS = ("pad_crop_flip", "resized_crop_flip_jitter", "none")
+AUGMENTS = ("pad_crop_flip", "resized_crop_flip_jitter", "letterbox", "light", "none")  # pipeline/data.py builds them
 TTAS = ("none", "flip")
 
 

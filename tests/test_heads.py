@@ -35,9 +35,11 @@ CASES = [(name, "linear") for name in FAMILIES] + [(name, "mlp") for name in FAM
 
 @pytest.mark.parametrize("num_classes", [10, 120])
 @pytest.mark.parametrize("name, head", CASES)
-def test_new_head_predicts_uniformly(name: str, head: str, num_classes: int) -> None:
+def test_new_head_predicts_uniformly(name: str, head: str, num_classes: int, tmp_path: Path) -> None:
     torch.manual_seed(0)
-    model = create_model(name, num_classes, head=head)
+    source = create_model(name, num_classes + 3)  # a backbone trained on other classes
+    torch.save(source.state_dict(), tmp_path / "backbone.pth")
+    model = create_model(name, num_classes, head=head, weights=tmp_path / "backbone.pth")
     x = torch.randn(8, 3, px(name), px(name)) * 2  # off-scale input, as a new data set may be
     model.train()  # googlenet's aux heads answer only in training mode
     with torch.no_grad():
@@ -68,12 +70,15 @@ def test_head_that_does_not_fit_the_weights_restarts_at_zero(tmp_path: Path) -> 
     torch.testing.assert_close(other.conv1.weight, source.conv1.weight)
 
 
-def test_mlp_head_keeps_hidden_init_and_zeroes_only_the_final_layer() -> None:
+def test_mlp_head_keeps_hidden_init_and_zeroes_only_the_final_layer(tmp_path: Path) -> None:
     head = build_head("mlp", 32, 7, hidden=16, drop_rate=0.1)
     name, last = final_layer(head)
     assert name == "3" and last is head[3]
-    assert not head[3].weight.any() and not head[3].bias.any()
-    assert head[0].weight.std() > 0.01  # the hidden layer is a normal random init
+    assert head[3].weight.std() > 0.01  # from scratch: the default init, so the first steps learn
+    torch.save(create_model("resnet18_cifar", 10).state_dict(), tmp_path / "w.pth")
+    model = create_model("resnet18_cifar", 7, head="mlp", head_hidden=16, weights=tmp_path / "w.pth")
+    assert not model.fc[3].weight.any() and not model.fc[3].bias.any()  # on weights: zero start
+    assert model.fc[0].weight.std() > 0.01  # the hidden layer is a normal random init
     assert isinstance(build_head("linear", 32, 0), nn.Identity)
 
 
@@ -106,10 +111,12 @@ def class_clustered_features(n: int, dim: int, num_classes: int, seed: int) -> t
 
 @pytest.mark.parametrize("num_classes", [10, 120])
 @pytest.mark.parametrize("kind", ["linear", "mlp"])
-def test_head_on_cached_features_starts_at_ln_c_and_learns(kind: str, num_classes: int) -> None:
+def test_head_on_cached_features_starts_at_ln_c_and_learns(kind: str, num_classes: int, tmp_path: Path) -> None:
     torch.manual_seed(0)
-    feats, labels = class_clustered_features(2000, 256, num_classes, seed=1)
-    head = build_head(kind, feats.shape[1], num_classes, hidden=128)
+    feats, labels = class_clustered_features(2000, 512, num_classes, seed=1)
+    torch.save(create_model("resnet18_cifar", 1000).state_dict(), tmp_path / "backbone.pth")
+    # the head a frozen-backbone run attaches to weights, trained as on the feature cache
+    head = create_model("resnet18_cifar", num_classes, head=kind, head_hidden=128, weights=tmp_path / "backbone.pth").fc
     optimizer = torch.optim.SGD(head.parameters(), lr=0.1, momentum=0.9)
     losses = []
     for batch in torch.randperm(len(feats)).split(64):  # one epoch

@@ -24,7 +24,6 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from pipeline.errors import PipelineError
-from pipeline.models.heads import init_head_small
 from pipeline.models.registry import ClassifierBase, classifier_layer, make_cfg, register_model
 
 # name: (in, 1x1, 3x3 reduce, 3x3, 5x5 reduce, 5x5, pool proj): the paper's Table 1.
@@ -135,9 +134,6 @@ class GoogLeNet(ClassifierBase):
             elif isinstance(module, nn.BatchNorm2d):
                 nn.init.ones_(module.weight)
                 nn.init.zeros_(module.bias)
-        # The loop above gave the classifiers torchvision's N(0, 0.01): restore their zero start.
-        for head in (self.fc, self.aux1.fc2, self.aux2.fc2):
-            init_head_small(head)
 
     def _trunk(self, x: Tensor, with_aux: bool) -> tuple[Tensor, list[Tensor]]:
         aux_logits = []

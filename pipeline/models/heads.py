@@ -1,7 +1,10 @@
 """Classifier heads and their initialisation.
 
-A freshly attached head starts with its final layer at zero, so every class
-gets the same logit and the first predictions are uniform (log loss ln C).
+A head freshly attached to a backbone with weights (a download or --weights)
+starts with its final layer at zero, so every class gets the same logit and
+the first predictions are uniform (log loss ln C). A model trained from
+scratch keeps its architecture's init (a zero head there only slows the first
+steps).
 The backbone libraries' own classifier init (timm's and torch's uniform
 +-1/sqrt(fan_in), or larger) makes a head on frozen features start, and on a
 small data set stay, overconfident: measured on a 2-class set, validation log
@@ -53,7 +56,10 @@ def init_head_small(module: nn.Module) -> nn.Module:
 
 def build_head(head: str, in_features: int, num_classes: int, *, hidden: int = 256,
                drop_rate: float = 0.0) -> nn.Module:
-    """A new, zero-started classifier for ``in_features``-wide pooled features.
+    """A new classifier for ``in_features``-wide pooled features (torch's default init).
+
+    Trained from scratch it learns with the rest of the network; attached to a
+    backbone with weights, weight loading zero-starts it (``init_head_small``).
 
     - "linear": Linear(in_features, num_classes).
     - "mlp": Linear(in_features, hidden) -> ReLU -> Dropout(drop_rate) ->
@@ -66,11 +72,11 @@ def build_head(head: str, in_features: int, num_classes: int, *, hidden: int = 2
     if num_classes <= 0:
         return nn.Identity()
     if head == "linear":
-        return init_head_small(nn.Linear(in_features, num_classes))
-    return init_head_small(nn.Sequential(
+        return nn.Linear(in_features, num_classes)
+    return nn.Sequential(
         nn.Linear(in_features, hidden), nn.ReLU(inplace=True),
         nn.Dropout(drop_rate), nn.Linear(hidden, num_classes),
-    ))
+    )
 
 
 def init_new_heads(model: nn.Module, paths: tuple[str, ...] | list[str]) -> None:

@@ -64,7 +64,7 @@ def create_timm_model(
             f"could not download pretrained weights for {TIMM_PREFIX}{name} ({err}); "
             "for offline use pass --weights FILE with a local .safetensors/.pth file"
         ) from err
-    if not _head_loaded(model, num_classes, pretrained):
+    if pretrained and not _head_loaded(model, num_classes, pretrained):  # a new head on pretrained weights
         init_new_heads(model, head_names(model))
     return model
 
