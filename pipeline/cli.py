@@ -82,7 +82,7 @@ def predict(
     run_dir: RunDir,
     submission_csv: Annotated[Path, typer.Argument(help="Where to write the submission.")],
     members: Annotated[str, typer.Option(help="auto, folds, full, holdout or all.")] = "auto",
-    tta: Annotated[str, typer.Option(help="Test-time augmentation: none or flip.")] = "none",
+    tta: Annotated[Optional[str], typer.Option(help="Test-time augmentation: none or flip (default: the run's, which its scores used).")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
     batch_size: Annotated[int, typer.Option(help="Images per inference batch.")] = 256,
     num_workers: Annotated[int, typer.Option(help="DataLoader worker processes.")] = 0,
@@ -97,7 +97,7 @@ def predict(
                  unreadable=unreadable_test)
     typer.echo(f"{result.path}: {result.rows} rows from {len(result.members)} model(s) in {result.seconds:.1f}s")
     if submission_csv.resolve().parent.name == "submissions":
-        _index_submission(competition, result, run_dir, tta)
+        _index_submission(competition, result, run_dir, result.tta)
 
 
 def _index_submission(competition: str, result, run_dir: Path, tta: str) -> None:

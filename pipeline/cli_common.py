@@ -71,5 +71,7 @@ def checked_submission(comp, submission_csv: Path, sample: Path | None, work_dir
         for problem in found:
             typer.echo(f"{submission_csv}: {problem}", err=True)
         raise typer.Exit(1)
-    typer.echo(f"{submission_csv}: valid ({len(frame)} rows, {len(frame.columns)} columns)")
+    unchecked = "" if work_dir is not None or comp.submission != "label" else \
+        "; class names not checked: give --work-dir WORK_DIR to check them"
+    typer.echo(f"{submission_csv}: valid ({len(frame)} rows, {len(frame.columns)} columns){unchecked}")
     return frame

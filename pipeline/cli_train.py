@@ -97,9 +97,20 @@ def train(**options: Any) -> None:
     if main_process:
         metric = load_competition(fixed["competition"]).metric
         for r in results:
-            state = "already finished, " if r.skipped else ""
-            typer.echo(f"{r.dir}: {state}{r.epochs} epochs, best {metric} {r.best_metric:.4f} "
-                       f"at epoch {r.best_epoch}, {r.seconds:.1f}s")
+            typer.echo(result_line(r, metric))
+
+
+def result_line(r, metric: str) -> str:
+    """What a member's kept weights scored on validation (with its interval), and its best epoch."""
+    state = "already finished, " if r.skipped else ""
+    kept = r.kept or {}
+    if kept.get("metric") is None:
+        return f"{r.dir}: {state}{r.epochs} epochs (no validation), {r.seconds:.1f}s"
+    line = f"{r.dir}: {state}{r.epochs} epochs; kept epoch {kept['epoch']} ({kept['selection']}): {metric} {kept['metric']:.4f}"
+    if kept.get("interval"):
+        lo, hi = kept["interval"]
+        line += f" (95% interval {lo:.4f}-{hi:.4f}, {kept['valid_images']} validation images)"
+    return line + f"; best epoch {r.best_epoch}: {r.best_metric:.4f}; {r.seconds:.1f}s"
 
 
 train.__signature__ = inspect.Signature(_fixed_params() + [_option(f) for f in cli_fields()] + _control_params())

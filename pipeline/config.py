@@ -79,6 +79,9 @@ class TrainConfig:
     clip_grad: float = setting(0.0, "Max gradient norm (0: off).", minimum=0)
     ema: float = setting(0.0, "EMA decay of the weights per step, e.g. 0.999 (0: off).", minimum=0)
     early_stop: int = setting(0, "Stop after N epochs without improvement (0: off).", movable=True, minimum=0)
+    select: str = setting("last", "Weights each member keeps for predict: last (the final epoch, EMA if on: its "
+                          "validation score is honest) or best (the best validation epoch: its score is optimistic).",
+                          choices=("last", "best"))
     steps_per_epoch: int = setting(0, "Cap on batches per epoch (smoke tests; 0: the whole set).", minimum=0)
     # what to train: holdout (train/ vs valid/), CV folds, or train_valid
     folds: int = setting(0, "Train every fold of folds.csv (give its fold count).", movable=True, minimum=0)

@@ -6,7 +6,9 @@ dataset itself.
 """
 from __future__ import annotations
 
+import hashlib
 import logging
+import os
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -63,6 +65,18 @@ def list_split(work_dir: Path, info: dict, split: str) -> list[Item]:
         if class_dir.is_dir():
             items.extend(Item(_id_of(p.name, ext), p, target) for p in sorted(class_dir.iterdir()))
     return items
+
+
+def training_fingerprint(work_dir: Path, info: dict) -> str:
+    """A digest of what a run learns from: every training image's id, class name and size.
+
+    Two work folders made from the same download (with any split seed) agree;
+    another download, a relabelled image or a changed file does not.
+    """
+    digest = hashlib.sha256(info["competition"].encode())
+    for it in sorted(list_split(work_dir, info, "train_valid"), key=lambda it: it.id):
+        digest.update(f"{it.id}\t{info['classes'][it.target]}\t{os.stat(it.path).st_size}\n".encode())
+    return digest.hexdigest()[:16]
 
 
 def read_folds(work_dir: Path) -> pd.Series:

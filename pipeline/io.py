@@ -142,28 +142,52 @@ def exclusive_lock(path: Path, what: str) -> Iterator[None]:
     """Hold an advisory lock on ``path``; a second holder gets a clear error at once.
 
     The kernel releases the lock when its holder exits, killed or not, so a
-    leftover lock file never blocks anyone.
+    lock file a killed process left behind never blocks anyone: the next
+    holder takes it over. A clean exit removes the file, and the folder when
+    this lock created it and nothing else was written there.
     """
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fh = open(path, "a+")
-    except OSError as exc:
-        raise PipelineError(os_error_message(exc, path, "create the lock file")) from exc
-    with fh:
+    path = Path(path)
+    created = not path.parent.exists()
+    while True:
+        fh = _open_lock(path)
         try:
             fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             fh.seek(0)
             holder = fh.read().strip() or "another process"
+            fh.close()
             raise PipelineError(f"{what} is busy: {holder} holds {path}; wait for it to finish") from None
+        if _same_file(fh, path):
+            break
+        fh.close()  # the holder removed the file between our open and our lock: take the new one
+    try:
         fh.seek(0)
         fh.truncate()
         fh.write(f"pid {os.getpid()}")
         fh.flush()
-        try:
-            yield
-        finally:
-            fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+        yield
+    finally:
+        path.unlink(missing_ok=True)  # still locked: a waiting opener sees a new inode and retries
+        fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+        fh.close()
+        if created:
+            with contextlib.suppress(OSError):
+                path.parent.rmdir()  # only when empty: a run that wrote nothing leaves nothing
+
+
+def _open_lock(path: Path):
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        return open(path, "a+")
+    except OSError as exc:
+        raise PipelineError(os_error_message(exc, path, "create the lock file")) from exc
+
+
+def _same_file(fh, path: Path) -> bool:
+    try:
+        return os.fstat(fh.fileno()).st_ino == os.stat(path).st_ino
+    except FileNotFoundError:
+        return False
 
 
 def read_json(path: Path, missing: str, unreadable: str) -> Any:

@@ -129,3 +129,30 @@ def better(metric_name: str, new: float, old: float | None) -> bool:
         return True
     return new > old if direction else new < old
 
+
+def bootstrap_interval(probs: np.ndarray, targets: np.ndarray, num_classes: int, metric: str, *,
+                       clip: float | None = None, n: int = 1000, seed: int = 0) -> tuple[float, float]:
+    """A 95% percentile-bootstrap interval of ``metric`` over the rows (resampled with replacement)."""
+    rng = np.random.default_rng(seed)
+    probs, targets = np.asarray(probs, dtype=np.float64), np.asarray(targets)
+    if len(targets) < 2:
+        return math.nan, math.nan
+    values = []
+    for _ in range(n):
+        rows = rng.integers(0, len(targets), len(targets))
+        values.append(compute(metric, probs[rows], targets[rows], num_classes, clip=clip))
+    values = np.asarray(values)
+    values = values[np.isfinite(values)]
+    if not len(values):
+        return math.nan, math.nan
+    return float(np.percentile(values, 2.5)), float(np.percentile(values, 97.5))
+
+
+def small_split_warning(n_images: int, n_classes: int) -> str | None:
+    """Why a validation split is too small to rank runs by (None when it is not)."""
+    per_class = n_images / max(n_classes, 1)
+    if n_images >= 200 and per_class >= 5:
+        return None
+    return (f"the validation split has {n_images} images ({per_class:.1f} per class): too few to rank runs by "
+            "(fewer than 200, or 5 per class); its score is noisy, see the interval; use --folds K for a CV score")
+

@@ -19,8 +19,8 @@ import torch
 
 from pipeline.cache import FeatureHead
 from pipeline.competition import Competition
-from pipeline.config import TTAS, TrainConfig
-from pipeline.data import Item, list_split, load_reorg, unreadable_message
+from pipeline.config import TTAS, TrainConfig, load_resolved
+from pipeline.data import Item, list_split, load_reorg, training_fingerprint, unreadable_message
 from pipeline.dataplan import FeatureViews, backbone_views, eval_loader, shared_backbone_groups
 from pipeline.distributed import resolve_device
 from pipeline.errors import PipelineError, check_choice
@@ -28,8 +28,8 @@ from pipeline.inference import infer, normalise_rows, unreadable_positions
 from pipeline.io import read_csv
 from pipeline.models import create_model, set_train_mode
 from pipeline.reorg import SAMPLE_FILE
-from pipeline.runs import Member, Run, load_best
-from pipeline.submission import build_submission, check_submission, write_submission
+from pipeline.runs import Member, Run, load_best, load_last
+from pipeline.submission import build_submission, check_submission, class_difference, write_submission
 
 log = logging.getLogger("pipeline")
 
@@ -44,9 +44,9 @@ class LoadedMember:
     classes: list[str]
 
 
-def load_member(member: Member, device: torch.device) -> LoadedMember:
-    """The best weights of one finished member, ready for inference."""
-    state = load_best(member)
+def load_member(member: Member, device: torch.device, weights: str = "best") -> LoadedMember:
+    """The kept weights of one finished member (or its last epoch's), ready for inference."""
+    state = load_best(member) if weights == "best" else load_last(member)
     cfg = TrainConfig.from_json(state["config"])
     classes = list(state["classes"])
     model = create_model(cfg.model, len(classes), head=cfg.head, head_hidden=cfg.head_hidden, drop_rate=cfg.drop_rate)
@@ -76,7 +76,8 @@ def _group_probs(group: list[LoadedMember], items: list[Item], tta: str, device:
 
 
 def predict_items(members: list[Member], items: list[Item], *, tta: str = "none", device: str = "auto",
-                  num_workers: int = 0, batch_size: int = 256, unreadable: str = "error") -> tuple[list[str], np.ndarray, list[str]]:
+                  num_workers: int = 0, batch_size: int = 256, unreadable: str = "error",
+                  weights: str = "best") -> tuple[list[str], np.ndarray, list[str]]:
     """Ids, the members' averaged probabilities (rows sum to 1) and the class names over ``items``.
 
     An image that cannot be decoded is an error naming it (``unreadable``
@@ -86,7 +87,7 @@ def predict_items(members: list[Member], items: list[Item], *, tta: str = "none"
     check_choice("--tta", tta, TTAS)
     check_choice("--unreadable-test", unreadable, UNREADABLE_CHOICES)
     dev = resolve_device(device)
-    loaded = [load_member(m, dev) for m in members]
+    loaded = [load_member(m, dev, weights) for m in members]
     classes = loaded[0].classes
     for lm in loaded[1:]:
         if lm.classes != classes:
@@ -122,12 +123,39 @@ class PredictResult:
     rows: int
     members: list[str]
     seconds: float
+    tta: str = "none"
+
+
+def match_run(run: Run, comp: Competition, work_dir: Path, info: dict) -> dict:
+    """The run's stored settings, once it is shown to fit this competition and work folder.
+
+    Refuses, naming the difference, a run of another competition, a run whose
+    class names are not the work folder's, and a work folder made from other
+    training data than the run learned from (compared by name and content).
+    """
+    _, doc = load_resolved(run.config_path)
+    data, config = doc.get("data") or {}, doc["config"]
+    trained_for = data.get("competition", config.get("competition"))
+    if trained_for != comp.slug:
+        raise PipelineError(f"{run.dir} was trained for competition {trained_for!r}, not {comp.slug!r}; "
+                            f"predict with a run of {comp.slug}")
+    differ = class_difference(list(data.get("classes", info["classes"])), info["classes"])
+    if differ:
+        raise PipelineError(f"{run.dir} was trained on other classes than {work_dir} holds ({differ}); "
+                            "predict with the work folder the run was trained on")
+    if data.get("fingerprint") and data["fingerprint"] != training_fingerprint(work_dir, info):
+        raise PipelineError(f"{work_dir} holds other training data than {run.dir} was trained on (another download, "
+                            "or changed labels or images); predict with the work folder it was trained on, or retrain")
+    return config
 
 
 def predict(comp: Competition, work_dir: Path, run_dir: Path, out_csv: Path, members: str = "auto",
-            tta: str = "none", device: str = "auto", force: bool = False, num_workers: int = 0,
+            tta: str | None = None, device: str = "auto", force: bool = False, num_workers: int = 0,
             batch_size: int = 256, unreadable: str = "error") -> PredictResult:
-    """Average the members' softmax over WORK_DIR/test and write a checked submission."""
+    """Average the members' softmax over WORK_DIR/test and write a checked submission.
+
+    ``tta`` None takes the run's own TTA, the one its validation and CV scores used.
+    """
     start = time.perf_counter()
     out_csv = Path(out_csv)
     if out_csv.exists() and not force:  # fail before spending the compute
@@ -137,14 +165,21 @@ def predict(comp: Competition, work_dir: Path, run_dir: Path, out_csv: Path, mem
     info = load_reorg(work_dir)
     if info["competition"] != comp.slug:
         raise PipelineError(f"{work_dir} was reorganised for {info['competition']!r}, not {comp.slug!r}")
+    run = Run(run_dir)
+    config = match_run(run, comp, work_dir, info)
+    if tta is None:
+        tta = config.get("tta", "none")
+    elif tta != config.get("tta", "none"):
+        log.warning("warning: the run's scores used --tta %s; this submission uses --tta %s, so they do not "
+                    "describe it", config.get("tta"), tta)
     sample = read_csv(Path(work_dir) / SAMPLE_FILE, what="sample submission")
     items = list_split(work_dir, info, "test")
-    chosen = Run(run_dir).finished(members)
-    ids, probs, _ = predict_items(chosen, items, tta=tta, device=device, num_workers=num_workers,
-                                  batch_size=batch_size, unreadable=unreadable)
-    frame = build_submission(comp, ids, probs, info["classes"], sample)
+    chosen = run.finished(members)
+    ids, probs, classes = predict_items(chosen, items, tta=tta, device=device, num_workers=num_workers,
+                                        batch_size=batch_size, unreadable=unreadable)
+    frame = build_submission(comp, ids, probs, classes, sample)
     found = check_submission(comp, frame, sample, info["classes"])
     if found:
         raise PipelineError(f"refusing to write {out_csv}: {found[0]} ({len(found)} problems)")
     write_submission(frame, out_csv, force)
-    return PredictResult(out_csv, len(frame), [str(m.dir) for m in chosen], time.perf_counter() - start)
+    return PredictResult(out_csv, len(frame), [str(m.dir) for m in chosen], time.perf_counter() - start, tta)

@@ -23,6 +23,7 @@ from pipeline.report_figures import (DPI, GRID_SIZE, accuracy_of, image_grid, le
                                      most_wrong, prediction_frame, validation_figures, validation_tables)
 from pipeline.report_html import CAPTIONS, cv_frame, report_html, report_summary
 from pipeline.runs import HOLDOUT, Member, Run
+from pipeline.submission import class_difference
 
 log = logging.getLogger("pipeline")
 
@@ -39,11 +40,17 @@ def decode_image(path: Path) -> np.ndarray:
         raise PipelineError(f"cannot read image {path} ({exc}); check the path and that it is an image file") from None
 
 
-def predict_images(run_dir: Path, paths: list[Path], members: str = "auto", tta: str = "none",
+def run_tta(run: Run) -> str:
+    """The TTA a run's scores used (its members predict with it unless told otherwise)."""
+    return load_resolved(run.config_path)[0].tta
+
+
+def predict_images(run_dir: Path, paths: list[Path], members: str = "auto", tta: str | None = None,
                    device: str = "auto") -> tuple[list[str], np.ndarray]:
     """Class names and (N, C) softmax of image files, averaged over the run's members."""
     items = [Item(str(path), Path(path), -1) for path in paths]
-    _, probs, classes = predict_items(Run(run_dir).finished(members), items, tta=tta, device=device)
+    run = Run(run_dir)
+    _, probs, classes = predict_items(run.finished(members), items, tta=tta or run_tta(run), device=device)
     return classes, probs
 
 
@@ -84,7 +91,13 @@ def validation_predictions(run_dir: Path, work_dir: Path, info: dict, device: st
     for member in run.finished("all"):
         items = _valid_items(member, work_dir, info)
         if items:
-            ids, probs, _ = predict_items([member], items, device=device, unreadable="drop")
+            ids, probs, run_classes = predict_items([member], items, tta=run_tta(run), device=device,
+                                                    unreadable="drop")
+            differ = class_difference(run_classes, classes)
+            if differ:
+                raise PipelineError(f"{member.dir} was trained on other classes than {work_dir} holds ({differ}); "
+                                    "pass the --work-dir the run used")
+            probs = pd.DataFrame(probs, columns=run_classes)[classes].to_numpy()  # by name
             if probs.shape[1] != len(classes):
                 raise PipelineError(f"{member.dir} predicts {probs.shape[1]} classes, {work_dir} has {len(classes)}; "
                                     "pass the --work-dir the run used")

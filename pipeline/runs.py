@@ -13,6 +13,7 @@ forgotten on resume).
 """
 from __future__ import annotations
 
+import contextlib
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,7 +22,7 @@ from typing import Any, Protocol
 import pandas as pd
 
 from pipeline.errors import PipelineError, check_choice
-from pipeline.io import atomic_write_csv, atomic_write_json, read_json
+from pipeline.io import atomic_write_csv, atomic_write_json, exclusive_lock, read_json
 
 CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.csv"
@@ -32,6 +33,7 @@ OOF_FILE = "oof.csv"
 CV_FILE = "cv.json"
 TENSORBOARD_DIR = "tensorboard"
 REPORT_DIR = "report"  # where `pipeline report` writes by default
+LOCK_FILE = ".lock"  # held by the one process that writes the run
 HOLDOUT, FULL, FOLD = "holdout", "full", "fold"
 _FOLD_NAME = re.compile(r"fold(\d+)")
 MEMBER_CHOICES = ("auto", "folds", "full", "holdout", "all")
@@ -152,6 +154,12 @@ class Run:
     def is_run(self) -> bool:
         return self.config_path.is_file()
 
+    def lock(self, enabled: bool = True):
+        """Hold the run's writer lock (a second writer gets a clear error; a dead holder's lock is free)."""
+        if not enabled:
+            return contextlib.nullcontext()
+        return exclusive_lock(self.dir / LOCK_FILE, f"run {self.dir}")
+
     def members(self) -> list[Member]:
         """Member folders on disk (stray folders beside them are ignored), holdout, folds, full."""
         if not self.dir.is_dir():
@@ -237,6 +245,18 @@ def save_epoch(member: Member, parts: dict[str, Stateful | None], meta: dict[str
 
 
 def load_best(member: Member) -> dict[str, Any]:
+    """The kept weights (what predict uses) with their config, class names and data fingerprint."""
     from pipeline.checkpoint import load_checkpoint
 
     return load_checkpoint(member.dir / BEST_FILE)
+
+
+def load_last(member: Member) -> dict[str, Any]:
+    """The last epoch's weights as :func:`load_best` gives them: EMA weights when the run kept an EMA."""
+    from pipeline.checkpoint import load_checkpoint
+
+    state = load_checkpoint(member.dir / LAST_FILE)
+    ema = state.get("ema")
+    if ema:  # an AveragedModel's state: the module's tensors under "module." and its step count
+        state["model"] = {k[len("module."):]: v for k, v in ema.items() if k.startswith("module.")}
+    return state

@@ -14,23 +14,46 @@ import pandas as pd
 from pipeline.competition import Competition
 from pipeline.errors import PipelineError
 from pipeline.io import atomic_write_csv
+from pipeline.metrics import clip_probs
 
-PROB_FLOOR = 1e-6  # log-loss submissions: no class below this before renormalising
+PROB_FLOOR = 1e-6  # probability submissions: no class below this before renormalising (bounds the log loss)
 
 
 def clean_probs(probs: np.ndarray) -> np.ndarray:
-    """Rows that sum to 1, with every class at least PROB_FLOOR (bounds the log loss)."""
-    probs = np.clip(np.nan_to_num(probs, nan=0.0), PROB_FLOOR, None)
-    return probs / probs.sum(axis=1, keepdims=True)
+    """Rows that sum to 1, with every class at least PROB_FLOOR: what is submitted, and what the CV scores."""
+    return clip_probs(np.nan_to_num(probs, nan=0.0), PROB_FLOOR)
+
+
+def submission_clip(comp: Competition) -> float | None:
+    """The probability floor the submission applies, hence the one its CV score must apply."""
+    return PROB_FLOOR if comp.submission == "probs" else None
+
+
+def class_difference(have: list[str], want: list[str]) -> str:
+    """'' when both name the same classes, else a short account of the names that differ."""
+    missing, extra = [c for c in want if c not in have], [c for c in have if c not in want]
+    parts = [f"missing {missing[:3]}{' ...' if len(missing) > 3 else ''} ({len(missing)})" if missing else "",
+             f"unexpected {extra[:3]}{' ...' if len(extra) > 3 else ''} ({len(extra)})" if extra else ""]
+    return ", ".join(p for p in parts if p)
 
 
 def build_submission(comp: Competition, ids: list[str], probs: np.ndarray, classes: list[str],
                      sample: pd.DataFrame) -> pd.DataFrame:
-    """The submission frame, rows in the sample submission's order."""
+    """The submission frame, rows in the sample submission's order, class columns matched by name.
+
+    ``classes`` names the columns of ``probs`` (the run's classes); they are
+    written under the sample submission's column of the same name, never by
+    position.
+    """
     if comp.submission == "label":
         frame = pd.DataFrame({comp.id_column: ids, comp.submission_label_column: np.asarray(classes)[probs.argmax(1)]})
     else:
-        frame = pd.DataFrame(clean_probs(probs), columns=classes)
+        columns = [c for c in sample.columns if c != comp.id_column]
+        differ = class_difference(list(classes), columns)
+        if differ:
+            raise PipelineError(f"the run's classes are not the sample submission's class columns: {differ}; "
+                                "predict with a run trained on this competition's data")
+        frame = pd.DataFrame(clean_probs(probs), columns=classes)[columns]
         frame.insert(0, comp.id_column, ids)
     order = sample[comp.id_column]
     frame = frame.set_index(comp.id_column)

@@ -20,14 +20,16 @@ from torch import nn
 from pipeline import distributed as dist
 from pipeline.competition import Competition, get_competition
 from pipeline.config import Resolved, TrainConfig
-from pipeline.data import BAD_TARGET, Item, fold_split, list_split, load_reorg, n_folds, unreadable_message
+from pipeline.data import (BAD_TARGET, Item, fold_split, list_split, load_reorg, n_folds, training_fingerprint,
+                           unreadable_message)
 from pipeline.dataplan import DataPlan, plan_member
 from pipeline.engine import (BestTracker, EarlyStop, Runtime, build_optimizer, deferred_interrupt, make_ema,
                              make_runtime, train_one_epoch)
 from pipeline.errors import PipelineError
 from pipeline.inference import infer, unreadable_positions
 from pipeline.io import atomic_write_json
-from pipeline.metrics import score
+from pipeline.metrics import bootstrap_interval, score, small_split_warning
+from pipeline.submission import submission_clip
 from pipeline.models import create_model, freeze_backbone
 from pipeline.runs import FOLD, FULL, HOLDOUT, Member, Run, member_name, restore_state, save_epoch
 
@@ -43,6 +45,18 @@ class MemberResult:
     best_metric: float
     seconds: float
     skipped: bool = False
+    kept: dict | None = None  # the weights predict uses: epoch, variant, metric, interval, valid_images
+
+
+def kept_variant(cfg: TrainConfig, st) -> str | None:
+    """Which weights of this epoch predict keeps, or None to keep the earlier ones.
+
+    last: every epoch replaces them (EMA weights when EMA is on): no selection on
+    the validation data, so its score is honest. best: only an improving epoch.
+    """
+    if cfg.select == "last":
+        return "ema" if st.ema is not None else "live"
+    return st.best.variant if st.improved else None
 
 
 def build_model(cfg: TrainConfig, num_classes: int) -> nn.Module:
@@ -69,11 +83,31 @@ class MemberState:
     history: list
     first_epoch: int = 0
     reported: dict | None = None  # unreadable positions already warned about, per split
+    improved: bool = False  # this epoch beat the best so far
+    latest: dict | None = None  # this epoch's validation (probs, targets) per variant: live, ema
+    kept: dict | None = None  # what the kept weights scored: epoch, variant, metric, and their validation
+
+    def kept_parts(self):
+        """The kept record as checkpoint state (its validation probabilities stay in memory)."""
+        return _KeptState(self)
 
     def parts(self) -> dict:
         """The stateful parts a checkpoint holds; save and restore both use this one list."""
         return {"model": self.model, "ema": self.ema, "optimizer": self.optimizer, "scaler": self.rt.scaler,
-                "best": self.best, "early_stop": self.stopper}
+                "best": self.best, "early_stop": self.stopper, "kept": self.kept_parts()}
+
+
+class _KeptState:
+    """Saves and restores MemberState.kept (epoch, variant, metric, interval) in last.pt."""
+
+    def __init__(self, st: MemberState):
+        self.st = st
+
+    def state_dict(self) -> dict:
+        return {k: v for k, v in (self.st.kept or {}).items() if k != "valid"}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.st.kept = dict(state) or None
 
 
 def _setup_member(cfg: TrainConfig, comp: Competition, n_classes: int, member: Member, train_items: list[Item],
@@ -116,31 +150,34 @@ def _warn_unreadable(st: MemberState, split: str, bad: set[int], items: list[Ite
         st.reported[split] |= bad
 
 
-def _validate(st: MemberState, cfg: TrainConfig, n_classes: int) -> tuple[dict, set[int]]:
+def _validate(st: MemberState, cfg: TrainConfig, comp: Competition, n_classes: int) -> tuple[dict, set[int]]:
     """Scores of the live weights and, with --ema, of the averaged ones, through :func:`infer`.
 
-    Unreadable images (target BAD_TARGET) are left out of the scores; their
-    positions come back for the caller to report.
+    Scored as the submission will be (the run's TTA, the submission's
+    probability floor). Unreadable images (target BAD_TARGET) are left out of
+    the scores; their positions come back for the caller to report.
     """
-    rt = st.rt
-    p, t, pos = infer(st.net, st.data.valid, rt.device, tta=cfg.tta, amp_dtype=rt.amp_dtype,
-                      channels_last=rt.channels_last)
-    if not np.isfinite(p).all():
-        raise PipelineError("the model's validation outputs are NaN or infinite: training diverged; "
-                            "lower --lr, add --clip-grad 1, or raise --batch-size")
-    keep = t != BAD_TARGET
-    names = tuple(dict.fromkeys(("accuracy", "log_loss", st.best.metric_name)))  # the competition's metric too
-    row = {f"valid_{k}": v for k, v in score(p[keep], t[keep], n_classes, names).items()}
-    row = {"valid_loss": row["valid_log_loss"], **row}
-    if st.ema is not None:
-        p, t, _ = infer(st.data.view(st.ema.module), st.data.valid, rt.device, tta=cfg.tta, amp_dtype=rt.amp_dtype,
-                        channels_last=rt.channels_last)
-        row.update({f"valid_{k}_ema": v for k, v in score(p[keep], t[keep], n_classes, names).items()})
-    return row, unreadable_positions(t, pos)
+    rt, st.latest, row = st.rt, {}, {}
+    names = tuple(dict.fromkeys(("accuracy", "log_loss", comp.metric)))  # the competition's metric too
+    views = {"live": st.net, "ema": st.ema is not None and st.data.view(st.ema.module)}
+    for variant, net in views.items():
+        if net is False:
+            continue
+        p, t, pos = infer(net, st.data.valid, rt.device, tta=cfg.tta, amp_dtype=rt.amp_dtype,
+                          channels_last=rt.channels_last)
+        if not np.isfinite(p).all():
+            raise PipelineError("the model's validation outputs are NaN or infinite: training diverged; "
+                                "lower --lr, add --clip-grad 1, or raise --batch-size")
+        keep = t != BAD_TARGET
+        st.latest[variant] = (p[keep], t[keep])
+        suffix = "_ema" if variant == "ema" else ""
+        scores = score(p[keep], t[keep], n_classes, names, clip=submission_clip(comp))
+        row.update({f"valid_{k}{suffix}": v for k, v in scores.items()})
+    return {"valid_loss": row["valid_log_loss"], **row}, unreadable_positions(t, pos)
 
 
-def _run_epoch(cfg: TrainConfig, st: MemberState, epoch: int, train_items: list[Item], valid_items: list[Item],
-               n_classes: int) -> dict:
+def _run_epoch(cfg: TrainConfig, comp: Competition, st: MemberState, epoch: int, train_items: list[Item],
+               valid_items: list[Item], n_classes: int) -> dict:
     """Train one epoch and score it; the metrics.csv row."""
     t0 = time.perf_counter()
     torch.manual_seed(cfg.seed * 1000 + epoch)  # dropout etc.: the same stream on resume
@@ -151,48 +188,80 @@ def _run_epoch(cfg: TrainConfig, st: MemberState, epoch: int, train_items: list[
     _warn_unreadable(st, "train", bad, train_items, "skipping")
     row = {"epoch": epoch + 1, "train_loss": loss, "lr": st.optimizer.param_groups[-1]["lr"], "steps": steps}
     if st.data.valid is not None:
-        scores, bad = _validate(st, cfg, n_classes)
+        scores, bad = _validate(st, cfg, comp, n_classes)
         row.update(scores)
         _warn_unreadable(st, "valid", bad, valid_items, "not scoring")
     row["seconds"] = round(time.perf_counter() - t0, 3)
     return row
 
 
-def _save(member: Member, st: MemberState, cfg: TrainConfig, classes: list[str], improved: bool) -> None:
-    """The epoch's files through the run layout; Ctrl-C waits until all are written."""
-    meta = {"epoch": len(st.history), "history": st.history, "config": cfg.to_json(), "classes": classes}
-    best = None
-    if improved:
-        weights = st.ema.module if st.best.variant == "ema" else st.model
-        best = {"model": weights.state_dict(), "config": meta["config"], "classes": classes,
-                "epoch": meta["epoch"], "best": st.best.state_dict()}
+def _keep(st: MemberState, cfg: TrainConfig, comp: Competition, row: dict) -> str | None:
+    """Record the kept weights' epoch and score when this epoch's weights are kept; their variant."""
+    variant = kept_variant(cfg, st)
+    if variant is not None:
+        suffix = "_ema" if variant == "ema" else ""
+        st.kept = {"epoch": row["epoch"], "variant": variant, "metric": row.get(f"valid_{comp.metric}{suffix}"),
+                   "selection": cfg.select, "valid": (st.latest or {}).get(variant)}
+    return variant
+
+
+def _save(member: Member, st: MemberState, cfg: TrainConfig, data: dict, variant: str | None) -> None:
+    """The epoch's files through the run layout; Ctrl-C waits until all are written.
+
+    best.pt holds the weights predict uses (see :func:`kept_variant`), the
+    config, the class names and the fingerprint of the training data.
+    """
+    meta = {"epoch": len(st.history), "history": st.history, "config": cfg.to_json(), **data}
+    kept = None
+    if variant is not None:
+        weights = st.ema.module if variant == "ema" else st.model
+        kept = {"model": weights.state_dict(), "config": meta["config"], **data,
+                "epoch": meta["epoch"], "best": st.best.state_dict(), "kept": st.kept_parts().state_dict()}
     with deferred_interrupt():
-        save_epoch(member, st.parts(), meta, best, st.history)
+        save_epoch(member, st.parts(), meta, kept, st.history)
 
 
-def fit_member(cfg: TrainConfig, comp: Competition, classes: list[str], member: Member,
+def fit_member(cfg: TrainConfig, comp: Competition, data: dict, member: Member,
                train_items: list[Item], valid_items: list[Item], resume: bool) -> MemberResult:
-    """Train one model; checkpoints in the member's folder; returns its best score."""
-    start = time.perf_counter()
-    st = _setup_member(cfg, comp, len(classes), member, train_items, valid_items, resume)
+    """Train one model; checkpoints in the member's folder; returns what its kept weights scored.
+
+    ``data`` holds the class names and the training data's fingerprint, stored
+    with the weights so predict can match them by name.
+    """
+    start, n_classes = time.perf_counter(), len(data["classes"])
+    st = _setup_member(cfg, comp, n_classes, member, train_items, valid_items, resume)
     board = tensorboard_writer(member.tensorboard_dir) if cfg.tensorboard and dist.is_main() else None
     stopped = False
     for epoch in range(st.first_epoch, cfg.epochs):
-        row = _run_epoch(cfg, st, epoch, train_items, valid_items, len(classes))
+        row = _run_epoch(cfg, comp, st, epoch, train_items, valid_items, n_classes)
         st.history.append(row)
-        improved = st.best.update(row, st.ema is not None, validated=st.data.valid is not None)
-        stopped = st.stopper.step(improved)
+        st.improved = st.best.update(row, st.ema is not None, validated=st.data.valid is not None)
+        stopped = st.stopper.step(st.improved)
+        variant = _keep(st, cfg, comp, row)
         if dist.is_main():
-            _save(member, st, cfg, classes, improved)
+            _save(member, st, cfg, data, variant)
             _log_scalars(board, row)
         log.info(_epoch_line(row, comp, cfg.epochs))
         if stopped:
             log.info("early stop: no improvement of %s for %d epochs", comp.metric, st.stopper.stale)
             break
+    kept = finish_kept(st, comp, n_classes)
     if dist.is_main():
-        member.mark_done({"epochs": len(st.history), "best": st.best.state_dict(), "stopped_early": stopped})
+        member.mark_done({"epochs": len(st.history), "best": st.best.state_dict(), "kept": kept,
+                          "stopped_early": stopped})
     return MemberResult(member.name, member.dir, len(st.history), st.best.epoch, st.best.metric,
-                        time.perf_counter() - start)
+                        time.perf_counter() - start, kept=kept)
+
+
+def finish_kept(st: MemberState, comp: Competition, n_classes: int) -> dict:
+    """The kept weights' record with its validation size and a bootstrap 95% interval of the score."""
+    kept = {k: v for k, v in (st.kept or {}).items() if k != "valid"}
+    valid = (st.kept or {}).get("valid")
+    if valid is not None:  # after a resume the kept epoch's probabilities are gone: no new interval
+        probs, targets = valid
+        lo, hi = bootstrap_interval(probs, targets, n_classes, comp.metric, clip=submission_clip(comp))
+        kept.update(valid_images=int(len(targets)), interval=[lo, hi])
+    return kept
 
 
 def _log_scalars(board, row: dict) -> None:
@@ -267,23 +336,30 @@ def _already_done(member: Member, cfg: TrainConfig) -> MemberResult | None:
 
 
 def train(resolved: Resolved | TrainConfig, resume: bool = False, force: bool = False) -> list[MemberResult]:
-    """Train every member the config asks for; writes the run's files into cfg.run_dir."""
+    """Train every member the config asks for; writes the run's files into cfg.run_dir.
+
+    One writer per run: a second `pipeline train` on the same RUN_DIR is
+    refused while this one holds the run's lock.
+    """
     if isinstance(resolved, TrainConfig):
         resolved = Resolved(resolved, {})
+    cfg = resolved.config
+    with Run(cfg.run_dir).lock(enabled=dist.is_main()):
+        return _train_locked(resolved, resume, force)
+
+
+def _train_locked(resolved: Resolved, resume: bool, force: bool) -> list[MemberResult]:
     cfg = resolved.config
     comp = get_competition(cfg.competition)
     info = load_reorg(cfg.work_dir)
     if info["competition"] != comp.slug:
         raise PipelineError(f"{cfg.work_dir} was reorganised for {info['competition']!r}, not {comp.slug!r}")
-    classes = info["classes"]
+    data = {"classes": info["classes"], "competition": comp.slug,
+            "fingerprint": training_fingerprint(cfg.work_dir, info)}
     members = plan_members(cfg, info)
-    for member, train_items, _ in members:
-        guard_member(member, resume, force)
-        if len(train_items) < cfg.batch_size and not dist.is_distributed():
-            log.warning("%s: %d training images is less than one batch of %d; using batch size %d",
-                        member.dir, len(train_items), cfg.batch_size, len(train_items))
+    _check_members(cfg, members, len(info["classes"]), resume, force)
     if dist.is_main():
-        atomic_write_json(Run(cfg.run_dir).config_path, resolved.to_json())
+        atomic_write_json(Run(cfg.run_dir).config_path, {**resolved.to_json(), "data": data})
     results = []
     for member, train_items, valid_items in members:
         member_cfg = replace(cfg, batch_size=min(cfg.batch_size, len(train_items)))
@@ -296,10 +372,24 @@ def train(resolved: Resolved | TrainConfig, resume: bool = False, force: bool = 
             continue
         if dist.is_main():
             atomic_write_json(member.config_path, {"config": member_cfg.to_json()})
-        results.append(fit_member(member_cfg, comp, classes, member, train_items, valid_items, resume))
+        results.append(fit_member(member_cfg, comp, data, member, train_items, valid_items, resume))
         dist.barrier()
     if cfg.mode == "folds" and dist.is_main():
         from pipeline.cv import write_cv
 
         write_cv(cfg, comp, info)
     return results
+
+
+def _check_members(cfg: TrainConfig, members: list, n_classes: int, resume: bool, force: bool) -> None:
+    """Refuse overwrites before anything is written; warn of tiny batches and validation splits."""
+    for member, train_items, valid_items in members:
+        guard_member(member, resume, force)
+        if not train_items:
+            raise PipelineError(f"{member.name} has no training images in {cfg.work_dir}; check the labels file "
+                                "and rerun reorg")
+        if len(train_items) < cfg.batch_size and not dist.is_distributed():
+            log.warning("%s: %d training images is less than one batch of %d; using batch size %d",
+                        member.dir, len(train_items), cfg.batch_size, len(train_items))
+        if member.kind == HOLDOUT and (warning := small_split_warning(len(valid_items), n_classes)):
+            log.warning("warning: %s", warning)

@@ -35,7 +35,7 @@ def test_the_whole_chain(toy_probs, tmp_path):
     assert invoke("reorg", comp.slug, raw, work, "--folds", "3").exit_code == 0
     result = invoke("train", comp.slug, work, run, "--epochs", "3", "--batch-size", "8", "--device", "cpu")
     assert result.exit_code == 0, result.output
-    assert "best log_loss" in result.stdout
+    assert "kept epoch" in result.stdout and "log_loss" in result.stdout
     result = invoke("predict", comp.slug, work, run, sub, "--tta", "flip")
     assert result.exit_code == 0, result.output
     frame = pd.read_csv(sub, dtype={"id": str})
