@@ -223,19 +223,21 @@ def extract_features(model: torch.nn.Module, loader, device: torch.device, n: in
 
 def feature_bank(model: torch.nn.Module, items: list[Item], make_loader_for, views: int, key_extra: list,
                  work_dir: Path, device: torch.device) -> dict[str, torch.Tensor]:
-    """Pooled backbone features of ``items``: 'eval' (N, F) and 'views' (V, N, F) augmented.
+    """Pooled backbone features of ``items``: 'eval' (N, F), 'views' (V, N, F) augmented, and
+    'bad', the positions of images that could not be decoded (their rows are zeros).
 
     ``make_loader_for(train: bool, view: int)`` gives a loader over ``items`` in
     order (augmented with per-view seeds when train). Cached in WORK_DIR/cache
     under a key of the files, the model, its weights and the data settings.
     """
-    key = items_key(items, *key_extra, views, "features-v1")
+    key = items_key(items, *key_extra, views, "features-v2")
     path = Path(work_dir) / CACHE_DIR / f"features-{key}.pt"
     if path.is_file():
         return torch.load(path, map_location="cpu", weights_only=True)
     was_training = model.training
     model.eval()
-    bank = {"eval": extract_features(model, make_loader_for(False, 0), device, len(items))[0]}
+    feats, targets = extract_features(model, make_loader_for(False, 0), device, len(items))
+    bank = {"eval": feats, "bad": torch.nonzero(targets == BAD_TARGET).flatten()}  # unreadable images
     bank["views"] = torch.stack([extract_features(model, make_loader_for(True, v), device, len(items))[0]
                                  for v in range(views)]) if views else bank["eval"][None]
     model.train(was_training)

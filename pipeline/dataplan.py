@@ -124,10 +124,9 @@ def _rows_of(items: list[Item], pool: list[Item]) -> torch.Tensor:
     return torch.tensor([where[it.id] for it in items], dtype=torch.long)
 
 
-def _cached_plan(cfg: TrainConfig, train_items, valid_items, device, source: Source) -> DataPlan:
-    info = load_reorg(cfg.work_dir)
-    pool = list_split(cfg.work_dir, info, "train_valid")
-    array, bad = build_once(lambda: image_cache(cfg.work_dir, pool, cfg.image_size))
+def _unreadable_rows(cfg: TrainConfig, pool: list[Item], bad: set[int], train_items: list[Item],
+                     valid_items: list[Item]) -> tuple[set[int], set[str]]:
+    """Training positions and ids of the pool's unreadable images: an error under --strict, else a warning."""
     bad_ids = {pool[i].id for i in bad}
     bad_train = {j for j, it in enumerate(train_items) if it.id in bad_ids}
     if cfg.strict and (bad_train or any(it.id in bad_ids for it in valid_items)):
@@ -136,6 +135,14 @@ def _cached_plan(cfg: TrainConfig, train_items, valid_items, device, source: Sou
                             f"({len(bad_ids)} unreadable)")
     if bad_train:
         log.warning("skipping %s", unreadable_message(train_items, bad_train, "training images"))
+    return bad_train, bad_ids
+
+
+def _cached_plan(cfg: TrainConfig, train_items, valid_items, device, source: Source) -> DataPlan:
+    info = load_reorg(cfg.work_dir)
+    pool = list_split(cfg.work_dir, info, "train_valid")
+    array, bad = build_once(lambda: image_cache(cfg.work_dir, pool, cfg.image_size))
+    bad_train, _ = _unreadable_rows(cfg, pool, bad, train_items, valid_items)
     images = torch.from_numpy(np.array(array))  # into memory (or on to the GPU) once per member
     targets = cached_targets(pool, bad)
     channels_last = channels_last_for(cfg, device, source)
@@ -174,7 +181,9 @@ def _feature_plan(cfg: TrainConfig, model, train_items, valid_items, device, sou
 
     key = [*backbone_key(cfg), cfg.seed]
     bank = build_once(lambda: feature_bank(model, pool, loader_for, cfg.feature_views, key, cfg.work_dir, device))
-    targets = torch.tensor([it.target for it in pool])
+    bad = set(bank["bad"].tolist())
+    bad_train, _ = _unreadable_rows(cfg, pool, bad, train_items, valid_items)
+    targets = cached_targets(pool, bad)  # unreadable images are left out of the loss and the scores
     rows = _rows_of(train_items, pool)
     common = dict(device=device, rank=dist.rank(), world=dist.world_size())
     train_dl = FeatureLoader(bank["views"][:, rows], targets[rows], cfg.batch_size, shuffle=True, seed=cfg.seed,
@@ -183,7 +192,7 @@ def _feature_plan(cfg: TrainConfig, model, train_items, valid_items, device, sou
     if valid_items:
         rows = _rows_of(valid_items, pool)
         valid_dl = FeatureLoader(bank["eval"][None, rows], targets[rows], cfg.batch_size * 2, shuffle=False, **common)
-    return DataPlan(source, train_dl, valid_dl, FeatureHead)
+    return DataPlan(source, train_dl, valid_dl, FeatureHead, bad_train)
 
 
 # ---------------------------------------------------------------- inference inputs

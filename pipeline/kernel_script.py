@@ -10,6 +10,7 @@ it run anywhere; PIPELINE_KERNEL_PIP_TARGET=DIR installs into DIR (put on
 PYTHONPATH for the stages) instead of the environment, whose packages must then
 already provide the dependencies.
 """
+import importlib.metadata
 import os
 import shutil
 import subprocess
@@ -64,13 +65,35 @@ def stage_env():
     return env
 
 
+def installed(name):
+    """Whether the environment already has distribution ``name`` (any version)."""
+    try:
+        importlib.metadata.version(name)
+    except importlib.metadata.PackageNotFoundError:
+        return False
+    return True
+
+
+def wanted_wheels(dataset):
+    """The pipeline's own wheel, and each dependency wheel only where the image lacks that package.
+
+    Kaggle's torch, timm and the rest are never replaced: no reinstall, no upgrade over them.
+    """
+    wanted = []
+    for wheel in sorted(dataset.glob("*.whl")):
+        name = wheel.name.split("-")[0]
+        if wheel.match(WHEEL_PATTERN) or not installed(name.replace("_", "-")):
+            wanted.append(wheel)
+    return wanted
+
+
 def install(dataset):
-    """The dataset's wheels, dependencies not resolved: the image's own packages stay as they are."""
-    names = sorted({wheel.name.split("-")[0] for wheel in dataset.glob("*.whl")})
+    """The dataset's wheels that are missing here, offline, dependencies not resolved."""
+    wheels = wanted_wheels(dataset)
     where = ["--target", PIP_TARGET] if PIP_TARGET else []
-    say(f"pip install {' '.join(names)} from {dataset}")
+    say(f"pip install {' '.join(w.name for w in wheels)} from {dataset}")
     cmd = [sys.executable, "-m", "pip", "install", "--no-index", "--find-links", str(dataset), "--no-deps",
-           "--upgrade", "--force-reinstall", "--quiet", "--disable-pip-version-check", *where, *names]
+           "--quiet", "--disable-pip-version-check", *where, *map(str, wheels)]
     if subprocess.run(cmd).returncode != 0:
         fail(f"pip could not install from {dataset} (its message is above)")
     probe = subprocess.run([sys.executable, "-c", "import pipeline.cli, pipeline.predict; print(pipeline.__file__)"],

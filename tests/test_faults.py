@@ -20,7 +20,8 @@ from pipeline.checkpoint import load_checkpoint
 
 PY = sys.executable
 EPOCHS = 30  # short epochs (~0.1 s with the image cache), many of them: room to interrupt
-TRAIN = ["--epochs", str(EPOCHS), "--batch-size", "32", "--device", "cpu", "--steps-per-epoch", "8"]
+TRAIN = ["--epochs", str(EPOCHS), "--batch-size", "32", "--device", "cpu", "--steps-per-epoch", "8",
+         "--ema", "0.9", "--early-stop", "25"]  # resume must restore the EMA and early-stop state too
 
 
 def pipeline(*args, check=True, **kw) -> subprocess.CompletedProcess:

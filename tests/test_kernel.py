@@ -178,7 +178,7 @@ def test_kernel_script_carries_its_settings_as_literals_and_imports_only_the_std
     tree = ast.parse(text)
     imported = {alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import) for alias in node.names}
     imported |= {node.module.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.ImportFrom)}
-    assert imported <= {"os", "shutil", "subprocess", "sys", "time", "pathlib"}
+    assert imported <= {"importlib", "os", "shutil", "subprocess", "sys", "time", "pathlib"}
     ns = load_script(text, monkeypatch, tmp_path / "input", tmp_path / "working")
     assert (ns["COMPETITION"], ns["DATASET"], ns["DATA_MARKER"], ns["TRAIN"]) == (DOG, "me/kaggle-pipeline", "labels.csv", True)
     assert ns["TRAIN_ARGS"] == ["--epochs", "2", "--note", "it's \"quoted\""]
@@ -531,3 +531,21 @@ def assert_dog_submission(path: Path, raw: Path) -> None:
     assert frame.shape == (300, 121) and list(frame.columns) == list(sample.columns)
     assert frame["id"].tolist() == sample["id"].tolist()
     assert (abs(frame.iloc[:, 1:].to_numpy().sum(axis=1) - 1) < 1e-6).all()
+
+
+def test_kernel_installs_only_what_the_image_lacks_and_never_reinstalls(monkeypatch, tmp_path):
+    """Issue 13.10: Kaggle's torch/timm stay as they are; missing packages come from the dataset, offline."""
+    ns = load_script(kernel.kernel_script(make_spec()), monkeypatch, tmp_path / "input", tmp_path / "working")
+    dataset = tmp_path / "ds"
+    dataset.mkdir()
+    for name in ("kaggle_pipeline-0.1.0-py3-none-any.whl", "torch-2.0.0-py3-none-any.whl",
+                 "typer-0.1.0-py3-none-any.whl", "not_installed_anywhere-1.0-py3-none-any.whl"):
+        (dataset / name).write_bytes(b"")
+    calls = []
+    monkeypatch.setattr(ns["subprocess"], "run", lambda cmd, **kw: calls.append(cmd) or subprocess.CompletedProcess(
+        cmd, 0, "/x/pipeline/__init__.py", ""))
+    ns["install"](dataset)
+    pip = calls[0]
+    assert "--no-index" in pip and "--no-deps" in pip and "--force-reinstall" not in pip and "--upgrade" not in pip
+    wheels = sorted(Path(a).name for a in pip if a.endswith(".whl"))
+    assert wheels == ["kaggle_pipeline-0.1.0-py3-none-any.whl", "not_installed_anywhere-1.0-py3-none-any.whl"]

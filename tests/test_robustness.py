@@ -45,9 +45,9 @@ def invoke(*args):
 
 
 def error_line(result) -> str:
-    """The single ``error: ...`` line of a failed command: exit code 1, no traceback."""
+    """The single ``error: ...`` line of a failed command: exit code 1, no traceback (warnings may precede it)."""
     assert result.exit_code == 1, (result.exit_code, result.output)
-    lines = result.stderr.strip().splitlines()
+    lines = [line for line in result.stderr.strip().splitlines() if not line.startswith("warning: ")]
     assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
     assert "Traceback" not in result.output
     return lines[0]
@@ -435,9 +435,10 @@ def _warned_about(stderr: str, ids: list[str]) -> list[str]:
 # The image cache (small images, decoded once) and the per-file DataLoader path
 # handle unreadable files separately: both are checked.
 CACHE_ON, CACHE_OFF = ("--cache", "on"), ("--cache", "off")
+FEATURES = ("--freeze-backbone", "--feature-cache")  # a frozen backbone: the head trains on cached features
 
 
-@pytest.mark.parametrize("cache", [CACHE_ON, CACHE_OFF], ids=["cache", "no-cache"])
+@pytest.mark.parametrize("cache", [CACHE_ON, CACHE_OFF, FEATURES], ids=["cache", "no-cache", "features"])
 def test_unreadable_training_images_are_skipped_with_a_warning_naming_each(toy, tmp_path, cache):
     comp, raw, work, ids = broken_toy(toy, tmp_path, "train")
     before = tree_hash(raw)
@@ -449,8 +450,8 @@ def test_unreadable_training_images_are_skipped_with_a_warning_naming_each(toy, 
     assert (tmp_path / "run" / "holdout" / "best.pt").is_file() and tree_hash(raw) == before
 
 
-@pytest.mark.parametrize("cache", [CACHE_ON, CACHE_OFF],
-                         ids=["cache", "no-cache"])
+@pytest.mark.parametrize("cache", [CACHE_ON, CACHE_OFF, FEATURES],
+                         ids=["cache", "no-cache", "features"])
 def test_strict_makes_an_unreadable_training_image_an_error(toy, tmp_path, cache):
     comp, _, work, ids = broken_toy(toy, tmp_path, "train")
     line = error_line(train_fast(comp, work, tmp_path / "run", "--strict", *cache))
@@ -817,3 +818,18 @@ def test_debug_shows_the_traceback_instead_of_the_line(tmp_path):
     assert debug.exit_code == 1 and "error: " not in debug.stderr
     assert type(debug.exception).__name__ == "PipelineError" and debug.exc_info[2] is not None
 
+
+
+def test_the_feature_cache_marks_unreadable_images_so_no_black_image_is_trained(toy, tmp_path):
+    """Issue 13.6: a frozen backbone's cached features of a broken file are left out of the loss."""
+    from pipeline.cache import feature_bank
+    from pipeline.data import ImageDataset, build_transform, list_split, load_reorg, make_loader
+    from pipeline.models import create_model
+
+    comp, raw, work, ids = broken_toy(toy, tmp_path, "train")
+    info = load_reorg(work)
+    pool = list_split(work, info, "train_valid")
+    transform = build_transform("none", 16, comp.mean, comp.std, train=False)
+    loader_for = lambda train, view: make_loader(ImageDataset(pool, transform, 16), 8, False, 0, 0)  # noqa: E731
+    bank = feature_bank(create_model("fastnet_s", 3).eval(), pool, loader_for, 0, ["k"], work, torch.device("cpu"))
+    assert sorted(pool[i].id for i in bank["bad"].tolist()) == sorted(ids)
