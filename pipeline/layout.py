@@ -22,6 +22,7 @@ from __future__ import annotations
 import logging
 import os
 import posixpath
+from array import array
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -47,8 +48,8 @@ class Folder:
     """One scanned image folder of the download."""
 
     rel: str  # its path relative to RAW_DIR ("." for RAW_DIR itself)
-    files: list[str]  # every non-hidden file under it, relative to it, "/"-separated
-    stats: list[str]  # "path NUL size NUL mtime_ns" per file: what the fingerprint sees
+    files: list[str]  # every non-hidden file under it, relative to it, "/"-separated, sorted
+    stamp: bytes  # the files' names, sizes and mtimes: what the fingerprint sees
 
 
 @dataclass(frozen=True)
@@ -65,17 +66,19 @@ class Download:
 # ---------------------------------------------------------------- scanning
 
 
-def _scan(root: Path, depth: int | None) -> tuple[list[str], list[str]]:
-    """(files, stat lines) under ``root`` down to ``depth`` levels (None: all); hidden names skipped."""
+def _scan(root: Path, depth: int | None) -> tuple[list[str], bytes]:
+    """(sorted files, stamp) under ``root`` down to ``depth`` levels (None: all); hidden names skipped."""
     fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
     try:
-        files = _list_files(fd, depth)
+        files = sorted(_list_files(fd, depth))
         chunks = [files[i : i + STAT_CHUNK] for i in range(0, len(files), STAT_CHUNK)]
+        stamp = array("q")
         with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:
-            stats = [line for part in pool.map(lambda chunk: _stat_lines(fd, chunk), chunks) for line in part]
+            for part in pool.map(lambda chunk: _sizes_and_mtimes(fd, chunk), chunks):
+                stamp.extend(part)
     finally:
         os.close(fd)
-    return files, stats
+    return files, "\0".join(files).encode() + stamp.tobytes()
 
 
 def _list_files(fd: int, depth: int | None) -> list[str]:
@@ -99,16 +102,17 @@ def _list_files(fd: int, depth: int | None) -> list[str]:
     return files
 
 
-def _stat_lines(fd: int, files: list[str]) -> list[str]:
-    """'path NUL size NUL mtime_ns' per file: size and mtime catch an image rewritten in place.
+def _sizes_and_mtimes(fd: int, files: list[str]) -> array:
+    """Size and mtime (ns) of each file, flat: they catch an image rewritten in place.
 
     Relative to an open folder, each stat resolves one name; threads overlap them.
     """
-    lines = []
+    out = array("q")
     for rel in files:
         st = os.stat(rel, dir_fd=fd)
-        lines.append(f"{rel}\0{st.st_size}\0{st.st_mtime_ns}")
-    return lines
+        out.append(st.st_size)
+        out.append(st.st_mtime_ns)
+    return out
 
 
 def _depth(comp: Competition, role: str) -> int | None:
@@ -279,7 +283,7 @@ def _class_folders(comp: Competition, folder: Folder, raw_dir: Path) -> pd.DataF
     """id, label, path of every ``<class>/<name><image_ext>`` in ``folder``, sorted by path."""
     ext, n = comp.image_ext.lower(), len(comp.image_ext)
     rows = []
-    for rel in sorted(folder.files):
+    for rel in folder.files:  # sorted by the scan
         if not (len(rel) > n and rel[-n:].lower() == ext):
             continue
         label, _, name = rel.rpartition("/")

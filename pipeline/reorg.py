@@ -1,5 +1,8 @@
 """Kaggle download -> WORK_DIR/{train,valid,train_valid}/<class>/ and test/unknown/.
 
+Where the images of a download are is pipeline/layout.py's business; this
+module plans the split (pure) and writes the tree.
+
 The download is never modified: images are hard-linked (symlinked, then copied,
 where links are impossible). The tree is built in a staging folder and swapped
 in; ``reorg.json`` is written last and is the completion marker, so a run
@@ -26,8 +29,8 @@ import pandas as pd
 from pipeline.competition import Competition
 from pipeline.errors import PipelineError
 from pipeline.io import atomic_write_json, exclusive_lock, os_error_message, remove_stale_temps
-from pipeline.layout import (LAYOUT_FIELDS, Download, Folder, check_id, input_files, read_download,  # noqa: F401
-                             read_labels, scan_download)
+from pipeline.layout import LAYOUT_FIELDS, Download, Folder, input_files, read_download, scan_download
+from pipeline.layout import read_labels  # noqa: F401  (part of this module's API)
 
 log = logging.getLogger("pipeline")
 
@@ -183,7 +186,7 @@ def fingerprint(comp: Competition, raw_dir: Path, params: dict, scans: dict[str,
             digest.update(name.encode() + b"\0missing")
     for role in sorted(scans):
         digest.update(f"\0{role}\0{scans[role].rel}\0".encode())
-        digest.update("\n".join(sorted(scans[role].stats)).encode())
+        digest.update(scans[role].stamp)
     return digest.hexdigest()
 
 
@@ -280,8 +283,17 @@ def _swap_in(staging: Path, work_dir: Path, names: list[str]) -> None:
         if (work_dir / name).exists() or (work_dir / name).is_symlink():
             os.replace(work_dir / name, trash / name)
         os.replace(staging / name, work_dir / name)
-    shutil.rmtree(trash, ignore_errors=True)
+    _remove_tree(trash)
     shutil.rmtree(staging, ignore_errors=True)
+
+
+def _remove_tree(root: Path) -> None:
+    """rmtree, one thread per split folder: a replaced tree has 100,000 links to unlink."""
+    with os.scandir(root) as entries:
+        parts = [Path(e.path) for e in entries if e.is_dir(follow_symlinks=False)]
+    with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:
+        list(pool.map(lambda part: shutil.rmtree(part, ignore_errors=True), parts))
+    shutil.rmtree(root, ignore_errors=True)
 
 
 def _is_current(work_dir: Path, digest: str) -> dict | None:
