@@ -17,20 +17,36 @@ __all__ = ["Competition", "Recipe", "register", "get_competition", "list_competi
 
 SubmissionKind = Literal["label", "probs"]
 Metric = Literal["accuracy", "log_loss", "roc_auc", "qwk", "macro_f1"]  # pipeline/metrics.py METRICS
+Layout = Literal["csv", "folders"]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, kw_only=True)
 class Competition:
     """Where a competition's files are, what it scores and how it is submitted.
 
-    Paths are relative to the unzipped Kaggle download (RAW_DIR).
+    Paths are relative to the unzipped Kaggle download (RAW_DIR), "/"-separated
+    ("." is RAW_DIR itself). Columns are found by name, never by position.
+
+    Where the images are (see pipeline/layout.py):
+
+    - ``layout="csv"``: ``labels_file`` has one row per training image, its id
+      in ``id_column`` and class in ``label_column``; the image is
+      ``<train_dir>/<id><image_ext>``, or ``<train_dir>/<path>`` when
+      ``path_column`` names a column of paths (``images/x.jpg``, or ``x.jpg``
+      when it is the id column itself).
+    - ``layout="folders"``: ``<train_dir>/<class>/<name><image_ext>``, the id is
+      the name; no labels file. ``valid_dir`` (same form) is a given
+      validation split, used instead of a random one.
+
+    Test ids are those of the ``<test_dir>/*<image_ext>`` files, or, with
+    ``test_file``, the ids (and ``path_column`` paths) that CSV lists; they
+    must be exactly the sample submission's ids. ``train_dir`` may equal
+    ``test_dir`` (one image folder) when ``test_file`` says which are test.
     """
 
     slug: str  # the Kaggle slug, also the CLI name
     title: str
-    labels_file: str  # CSV with one row per training image
-    id_column: str
-    label_column: str
+    id_column: str  # the id column of every CSV: labels, test file, sample submission, submission
     sample_submission: str
     submission: SubmissionKind  # one class-name column, or one probability column per class
     metric: Metric
@@ -38,9 +54,15 @@ class Competition:
     mean: tuple[float, float, float]
     std: tuple[float, float, float]
     recipe: Recipe
+    layout: Layout = "csv"
+    labels_file: str = ""  # layout csv: CSV with one row per training image
+    label_column: str = ""  # layout csv: the class column of labels_file
+    path_column: str = ""  # a column of image paths relative to train_dir / test_dir; "" = <id><image_ext>
     train_dir: str = "train"
+    valid_dir: str = ""  # layout folders: a given validation split, <valid_dir>/<class>/*
     test_dir: str = "test"
-    image_ext: str = ".png"
+    test_file: str = ""  # CSV listing the test ids (may be the sample submission); "" = scan test_dir
+    image_ext: str = ".png"  # how image names end (any case); names the links of CSV-path images too
     submission_label_column: str = "label"  # for submission == "label"
     # Named alternatives to ``recipe`` (`pipeline train --recipe NAME`)
     recipes: dict[str, Recipe] = field(default_factory=dict, compare=False)
@@ -49,13 +71,38 @@ class Competition:
     make_raw: Callable[[Path], None] | None = field(default=None, compare=False)
 
     def __post_init__(self) -> None:
-        if not self.image_ext.startswith("."):
+        if not self.image_ext.startswith(".") or len(self.image_ext) < 2:
             raise PipelineError(f"competition {self.slug}: image_ext must start with '.', got {self.image_ext!r}")
         if self.submission not in ("label", "probs"):
             raise PipelineError(f"competition {self.slug}: submission must be 'label' or 'probs'")
         from pipeline.metrics import check_metric  # sklearn loads only when a competition is built
 
         check_metric(self.metric)
+        self._check_layout()
+
+    def _check_layout(self) -> None:
+        """The layout fields agree with each other; each error says which field to set."""
+        def fail(what: str) -> None:
+            raise PipelineError(f"competition {self.slug}: {what}")
+
+        if self.layout not in ("csv", "folders"):
+            fail(f"layout must be 'csv' or 'folders', got {self.layout!r}")
+        if not self.id_column:
+            fail("id_column is empty; name the id column of the CSV files")
+        if self.layout == "csv" and not (self.labels_file and self.label_column):
+            fail("layout 'csv' needs labels_file and label_column")
+        if self.layout == "folders" and (self.labels_file or self.label_column):
+            fail("layout 'folders' reads classes from folder names; leave labels_file and label_column empty")
+        if self.valid_dir and self.layout != "folders":
+            fail("valid_dir needs layout 'folders'")
+        if self.train_dir == self.test_dir and not self.test_file:
+            fail(f"train_dir and test_dir are both {self.train_dir!r}; set test_file to the CSV listing the test ids")
+        if self.path_column and self.layout != "csv" and not self.test_file:
+            fail("path_column needs a CSV that lists images: layout 'csv' or a test_file")
+        for name in ("labels_file", "train_dir", "valid_dir", "test_dir", "test_file", "sample_submission"):
+            value = getattr(self, name)
+            if value.startswith("/") or ".." in value.split("/") or "\\" in value:
+                fail(f"{name} {value!r} must be a relative '/' path inside the download")
 
     def get_recipe(self, name: str | None) -> Recipe:
         """The default recipe (None or "default"), or a named one; an unknown name lists the choices."""

@@ -1,5 +1,8 @@
 """Kaggle download -> WORK_DIR/{train,valid,train_valid}/<class>/ and test/unknown/.
 
+Where the images of a download are is pipeline/layout.py's business; this
+module plans the split (pure) and writes the tree.
+
 The download is never modified: images are hard-linked (symlinked, then copied,
 where links are impossible). The tree is built in a staging folder and swapped
 in; ``reorg.json`` is written last and is the completion marker, so a run
@@ -15,7 +18,6 @@ import logging
 import os
 import shutil
 import time
-import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,7 +28,9 @@ import pandas as pd
 
 from pipeline.competition import Competition
 from pipeline.errors import PipelineError
-from pipeline.io import atomic_write_json, exclusive_lock, os_error_message, read_csv, remove_stale_temps
+from pipeline.io import atomic_write_json, exclusive_lock, os_error_message, remove_stale_temps
+from pipeline.layout import LAYOUT_FIELDS, Download, Folder, input_files, read_download, scan_download
+from pipeline.layout import read_labels  # noqa: F401  (part of this module's API)
 
 log = logging.getLogger("pipeline")
 
@@ -53,83 +57,7 @@ class SplitPlan:
         return "valid" if image_id in self.valid_ids else "train"
 
 
-# ---------------------------------------------------------------- reading input
-
-
-def check_id(image_id: str, where: str) -> None:
-    """Reject ids that could escape a folder or name no file."""
-    if not image_id:
-        raise PipelineError(f"{where}: empty id; every row needs an id")
-    if any(c in image_id for c in ("/", "\\", "\0")) or ".." in image_id or image_id == ".":
-        raise PipelineError(f"{where}: id {image_id!r} contains a path separator, NUL or '..'; fix the row")
-
-
-def read_labels(comp: Competition, raw_dir: Path) -> pd.DataFrame:
-    """The labels CSV as a frame of string columns ``id`` and ``label``, validated."""
-    path = raw_dir / comp.labels_file
-    frame = read_csv(path, what="labels file")
-    missing = [c for c in (comp.id_column, comp.label_column) if c not in frame.columns]
-    if missing:
-        raise PipelineError(
-            f"{path}: no column {', '.join(map(repr, missing))}; columns found: {', '.join(map(repr, frame.columns))}"
-        )
-    frame = frame[[comp.id_column, comp.label_column]].rename(
-        columns={comp.id_column: "id", comp.label_column: "label"}
-    )
-    frame = frame.apply(lambda col: col.str.strip())
-    for row, (image_id, label) in enumerate(frame.itertuples(index=False), start=2):
-        check_id(image_id, f"{path} row {row}")
-        if not label:
-            raise PipelineError(f"{path} row {row}: id {image_id!r} has an empty label; fill it in or drop the row")
-    dup = frame["id"].duplicated(keep=False)
-    if dup.any():
-        first = frame.loc[dup, "id"].iloc[0]
-        rows = [i + 2 for i in np.flatnonzero(frame["id"].to_numpy() == first)]
-        labels = sorted(set(frame.loc[frame["id"] == first, "label"]))
-        raise PipelineError(
-            f"{path}: id {first!r} appears on rows {', '.join(map(str, rows))} (labels {labels}); keep one row per id"
-        )
-    return frame.reset_index(drop=True)
-
-
-def scan_images(folder: Path, ext: str) -> dict[str, str]:
-    """Map id -> file name for every ``*<ext>`` file in ``folder`` (case-insensitive)."""
-    if not folder.is_dir():
-        raise PipelineError(f"image folder {folder} not found; point RAW_DIR at the unzipped Kaggle download")
-    ext = ext.lower()
-    found: dict[str, str] = {}
-    with os.scandir(folder) as entries:
-        for entry in entries:
-            name = entry.name
-            if name.lower().endswith(ext) and len(name) > len(ext):
-                image_id = name[: -len(ext)]
-                if image_id in found:
-                    raise PipelineError(f"{folder}: {found[image_id]} and {name} share the id {image_id!r}; keep one")
-                found[image_id] = name
-    return found
-
-
-def read_sample_ids_and_columns(comp: Competition, raw_dir: Path) -> tuple[list[str], list[str]]:
-    """The sample submission's ids (in order) and its column names."""
-    path = raw_dir / comp.sample_submission
-    frame = read_csv(path, what="sample submission", usecols=None)
-    if frame.columns[0] != comp.id_column:
-        raise PipelineError(f"{path}: first column is {frame.columns[0]!r}, expected {comp.id_column!r}")
-    return frame[comp.id_column].str.strip().tolist(), list(frame.columns)
-
-
-def class_list(comp: Competition, labels: pd.DataFrame, sample_columns: list[str], sample_path: Path) -> list[str]:
-    """Classes in submission order: the sample's class columns, else sorted labels."""
-    if comp.submission == "label":
-        return sorted(labels["label"].unique())
-    classes = sample_columns[1:]
-    unknown = sorted(set(labels["label"]) - set(classes))
-    if unknown:
-        raise PipelineError(
-            f"label {unknown[0]!r} is not a column of {sample_path} ({len(unknown)} such labels); "
-            "check the labels file against the sample submission"
-        )
-    return classes
+# ---------------------------------------------------------------- naming
 
 
 def class_dir_name(label: str) -> str:
@@ -173,16 +101,20 @@ def valid_counts(class_sizes: pd.Series, valid_ratio: float, rng: np.random.Gene
     return counts
 
 
-def plan_split(labels: pd.DataFrame, valid_ratio: float, folds: int, seed: int) -> SplitPlan:
+def plan_split(labels: pd.DataFrame, valid_ratio: float, folds: int, seed: int,
+               given_valid: frozenset[str] | None = None) -> SplitPlan:
     """Stratified holdout split and stratified K folds, deterministic in ``seed``.
 
-    Valid sizes per class come from :func:`valid_counts`. Folds come from
-    scikit-learn's StratifiedKFold over all labelled images; a class with fewer
+    Valid sizes per class come from :func:`valid_counts`; ``given_valid`` (the
+    download's own validation split) replaces the random holdout. Folds come
+    from :func:`stratified_folds` over all labelled images; a class with fewer
     images than folds is spread over as many folds as it has images, so some
     folds validate without it.
     """
     if not 0 <= valid_ratio < 1:
         raise PipelineError(f"--valid-ratio must be in [0, 1), got {valid_ratio}")
+    if given_valid is not None:
+        return SplitPlan(labels=labels, valid_ids=given_valid, folds=plan_folds(labels, folds, seed))
     rng = np.random.default_rng(seed)
     groups = {label: np.sort(ids.to_numpy()) for label, ids in labels.groupby("label")["id"]}
     sizes = pd.Series({label: len(ids) for label, ids in groups.items()}).sort_index()
@@ -193,10 +125,32 @@ def plan_split(labels: pd.DataFrame, valid_ratio: float, folds: int, seed: int) 
     return SplitPlan(labels=labels, valid_ids=frozenset(valid), folds=plan_folds(labels, folds, seed))
 
 
-def plan_folds(labels: pd.DataFrame, folds: int, seed: int) -> pd.Series | None:
-    """Fold number per id from StratifiedKFold, or None when ``folds`` < 2."""
-    from sklearn.model_selection import StratifiedKFold
+def stratified_folds(labels: np.ndarray, n_folds: int, seed: int) -> np.ndarray:
+    """The fold of each sample, as scikit-learn's StratifiedKFold(shuffle=True) assigns it.
 
+    Classes are numbered by first appearance; dealing the class-sorted samples
+    round-robin over the folds fixes how many of each class every fold gets;
+    each class's fold numbers, in blocks, are then shuffled by one
+    RandomState(seed) drawn class after class. Written out here (rather than
+    calling scikit-learn, same result) because importing sklearn costs seconds.
+    """
+    rng = np.random.RandomState(seed)
+    _, first_seen, inverse = np.unique(labels, return_index=True, return_inverse=True)
+    order_of_class = np.argsort(np.argsort(first_seen))
+    codes = order_of_class[inverse.reshape(-1)]
+    n_classes = len(first_seen)
+    dealt = np.sort(codes)
+    per_fold = np.stack([np.bincount(dealt[f::n_folds], minlength=n_classes) for f in range(n_folds)])
+    assignment = np.empty(len(codes), dtype=np.int64)
+    for k in range(n_classes):
+        blocks = np.repeat(np.arange(n_folds), per_fold[:, k])
+        rng.shuffle(blocks)
+        assignment[codes == k] = blocks
+    return assignment
+
+
+def plan_folds(labels: pd.DataFrame, folds: int, seed: int) -> pd.Series | None:
+    """Fold number per id (in labels order), or None when ``folds`` < 2."""
     if folds < 2:
         if folds not in (0, 1):
             raise PipelineError(f"--folds must be 0 (no CV) or >= 2, got {folds}")
@@ -208,37 +162,50 @@ def plan_folds(labels: pd.DataFrame, folds: int, seed: int) -> pd.Series | None:
         raise PipelineError(
             f"--folds {folds}: no class has {folds} images (largest has {counts.max()}); use --folds {counts.max()} or fewer"
         )
-    assignment = pd.Series(-1, index=labels["id"], name="fold")
-    splitter = StratifiedKFold(n_splits=folds, shuffle=True, random_state=seed)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", UserWarning)  # "least populated class" is handled as documented
-        for fold, (_, val_idx) in enumerate(splitter.split(np.zeros(len(labels)), labels["label"])):
-            assignment.iloc[val_idx] = fold
+    assignment = stratified_folds(labels["label"].to_numpy(), folds, seed)
     small = int((counts < folds).sum())
     if small:
         log.warning("%d classes have fewer than %d images: some folds validate without them", small, folds)
-    return assignment
+    return pd.Series(assignment, index=labels["id"].to_numpy(), name="fold")
 
 
 # ---------------------------------------------------------------- writing
 
 
-def fingerprint(comp: Competition, raw_dir: Path, params: dict, train: dict, test: dict) -> str:
-    """A digest of everything the tree depends on: options, label files, file names."""
-    digest = hashlib.sha256(json.dumps([comp.slug, params, FORMAT_VERSION], sort_keys=True).encode())
-    for name in (comp.labels_file, comp.sample_submission):
-        digest.update((raw_dir / name).read_bytes())
-    for listing in (train, test):
-        digest.update("\0".join(sorted(listing.values())).encode())
+def fingerprint(comp: Competition, raw_dir: Path, params: dict, scans: dict[str, Folder]) -> str:
+    """A digest of everything the tree depends on: the spec, options, CSV bytes, each image's size and mtime.
+
+    Needs no parsing: on an unchanged download the no-op costs one scan.
+    """
+    spec = {name: getattr(comp, name) for name in LAYOUT_FIELDS}
+    digest = hashlib.sha256(json.dumps([spec, params, FORMAT_VERSION], sort_keys=True).encode())
+    for name in input_files(comp):
+        try:
+            digest.update(name.encode() + b"\0" + (raw_dir / name).read_bytes())
+        except OSError:  # reading the download reports it, with a better message
+            digest.update(name.encode() + b"\0missing")
+    for role in sorted(scans):
+        digest.update(f"\0{role}\0{scans[role].rel}\0".encode())
+        digest.update(scans[role].stamp)
     return digest.hexdigest()
 
 
-def _link_mode(src: Path, probe_dir: Path) -> str:
+def link_name(image_id: str, source: str, image_ext: str) -> str:
+    """The file name of an image in WORK_DIR: its id and the source's own spelling of image_ext.
+
+    Every name ends in image_ext (any case), so pipeline.data reads the id back
+    exactly: ``abc.jpg`` listed by path becomes ``abc.jpg.jpg``, id ``abc.jpg``.
+    """
+    suffix = source[-len(image_ext):]
+    return image_id + (suffix if suffix.lower() == image_ext.lower() else image_ext)
+
+
+def _link_mode(src: str, probe_dir: Path) -> str:
     """'hardlink' where the file system allows it, else 'symlink', else 'copy'."""
     probe = probe_dir / ".link-probe"
     for mode, make in (("hardlink", os.link), ("symlink", os.symlink)):
         try:
-            make(src.resolve() if mode == "symlink" else src, probe)
+            make(os.path.realpath(src) if mode == "symlink" else src, probe)
             probe.unlink()
             return mode
         except OSError:
@@ -246,7 +213,7 @@ def _link_mode(src: Path, probe_dir: Path) -> str:
     return "copy"
 
 
-def _place(mode: str, src: Path, dst: Path) -> None:
+def _place(mode: str, src: str, dst: str) -> None:
     if mode == "hardlink":
         os.link(src, dst)
     elif mode == "symlink":
@@ -255,39 +222,45 @@ def _place(mode: str, src: Path, dst: Path) -> None:
         shutil.copy2(src, dst)
 
 
-def _link_all(jobs: list[tuple[Path, Path]], mode: str) -> None:
-    """Create every link; threads overlap the metadata syscalls."""
-    def run(chunk: list[tuple[Path, Path]]) -> None:
+def _link_all(jobs: list[tuple[str, str]], mode: str) -> None:
+    """Create every link; a few threads overlap the file-system calls (they release the GIL)."""
+    def run(chunk: list[tuple[str, str]]) -> None:
         for src, dst in chunk:
             _place(mode, src, dst)
 
-    chunks = [jobs[i : i + 2048] for i in range(0, len(jobs), 2048)]
-    with ThreadPoolExecutor(max_workers=8) as pool:
-        list(pool.map(run, chunks))
+    workers = min(4, os.cpu_count() or 1)
+    size = max(1024, -(-len(jobs) // (4 * workers)))
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        list(pool.map(run, [jobs[i : i + size] for i in range(0, len(jobs), size)]))
 
 
-def materialize(plan: SplitPlan, classes: list[str], raw_train: Path, raw_test: Path,
-                train_files: dict[str, str], test_files: dict[str, str], staging: Path) -> str:
-    """Write the class-folder trees into ``staging``; returns the link mode used."""
-    class_dirs = {c: class_dir_name(c) for c in classes}
-    folders = {(s, d) for s in SPLITS for d in class_dirs.values()}
-    for split, d in sorted(folders):
-        (staging / split / d).mkdir(parents=True)
+def materialize(plan: SplitPlan, download: Download, raw_dir: Path, image_ext: str, staging: Path) -> str:
+    """Write the class-folder trees into ``staging``; returns the link mode used.
+
+    Paths are plain strings: building 110,000 pathlib objects took longer than the links.
+    """
+    class_dirs = {c: class_dir_name(c) for c in download.classes}
+    for split in SPLITS:
+        for folder in class_dirs.values():
+            (staging / split / folder).mkdir(parents=True)
     (staging / "test" / TEST_CLASS_DIR).mkdir(parents=True)
-    mode = _link_mode(raw_train / next(iter(train_files.values())), staging)
-    src_train = raw_train.resolve() if mode == "symlink" else raw_train
-    src_test = raw_test.resolve() if mode == "symlink" else raw_test
-    jobs: list[tuple[Path, Path]] = []
-    for image_id, label in plan.labels.itertuples(index=False):
-        name = train_files[image_id]
-        folder = class_dirs[label]
-        jobs.append((src_train / name, staging / plan.split_of(image_id) / folder / name))
-        jobs.append((src_train / name, staging / "train_valid" / folder / name))
-    test_dir = staging / "test" / TEST_CLASS_DIR
-    jobs.extend((src_test / name, test_dir / name) for name in test_files.values())
+    first = next(iter(download.train_paths.values()))
+    mode = _link_mode(f"{raw_dir}/{first}", staging)
+    src = f"{raw_dir.resolve() if mode == 'symlink' else raw_dir}/"
+    out = f"{staging}/"
+    held_out, paths = plan.valid_ids, download.train_paths
+    jobs: list[tuple[str, str]] = []
+    both: list[tuple[str, str]] = []
+    for image_id, label in zip(plan.labels["id"].tolist(), plan.labels["label"].tolist()):
+        path = paths[image_id]
+        tail = f"/{class_dirs[label]}/{link_name(image_id, path, image_ext)}"
+        jobs.append((src + path, out + ("valid" if image_id in held_out else "train") + tail))
+        both.append((src + path, out + "train_valid" + tail))
+    test = f"{out}test/{TEST_CLASS_DIR}/"
+    jobs += both
+    jobs += [(src + path, test + link_name(i, path, image_ext)) for i, path in download.test_paths.items()]
     _link_all(jobs, mode)
     return mode
-
 
 
 # ---------------------------------------------------------------- the stage
@@ -301,41 +274,6 @@ class ReorgResult:
     seconds: float
 
 
-def _check_coverage(comp: Competition, raw_dir: Path, labels: pd.DataFrame, train_files: dict[str, str]) -> None:
-    """Every labelled id has an image and every image has a label."""
-    labelled = set(labels["id"])
-    no_image = [i for i in labels["id"] if i not in train_files]
-    if no_image:
-        raise PipelineError(
-            f"{raw_dir / comp.labels_file}: id {no_image[0]!r} has no image {comp.train_dir}/{no_image[0]}{comp.image_ext} "
-            f"({len(no_image)} such ids); restore the images or drop those rows"
-        )
-    no_label = sorted(i for i in train_files if i not in labelled)
-    if no_label:
-        raise PipelineError(
-            f"{raw_dir / comp.train_dir / train_files[no_label[0]]} has no row in {comp.labels_file} "
-            f"({len(no_label)} such images); add the rows or remove the images"
-        )
-
-
-def _check_test(comp: Competition, raw_dir: Path, test_files: dict[str, str], sample_ids: list[str]) -> None:
-    """The test folder holds exactly the sample submission's ids."""
-    if not test_files:
-        raise PipelineError(f"{raw_dir / comp.test_dir} has no *{comp.image_ext} images; unzip the test set there")
-    sample_path = raw_dir / comp.sample_submission
-    if len(set(sample_ids)) != len(sample_ids):
-        dup = pd.Series(sample_ids)[pd.Series(sample_ids).duplicated()].iloc[0]
-        raise PipelineError(f"{sample_path}: id {dup!r} appears twice; download the sample submission again")
-    missing = [i for i in sample_ids if i not in test_files]
-    extra = sorted(set(test_files) - set(sample_ids))
-    if missing or extra:
-        first = f"id {missing[0]!r} has no test image" if missing else f"test image {test_files[extra[0]]!r} is not listed"
-        raise PipelineError(
-            f"{sample_path} disagrees with {raw_dir / comp.test_dir}: {first} "
-            f"({len(missing)} ids without image, {len(extra)} images not listed); use the matching download"
-        )
-
-
 def _swap_in(staging: Path, work_dir: Path, names: list[str]) -> None:
     """Replace each ``work_dir/name`` by ``staging/name``; the old ones go to a trash folder."""
     trash = work_dir / TRASH_DIR
@@ -345,8 +283,17 @@ def _swap_in(staging: Path, work_dir: Path, names: list[str]) -> None:
         if (work_dir / name).exists() or (work_dir / name).is_symlink():
             os.replace(work_dir / name, trash / name)
         os.replace(staging / name, work_dir / name)
-    shutil.rmtree(trash, ignore_errors=True)
+    _remove_tree(trash)
     shutil.rmtree(staging, ignore_errors=True)
+
+
+def _remove_tree(root: Path) -> None:
+    """rmtree, one thread per split folder: a replaced tree has 100,000 links to unlink."""
+    with os.scandir(root) as entries:
+        parts = [Path(e.path) for e in entries if e.is_dir(follow_symlinks=False)]
+    with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:
+        list(pool.map(lambda part: shutil.rmtree(part, ignore_errors=True), parts))
+    shutil.rmtree(root, ignore_errors=True)
 
 
 def _is_current(work_dir: Path, digest: str) -> dict | None:
@@ -370,7 +317,12 @@ def check_work_dir(raw_dir: Path, work_dir: Path) -> None:
 
 def reorg(comp: Competition, raw_dir: Path, work_dir: Path, valid_ratio: float = 0.1,
           folds: int = 5, seed: int = 0, force: bool = False) -> ReorgResult:
-    """Build (or confirm up to date) the class-folder trees of ``comp`` in ``work_dir``."""
+    """Build (or confirm up to date) the class-folder trees of ``comp`` in ``work_dir``.
+
+    The download is scanned once; when its fingerprint (spec, options, CSV
+    bytes, every image's size and mtime) matches the tree's reorg.json, nothing
+    else is read.
+    """
     start = time.perf_counter()
     raw_dir, work_dir = Path(raw_dir), Path(work_dir)
     check_work_dir(raw_dir, work_dir)
@@ -380,20 +332,15 @@ def reorg(comp: Competition, raw_dir: Path, work_dir: Path, valid_ratio: float =
         raise PipelineError(os_error_message(exc, work_dir, "create")) from exc
     with exclusive_lock(work_dir / LOCK_FILE, f"WORK_DIR {work_dir}"):
         _remove_leftovers(work_dir)
-        labels = read_labels(comp, raw_dir)
-        train_files = scan_images(raw_dir / comp.train_dir, comp.image_ext)
-        test_files = scan_images(raw_dir / comp.test_dir, comp.image_ext)
-        _check_coverage(comp, raw_dir, labels, train_files)
-        sample_ids, sample_columns = read_sample_ids_and_columns(comp, raw_dir)
-        _check_test(comp, raw_dir, test_files, sample_ids)
-        classes = class_list(comp, labels, sample_columns, raw_dir / comp.sample_submission)
+        scans = scan_download(comp, raw_dir)
         params = {"valid_ratio": valid_ratio, "folds": folds, "seed": seed}
-        digest = fingerprint(comp, raw_dir, params, train_files, test_files)
+        digest = fingerprint(comp, raw_dir, params, scans)
         current = None if force else _is_current(work_dir, digest)
         if current is not None:
             return ReorgResult(work_dir, current, skipped=True, seconds=time.perf_counter() - start)
-        plan = plan_split(labels, valid_ratio, folds, seed)
-        info = _build(comp, raw_dir, work_dir, plan, classes, train_files, test_files, params, digest)
+        download = read_download(comp, raw_dir, scans)
+        plan = plan_split(download.labels, valid_ratio, folds, seed, download.given_valid)
+        info = _build(comp, raw_dir, work_dir, plan, download, params, digest)
     return ReorgResult(work_dir, info, skipped=False, seconds=time.perf_counter() - start)
 
 
@@ -407,27 +354,26 @@ def _remove_leftovers(work_dir: Path) -> None:
     remove_stale_temps(work_dir / REORG_FILE)
 
 
-def _stage(comp: Competition, raw_dir: Path, plan: SplitPlan, classes: list[str],
-           train_files: dict[str, str], test_files: dict[str, str], staging: Path) -> tuple[str, list[str]]:
+def _stage(comp: Competition, raw_dir: Path, plan: SplitPlan, download: Download,
+           staging: Path) -> tuple[str, list[str]]:
     """The whole new tree in ``staging``; returns the link mode and the names to swap in."""
-    mode = materialize(plan, classes, raw_dir / comp.train_dir, raw_dir / comp.test_dir,
-                       train_files, test_files, staging)
+    mode = materialize(plan, download, raw_dir, comp.image_ext, staging)
     shutil.copyfile(raw_dir / comp.sample_submission, staging / SAMPLE_FILE)
     names = [*SPLITS, "test", SAMPLE_FILE]
     if plan.folds is not None:
         frame = pd.DataFrame({"id": plan.labels["id"], "label": plan.labels["label"],
-                              "fold": plan.folds.loc[plan.labels["id"]].to_numpy()})
+                              "fold": plan.folds.to_numpy()})
         frame.to_csv(staging / FOLDS_FILE, index=False)
         names.append(FOLDS_FILE)
     return mode, names
 
 
-def _build(comp: Competition, raw_dir: Path, work_dir: Path, plan: SplitPlan, classes: list[str],
-           train_files: dict[str, str], test_files: dict[str, str], params: dict, digest: str) -> dict:
+def _build(comp: Competition, raw_dir: Path, work_dir: Path, plan: SplitPlan, download: Download,
+           params: dict, digest: str) -> dict:
     staging = work_dir / STAGING_DIR
     swapping = False
     try:
-        mode, names = _stage(comp, raw_dir, plan, classes, train_files, test_files, staging)
+        mode, names = _stage(comp, raw_dir, plan, download, staging)
         # Up to here a failure leaves the previous tree complete; from here on
         # it is not, until the new reorg.json says otherwise.
         swapping = True
@@ -439,18 +385,25 @@ def _build(comp: Competition, raw_dir: Path, work_dir: Path, plan: SplitPlan, cl
         shutil.rmtree(staging, ignore_errors=True)
         state = "WORK_DIR is incomplete until a reorg succeeds" if swapping else "the previous tree is unchanged"
         raise PipelineError(f"{os_error_message(exc, work_dir, 'write the tree in')} ({state})") from exc
+    info = _info(comp, plan, download, params, mode, digest)
+    atomic_write_json(work_dir / REORG_FILE, info)
+    return info
+
+
+def _info(comp: Competition, plan: SplitPlan, download: Download, params: dict, mode: str, digest: str) -> dict:
+    """reorg.json: what pipeline.data reads (classes, class_dirs, image_ext) and what the tree came from."""
     n_valid = len(plan.valid_ids)
-    info = {
+    return {
         "competition": comp.slug,
-        "classes": classes,
-        "class_dirs": [class_dir_name(c) for c in classes],
+        "classes": download.classes,
+        "class_dirs": [class_dir_name(c) for c in download.classes],
         "image_ext": comp.image_ext,
         "counts": {"train": len(plan.labels) - n_valid, "valid": n_valid,
-                   "train_valid": len(plan.labels), "test": len(test_files)},
+                   "train_valid": len(plan.labels), "test": len(download.test_paths)},
         **params,
+        "layout": comp.layout,
+        "valid_source": "random" if download.given_valid is None else "valid_dir",
         "link_mode": mode,
         "fingerprint": digest,
         "format_version": FORMAT_VERSION,
     }
-    atomic_write_json(work_dir / REORG_FILE, info)
-    return info

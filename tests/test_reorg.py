@@ -1,15 +1,22 @@
 """reorg: the split plan (pure), the tree on disk, idempotence and input errors."""
 from __future__ import annotations
 
+import hashlib
 import json
 import os
+import warnings
+from pathlib import Path
 
+import numpy as np
 import pandas as pd
 import pytest
 
+from pipeline.competition import get_competition
 from pipeline.errors import PipelineError
-from pipeline.reorg import class_dir_name, plan_split, reorg, valid_counts
-from tests.conftest import tree_hash
+from pipeline.reorg import class_dir_name, plan_split, reorg, stratified_folds, valid_counts
+from tests.conftest import SHARED, tree_hash
+
+DATA = SHARED / "data" if (SHARED / "data").is_dir() else Path("/work/shared/data")
 
 
 def labels_frame(sizes: dict[str, int]) -> pd.DataFrame:
@@ -135,3 +142,85 @@ def test_work_dir_inside_the_download_is_refused(toy):
     comp, raw = toy
     with pytest.raises(PipelineError, match="overlaps RAW_DIR"):
         reorg(comp, raw, raw / "work")
+
+
+# ---------------------------------------------------------------- the same trees as before
+
+
+@pytest.mark.parametrize("seed", [0, 1, 7])
+@pytest.mark.parametrize("sizes", [{"a": 40, "b": 13, "c": 5}, {f"k{i}": 1 + i % 4 for i in range(30)}])
+def test_stratified_folds_are_scikit_learns(sizes, seed):
+    from sklearn.model_selection import StratifiedKFold
+
+    rng = np.random.default_rng(seed)
+    labels = rng.permutation([c for c, n in sizes.items() for _ in range(n)])
+    expected = np.empty(len(labels), dtype=int)
+    splitter = StratifiedKFold(n_splits=3, shuffle=True, random_state=seed)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)
+        for fold, (_, idx) in enumerate(splitter.split(np.zeros(len(labels)), labels)):
+            expected[idx] = fold
+    assert stratified_folds(labels, 3, seed).tolist() == expected.tolist()
+
+
+def manifest(work: Path) -> str:
+    """A digest of every file name per split and class, folds.csv and the reorg.json keys data reads."""
+    digest = hashlib.sha256()
+    for split in ("train", "valid", "train_valid", "test"):
+        for dirpath, dirs, files in os.walk(work / split):
+            dirs.sort()
+            for name in sorted(files):
+                digest.update(f"{Path(dirpath).relative_to(work)}/{name}\n".encode())
+    digest.update((work / "folds.csv").read_bytes() if (work / "folds.csv").exists() else b"-")
+    info = json.loads((work / "reorg.json").read_text())
+    digest.update(json.dumps([info[k] for k in ("competition", "classes", "class_dirs", "image_ext", "counts")]).encode())
+    return digest.hexdigest()[:16]
+
+
+# Recorded with the reorg of commit 8914f4d (scikit-learn folds, pathlib links), per (valid_ratio, folds, seed)
+BEFORE = {
+    "digits": ["6297c08113f88010", "b840f6a27def88ae", "1dd87cbca3e12b4e"],
+    "cifar-10-tiny": ["ff3a52618ec1e0e5", "818478763e3430da", "d06c9fcf2fe0193c"],
+    "cifar-10-kaggle-sample": ["fec007f66a29123a", "b88087aaf46425d0", "7b8655fc224acb20"],
+    "dog-breed-identification": ["0f522787905a8feb", "4e24addee90bd046", "86d38963bfd297e8"],
+}
+PARAMS = [(0.1, 5, 0), (0.25, 3, 7), (0.1, 0, 1)]
+
+
+def check_same_as_before(slug: str, raw: Path, key: str, tmp_path: Path) -> None:
+    for (valid_ratio, folds, seed), expected in zip(PARAMS, BEFORE[key]):
+        work = tmp_path / f"work-{seed}"
+        reorg(get_competition(slug), raw, work, valid_ratio=valid_ratio, folds=folds, seed=seed)
+        assert manifest(work) == expected, (key, valid_ratio, folds, seed)
+
+
+def test_the_digits_demo_splits_exactly_as_before(tmp_path):
+    get_competition("digits").make_raw(tmp_path / "raw")
+    check_same_as_before("digits", tmp_path / "raw", "digits", tmp_path)
+
+
+@pytest.mark.skipif(not DATA.is_dir(), reason=f"{DATA} is absent")
+@pytest.mark.parametrize("slug, folder", [("cifar-10", "cifar-10-tiny"), ("cifar-10", "cifar-10-kaggle-sample"),
+                                          ("dog-breed-identification", "dog-breed-identification")])
+def test_registered_competitions_split_exactly_as_before(tmp_path, slug, folder):
+    check_same_as_before(slug, DATA / folder, folder, tmp_path)
+
+
+# ---------------------------------------------------------------- the no-op
+
+
+@pytest.mark.parametrize("change", ["rewrite-other-size", "touch-same-size"])
+def test_an_image_changed_in_place_is_not_a_no_op(toy, tmp_path, change):
+    comp, raw = toy
+    work = tmp_path / "work"
+    reorg(comp, raw, work, folds=0)
+    assert reorg(comp, raw, work, folds=0).skipped
+    image = raw / "train" / "4.png"
+    if change == "rewrite-other-size":
+        image.write_bytes(image.read_bytes() + b"\0" * 7)
+    else:
+        stat = image.stat()
+        os.utime(image, ns=(stat.st_atime_ns, stat.st_mtime_ns + 1_000_000))
+    again = reorg(comp, raw, work, folds=0)
+    assert not again.skipped
+    assert reorg(comp, raw, work, folds=0).skipped
