@@ -47,7 +47,7 @@ def write_cv(cfg: TrainConfig, comp: Competition, info: dict) -> dict | None:
     overall = score(oof[classes].to_numpy(), targets, len(classes))
     cv = {"metric": comp.metric, "cv": overall[comp.metric], "overall": overall, "folds": per_fold, "tta": cfg.tta}
     run.write_cv(cv, oof)
-    log.info(format_cv_table(cv))
+    log.info("CV %s %.4f out of fold: %s, %s", comp.metric, cv["cv"], run.oof_path, run.cv_path)  # the table: stdout
     return cv
 
 

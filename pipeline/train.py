@@ -29,7 +29,9 @@ from pipeline.inference import infer, unreadable_positions
 from pipeline.io import atomic_write_json
 from pipeline.metrics import score
 from pipeline.models import create_model, freeze_backbone
+from pipeline.progress import stage
 from pipeline.runs import FOLD, FULL, HOLDOUT, Member, Run, member_name, restore_state, save_epoch
+from pipeline.summary import cv_interrupt_note, interrupt_note, log_run_summary
 
 log = logging.getLogger("pipeline")
 
@@ -283,7 +285,9 @@ def train(resolved: Resolved | TrainConfig, resume: bool = False, force: bool = 
             log.warning("%s: %d training images is less than one batch of %d; using batch size %d",
                         member.dir, len(train_items), cfg.batch_size, len(train_items))
     if dist.is_main():
+        Run(cfg.run_dir).unmark_done()
         atomic_write_json(Run(cfg.run_dir).config_path, resolved.to_json())
+        log_run_summary(resolved, members, info, lambda c: build_model(c, len(classes)))
     results = []
     for member, train_items, valid_items in members:
         member_cfg = replace(cfg, batch_size=min(cfg.batch_size, len(train_items)))
@@ -296,10 +300,14 @@ def train(resolved: Resolved | TrainConfig, resume: bool = False, force: bool = 
             continue
         if dist.is_main():
             atomic_write_json(member.config_path, {"config": member_cfg.to_json()})
-        results.append(fit_member(member_cfg, comp, classes, member, train_items, valid_items, resume))
+        with stage(lambda m=member: interrupt_note(m)):  # Ctrl-C says what of this member is saved
+            results.append(fit_member(member_cfg, comp, classes, member, train_items, valid_items, resume))
         dist.barrier()
     if cfg.mode == "folds" and dist.is_main():
         from pipeline.cv import write_cv
 
-        write_cv(cfg, comp, info)
+        with stage(lambda: cv_interrupt_note(Run(cfg.run_dir))):
+            write_cv(cfg, comp, info)
+    if dist.is_main():
+        Run(cfg.run_dir).mark_done({"members": [r.name for r in results]})
     return results
