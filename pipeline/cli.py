@@ -28,7 +28,8 @@ log = logging.getLogger("pipeline")
 
 @app.callback()
 def main(debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks for errors.")] = False,
-         quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Only warnings and results: no progress, no logs.")] = False) -> None:
+         quiet: Annotated[bool, typer.Option("--quiet", "-q",
+                                             help="Only warnings and results: no progress, no logs.")] = False) -> None:
     STATE["debug"] = debug
     logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(message)s",
                         stream=sys.stderr, force=True)

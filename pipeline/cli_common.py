@@ -66,7 +66,7 @@ class Group(TyperGroup):
         except click_errors.ClickException as exc:
             typer.echo(f"error: {exc.format_message()}", err=True)
             sys.exit(exc.exit_code)
-        except (click_errors.Abort, EOFError):
+        except (typer.Abort, EOFError):
             typer.echo("aborted", err=True)
             sys.exit(1)
         sys.exit(code if isinstance(code, int) else 0)

@@ -178,13 +178,15 @@ def _shape_only(build: Callable[[Any], Any], cfg: Any) -> Any:
 
 def log_run_summary(resolved: Any, plans: Sequence[tuple[Any, list, list]], info: dict,
                     build: Callable[[Any], Any]) -> str:
-    """Log the plan's warnings and the summary (stderr), store it in the run; returns the text."""
+    """Log the summary (stderr, at info level), store it in the run; returns the text.
+
+    The plan's own warnings are part of the summary, not separate log
+    warnings: with --quiet stderr keeps only the warnings stages issue.
+    """
     from pipeline.runs import Run
 
     facts = gather_facts(resolved, plans, info, build)
-    for warning in plan_warnings(facts):
-        log.warning(warning)
-    text = format_summary(resolved.table(), facts, warnings_so_far())
+    text = format_summary(resolved.table(), facts, [*warnings_so_far(), *plan_warnings(facts)])
     log.info(text)
     Run(resolved.config.run_dir).write_summary(text)
     return text
