@@ -1,5 +1,7 @@
-# Stages are file targets: a re-run skips what is already up to date.
-# Logic lives in the `pipeline` CLI; this file only chains it.
+# Stages are file targets that depend on the files they read, so a re-run redoes
+# exactly what changed: new data, other options (TRAIN_ARGS, PREDICT_ARGS and
+# REORG_ARGS are recorded in files of their own), a new run. FORCE=1 redoes every
+# stage of the goal. Logic lives in the `pipeline` CLI; this file only chains it.
 PYTHON ?= python3
 VENV   ?= .venv
 BIN    := $(VENV)/bin
@@ -7,17 +9,20 @@ TORCH  ?= torch==2.14.1 torchvision==0.29.1
 BUILD  ?= build
 PIPE   := $(BIN)/pipeline
 FORCE  ?=
+ALWAYS := $(if $(FORCE),.always)
+FORCE_FLAG := $(if $(FORCE),--force)
 
-.PHONY: setup demo test test-fast cifar10-submit dogs-submit clean
+.PHONY: setup demo test test-fast cifar10-submit dogs-submit clean .always
 .DELETE_ON_ERROR:
 
 setup: $(VENV)/.installed
 
+# everything the targets below use: the package, its tests and the kaggle CLI
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install -q --upgrade pip
 	$(BIN)/pip install -q $(TORCH)
-	$(BIN)/pip install -q -e '.[test]'
+	$(BIN)/pip install -q -e '.[test,kaggle]'
 	touch $@
 
 test: setup
@@ -26,19 +31,26 @@ test: setup
 test-fast: setup
 	$(BIN)/python -m pytest -q -m "not slow"
 
+# $(call options,FILE,VALUE): FILE holds VALUE and changes only when VALUE does,
+# so a stage that depends on FILE reruns exactly when its options change.
+define options
+@mkdir -p $(dir $(1))
+@printf '%s\n' '$(2)' | cmp -s - $(1) || printf '%s\n' '$(2)' > $(1)
+endef
+
 # ---- the embedded demo: scikit-learn's digits, end to end on CPU ----------
 DEMO := $(BUILD)/digits
 
-$(DEMO)/raw/labels.csv: | $(VENV)/.installed
+$(DEMO)/raw/labels.csv: competitions/digits.py $(ALWAYS) | $(VENV)/.installed
 	$(PIPE) download digits $(DEMO)/raw
 
-$(DEMO)/work/reorg.json: $(DEMO)/raw/labels.csv
-	$(PIPE) reorg digits $(DEMO)/raw $(DEMO)/work
+$(DEMO)/work/reorg.json: $(DEMO)/raw/labels.csv $(ALWAYS)
+	$(PIPE) reorg digits $(DEMO)/raw $(DEMO)/work $(FORCE_FLAG)
 
-$(DEMO)/run/holdout/done.json: $(DEMO)/work/reorg.json
+$(DEMO)/run/done.json: $(DEMO)/work/reorg.json $(ALWAYS)
 	$(PIPE) train digits $(DEMO)/work $(DEMO)/run --device cpu --force
 
-submissions/digits-demo.csv: $(DEMO)/run/holdout/done.json
+submissions/digits-demo.csv: $(DEMO)/run/done.json $(ALWAYS)
 	$(PIPE) predict digits $(DEMO)/work $(DEMO)/run $@ --force
 
 demo: submissions/digits-demo.csv
@@ -46,26 +58,40 @@ demo: submissions/digits-demo.csv
 	@echo "submission: $<"
 
 # ---- real competitions: DATA=unzipped download, else the kaggle CLI fetches it
+# $(call competition,SLUG,LABELS_FILE,SAMPLE_FILE). A finished run is retrained
+# only with FORCE=1 (training is costly: make stops with train's error instead);
+# a submission is rewritten whenever its run or options changed.
 define competition
 $(1)_RAW  := $$(if $$(DATA),$$(DATA),$(BUILD)/$(1)/raw)
 $(1)_WORK := $(BUILD)/$(1)/work
 $(1)_RUN  := $(BUILD)/$(1)/run
 
-$(BUILD)/$(1)/raw/$(2): | $(VENV)/.installed
+$(BUILD)/$(1)/raw/$(2): $(ALWAYS) | $(VENV)/.installed
 	$(PIPE) download $(1) $(BUILD)/$(1)/raw
 
-$$($(1)_WORK)/reorg.json: $$($(1)_RAW)/$(2)
-	$(PIPE) reorg $(1) $$($(1)_RAW) $$($(1)_WORK)
+$(BUILD)/$(1)/raw/$(3): $(BUILD)/$(1)/raw/$(2) ;
 
-$$($(1)_RUN)/holdout/done.json: $$($(1)_WORK)/reorg.json
-	$(PIPE) train $(1) $$($(1)_WORK) $$($(1)_RUN) $(TRAIN_ARGS) $(FORCE)
+$(BUILD)/$(1)/reorg.args: .always
+	$$(call options,$$@,$(REORG_ARGS))
 
-submissions/$(1).csv: $$($(1)_RUN)/holdout/done.json
-	$(PIPE) predict $(1) $$($(1)_WORK) $$($(1)_RUN) $$@ $(PREDICT_ARGS) $(FORCE)
+$(BUILD)/$(1)/train.args: .always
+	$$(call options,$$@,$(TRAIN_ARGS))
+
+$(BUILD)/$(1)/predict.args: .always
+	$$(call options,$$@,$(PREDICT_ARGS))
+
+$$($(1)_WORK)/reorg.json: $$($(1)_RAW)/$(2) $$($(1)_RAW)/$(3) $(BUILD)/$(1)/reorg.args $(ALWAYS)
+	$(PIPE) reorg $(1) $$($(1)_RAW) $$($(1)_WORK) $(REORG_ARGS) $(FORCE_FLAG)
+
+$$($(1)_RUN)/done.json: $$($(1)_WORK)/reorg.json $(BUILD)/$(1)/train.args $(ALWAYS)
+	$(PIPE) train $(1) $$($(1)_WORK) $$($(1)_RUN) $(TRAIN_ARGS) $(FORCE_FLAG)
+
+submissions/$(1).csv: $$($(1)_RUN)/done.json $$($(1)_WORK)/reorg.json $(BUILD)/$(1)/predict.args $(ALWAYS)
+	$(PIPE) predict $(1) $$($(1)_WORK) $$($(1)_RUN) $$@ $(PREDICT_ARGS) --force
 endef
 
-$(eval $(call competition,cifar-10,trainLabels.csv))
-$(eval $(call competition,dog-breed-identification,labels.csv))
+$(eval $(call competition,cifar-10,trainLabels.csv,sampleSubmission.csv))
+$(eval $(call competition,dog-breed-identification,labels.csv,sample_submission.csv))
 
 cifar10-submit: submissions/cifar-10.csv
 dogs-submit: submissions/dog-breed-identification.csv

@@ -26,6 +26,7 @@ import torch
 from pipeline.data import BAD_TARGET, Item, read_image
 from pipeline.errors import PipelineError
 from pipeline.io import atomic_path
+from pipeline.progress import track
 
 log = logging.getLogger("pipeline")
 
@@ -77,7 +78,9 @@ def image_cache(work_dir: Path, items: list[Item], side: int, workers: int = 0) 
             jobs = [([str(it.path) for it in items[i:i + chunk]], side, str(tmp), i) for i in range(0, len(items), chunk)]
             workers = workers or min(8, os.cpu_count() or 1)
             with ProcessPoolExecutor(max_workers=workers) as pool:
-                bad = [p for part in pool.map(_decode_chunk, jobs) for p in part]
+                done = track(zip(jobs, pool.map(_decode_chunk, jobs)), "caching images", len(items),
+                             count=lambda job_bad: len(job_bad[0][0]))
+                bad = [p for _, part in done for p in part]
             bad_path.write_text(json.dumps(bad))
         log.info("cached %d images at %dx%d in %s", len(items), side, side, path)
     bad = set(json.loads(bad_path.read_text())) if bad_path.is_file() else set()
@@ -207,7 +210,7 @@ def extract_features(model: torch.nn.Module, loader, device: torch.device, n: in
                      transform=None) -> tuple[torch.Tensor, torch.Tensor]:
     """Pooled features (n, F) of the loader's images (after ``transform``, e.g. a TTA view) and targets (n,)."""
     out, targets = None, torch.zeros(n, dtype=torch.long)
-    for x, y, idx in loader:
+    for x, y, idx in track(loader, "backbone features", n):
         x = x.to(device, non_blocking=True)
         if transform is not None:
             x = transform(x)

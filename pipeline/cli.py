@@ -15,26 +15,31 @@ from typing import Annotated, Optional
 
 import typer
 
-from pipeline import cli_kernel, cli_report, cli_train
-from pipeline.cli_common import (STATE, Comp, RunDir, WorkDir, all_competitions, checked_submission, handle_errors,
-                                 load_competition)
+from pipeline import cli_kernel, cli_report, cli_train, progress
+from pipeline.cli_common import (STATE, Comp, Json, RunDir, WorkDir, all_competitions, checked_submission, command,
+                                 handle_errors, load_competition, print_json, typer_app)
 from pipeline.errors import PipelineError
+from pipeline.summary import collect_warnings
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                  help="From a Kaggle image-classification download to a checked submission CSV.")
+app = typer_app(help="From a Kaggle image-classification download to a checked submission CSV. "
+                     "Results go to stdout, logs and progress to stderr.")
 log = logging.getLogger("pipeline")
 
 
 @app.callback()
 def main(debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks for errors.")] = False,
-         quiet: Annotated[bool, typer.Option("--quiet", "-q", help="Only warnings and errors.")] = False) -> None:
+         quiet: Annotated[bool, typer.Option("--quiet", "-q",
+                                             help="Only warnings and results: no progress, no logs.")] = False) -> None:
     STATE["debug"] = debug
     logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(message)s",
                         stream=sys.stderr, force=True)
     logging.getLogger("timm").setLevel(logging.WARNING)
+    progress.configure(quiet=quiet)
+    progress.reset()
+    collect_warnings()  # the run summary lists every warning of the command
 
 
-@app.command()
+@command(app)
 @handle_errors
 def competitions() -> None:
     """List the known competitions with their Kaggle slug and metric."""
@@ -43,10 +48,10 @@ def competitions() -> None:
         typer.echo(f"{comp.slug:<28} {comp.metric:<9} {kind:<22} default model {comp.recipe.model}  {comp.title}")
 
 
-@app.command()
+@command(app)
 @handle_errors
 def download(competition: Comp,
-             raw_dir: Annotated[Path, typer.Argument(help="Where to unzip the download.")]) -> None:
+             raw_dir: Annotated[Path, typer.Argument(metavar="RAW_DIR", help="Where to unzip the download.")]) -> None:
     """Fetch a competition's download into RAW_DIR (the kaggle CLI; the demo writes its own)."""
     from pipeline.kaggle import download as fetch
 
@@ -55,32 +60,34 @@ def download(competition: Comp,
     typer.echo(f"{comp.slug}: download ready in {raw_dir}")
 
 
-@app.command()
+@command(app)
 @handle_errors
 def reorg(competition: Comp,
-          raw_dir: Annotated[Path, typer.Argument(help="The unzipped Kaggle download (never modified).")],
+          raw_dir: Annotated[Path, typer.Argument(metavar="RAW_DIR", help="The unzipped Kaggle download (never modified).")],
           work_dir: WorkDir,
           valid_ratio: Annotated[float, typer.Option(help="Share of each class held out in valid/.")] = 0.1,
           folds: Annotated[int, typer.Option(help="Stratified CV folds in folds.csv (0: none).")] = 5,
           seed: Annotated[int, typer.Option(help="Seed of the split and the folds.")] = 0,
-          force: Annotated[bool, typer.Option(help="Rebuild even if the tree is up to date.")] = False) -> None:
+          force: Annotated[bool, typer.Option("--force", help="Rebuild even if the tree is up to date.")] = False) -> None:
     """Build train/ valid/ train_valid/ test/unknown/ class folders and folds.csv from a download."""
     from pipeline.reorg import reorg as run
 
-    result = run(load_competition(competition), raw_dir, work_dir, valid_ratio, folds, seed, force)
+    with progress.stage("interrupted during reorg; WORK_DIR is complete only once reorg.json is written: "
+                        "run the same command again to finish it"):
+        result = run(load_competition(competition), raw_dir, work_dir, valid_ratio, folds, seed, force)
     c = result.info["counts"]
     state = "up to date" if result.skipped else f"written ({result.info['link_mode']})"
     typer.echo(f"{work_dir}: {state} in {result.seconds:.1f}s: train {c['train']}, valid {c['valid']}, "
                f"train_valid {c['train_valid']}, test {c['test']}, {len(result.info['classes'])} classes")
 
 
-@app.command()
+@command(app)
 @handle_errors
 def predict(
     competition: Comp,
     work_dir: WorkDir,
     run_dir: RunDir,
-    submission_csv: Annotated[Path, typer.Argument(help="Where to write the submission.")],
+    submission_csv: Annotated[Path, typer.Argument(metavar="SUBMISSION_CSV", help="Where to write the submission.")],
     members: Annotated[str, typer.Option(help="auto, folds, full, holdout or all.")] = "auto",
     tta: Annotated[Optional[str], typer.Option(help="Test-time augmentation: none or flip (default: the run's, which its scores used).")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
@@ -88,20 +95,27 @@ def predict(
     num_workers: Annotated[int, typer.Option(help="DataLoader worker processes.")] = 0,
     unreadable_test: Annotated[str, typer.Option(help="A test image that cannot be decoded: error (default), or uniform (1/C for every class, with a warning).")] = "error",
     force: Annotated[bool, typer.Option("--force", help="Overwrite SUBMISSION_CSV if it exists.")] = False,
+    as_json: Json = False,
 ) -> None:
     """Softmax over the test set (members averaged) and a checked submission CSV."""
     from pipeline.predict import predict as run
 
-    result = run(load_competition(competition), work_dir, run_dir, submission_csv, members=members, tta=tta,
-                 device=device, force=force, num_workers=num_workers, batch_size=batch_size,
-                 unreadable=unreadable_test)
-    typer.echo(f"{result.path}: {result.rows} rows from {len(result.members)} model(s) in {result.seconds:.1f}s")
-    if submission_csv.resolve().parent.name == "submissions":
-        _index_submission(competition, result, run_dir, result.tta)
+    with progress.stage(f"interrupted while predicting: {submission_csv} is written only when complete, so nothing "
+                        "was written; run the same command again"):
+        result = run(load_competition(competition), work_dir, run_dir, submission_csv, members=members, tta=tta,
+                     device=device, force=force, num_workers=num_workers, batch_size=batch_size,
+                     unreadable=unreadable_test)
+    indexed = submission_csv.resolve().parent.name == "submissions" and _index_submission(competition, result,
+                                                                                          run_dir, result.tta)
+    if as_json:
+        print_json({"path": str(result.path), "rows": result.rows, "members": result.members,
+                    "seconds": round(result.seconds, 3), "index": str(indexed) if indexed else None})
+    else:
+        typer.echo(f"{result.path}: {result.rows} rows from {len(result.members)} model(s) in {result.seconds:.1f}s")
 
 
-def _index_submission(competition: str, result, run_dir: Path, tta: str) -> None:
-    """One line in submissions/index.csv for every submission written there."""
+def _index_submission(competition: str, result, run_dir: Path, tta: str) -> Path | None:
+    """One line in submissions/index.csv for every submission written there; the index, or None."""
     from pipeline.submission_index import record_submission, run_summary
 
     index = result.path.resolve().parent / "index.csv"
@@ -112,27 +126,30 @@ def _index_submission(competition: str, result, run_dir: Path, tta: str) -> None
                           members=[Path(m).name for m in result.members], tta=tta)
     except PipelineError as exc:  # the submission itself is written; say what was not recorded
         log.warning("%s written, but not recorded in %s: %s", result.path, index, exc)
+        return None
+    return index
 
 
-@app.command()
+@command(app)
 @handle_errors
 def check(
     competition: Comp,
-    submission_csv: Annotated[Path, typer.Argument(help="The CSV to validate.")],
+    submission_csv: Annotated[Path, typer.Argument(metavar="SUBMISSION_CSV", help="The CSV to validate.")],
     sample: Annotated[Optional[Path], typer.Option(help="Sample submission (default: WORK_DIR's copy).")] = None,
     work_dir: Annotated[Optional[Path], typer.Option(help="A reorg folder: its sample and class names.")] = None,
+    as_json: Json = False,
 ) -> None:
     """Validate a submission CSV the way Kaggle would and name every problem."""
-    checked_submission(load_competition(competition), submission_csv, sample, work_dir)
+    checked_submission(load_competition(competition), submission_csv, sample, work_dir, as_json)
 
 
-app.command(name="train")(cli_train.train)
-app.command(name="recipes")(cli_train.recipes)
-app.command(name="predict-image")(cli_report.predict_image)
-app.command(name="submit")(cli_report.submit)
-app.command(name="report")(cli_report.report)
+command(app, cli_train.train, name="train")
+command(app, cli_train.recipes, name="recipes")
+command(app, cli_report.predict_image, name="predict-image")
+command(app, cli_report.submit, name="submit")
+command(app, cli_report.report, name="report")
 app.add_typer(cli_kernel.kernel_app, name="kernel")
 
 
 def run() -> None:
-    app()
+    app(prog_name="pipeline")

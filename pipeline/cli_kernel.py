@@ -12,11 +12,11 @@ from typing import Annotated, Optional
 
 import typer
 
-from pipeline.cli_common import Comp, all_competitions, handle_errors, load_competition
+from pipeline.cli_common import Comp, all_competitions, command, handle_errors, load_competition, typer_app
 from pipeline.errors import PipelineError
 from pipeline.runs import LAST_FILE
 
-kernel_app = typer.Typer(no_args_is_help=True, help="Build, package and push offline Kaggle kernels.")
+kernel_app = typer_app(help="Build, package and push offline Kaggle kernels.")
 
 DatasetRef = Annotated[Optional[str], typer.Option(
     "--dataset", help="The companion dataset, USER/SLUG (default: USER/kaggle-pipeline).")]
@@ -31,7 +31,7 @@ def _split(option: str, value: str) -> list[str]:
         raise PipelineError(f"{option} {value!r} does not parse as shell words ({exc}); check its quotes") from None
 
 
-@kernel_app.command()
+@command(kernel_app)
 @handle_errors
 def build(
     competition: Comp,
@@ -69,7 +69,7 @@ def build(
                f"pipeline kernel push-dataset DATASET_DIR; pipeline kernel push {out}")
 
 
-@kernel_app.command("dataset")
+@command(kernel_app, name="dataset")
 @handle_errors
 def dataset_(
     out: Annotated[Path, typer.Option(help="The dataset folder to write (for `kaggle datasets create -p OUT`).")],
@@ -94,19 +94,19 @@ def dataset_(
     typer.echo(f"{out}: dataset {ref}, {len(files)} files, {megabytes:.1f} MB: {', '.join(map(str, files))}")
 
 
-@kernel_app.command()
+@command(kernel_app)
 @handle_errors
-def push(kernel_dir: Annotated[Path, typer.Argument(help="A folder written by `pipeline kernel build`.")]) -> None:
+def push(kernel_dir: Annotated[Path, typer.Argument(metavar="KERNEL_DIR", help="A folder written by `pipeline kernel build`.")]) -> None:
     """Upload and run a kernel folder (`kaggle kernels push -p DIR`)."""
     from pipeline.kernel import push_kernel
 
     typer.echo(push_kernel(kernel_dir, all_competitions()).strip())
 
 
-@kernel_app.command("push-dataset")
+@command(kernel_app, name="push-dataset")
 @handle_errors
 def push_dataset(
-    dataset_dir: Annotated[Path, typer.Argument(help="A folder written by `pipeline kernel dataset`.")],
+    dataset_dir: Annotated[Path, typer.Argument(metavar="DATASET_DIR", help="A folder written by `pipeline kernel dataset`.")],
     message: Annotated[Optional[str], typer.Option(help="Upload as a new version of the existing dataset, with these notes.")] = None,
 ) -> None:
     """Upload a dataset folder: `kaggle datasets create`, or `datasets version -m MESSAGE`."""

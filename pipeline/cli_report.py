@@ -13,7 +13,7 @@ from pipeline.errors import PipelineError
 @handle_errors
 def predict_image(
     run_dir: RunDir,
-    images: Annotated[list[Path], typer.Argument(help="Image files (any format PIL reads).")],
+    images: Annotated[list[Path], typer.Argument(metavar="IMAGE...", help="Image files (any format PIL reads).")],
     top_k: Annotated[int, typer.Option(help="How many classes to print per image.")] = 5,
     tta: Annotated[Optional[str], typer.Option(help="Test-time augmentation: none or flip (default: the run's).")] = None,
     plot: Annotated[Optional[Path], typer.Option(help="Also save a PNG: each image beside its top-k bar chart, titled with its path.")] = None,
@@ -42,7 +42,7 @@ def predict_image(
 @handle_errors
 def submit(
     competition: Comp,
-    submission_csv: Annotated[Path, typer.Argument(help="The CSV to check and upload.")],
+    submission_csv: Annotated[Path, typer.Argument(metavar="SUBMISSION_CSV", help="The CSV to check and upload.")],
     message: Annotated[str, typer.Option("--message", "-m", help="Submission description shown on Kaggle.")],
     work_dir: Annotated[Optional[Path], typer.Option(help="A reorg folder: its sample and class names.")] = None,
     sample: Annotated[Optional[Path], typer.Option(help="Sample submission (default: WORK_DIR's copy).")] = None,

@@ -6,13 +6,14 @@ reach this command from the field's metadata.
 from __future__ import annotations
 
 import inspect
+import json
 import logging
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
 import typer
 
-from pipeline.cli_common import Comp, RunDir, WorkDir, handle_errors, load_competition
+from pipeline.cli_common import Comp, Json, RunDir, WorkDir, handle_errors, load_competition, plain, print_json
 from pipeline.config import cli_fields, flag_of
 from pipeline.errors import PipelineError
 from pipeline.runs import LAST_FILE
@@ -21,15 +22,26 @@ _TYPES = {"bool": bool, "int": int, "float": float, "str": str, "Path": Path}
 
 
 def _option(f) -> inspect.Parameter:
-    """A Typer option for one schema field: None when not given, so a recipe's value stays."""
+    """A Typer option for one schema field: None when not given, so a recipe's value stays.
+
+    The help shows the schema's default; the competition's recipe may set
+    another (`pipeline recipes`, `--dry-run`).
+    """
     base = _TYPES[str(f.type).split("|")[0].strip()]
     flag = flag_of(f)
-    help_text = f.metadata["help"]
-    if f.metadata.get("choices"):
-        help_text += f" [{'|'.join(f.metadata['choices'])}]"
+    choices = f.metadata.get("choices")
+    help_text = f.metadata["help"] + _default_text(f.default)
     decls = [f"{flag}/--no-{flag[2:]}"] if base is bool else [flag]
-    annotation = Annotated[Optional[base], typer.Option(*decls, help=help_text, show_default=False)]
+    metavar = "|".join(choices) if choices else None
+    annotation = Annotated[Optional[base], typer.Option(*decls, help=help_text, show_default=False, metavar=metavar)]
     return inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=None, annotation=annotation)
+
+
+def _default_text(default: Any) -> str:
+    if default is None or default == "":
+        return ""
+    shown = ("on" if default else "off") if isinstance(default, bool) else default
+    return f"  [default: {shown}]"
 
 
 def _fixed_params() -> list[inspect.Parameter]:
@@ -53,6 +65,7 @@ def _control_params() -> list[inspect.Parameter]:
             "--resume", help=f"Continue an interrupted run from {LAST_FILE} (epochs, early stop, workers may change).")]),
         inspect.Parameter("force", kw, default=False, annotation=Annotated[bool, typer.Option(
             "--force", help="Overwrite a finished run in RUN_DIR.")]),
+        inspect.Parameter("as_json", kw, default=False, annotation=Json),
     ]
 
 
@@ -76,28 +89,68 @@ def resolve_for_command(competition: str, work_dir: Path, run_dir: Path, recipe:
 
 @handle_errors
 def train(**options: Any) -> None:
-    """Train a model on the holdout split, on every CV fold, or on train_valid."""
+    """Train a model on the holdout split, on every CV fold, or on train_valid.
+
+    Defaults shown are the schema's: the competition's recipe sets its own
+    (`pipeline recipes COMPETITION` lists them; --dry-run shows every resolved
+    value and where it came from). The run's summary goes to stderr and
+    RUN_DIR/summary.txt; the results (and the CV table) to stdout.
+    """
     from pipeline import distributed as dist
+    from pipeline.io import undo_on_failure
     from pipeline.train import train as run
 
-    fixed = {k: options.pop(k) for k in ("competition", "work_dir", "run_dir", "recipe", "dry_run", "resume", "force")}
+    fixed = {k: options.pop(k) for k in (*_CONTROL, "competition", "work_dir", "run_dir", "recipe")}
     resolved = resolve_for_command(fixed["competition"], fixed["work_dir"], fixed["run_dir"], fixed["recipe"],
                                    fixed["resume"], options)
     if fixed["dry_run"]:
-        typer.echo(resolved.table())
+        typer.echo(json.dumps(resolved.to_json(), indent=2) if fixed["as_json"] else resolved.table())
         return
     dist.init()
     main_process = dist.is_main()
     if not main_process:
         logging.getLogger("pipeline").setLevel(logging.WARNING)  # rank 0 speaks for all
+    run_dir = resolved.config.run_dir
     try:
-        results = run(resolved, resume=fixed["resume"], force=fixed["force"])
+        with undo_on_failure(run_dir, keep=lambda path: _keeps(run_dir, path)):  # a failed start leaves nothing
+            results = run(resolved, resume=fixed["resume"], force=fixed["force"])
     finally:
         dist.shutdown()
     if main_process:
-        metric = load_competition(fixed["competition"]).metric
-        for r in results:
-            typer.echo(result_line(r, metric))
+        _print_results(load_competition(fixed["competition"]).metric, run_dir, results, fixed["as_json"])
+
+
+_CONTROL = ("dry_run", "resume", "force", "as_json")
+
+
+def _keeps(run_dir: Path, path: Path) -> bool:
+    """Whether a file a failed train created stays: it belongs to a member with a saved epoch, or the
+    run has such a member and the file is the run's own (its config, its summary)."""
+    from pipeline.runs import Run
+
+    started = {m.name for m in Run(run_dir).members() if m.is_started or m.best_path.is_file()}
+    parts = path.relative_to(run_dir).parts
+    return bool(parts) and (parts[0] in started or (len(parts) == 1 and bool(started) and path.is_file()))
+
+
+def _print_results(metric: str, run_dir: Path, results: list, as_json: bool) -> None:
+    """The members' results and the CV table on stdout (one JSON object with --json)."""
+    from pipeline.cv import format_cv_table
+    from pipeline.runs import Run
+
+    run = Run(run_dir)
+    cv = run.read_cv() if run.cv_path.is_file() else None
+    if as_json:
+        print_json({"run_dir": str(run_dir), "metric": metric, "summary": str(run.summary_path),
+                    "members": [{"name": r.name, "dir": str(r.dir), "epochs": r.epochs, "best_epoch": r.best_epoch,
+                                 "best": plain(r.best_metric), "kept": plain(r.kept), "seconds": round(r.seconds, 3),
+                                 "skipped": r.skipped} for r in results],
+                    "cv": plain(cv["cv"]) if cv else None})
+        return
+    for r in results:
+        typer.echo(result_line(r, metric))
+    if cv is not None:
+        typer.echo(format_cv_table(cv))
 
 
 def result_line(r, metric: str) -> str:
@@ -118,7 +171,7 @@ train.__signature__ = inspect.Signature(_fixed_params() + [_option(f) for f in c
 
 @handle_errors
 def recipes(competition: Annotated[Optional[str], typer.Argument(
-        help="A competition slug; default: every registered competition.")] = None) -> None:
+        metavar="COMPETITION", show_default=False, help="A competition slug; default: every registered competition.")] = None) -> None:
     """Each competition's recipes: the default and the named ones, with the settings each sets."""
     from pipeline.cli_common import all_competitions
 

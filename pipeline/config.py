@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import os
 from collections.abc import Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -252,7 +253,7 @@ def resolve_config(comp, work_dir: Path, run_dir: Path, recipe_name: str | None 
         data = (weights_config or weights_data_config)(model)
         layer("weights", {k: v for k, v in data.items() if k not in flags})
     layer("flag", flags)
-    cfg = TrainConfig(competition=comp.slug, work_dir=Path(work_dir), run_dir=Path(run_dir), **values)
+    cfg = TrainConfig(competition=comp.slug, work_dir=absolute(work_dir), run_dir=absolute(run_dir), **values)
     return Resolved(cfg, {k: sources.get(k, "default") for k in values}, tuple(notes), recipe_name)
 
 
@@ -280,7 +281,12 @@ def resumed_config(saved: TrainConfig, flags: Mapping[str, Any], work_dir: Path,
             changes["folds"] = 0
         else:
             changes["fold"] = None
-    return dataclasses.replace(saved, work_dir=Path(work_dir), run_dir=Path(run_dir), **changes)
+    return dataclasses.replace(saved, work_dir=absolute(work_dir), run_dir=absolute(run_dir), **changes)
+
+
+def absolute(path: Path) -> Path:
+    """``path`` made absolute against the current folder (links kept): stored configs work from anywhere."""
+    return Path(os.path.abspath(path))
 
 
 def load_resolved(path: Path) -> tuple[TrainConfig, dict]:

@@ -44,7 +44,7 @@ def write_cv(cfg: TrainConfig, comp: Competition, info: dict) -> dict | None:
         last, _ = out_of_fold(cfg, comp, info, members, "last")
         cv["last_epoch"] = _overall(last, comp, info["classes"])
     run.write_cv(cv, oof)
-    log.info(format_cv_table(cv))
+    log.info("CV %s %.4f out of fold: %s, %s", comp.metric, cv["cv"], run.oof_path, run.cv_path)  # the table: stdout
     return cv
 
 

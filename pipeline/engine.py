@@ -12,12 +12,10 @@ import contextlib
 import math
 import signal
 import threading
-import time
 from dataclasses import dataclass
 
 import torch
 from torch import nn
-from tqdm import tqdm
 
 from pipeline import distributed as dist
 from pipeline.config import TrainConfig
@@ -26,6 +24,7 @@ from pipeline.errors import PipelineError
 from pipeline.inference import autocast
 from pipeline.metrics import better
 from pipeline.models import compute_loss, param_groups, set_train_mode
+from pipeline.progress import track
 
 
 def lr_multiplier(step: int, total_steps: int, steps_per_epoch: int, cfg: TrainConfig) -> float:
@@ -115,9 +114,9 @@ def train_one_epoch(model: nn.Module, loader, optimizer, criterion, cfg: TrainCo
     loss_sum = torch.zeros((), device=rt.device)  # summed on device: no host sync per step
     seen, first_step = 0, rt.step
     unreadable = []  # dataset positions whose image could not be decoded (file loaders only)
-    start = time.perf_counter()
-    bar = tqdm(loader, total=rt.steps_per_epoch, desc=f"epoch {epoch + 1}/{cfg.epochs}",
-               leave=False, disable=None if dist.is_main() else True, dynamic_ncols=True)
+    bar = track(loader, f"epoch {epoch + 1}/{cfg.epochs}", total=rt.steps_per_epoch * cfg.batch_size,
+                enabled=dist.is_main())
+    bar.set_postfix(loss=lambda: f"{loss_sum.item() / max(seen, 1):.4f}")  # read only when a line is drawn
     for i, (x, y, idx) in enumerate(bar):
         if i >= rt.steps_per_epoch:
             break
@@ -141,8 +140,6 @@ def train_one_epoch(model: nn.Module, loader, optimizer, criterion, cfg: TrainCo
         rt.step += 1
         loss_sum += loss.detach() * x.shape[0]
         seen += x.shape[0]
-        if i % 10 == 0 and bar.disable is False:
-            bar.set_postfix(loss=f"{loss_sum.item() / seen:.4f}", img_s=f"{seen / (time.perf_counter() - start):.0f}")
     total = dist.all_reduce_sum(torch.stack([loss_sum, torch.tensor(float(seen), device=rt.device)]))
     if not torch.isfinite(total[0]):
         raise PipelineError(f"the training loss became {float(total[0])} in epoch {epoch + 1}: training diverged; "

@@ -15,10 +15,10 @@ from collections.abc import Callable, Iterable
 import numpy as np
 import torch
 from torch import nn
-from tqdm import tqdm
 
 from pipeline import distributed as dist
 from pipeline.data import BAD_TARGET
+from pipeline.progress import track
 
 TTA_VIEWS: dict[str, Callable[[torch.Tensor], list[torch.Tensor]]] = {
     "none": lambda x: [x],
@@ -55,7 +55,7 @@ def infer(net: nn.Module, loader: Iterable, device: torch.device, *, tta: str = 
     """
     net.eval()  # callers put the model back in training mode (frozen parts stay in eval)
     probs, targets, positions = [], [], []
-    for x, y, idx in tqdm(loader, desc=progress, leave=False, disable=None if progress else True):
+    for x, y, idx in track(loader, progress or "inference", enabled=dist.is_main()):
         x = x.to(device, non_blocking=True)
         if channels_last and x.ndim == 4:
             x = x.contiguous(memory_format=torch.channels_last)

@@ -1,8 +1,11 @@
-"""Small file helpers every stage shares: atomic writes, CSV reading, a lock.
+"""Small file helpers every stage shares: atomic writes, CSV reading, a lock, undo on failure.
 
 An output is written to a temporary file beside its target and renamed over
 it, so a crash (or a full disk) never leaves a half-written file, and the file
-that was there before stays intact until the new one is complete.
+that was there before stays intact until the new one is complete. The file
+gets the mode any new file gets under the umask (0644 under umask 022), not
+the 0600 of a temporary file. :func:`undo_on_failure` removes what a failed
+or refused command created.
 """
 from __future__ import annotations
 
@@ -14,11 +17,12 @@ import os
 import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
-
-import pandas as pd
+from typing import TYPE_CHECKING, Any
 
 from pipeline.errors import PipelineError
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 
 def os_error_message(exc: OSError, path: Path, doing: str) -> str:
@@ -83,6 +87,7 @@ def atomic_path(path: Path) -> Iterator[Path]:
         raise PipelineError(os_error_message(exc, path, "write")) from exc
     tmp_path = Path(tmp)
     try:
+        os.chmod(tmp_path, 0o666 & ~current_umask())  # what open() would give a new file, not mkstemp's 0600
         yield tmp_path
         with open(tmp_path, "rb+") as fh:  # flush to disk before the rename makes it visible
             os.fsync(fh.fileno())
@@ -91,6 +96,18 @@ def atomic_path(path: Path) -> Iterator[Path]:
         raise PipelineError(os_error_message(exc, path, "write")) from exc
     finally:
         tmp_path.unlink(missing_ok=True)
+
+
+def current_umask() -> int:
+    """The process's umask, read without changing it where the system allows (threads may be writing)."""
+    with contextlib.suppress(OSError, ValueError):
+        with open("/proc/self/status", encoding="ascii") as fh:
+            for line in fh:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def atomic_write_text(path: Path, text: str) -> None:
@@ -119,6 +136,8 @@ def read_csv(path: Path, what: str, **kwargs: Any) -> pd.DataFrame:
     Handles a UTF-8 byte-order mark; a missing, empty or unparsable file is a
     one-line error naming it.
     """
+    import pandas as pd  # lazily: commands that read no CSV start faster
+
     path = Path(path)
     if not path.is_file():
         raise PipelineError(f"{what} {path} not found; check the path (is RAW_DIR the unzipped download?)")
@@ -142,14 +161,39 @@ def exclusive_lock(path: Path, what: str) -> Iterator[None]:
     """Hold an advisory lock on ``path``; a second holder gets a clear error at once.
 
     The kernel releases the lock when its holder exits, killed or not, so a
-    lock file a killed process left behind never blocks anyone: the next
-    holder takes it over. A clean exit removes the file, and the folder when
-    this lock created it and nothing else was written there.
+    leftover lock file never blocks anyone; a holder that exits normally (even
+    with an error) removes the file, and the folder when this lock created it
+    and nothing else was written there, so no command leaves it behind.
     """
     path = Path(path)
     created = not path.parent.exists()
-    while True:
-        fh = _open_lock(path)
+    try:
+        fh = _open_lock(path, what)
+        with fh:
+            fh.seek(0)
+            fh.truncate()
+            fh.write(f"pid {os.getpid()}")
+            fh.flush()
+            try:
+                yield
+            finally:
+                with contextlib.suppress(OSError):  # removed while still locked: a waiting opener re-checks it
+                    os.unlink(path)
+                fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
+    finally:
+        if created:
+            with contextlib.suppress(OSError):
+                path.parent.rmdir()  # only when empty: a command that wrote nothing leaves nothing
+
+
+def _open_lock(path: Path, what: str):
+    """The locked file object of ``path``; retried when a releasing holder removed the file meanwhile."""
+    for _ in range(100):
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fh = open(path, "a+")
+        except OSError as exc:
+            raise PipelineError(os_error_message(exc, path, "create the lock file")) from exc
         try:
             fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -158,36 +202,45 @@ def exclusive_lock(path: Path, what: str) -> Iterator[None]:
             fh.close()
             raise PipelineError(f"{what} is busy: {holder} holds {path}; wait for it to finish") from None
         if _same_file(fh, path):
-            break
-        fh.close()  # the holder removed the file between our open and our lock: take the new one
-    try:
-        fh.seek(0)
-        fh.truncate()
-        fh.write(f"pid {os.getpid()}")
-        fh.flush()
-        yield
-    finally:
-        path.unlink(missing_ok=True)  # still locked: a waiting opener sees a new inode and retries
-        fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
-        fh.close()
-        if created:
-            with contextlib.suppress(OSError):
-                path.parent.rmdir()  # only when empty: a run that wrote nothing leaves nothing
-
-
-def _open_lock(path: Path):
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        return open(path, "a+")
-    except OSError as exc:
-        raise PipelineError(os_error_message(exc, path, "create the lock file")) from exc
+            return fh
+        fh.close()  # we locked a file its last holder had just removed: lock the current one
+    raise PipelineError(f"{what} is busy: {path} keeps changing; wait for the other process to finish")
 
 
 def _same_file(fh, path: Path) -> bool:
     try:
-        return os.fstat(fh.fileno()).st_ino == os.stat(path).st_ino
-    except FileNotFoundError:
+        return os.path.samestat(os.fstat(fh.fileno()), os.stat(path))
+    except OSError:
         return False
+
+
+@contextlib.contextmanager
+def undo_on_failure(root: Path, keep: Callable[[Path], bool] = lambda path: False) -> Iterator[None]:
+    """When the block fails (an error, a refusal, Ctrl-C), remove what it created under ``root``.
+
+    Paths that existed before are never touched; a created path for which
+    ``keep(path)`` is true stays (e.g. a member that saved an epoch), and so
+    do the folders above it.
+    """
+    root = Path(root)
+    before = _listing(root)
+    try:
+        yield
+    except BaseException:
+        created = sorted(_listing(root) - before, key=lambda p: len(p.parts), reverse=True)
+        for path in created:  # deepest first: files, then the folders they were in
+            if keep(path):
+                continue
+            with contextlib.suppress(OSError):
+                path.rmdir() if path.is_dir() and not path.is_symlink() else path.unlink()
+        raise
+
+
+def _listing(root: Path) -> set[Path]:
+    """``root`` and everything under it (a run folder is small)."""
+    if not root.exists():
+        return set()
+    return {root, *root.rglob("*")}
 
 
 def read_json(path: Path, missing: str, unreadable: str) -> Any:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 from pipeline.archives import MANIFEST_NAME, unpack_all
@@ -28,8 +29,13 @@ def credentials_present() -> bool:
     return bool(env or os.environ.get("KAGGLE_API_TOKEN") or (config_dir / "kaggle.json").is_file())
 
 
+def find_kaggle() -> str | None:
+    """The kaggle CLI on PATH, else the one beside this Python (the project's venv, even when not activated)."""
+    return shutil.which("kaggle") or shutil.which(str(Path(sys.executable).parent / "kaggle"))
+
+
 def kaggle_command() -> str:
-    exe = shutil.which("kaggle")
+    exe = find_kaggle()
     if exe is None:
         raise PipelineError("the kaggle CLI is not installed; `pip install kaggle` (to skip downloading, unzip the "
                             "data by hand and pass its folder: RAW_DIR, or DATA=... for make)")

@@ -13,7 +13,6 @@ from dataclasses import dataclass
 from typing import Callable, Literal, Sequence
 
 import numpy as np
-from sklearn.metrics import accuracy_score, cohen_kappa_score, f1_score, log_loss, roc_auc_score
 
 from pipeline.errors import check_choice
 
@@ -32,15 +31,21 @@ class Metric:
 
 
 def _accuracy(targets: np.ndarray, labels: np.ndarray, num_classes: int, positive: int | None) -> float:
+    from sklearn.metrics import accuracy_score  # lazily: sklearn takes seconds to import
+
     return float(accuracy_score(targets, labels))
 
 
 def _log_loss(targets: np.ndarray, probs: np.ndarray, num_classes: int, positive: int | None) -> float:
+    from sklearn.metrics import log_loss  # lazily: sklearn takes seconds to import
+
     return float(log_loss(targets, probs, labels=list(range(num_classes))))
 
 
 def _auc_one(is_pos: np.ndarray, scores: np.ndarray) -> float:
     """ROC AUC of one class against the rest; NaN when the targets hold only one side."""
+    from sklearn.metrics import roc_auc_score  # lazily: sklearn takes seconds to import
+
     if is_pos.all() or not is_pos.any():
         return math.nan
     return float(roc_auc_score(is_pos, scores))
@@ -64,11 +69,15 @@ def _roc_auc(targets: np.ndarray, probs: np.ndarray, num_classes: int, positive:
 
 
 def _qwk(targets: np.ndarray, labels: np.ndarray, num_classes: int, positive: int | None) -> float:
+    from sklearn.metrics import cohen_kappa_score  # lazily: sklearn takes seconds to import
+
     # labels=range(C) keeps the grade distances when a grade is absent from both sides
     return float(cohen_kappa_score(targets, labels, weights="quadratic", labels=list(range(num_classes))))
 
 
 def _macro_f1(targets: np.ndarray, labels: np.ndarray, num_classes: int, positive: int | None) -> float:
+    from sklearn.metrics import f1_score  # lazily: sklearn takes seconds to import
+
     # a class absent from both targets and predictions scores 0 (zero_division), as in sklearn
     return float(f1_score(targets, labels, average="macro", labels=list(range(num_classes)), zero_division=0))
 

@@ -9,6 +9,8 @@ forgotten on resume).
 
     RUN_DIR/config.json         resolved settings + the source of each value
     RUN_DIR/oof.csv, cv.json    out-of-fold predictions and the CV score (fold runs)
+    RUN_DIR/summary.txt         the start-of-run summary of the last `train` command
+    RUN_DIR/done.json           written when a `train` command finished every member it trained
     RUN_DIR/<member>/config.json, metrics.csv, last.pt, best.pt, done.json
 """
 from __future__ import annotations
@@ -17,12 +19,13 @@ import contextlib
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Protocol
-
-import pandas as pd
+from typing import TYPE_CHECKING, Any, Protocol
 
 from pipeline.errors import PipelineError, check_choice
-from pipeline.io import atomic_write_csv, atomic_write_json, exclusive_lock, read_json
+from pipeline.io import atomic_write_csv, atomic_write_json, atomic_write_text, exclusive_lock, read_json
+
+if TYPE_CHECKING:
+    import pandas as pd
 
 CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.csv"
@@ -32,6 +35,8 @@ DONE_FILE = "done.json"  # written when a member finishes: predict and the CV ta
 OOF_FILE = "oof.csv"
 CV_FILE = "cv.json"
 TENSORBOARD_DIR = "tensorboard"
+SUMMARY_FILE = "summary.txt"  # RUN_DIR: what the last train command set out to do (pipeline/summary.py)
+RUN_DONE_FILE = "done.json"  # RUN_DIR (not a member's DONE_FILE): the last train command finished
 REPORT_DIR = "report"  # where `pipeline report` writes by default
 LOCK_FILE = ".lock"  # held by the one process that writes the run
 HOLDOUT, FULL, FOLD = "holdout", "full", "fold"
@@ -116,6 +121,8 @@ class Member:
         return self.dir / TENSORBOARD_DIR
 
     def metrics(self) -> pd.DataFrame:
+        import pandas as pd  # lazily: the CLI starts without pandas
+
         return pd.read_csv(self.dir / METRICS_FILE)
 
 
@@ -159,6 +166,24 @@ class Run:
         if not enabled:
             return contextlib.nullcontext()
         return exclusive_lock(self.dir / LOCK_FILE, f"run {self.dir}")
+
+    @property
+    def summary_path(self) -> Path:
+        return self.dir / SUMMARY_FILE
+
+    def write_summary(self, text: str) -> None:
+        atomic_write_text(self.summary_path, text + "\n")
+
+    @property
+    def done_path(self) -> Path:
+        return self.dir / RUN_DONE_FILE
+
+    def mark_done(self, record: dict) -> None:
+        """Mark the train command finished (a file target for make, whatever the members)."""
+        atomic_write_json(self.done_path, record)
+
+    def unmark_done(self) -> None:
+        self.done_path.unlink(missing_ok=True)
 
     def members(self) -> list[Member]:
         """Member folders on disk (stray folders beside them are ignored), holdout, folds, full."""
@@ -237,6 +262,8 @@ def save_epoch(member: Member, parts: dict[str, Stateful | None], meta: dict[str
     disk (resume rewrites metrics.csv from last.pt's history).
     """
     from pipeline.checkpoint import save_checkpoint
+
+    import pandas as pd
 
     save_state(member.dir / LAST_FILE, parts, meta)
     if best is not None:

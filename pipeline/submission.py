@@ -142,13 +142,15 @@ def write_submission(frame: pd.DataFrame, path: Path, force: bool) -> None:
 def check_submission_file(comp: Competition, submission_csv: Path, sample: Path | None = None,
                           work_dir: Path | None = None) -> tuple[pd.DataFrame, list[str]]:
     """Read a submission CSV and list every problem against the sample (and the work dir's classes)."""
-    from pipeline.data import load_reorg
-    from pipeline.io import read_csv
-    from pipeline.reorg import SAMPLE_FILE
+    from pipeline.io import read_csv, read_json
+    from pipeline.reorg import REORG_FILE, SAMPLE_FILE  # not pipeline.data: checking needs no torch
 
     if sample is None and work_dir is None:
         raise PipelineError("give --sample FILE (the competition's sample submission) or --work-dir DIR")
     sample_path = sample or Path(work_dir) / SAMPLE_FILE
-    classes = load_reorg(work_dir)["classes"] if work_dir is not None else None
+    classes = None
+    if work_dir is not None:
+        classes = read_json(Path(work_dir) / REORG_FILE, "WORK_DIR is not a finished reorg; run `pipeline reorg` "
+                            "first", "run `pipeline reorg --force` to rebuild it")["classes"]
     frame = read_csv(submission_csv, what="submission")
     return frame, check_submission(comp, frame, read_csv(sample_path, what="sample submission"), classes)

@@ -31,7 +31,9 @@ from pipeline.io import atomic_write_json
 from pipeline.metrics import bootstrap_interval, score, small_split_warning
 from pipeline.submission import submission_clip
 from pipeline.models import create_model, freeze_backbone
+from pipeline.progress import stage
 from pipeline.runs import FOLD, FULL, HOLDOUT, Member, Run, member_name, restore_state, save_epoch
+from pipeline.summary import cv_interrupt_note, interrupt_note, log_run_summary
 
 log = logging.getLogger("pipeline")
 
@@ -359,7 +361,9 @@ def _train_locked(resolved: Resolved, resume: bool, force: bool) -> list[MemberR
     members = plan_members(cfg, info)
     _check_members(cfg, members, len(info["classes"]), resume, force)
     if dist.is_main():
+        Run(cfg.run_dir).unmark_done()
         atomic_write_json(Run(cfg.run_dir).config_path, {**resolved.to_json(), "data": data})
+        log_run_summary(resolved, members, info, lambda c: build_model(c, len(info["classes"])))
     results = []
     for member, train_items, valid_items in members:
         member_cfg = replace(cfg, batch_size=min(cfg.batch_size, len(train_items)))
@@ -372,12 +376,16 @@ def _train_locked(resolved: Resolved, resume: bool, force: bool) -> list[MemberR
             continue
         if dist.is_main():
             atomic_write_json(member.config_path, {"config": member_cfg.to_json()})
-        results.append(fit_member(member_cfg, comp, data, member, train_items, valid_items, resume))
+        with stage(lambda m=member: interrupt_note(m)):  # Ctrl-C says what of this member is saved
+            results.append(fit_member(member_cfg, comp, data, member, train_items, valid_items, resume))
         dist.barrier()
     if cfg.mode == "folds" and dist.is_main():
         from pipeline.cv import write_cv
 
-        write_cv(cfg, comp, info)
+        with stage(lambda: cv_interrupt_note(Run(cfg.run_dir))):
+            write_cv(cfg, comp, info)
+    if dist.is_main():
+        Run(cfg.run_dir).mark_done({"members": [r.name for r in results]})
     return results
 
 

@@ -1,0 +1,222 @@
+"""Progress of long stages, one mechanism for all: a bar in a terminal, plain lines elsewhere.
+
+Every long loop (feature extraction, cache building, an epoch, validation,
+out-of-fold and test prediction, a large reorg) wraps its iterable in
+:func:`track`. In a terminal the stage is one bar on stderr, redrawn in place
+with images/s and the ETA; when stderr is a file or a pipe (CI, ``nohup``,
+``| tee``, a Kaggle kernel's log) a plain line with the same fields is written
+every ``PIPELINE_PROGRESS_SECONDS`` (10 s by default) and once at the end of a
+stage that printed one or lasted that long. ``--quiet`` turns it all off.
+
+The module also remembers what the running stage has saved (:func:`stage`),
+so Ctrl-C can say exactly that (:func:`interrupted_message`).
+
+Torch-free and cheap to import: the CLI imports it at startup.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+import sys
+import time
+from collections.abc import Callable, Iterable, Iterator
+from typing import Any
+
+DEFAULT_INTERVAL = 10.0  # seconds between plain lines without a terminal
+REDRAW = 0.1  # seconds between redraws of a terminal bar
+SETTINGS: dict[str, Any] = {"quiet": False, "interval": None, "tty": None}
+NOTHING_SAVED = "interrupted"
+_STAGES: list[Callable[[], str]] = []
+_CAUGHT: list[str] = []  # the message of the stage Ctrl-C interrupted, taken before the stage unwinds
+
+
+def configure(quiet: bool | None = None, interval: float | None = None, tty: bool | None = None) -> None:
+    """Set what every later bar does: ``quiet`` hides them; ``interval`` and ``tty`` override the defaults."""
+    for key, value in (("quiet", quiet), ("interval", interval), ("tty", tty)):
+        if value is not None:
+            SETTINGS[key] = value
+
+
+def _interval() -> float:
+    if SETTINGS["interval"] is not None:
+        return float(SETTINGS["interval"])
+    try:
+        return float(os.environ.get("PIPELINE_PROGRESS_SECONDS", DEFAULT_INTERVAL))
+    except ValueError:
+        return DEFAULT_INTERVAL
+
+
+def clock(seconds: float) -> str:
+    """``seconds`` as m:ss or h:mm:ss."""
+    seconds = int(max(0.0, seconds))
+    hours, rest = divmod(seconds, 3600)
+    return f"{hours}:{rest // 60:02d}:{rest % 60:02d}" if hours else f"{rest // 60}:{rest % 60:02d}"
+
+
+def progress_line(desc: str, done: int, total: int | None, elapsed: float, unit: str = "img",
+                  fields: dict[str, Any] | None = None) -> str:
+    """One progress line: stage, count, rate, elapsed time, ETA and extra fields (pure)."""
+    rate = done / elapsed if elapsed > 0 else 0.0
+    count = f"{done}/{total} {unit}" if total else f"{done} {unit}"
+    parts = [desc, count]
+    if total:
+        parts.insert(1, f"{min(100, 100 * done // max(total, 1)):3d}%")
+    parts.append(f"{rate:.1f} {unit}/s" if rate < 100 else f"{rate:.0f} {unit}/s")
+    parts.append(f"elapsed {clock(elapsed)}")
+    if total and rate > 0:
+        parts.append(f"ETA {clock(max(0, total - done) / rate)}")
+    parts += [f"{k} {v() if callable(v) else v}" for k, v in (fields or {}).items()]
+    return "  ".join(parts)
+
+
+class Progress:
+    """One stage's counter; renders a bar (terminal) or plain lines (elsewhere) on stderr."""
+
+    def __init__(self, desc: str, total: int | None = None, unit: str = "img", enabled: bool = True):
+        self.desc, self.total, self.unit = desc, total, unit
+        self.enabled = enabled and not SETTINGS["quiet"]
+        self.tty = SETTINGS["tty"] if SETTINGS["tty"] is not None else _isatty(sys.stderr)
+        self.interval = REDRAW if self.tty else _interval()
+        self.fields: dict[str, Any] = {}
+        self.done, self.start, self.printed, self.closed = 0, time.perf_counter(), 0, False
+        self.last = self.start
+
+    def set_postfix(self, **fields: Any) -> None:
+        """Extra fields of the line; a callable is evaluated only when a line is drawn (no needless syncs)."""
+        self.fields.update(fields)
+
+    def update(self, n: int = 1) -> None:
+        self.done += n
+        now = time.perf_counter()
+        if self.enabled and now - self.last >= self.interval:
+            self.last = now
+            self._emit(end=False)
+        if self.total is not None and self.done >= self.total:
+            self.close()
+
+    def close(self) -> None:
+        """End the stage: clear the bar, or write the last plain line of a stage that printed or took long."""
+        if self.closed:
+            return
+        self.closed = True
+        if not self.enabled:
+            return
+        if self.tty:
+            if self.printed:
+                _write("\r\033[K")
+        elif self.printed or time.perf_counter() - self.start >= self.interval:
+            self._emit(end=True)
+
+    def line(self) -> str:
+        return progress_line(self.desc, self.done, self.total, time.perf_counter() - self.start, self.unit,
+                             self.fields)
+
+    def _emit(self, end: bool) -> None:
+        self.printed += 1
+        text = self.line()
+        if self.tty:
+            width = _columns()
+            _write("\r" + text[: width - 1] + "\033[K")
+        else:
+            _write(text + (" (done)" if end else "") + "\n")
+
+
+def _isatty(stream) -> bool:
+    try:
+        return bool(stream.isatty())
+    except (AttributeError, ValueError):
+        return False
+
+
+def _columns() -> int:
+    try:
+        return os.get_terminal_size(sys.stderr.fileno()).columns
+    except (OSError, AttributeError, ValueError):
+        return 80
+
+
+def _write(text: str) -> None:
+    stream = sys.stderr  # looked up each time: test runners swap it
+    stream.write(text)
+    stream.flush()
+
+
+def images_in(loader: Any) -> int | None:
+    """How many samples one pass over ``loader`` yields on this process (None when unknown)."""
+    if hasattr(loader, "n") and hasattr(loader, "world"):  # the index-batch loaders of pipeline/cache.py
+        return -(-loader.n // loader.world)
+    sampler = getattr(loader, "sampler", None)
+    if sampler is not None and sampler is not loader and hasattr(sampler, "__len__"):
+        return len(sampler)
+    if hasattr(loader, "__len__") and getattr(loader, "batch_size", None):
+        return len(loader) * loader.batch_size
+    return None
+
+
+def _batch_size(batch: Any) -> int:
+    """Samples in a (x, y, positions) batch: the positions' length; else 1."""
+    if isinstance(batch, (tuple, list)) and len(batch) == 3 and hasattr(batch[2], "__len__"):
+        return len(batch[2])
+    return 1
+
+
+class track:  # noqa: N801 - used like a function: `for batch in track(loader, "predict")`
+    """Iterate ``iterable`` while counting samples (``count(item)``, default: a batch's size).
+
+    ``total`` defaults to :func:`images_in`; the bar is closed when the count
+    reaches it, when the iterable ends, or on :meth:`close`.
+    """
+
+    def __init__(self, iterable: Iterable, desc: str, total: int | None = None, unit: str = "img",
+                 count: Callable[[Any], int] = _batch_size, enabled: bool = True):
+        self.iterable, self.count = iterable, count
+        self.bar = Progress(desc, total if total is not None else images_in(iterable), unit, enabled)
+
+    @property
+    def active(self) -> bool:
+        return self.bar.enabled
+
+    def set_postfix(self, **fields: Any) -> None:
+        self.bar.set_postfix(**fields)
+
+    def close(self) -> None:
+        self.bar.close()
+
+    def __iter__(self) -> Iterator:
+        try:
+            for item in self.iterable:
+                self.bar.update(self.count(item))
+                yield item
+        finally:
+            self.bar.close()
+
+
+# ---------------------------------------------------------------- what Ctrl-C has to say
+
+
+@contextlib.contextmanager
+def stage(saved: str | Callable[[], str]) -> Iterator[None]:
+    """While the block runs, Ctrl-C reports ``saved`` (a message, or a function giving it then)."""
+    message = saved if callable(saved) else (lambda: saved)
+    _STAGES.append(message)
+    try:
+        yield
+    except KeyboardInterrupt:
+        if not _CAUGHT:  # the innermost stage speaks; the outer ones unwind after it
+            _CAUGHT.append(message())
+        raise
+    finally:
+        _STAGES.pop()
+
+
+def interrupted_message() -> str:
+    """What the interrupted (or the innermost running) stage says it has saved, for the Ctrl-C message."""
+    if _CAUGHT:
+        return _CAUGHT[0]
+    return _STAGES[-1]() if _STAGES else NOTHING_SAVED
+
+
+def reset() -> None:
+    """Forget the stages (a new command starts)."""
+    _STAGES.clear()
+    _CAUGHT.clear()
