@@ -19,6 +19,7 @@ from tqdm import tqdm
 
 from pipeline import distributed as dist
 from pipeline.data import BAD_TARGET
+from pipeline.devices import non_blocking, probe
 
 TTA_VIEWS: dict[str, Callable[[torch.Tensor], list[torch.Tensor]]] = {
     "none": lambda x: [x],
@@ -55,8 +56,9 @@ def infer(net: nn.Module, loader: Iterable, device: torch.device, *, tta: str = 
     """
     net.eval()  # callers put the model back in training mode (frozen parts stay in eval)
     probs, targets, positions = [], [], []
+    copy_async = non_blocking(probe(device))
     for x, y, idx in tqdm(loader, desc=progress, leave=False, disable=None if progress else True):
-        x = x.to(device, non_blocking=True)
+        x = x.to(device, non_blocking=copy_async)
         if channels_last and x.ndim == 4:
             x = x.contiguous(memory_format=torch.channels_last)
         views = views_of(x, tta)

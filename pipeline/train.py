@@ -21,7 +21,7 @@ from pipeline import distributed as dist
 from pipeline.competition import Competition, get_competition
 from pipeline.config import Resolved, TrainConfig
 from pipeline.data import BAD_TARGET, Item, fold_split, list_split, load_reorg, n_folds, unreadable_message
-from pipeline.dataplan import DataPlan, plan_member
+from pipeline.dataplan import DataPlan, plan_for, plan_member
 from pipeline.engine import (BestTracker, EarlyStop, Runtime, build_optimizer, deferred_interrupt, make_ema,
                              make_runtime, train_one_epoch)
 from pipeline.errors import PipelineError
@@ -80,12 +80,14 @@ def _setup_member(cfg: TrainConfig, comp: Competition, n_classes: int, member: M
                   valid_items: list[Item], resume: bool) -> MemberState:
     """Model, optimizer, precision, EMA, data; restored from last.pt when resuming."""
     device = dist.resolve_device(cfg.device)
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True  # fixed input sizes: let cuDNN pick the fastest kernels
+    dplan = plan_for(cfg, device)  # every device decision (pipeline/devices.py), recorded with the member
+    torch.backends.cudnn.benchmark = dplan.cudnn_benchmark
+    for warning in dplan.warnings:
+        log.warning(warning)
     torch.manual_seed(cfg.seed)
     model = build_model(cfg, n_classes).to(device)
     optimizer = build_optimizer(model, cfg)
-    rt = make_runtime(cfg, device, len(train_items))
+    rt = make_runtime(cfg, device, len(train_items), dplan)
     criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing, ignore_index=BAD_TARGET)
     st = MemberState(model, model, optimizer, make_ema(model, cfg.ema), rt, criterion, None, BestTracker(comp.metric),
                      EarlyStop(cfg.early_stop), [])
@@ -95,13 +97,12 @@ def _setup_member(cfg: TrainConfig, comp: Competition, n_classes: int, member: M
             group.setdefault("base_lr", group["lr"])
         st.first_epoch, st.history = int(saved["epoch"]), list(saved["history"])
         log.info("resuming %s after epoch %d", member.dir, st.first_epoch)
-    st.data = plan_member(cfg, model, train_items, valid_items, device)
-    rt.channels_last = st.data.channels_last
+    st.data = plan_member(cfg, model, train_items, valid_items, device, dplan)
     if rt.channels_last:
         model.to(memory_format=torch.channels_last)  # in place: the optimizer keeps its parameters
     if cfg.data_init and st.first_epoch == 0 and hasattr(model, "init_from_data"):
         model.init_from_data(next(iter(st.data.train))[0])  # e.g. a whitening first layer
-    st.net = dist.wrap(st.data.view(model), device)
+    st.net = dist.wrap(st.data.view(model), device, find_unused=st.data.find_unused)
     if cfg.compile:
         st.net = torch.compile(st.net)
     st.reported = {"train": set(st.data.unreadable_train), "valid": set()}
@@ -175,6 +176,8 @@ def fit_member(cfg: TrainConfig, comp: Competition, classes: list[str], member: 
     """Train one model; checkpoints in the member's folder; returns its best score."""
     start = time.perf_counter()
     st = _setup_member(cfg, comp, len(classes), member, train_items, valid_items, resume)
+    if dist.is_main():
+        member.write_config(cfg.to_json(), st.data.device.to_json())
     board = tensorboard_writer(member.tensorboard_dir) if cfg.tensorboard and dist.is_main() else None
     stopped = False
     for epoch in range(st.first_epoch, cfg.epochs):
@@ -294,8 +297,6 @@ def train(resolved: Resolved | TrainConfig, resume: bool = False, force: bool = 
             log.info("%s: finished (%d epochs); skipped", member.dir, done.epochs)
             results.append(done)
             continue
-        if dist.is_main():
-            atomic_write_json(member.config_path, {"config": member_cfg.to_json()})
         results.append(fit_member(member_cfg, comp, classes, member, train_items, valid_items, resume))
         dist.barrier()
     if cfg.mode == "folds" and dist.is_main():
