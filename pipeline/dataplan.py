@@ -122,12 +122,15 @@ def _file_plan(cfg: TrainConfig, train_items, valid_items, device, source: Sourc
     return DataPlan(source, train_dl, valid_dl, lambda m: m, dplan)
 
 
-def eval_loader(cfg: TrainConfig, items: list[Item], batch_size: int, dplan: DevicePlan, *, strict: bool,
-                rank: int = 0, world: int = 1):
+def eval_loader(cfg: TrainConfig, items: list[Item], batch_size: int, dplan: DevicePlan | torch.device, *,
+                strict: bool, rank: int = 0, world: int = 1):
     """Images of ``items`` in order through the run's eval transform (no randomness).
 
-    ``dplan`` is a plan for image files: its workers and memory pinning feed the loader.
+    ``dplan`` is a plan for image files (or the device to plan for): its workers
+    and memory pinning feed the loader.
     """
+    if isinstance(dplan, torch.device):
+        dplan = plan_for(cfg, dplan, "files")
     eval_tf = build_transform(cfg.augment, cfg.image_size, cfg.mean, cfg.std, train=False)
     return make_loader(ImageDataset(items, eval_tf, cfg.image_size, strict=strict), batch_size, False, dplan.workers,
                        0, pin_memory=dplan.pin_memory, rank=rank, world=world)

@@ -22,6 +22,7 @@ from tqdm import tqdm
 from pipeline import distributed as dist
 from pipeline.config import TrainConfig
 from pipeline.data import BAD_TARGET
+from pipeline.dataplan import plan_for
 from pipeline.devices import DevicePlan
 from pipeline.errors import PipelineError
 from pipeline.inference import autocast
@@ -172,8 +173,10 @@ def backward_step(loss: torch.Tensor, optimizer, model: nn.Module, cfg: TrainCon
         optimizer.step()
 
 
-def make_runtime(cfg: TrainConfig, device: torch.device, n_train: int, plan: DevicePlan) -> Runtime:
-    """Precision, memory format and step counts; ``plan`` (pipeline/devices.py) decided the first two."""
+def make_runtime(cfg: TrainConfig, device: torch.device, n_train: int, plan: DevicePlan | None = None) -> Runtime:
+    """Precision, memory format and step counts; ``plan`` (the member's, from pipeline/devices.py;
+    default: planned here for ``cfg``) decided the first two."""
+    plan = plan or plan_for(cfg, device)
     scaler = torch.amp.GradScaler(device.type) if plan.grad_scaler else None
     per_rank = math.ceil(n_train / dist.world_size())
     steps = max(1, per_rank // cfg.batch_size)  # drop_last: every step a full batch

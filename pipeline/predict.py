@@ -80,13 +80,13 @@ def _group_probs(group: list[LoadedMember], items: list[Item], tta: str, device:
         if plan.channels_last:
             first.model.to(memory_format=torch.channels_last)
         p, t, pos = infer(first.model, loader, device, tta=tta, amp_dtype=plan.dtype,
-                          channels_last=plan.channels_last, progress="predict")
+                          channels_last=plan.channels_last, progress="predict", gather=False)
         return [p], unreadable_positions(t, pos)
     views, targets = backbone_views(first.model, loader, device, len(items), tta, amp_dtype=plan.dtype)
     out = []
     for lm in group:  # each head on the shared (V, N, F) features
         p, t, pos = infer(FeatureHead(lm.model), FeatureViews(views, targets, batch_size), device,
-                          amp_dtype=plan.dtype)
+                          amp_dtype=plan.dtype, gather=False)
         out.append(p)
     return out, unreadable_positions(t, pos)
 

@@ -18,15 +18,22 @@ import pytest
 import torch
 from typer.testing import CliRunner
 
-from conftest import write_raw
+from conftest import make_competition, write_raw
+from pipeline import dataplan
+from pipeline import predict as predict_module
 from pipeline import train as train_module
+from pipeline.cache import CACHE_DIR, FeatureHead
 from pipeline.cli import app
-from pipeline.competition import _REGISTRY, get_competition
-from pipeline.config import TrainConfig
+from pipeline.competition import _REGISTRY, Recipe, get_competition
+from pipeline.config import TrainConfig, config_from_recipe
 from pipeline.data import list_split, load_reorg
+from pipeline.dataplan import FeatureViews, eval_loader, plan_for
+from pipeline.inference import infer, normalise_rows
 from pipeline.models import create_model
+from pipeline.predict import load_member, predict_items
 from pipeline.reorg import reorg
 from pipeline.runs import DEVICE_KEY, Run
+from pipeline.train import train
 
 FAST = ["--device", "cpu", "--channels-last", "--amp", "bf16", "--epochs", "1", "--steps-per-epoch", "1",
         "--image-size", "16", "--batch-size", "8"]
@@ -153,3 +160,52 @@ def test_recorded_settings_follow_an_explicit_choice_and_default_otherwise(works
     assert (device["amp_dtype"], device["channels_last"], device["workers"]) == ("none", False, 0)
     cfg = TrainConfig.from_json(json.loads(member.config_path.read_text()))
     assert cfg.channels_last is None and cfg.num_workers == 0  # unset stays "decided by the device"
+
+
+# ---------------------------------------------------------------- one precision per run
+
+
+def _toy_run(tmp_path: Path, **recipe) -> tuple[Path, Path]:
+    comp = make_competition("toy-amp", recipe=Recipe(epochs=1, batch_size=8, lr=0.1, augment="none", **recipe))
+    work, run = tmp_path / "work", tmp_path / "run"
+    reorg(comp, write_raw(tmp_path / "raw", comp, per_class=6), work, folds=0)
+    train(config_from_recipe(comp, work, run, device="cpu", amp="bf16", steps_per_epoch=1, feature_views=0))
+    return work, run
+
+
+def test_cached_features_validation_and_predict_share_the_runs_precision(tmp_path, monkeypatch):
+    """A bf16 feature-cache run: predict computes the very features the head trained on, in bf16."""
+    work, run = _toy_run(tmp_path, model="resnet18", freeze_backbone=True)
+    (bank_file,) = (work / CACHE_DIR).glob("features-*.pt")
+    bank = torch.load(bank_file, weights_only=True)
+    extracted = []
+    real = dataplan.extract_features
+    monkeypatch.setattr(dataplan, "extract_features",
+                        lambda *a, **kw: extracted.append((kw.get("amp_dtype"), real(*a, **kw)[0])) or real(*a, **kw))
+    pool = list_split(work, load_reorg(work), "train_valid")  # the bank's images, in its order
+    member = Run(run).member("holdout")
+    _, probs, _ = predict_items([member], pool, device="cpu", batch_size=16)
+    (dtype, feats), = extracted
+    assert dtype == torch.bfloat16
+    scale = bank["eval"].abs().max()
+    assert (feats - bank["eval"]).abs().max() <= 1e-5 * scale  # the same path: the same features
+    loaded = load_member(member, torch.device("cpu"))
+    loader = eval_loader(loaded.config, pool, 16, plan_for(loaded.config, torch.device("cpu"), "files"), strict=True)
+    fp32 = real(loaded.model, loader, torch.device("cpu"), len(pool))[0]
+    assert (fp32 - bank["eval"]).abs().max() > 1e-3 * scale  # fp32 features differ beyond rounding: not what it learnt
+    targets = torch.tensor([it.target for it in pool])
+    head, _, _ = infer(FeatureHead(loaded.model), FeatureViews(bank["eval"][None], targets, 16), torch.device("cpu"),
+                       amp_dtype=torch.bfloat16)
+    np.testing.assert_allclose(probs, normalise_rows(head), atol=1e-6)
+
+
+def test_validation_oof_and_predict_of_an_image_run_use_its_precision(tmp_path, monkeypatch):
+    """Every infer() call of a bf16 run (validation while training, predict after) autocasts to bf16."""
+    dtypes = []
+    for module in (train_module, predict_module):
+        real = module.infer
+        monkeypatch.setattr(module, "infer", lambda *a, real=real, **kw: dtypes.append(kw.get("amp_dtype"))
+                            or real(*a, **kw))
+    work, run = _toy_run(tmp_path, model="fastnet_s")
+    predict_items(Run(run).finished(), list_split(work, load_reorg(work), "test"), device="cpu")
+    assert len(dtypes) == 2 and set(dtypes) == {torch.bfloat16}
