@@ -7,7 +7,7 @@ import torch
 from pipeline.config import TrainConfig
 from pipeline.dataplan import choose_source, device_plan, shared_backbone_groups
 from pipeline.devices import A100, CPU, P100, T4
-from pipeline.engine import Runtime, train_one_epoch
+from pipeline.engine import Runtime, make_runtime, train_one_epoch
 
 
 def cfg(**kw) -> TrainConfig:
@@ -85,3 +85,13 @@ def test_shared_backbone_groups():
     assert shared_backbone_groups([frozen, trained, frozen, other_weights, trained]) == [[0, 2], [1], [3], [4]]
     # features of another precision differ: bf16 and fp32 members do not share a backbone pass
     assert shared_backbone_groups([frozen, frozen], ["bf16", "none"]) == [[0], [1]]
+
+
+@pytest.mark.parametrize("acc, dtype, scaled", [(T4, torch.float16, True), (P100, torch.float16, True),
+                                                (A100, torch.bfloat16, False), (CPU, None, False)],
+                         ids=["T4", "P100", "A100", "CPU"])
+def test_the_runtime_takes_precision_and_scaler_from_the_device_plan(acc, dtype, scaled):
+    """--amp auto: fp16 with loss scaling where bf16 is emulated (Kaggle's T4 and P100), bf16 from Ampere on."""
+    rt = make_runtime(cfg(image_size=96), torch.device("cpu"), 64, device_plan(cfg(image_size=96), acc))
+    assert rt.amp_dtype == dtype and (rt.scaler is not None) is scaled
+    assert rt.channels_last is (acc.type == "cuda" and acc.capability >= (7, 0))
