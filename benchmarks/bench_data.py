@@ -11,6 +11,13 @@ times batches of decode + augment + collate from
   per-sample seeds and persistent workers for large ones).
 Prints images/s and the ratio ours/baseline. Defaults: the full CIFAR-10 PNGs
 (written once from ../shared/data with its cifar10_png.py) and the dog JPEGs.
+
+Then, at 224 px on the dog JPEGs, the training loader (decode +
+resized_crop_flip_jitter + collate) with each JPEG decoder: PIL (with draft
+scaling), torchvision.io.decode_jpeg on the CPU (libjpeg-turbo, full size) and
+the pipeline's read_image (draft where it shrinks, else torchvision), with 0
+workers (the old default) and with the default of pipeline/devices.py for this
+machine's cores. ``--only-decoders`` skips the comparison above.
 """
 from __future__ import annotations
 
@@ -29,7 +36,8 @@ from torchvision.datasets import ImageFolder
 import competitions  # noqa: F401
 from pipeline.cache import TensorBatchLoader, cached_targets, image_cache
 from pipeline.competition import get_competition
-from pipeline.data import ImageDataset, build_transform, list_split, load_reorg, make_loader
+from pipeline.data import ImageDataset, build_transform, list_split, load_reorg, make_loader, read_image
+from pipeline.devices import CPU, available_cpus, default_workers
 from pipeline.reorg import reorg
 
 SHARED = Path(__file__).resolve().parents[2] / "shared" / "data"
@@ -85,13 +93,55 @@ def bench(slug: str, raw: Path, side: int, augment: str, workers: int, batches: 
     return slug, side, len(items), baseline, ours, kind
 
 
+def decode_pil(path: Path, min_side: int | None = None) -> np.ndarray:
+    return read_image(path, min_side, fast=False)
+
+
+def decode_torchvision(path: Path, min_side: int | None = None) -> np.ndarray:
+    """Full-size libjpeg-turbo decode on the CPU (no EXIF handling, no draft scaling)."""
+    from torchvision.io import ImageReadMode, decode_jpeg, read_file
+
+    return decode_jpeg(read_file(str(path)), mode=ImageReadMode.RGB).permute(1, 2, 0).numpy()
+
+
+DECODERS = {"PIL (draft)": decode_pil, "torchvision decode_jpeg": decode_torchvision, "pipeline read_image": read_image}
+
+
+def bench_decoders(raw: Path, side: int, batches: int, batch_size: int) -> list[tuple[str, int, float]]:
+    """(decoder, workers, loader images/s) at ``side`` px for each decoder, 0 workers and the device default."""
+    comp = get_competition("dog-breed-identification")
+    work = Path(tempfile.mkdtemp(prefix="bench-decoders-"))
+    reorg(comp, raw, work, folds=0)
+    items = list_split(work, load_reorg(work), "train_valid")
+    tf = build_transform("resized_crop_flip_jitter", side, comp.mean, comp.std, train=True, seed=0)
+    default = default_workers(available_cpus(), CPU, 1, "files")
+    rows = []
+    for workers in sorted({0, default}):
+        for name, decode in DECODERS.items():
+            loader = make_loader(ImageDataset(items, tf, side, decode=decode), batch_size, True, workers, 0,
+                                 drop_last=True)
+            rows.append((name, workers, rate(loader, batches, warmup=1)))
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cifar", type=Path, help="unzipped cifar-10 download (PNG); default: written from ../shared")
     parser.add_argument("--dogs", type=Path, default=SHARED / "dog-breed-identification")
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--batches", type=int, default=40)
+    parser.add_argument("--only-decoders", action="store_true", help="only the 224-px decoder comparison")
     args = parser.parse_args()
+    if not args.only_decoders:
+        compare_loaders(args)
+    print(f"\nloader images/s at 224 px, {args.dogs.name} train+valid JPEGs, batch 32, "
+          f"{torch.get_num_threads()} threads, {available_cpus()} cores")
+    for name, workers, value in bench_decoders(args.dogs, 224, min(args.batches, 8), 32):
+        print(f"{name:<26} workers {workers}  {value:>7.0f} img/s")
+
+
+def compare_loaders(args) -> None:
+    """Ours against ImageFolder + DataLoader at 32 px (CIFAR-10) and 224 px (dogs)."""
     cifar = args.cifar
     if cifar is None:
         cifar = Path(tempfile.gettempdir()) / "cifar10-png"

@@ -71,14 +71,20 @@ def unpack_all(raw_dir: Path, dest: Path | None = None) -> list[Path]:
     if not queue:
         return []
     dest.mkdir(parents=True, exist_ok=True)
+    fresh = not (dest / MANIFEST_NAME).exists()
     unpacker = _Unpacker(dest)
     seen: set[Path] = set()
-    while queue:
-        archive, into = queue.pop(0)
-        if archive in seen or not archive.is_file():  # seen: an archive that holds its own name
-            continue
-        seen.add(archive)
-        queue.extend((dest / rel, (dest / rel).parent) for rel in unpacker.visit(archive, into))
+    try:
+        while queue:
+            archive, into = queue.pop(0)
+            if archive in seen or not archive.is_file():  # seen: an archive that holds its own name
+                continue
+            seen.add(archive)
+            queue.extend((dest / rel, (dest / rel).parent) for rel in unpacker.visit(archive, into))
+    except PipelineError:
+        if fresh and not unpacker.written and not unpacker.manifest:  # refused before writing anything
+            (dest / MANIFEST_NAME).unlink(missing_ok=True)
+        raise
     return unpacker.written
 
 

@@ -24,7 +24,9 @@ import numpy as np
 import torch
 
 from pipeline.data import BAD_TARGET, Item, read_image
+from pipeline.devices import non_blocking, probe
 from pipeline.errors import PipelineError
+from pipeline.inference import autocast
 from pipeline.io import atomic_path
 from pipeline.progress import track
 
@@ -206,15 +208,20 @@ class FeatureHead(torch.nn.Module):
 
 
 @torch.no_grad()
-def extract_features(model: torch.nn.Module, loader, device: torch.device, n: int,
-                     transform=None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Pooled features (n, F) of the loader's images (after ``transform``, e.g. a TTA view) and targets (n,)."""
+def extract_features(model: torch.nn.Module, loader, device: torch.device, n: int, transform=None,
+                     amp_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pooled features (n, F) of the loader's images (after ``transform``, e.g. a TTA view) and targets (n,).
+
+    ``amp_dtype`` is the run's autocast dtype (None: fp32): the cache, training,
+    validation and predict all compute features at the one precision of the run.
+    """
     out, targets = None, torch.zeros(n, dtype=torch.long)
+    copy_async = non_blocking(probe(device))
     for x, y, idx in track(loader, "backbone features", n):
-        x = x.to(device, non_blocking=True)
+        x = x.to(device, non_blocking=copy_async)
         if transform is not None:
             x = transform(x)
-        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):
+        with autocast(device, amp_dtype):
             f = model.forward_head(model.forward_features(x), pre_logits=True)
         f = f.float().cpu()
         if out is None:
@@ -225,23 +232,25 @@ def extract_features(model: torch.nn.Module, loader, device: torch.device, n: in
 
 
 def feature_bank(model: torch.nn.Module, items: list[Item], make_loader_for, views: int, key_extra: list,
-                 work_dir: Path, device: torch.device) -> dict[str, torch.Tensor]:
+                 work_dir: Path, device: torch.device, amp_dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
     """Pooled backbone features of ``items``: 'eval' (N, F), 'views' (V, N, F) augmented, and
     'bad', the positions of images that could not be decoded (their rows are zeros).
 
     ``make_loader_for(train: bool, view: int)`` gives a loader over ``items`` in
     order (augmented with per-view seeds when train). Cached in WORK_DIR/cache
-    under a key of the files, the model, its weights and the data settings.
+    under a key of the files, the model, its weights, the data settings and
+    the precision ``amp_dtype`` they are computed in.
     """
-    key = items_key(items, *key_extra, views, "features-v2")
+    key = items_key(items, *key_extra, views, str(amp_dtype), "features-v2")
     path = Path(work_dir) / CACHE_DIR / f"features-{key}.pt"
     if path.is_file():
         return torch.load(path, map_location="cpu", weights_only=True)
     was_training = model.training
     model.eval()
-    feats, targets = extract_features(model, make_loader_for(False, 0), device, len(items))
+    feats, targets = extract_features(model, make_loader_for(False, 0), device, len(items), amp_dtype=amp_dtype)
     bank = {"eval": feats, "bad": torch.nonzero(targets == BAD_TARGET).flatten()}  # unreadable images
-    bank["views"] = torch.stack([extract_features(model, make_loader_for(True, v), device, len(items))[0]
+    bank["views"] = torch.stack([extract_features(model, make_loader_for(True, v), device, len(items),
+                                                  amp_dtype=amp_dtype)[0]
                                  for v in range(views)]) if views else bank["eval"][None]
     model.train(was_training)
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -106,7 +106,7 @@ def train(**options: Any) -> None:
     if fixed["dry_run"]:
         typer.echo(json.dumps(resolved.to_json(), indent=2) if fixed["as_json"] else resolved.table())
         return
-    dist.init()
+    dist.init(resolved.config.device)  # the backend follows the run's device: gloo for --device cpu
     main_process = dist.is_main()
     if not main_process:
         logging.getLogger("pipeline").setLevel(logging.WARNING)  # rank 0 speaks for all

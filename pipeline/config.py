@@ -55,7 +55,8 @@ class TrainConfig:
     mean: tuple[float, ...] = setting((0.5, 0.5, 0.5), "Normalisation mean (RGB, 0-1).", cli=False)
     std: tuple[float, ...] = setting((0.5, 0.5, 0.5), "Normalisation std (RGB, 0-1).", cli=False)
     augment: str = setting("pad_crop_flip", "Training augmentation preset.", choices=AUGMENTS)
-    num_workers: int = setting(0, "DataLoader worker processes.", movable=True, minimum=0)
+    num_workers: int | None = setting(None, "DataLoader worker processes (default: from the CPU count and the "
+                                      "device, see pipeline/devices.py).", movable=True, minimum=0)
     strict: bool = setting(False, "Unreadable training images are errors, not warnings.")
     cache: str = setting("auto", "Decode images once into a uint8 array: auto (side <= 64), on, off.",
                          choices=("auto", "on", "off"))
@@ -91,9 +92,11 @@ class TrainConfig:
     tta: str = setting("none", "Test-time augmentation of validation and out-of-fold predictions.", choices=TTAS)
     # hardware
     device: str = setting("auto", "auto, cpu, cuda or cuda:N.", movable=True)
-    amp: str = setting("auto", "Mixed precision: auto (bf16 on GPU), none, bf16 or fp16.",
+    amp: str = setting("auto", "Mixed precision: auto (bf16 on GPUs with native bf16, fp16 + loss scaling on "
+                       "older ones, none on CPU), none, bf16 or fp16 (explicit: also on CPU).",
                        choices=("auto", "none", "bf16", "fp16"))
-    channels_last: bool = setting(True, "channels_last memory format on CUDA.")
+    channels_last: bool | None = setting(None, "channels_last memory format for image batches (default: on for "
+                                         "CUDA from Volta on; explicit: also on CPU).")
     compile: bool = setting(False, "torch.compile the model.", movable=True)
     seed: int = setting(0, "Seed of initialisation, shuffling and augmentation.")
     tensorboard: bool = setting(False, "Log scalars for TensorBoard (pip install tensorboard).", movable=True)

@@ -29,6 +29,7 @@ from pipeline import distributed as dist
 from pipeline.cache import (MAX_CACHED_SIDE, FeatureHead, FeatureLoader, TensorBatchLoader, cached_targets,
                             check_cacheable, extract_features, feature_bank, image_cache)
 from pipeline.config import TrainConfig
+from pipeline.devices import Accelerator, DevicePlan, available_cpus, ddp_find_unused, plan_device, probe
 from pipeline.data import ImageDataset, Item, build_transform, list_split, load_reorg, make_loader, unreadable_message
 from pipeline.errors import PipelineError
 from pipeline.inference import TTA_VIEWS
@@ -59,63 +60,101 @@ def choose_source(cfg: TrainConfig) -> Source:
 
 @dataclass
 class DataPlan:
-    """A member's loaders (kept across epochs) and how its model consumes them."""
+    """A member's loaders (kept across epochs), how its model consumes them, and the device decisions."""
 
     source: Source
     train: object
     valid: object | None
     view: Callable[[nn.Module], nn.Module]  # wraps a model to take the loaders' inputs
+    device: DevicePlan  # precision, channels_last, workers, pinning: pipeline/devices.py decides
     unreadable_train: set[int] = field(default_factory=set)  # positions in train_items, found up front
-    channels_last: bool = False  # image batches (4-D) and the model in channels_last memory format
+    find_unused: bool = False  # DDP: some trainable parameters get no gradient (aux heads under a feature head)
+
+    @property
+    def channels_last(self) -> bool:
+        """Image batches (4-D) and the model in channels_last memory format."""
+        return self.device.channels_last
 
 
-def channels_last_for(cfg: TrainConfig, device: torch.device, source: Source) -> bool:
-    """channels_last fits 4-D image batches on CUDA; feature batches are 2-D (pure)."""
-    return cfg.channels_last and device.type == "cuda" and source.kind != "features"
+def device_plan(cfg: TrainConfig, acc: Accelerator, input_kind: str | None = None, *, world_size: int = 1,
+                cpu_count: int = 1, amp: str | None = None) -> DevicePlan:
+    """The device decisions for ``cfg`` on ``acc`` for what it consumes (default: its training source).
+
+    Pure: :func:`plan_for` feeds it the probed device. ``amp`` overrides the
+    config's (predict passes the dtype a run was trained with).
+    """
+    return plan_device(acc, amp=amp or cfg.amp, channels_last=cfg.channels_last, num_workers=cfg.num_workers,
+                       world_size=world_size, cpu_count=cpu_count, input_kind=input_kind or choose_source(cfg).kind)
+
+
+def plan_for(cfg: TrainConfig, device: torch.device, input_kind: str | None = None,
+             amp: str | None = None) -> DevicePlan:
+    """:func:`device_plan` for this process: its device, the world size and the cores it may use."""
+    return device_plan(cfg, probe(device), input_kind, world_size=dist.world_size(), cpu_count=available_cpus(),
+                       amp=amp)
 
 
 def plan_member(cfg: TrainConfig, model: nn.Module, train_items: list[Item], valid_items: list[Item],
-                device: torch.device) -> DataPlan:
+                device: torch.device, dplan: DevicePlan | None = None) -> DataPlan:
     """The member's training and validation loaders from the chosen source."""
     source = choose_source(cfg)
+    dplan = dplan or plan_for(cfg, device)
     log.info("data: %s (%s)", source.kind, source.reason)
     if source.kind == "features":
-        return _feature_plan(cfg, model, train_items, valid_items, device, source)
-    if source.kind == "image_cache":
-        return _cached_plan(cfg, train_items, valid_items, device, source)
-    return _file_plan(cfg, train_items, valid_items, device, source)
+        plan = _feature_plan(cfg, model, train_items, valid_items, device, source, dplan)
+    elif source.kind == "image_cache":
+        plan = _cached_plan(cfg, train_items, valid_items, device, source, dplan)
+    else:
+        plan = _file_plan(cfg, train_items, valid_items, device, source, dplan)
+    plan.find_unused = ddp_find_unused(source.kind, bool(getattr(model, "aux_loss_weights", ())))
+    return plan
 
 
-def _file_plan(cfg: TrainConfig, train_items, valid_items, device, source: Source) -> DataPlan:
+def _file_plan(cfg: TrainConfig, train_items, valid_items, device, source: Source, dplan: DevicePlan) -> DataPlan:
     rank, world = dist.rank(), dist.world_size()
-    pin = device.type == "cuda"
     train_tf = build_transform(cfg.augment, cfg.image_size, cfg.mean, cfg.std, train=True, seed=cfg.seed)
     train_dl = make_loader(ImageDataset(train_items, train_tf, cfg.image_size, strict=cfg.strict), cfg.batch_size,
-                           True, cfg.num_workers, cfg.seed, drop_last=True, pin_memory=pin, rank=rank, world=world)
+                           True, dplan.workers, cfg.seed, drop_last=True, pin_memory=dplan.pin_memory, rank=rank,
+                           world=world)
     valid_dl = None
     if valid_items:
-        valid_dl = eval_loader(cfg, valid_items, cfg.batch_size * 2, device, strict=cfg.strict, rank=rank, world=world)
-    return DataPlan(source, train_dl, valid_dl, lambda m: m, channels_last=channels_last_for(cfg, device, source))
+        valid_dl = eval_loader(cfg, valid_items, cfg.batch_size * 2, dplan, strict=cfg.strict, rank=rank, world=world)
+    return DataPlan(source, train_dl, valid_dl, lambda m: m, dplan)
 
 
-def eval_loader(cfg: TrainConfig, items: list[Item], batch_size: int, device: torch.device, *, strict: bool,
-                num_workers: int | None = None, rank: int = 0, world: int = 1):
-    """Images of ``items`` in order through the run's eval transform (no randomness)."""
+def eval_loader(cfg: TrainConfig, items: list[Item], batch_size: int, dplan: DevicePlan | torch.device, *,
+                strict: bool, rank: int = 0, world: int = 1):
+    """Images of ``items`` in order through the run's eval transform (no randomness).
+
+    ``dplan`` is a plan for image files (or the device to plan for): its workers
+    and memory pinning feed the loader.
+    """
+    if isinstance(dplan, torch.device):
+        dplan = plan_for(cfg, dplan, "files")
     eval_tf = build_transform(cfg.augment, cfg.image_size, cfg.mean, cfg.std, train=False)
-    workers = cfg.num_workers if num_workers is None else num_workers
-    return make_loader(ImageDataset(items, eval_tf, cfg.image_size, strict=strict), batch_size, False, workers, 0,
-                       pin_memory=device.type == "cuda", rank=rank, world=world)
+    return make_loader(ImageDataset(items, eval_tf, cfg.image_size, strict=strict), batch_size, False, dplan.workers,
+                       0, pin_memory=dplan.pin_memory, rank=rank, world=world)
 
 
 def build_once(build: Callable[[], object]) -> object:
-    """Run a cache builder on rank 0 first, the others after a barrier (they then find it built)."""
-    if dist.is_distributed() and not dist.is_main():
-        dist.barrier()
+    """Run a cache builder on rank 0 alone; the others wait at a barrier, then read what it built.
+
+    Only rank 0 writes the cache (no two writers, no rank tidying another's
+    temporary file). If rank 0 fails, every rank stops instead of waiting.
+    """
+    if not dist.is_distributed():
         return build()
-    result = build()
-    if dist.is_distributed():
-        dist.barrier()
-    return result
+    if dist.is_main():
+        try:
+            result = build()
+        except BaseException:
+            dist.all_true(False)  # release the waiting ranks, then fail here with the real error
+            raise
+        dist.all_true(True)
+        return result
+    if not dist.all_true(True):
+        raise PipelineError("rank 0 failed to build a cache; its error is above")
+    return build()  # finds rank 0's file: reads it
 
 
 def _rows_of(items: list[Item], pool: list[Item]) -> torch.Tensor:
@@ -138,16 +177,15 @@ def _unreadable_rows(cfg: TrainConfig, pool: list[Item], bad: set[int], train_it
     return bad_train, bad_ids
 
 
-def _cached_plan(cfg: TrainConfig, train_items, valid_items, device, source: Source) -> DataPlan:
+def _cached_plan(cfg: TrainConfig, train_items, valid_items, device, source: Source, dplan: DevicePlan) -> DataPlan:
     info = load_reorg(cfg.work_dir)
     pool = list_split(cfg.work_dir, info, "train_valid")
     array, bad = build_once(lambda: image_cache(cfg.work_dir, pool, cfg.image_size))
     bad_train, _ = _unreadable_rows(cfg, pool, bad, train_items, valid_items)
     images = torch.from_numpy(np.array(array))  # into memory (or on to the GPU) once per member
     targets = cached_targets(pool, bad)
-    channels_last = channels_last_for(cfg, device, source)
     common = dict(augment=cfg.augment, mean=cfg.mean, std=cfg.std, device=device, rank=dist.rank(),
-                  world=dist.world_size(), channels_last=channels_last)
+                  world=dist.world_size(), channels_last=dplan.channels_last)
     rows = _rows_of(train_items, pool)
     train_dl = TensorBatchLoader(images[rows], targets[rows], cfg.batch_size, shuffle=True, seed=cfg.seed,
                                  drop_last=True, **common)
@@ -156,7 +194,7 @@ def _cached_plan(cfg: TrainConfig, train_items, valid_items, device, source: Sou
         rows = _rows_of(valid_items, pool)
         valid_dl = TensorBatchLoader(images[rows], targets[rows], cfg.batch_size * 2, shuffle=False,
                                      **{**common, "augment": "none"})
-    return DataPlan(source, train_dl, valid_dl, lambda m: m, bad_train, channels_last)
+    return DataPlan(source, train_dl, valid_dl, lambda m: m, dplan, bad_train)
 
 
 def backbone_key(cfg: TrainConfig) -> list:
@@ -166,21 +204,24 @@ def backbone_key(cfg: TrainConfig) -> list:
             weights and weights.st_mtime_ns, cfg.image_size, cfg.mean, cfg.std, cfg.augment]
 
 
-def _feature_plan(cfg: TrainConfig, model, train_items, valid_items, device, source: Source) -> DataPlan:
+def _feature_plan(cfg: TrainConfig, model, train_items, valid_items, device, source: Source,
+                  dplan: DevicePlan) -> DataPlan:
     info = load_reorg(cfg.work_dir)
     pool = list_split(cfg.work_dir, info, "train_valid")
     train_tf = build_transform(cfg.augment, cfg.image_size, cfg.mean, cfg.std, train=True, seed=cfg.seed)
     eval_tf = build_transform(cfg.augment, cfg.image_size, cfg.mean, cfg.std, train=False)
 
+    files = plan_for(cfg, device, "files")  # the backbone reads image files once: their workers and pinning
+
     def loader_for(train: bool, view: int):
         ds = ImageDataset(pool, train_tf if train else eval_tf, cfg.image_size, strict=cfg.strict)
-        dl = make_loader(ds, 2 * cfg.batch_size, False, cfg.num_workers, cfg.seed + view,
-                         pin_memory=device.type == "cuda")
+        dl = make_loader(ds, 2 * cfg.batch_size, False, files.workers, cfg.seed + view, pin_memory=files.pin_memory)
         dl.sampler.set_epoch(view)
         return dl
 
-    key = [*backbone_key(cfg), cfg.seed]
-    bank = build_once(lambda: feature_bank(model, pool, loader_for, cfg.feature_views, key, cfg.work_dir, device))
+    key = [*backbone_key(cfg), cfg.seed]  # feature_bank adds the dtype: features of another precision differ
+    bank = build_once(lambda: feature_bank(model, pool, loader_for, cfg.feature_views, key, cfg.work_dir, device,
+                                           amp_dtype=dplan.dtype))
     bad = set(bank["bad"].tolist())
     bad_train, _ = _unreadable_rows(cfg, pool, bad, train_items, valid_items)
     targets = cached_targets(pool, bad)  # unreadable images are left out of the loss and the scores
@@ -192,21 +233,23 @@ def _feature_plan(cfg: TrainConfig, model, train_items, valid_items, device, sou
     if valid_items:
         rows = _rows_of(valid_items, pool)
         valid_dl = FeatureLoader(bank["eval"][None, rows], targets[rows], cfg.batch_size * 2, shuffle=False, **common)
-    return DataPlan(source, train_dl, valid_dl, FeatureHead, bad_train)
+    return DataPlan(source, train_dl, valid_dl, FeatureHead, dplan, bad_train)
 
 
 # ---------------------------------------------------------------- inference inputs
 
 
-def shared_backbone_groups(configs: list[TrainConfig]) -> list[list[int]]:
+def shared_backbone_groups(configs: list[TrainConfig], dtypes: list | None = None) -> list[list[int]]:
     """Indices of members grouped so that each group's frozen backbone is run once.
 
-    Members with a frozen backbone and equal :func:`backbone_key` share one
-    group; every other member is a group of its own.
+    Members with a frozen backbone, equal :func:`backbone_key` and equal
+    precision (``dtypes``, one per member) share one group; every other member
+    is a group of its own.
     """
+    dtypes = dtypes or [None] * len(configs)
     groups: dict[str, list[int]] = {}
     for i, cfg in enumerate(configs):
-        key = repr(backbone_key(cfg)) if cfg.freeze_backbone else f"own-{i}"
+        key = repr([*backbone_key(cfg), str(dtypes[i])]) if cfg.freeze_backbone else f"own-{i}"
         groups.setdefault(key, []).append(i)
     return list(groups.values())
 
@@ -226,11 +269,17 @@ class FeatureViews:
         return -(-self.views.shape[1] // self.batch_size)
 
 
-def backbone_views(model: nn.Module, loader, device: torch.device, n: int, tta: str) -> tuple[torch.Tensor, torch.Tensor]:
-    """Pooled features (V, N, F) of every TTA view of the loader's images, and the targets (N,)."""
+def backbone_views(model: nn.Module, loader, device: torch.device, n: int, tta: str,
+                   amp_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pooled features (V, N, F) of every TTA view of the loader's images, and the targets (N,).
+
+    ``amp_dtype`` is the run's precision: the head then sees features computed
+    exactly as the ones it was trained on.
+    """
     views, targets = [], torch.zeros(n, dtype=torch.long)
     for v in range(len(TTA_VIEWS[tta](torch.zeros(1, 1, 1, 1)))):
-        feats, t = extract_features(model, loader, device, n, transform=lambda x, v=v: TTA_VIEWS[tta](x)[v])
+        feats, t = extract_features(model, loader, device, n, transform=lambda x, v=v: TTA_VIEWS[tta](x)[v],
+                                    amp_dtype=amp_dtype)
         views.append(feats)
         targets = t
     return torch.stack(views), targets

@@ -185,6 +185,40 @@ def non_blocking(acc: Accelerator) -> bool:
     return acc.type == "cuda"
 
 
+def ddp_find_unused(input_kind: str, has_aux_heads: bool) -> bool:
+    """Whether DistributedDataParallel must look for parameters a step leaves without gradient.
+
+    A head trained on cached features runs only the main classifier, so a model
+    with auxiliary classifiers (GoogLeNet) has trainable aux parameters that
+    never get a gradient, which DDP rejects unless told to look for them. Every
+    other combination uses all trainable parameters, and the search costs a
+    graph traversal per step, so it stays off there.
+    """
+    _check_kind(input_kind)
+    return input_kind == "features" and has_aux_heads
+
+
+def gpu_jpeg_decode(acc: Accelerator, input_kind: str, decoder_on_device: bool, workers: int) -> bool:
+    """Whether to decode JPEG batches on the GPU (nvJPEG via ``torchvision.io.decode_jpeg(device="cuda")``).
+
+    Only for CUDA runs reading image files whose torchvision has the device
+    decoder, and only when the CPU cannot feed the GPU: fewer than 4 decoding
+    workers per process. Not wired into the loaders yet: its speed-up is
+    unmeasured here (no GPU), so the CPU decoder stays the path (see
+    benchmarks/bench_data.py).
+    """
+    _check_kind(input_kind)
+    return acc.type == "cuda" and input_kind == "files" and decoder_on_device and workers < 4
+
+
+def available_cpus() -> int:
+    """Cores this process may run on (the affinity mask in a container, not the host's count)."""
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except AttributeError:  # macOS, Windows
+        return os.cpu_count() or 1
+
+
 def cudnn_benchmark(acc: Accelerator) -> bool:
     """Input sizes are fixed per run, so let cuDNN time and pick its fastest kernels (CUDA only)."""
     return acc.type == "cuda"

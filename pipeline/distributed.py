@@ -1,8 +1,8 @@
 """DistributedDataParallel plumbing; every helper is a no-op in a single process.
 
 ``torchrun --nproc_per_node=N -m pipeline train ...`` sets WORLD_SIZE, RANK and
-LOCAL_RANK; :func:`init` then joins the process group (NCCL on GPUs, gloo on
-CPU). Only rank 0 writes files.
+LOCAL_RANK; :func:`init` then joins the process group (NCCL for CUDA runs,
+gloo otherwise). Only rank 0 writes files.
 """
 from __future__ import annotations
 
@@ -12,6 +12,8 @@ from datetime import timedelta
 import torch
 import torch.distributed as tdist
 from torch import nn
+
+from pipeline.devices import ddp_backend, probe, resolve_device  # noqa: F401  (resolve_device: one definition)
 
 
 def is_distributed() -> bool:
@@ -34,24 +36,16 @@ def is_main() -> bool:
     return rank() == 0
 
 
-def resolve_device(name: str) -> torch.device:
-    """auto -> cuda when visible, else cpu; under torchrun each rank takes its local GPU."""
-    from pipeline.errors import PipelineError
+def init(device: str = "auto") -> bool:
+    """Join the process group when launched by torchrun; True if distributed.
 
-    if name == "cuda" and not torch.cuda.is_available():
-        raise PipelineError("--device cuda: no CUDA GPU is visible; use --device cpu or auto")
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda" and is_distributed():
-        return torch.device("cuda", local_rank())
-    return torch.device(name)
-
-
-def init() -> bool:
-    """Join the process group when launched by torchrun; True if distributed."""
+    The backend follows the run's device, not the machine: NCCL for a CUDA
+    run, gloo otherwise (``--device cpu`` on a GPU machine included), decided
+    by :func:`pipeline.devices.ddp_backend`.
+    """
     if int(os.environ.get("WORLD_SIZE", "1")) <= 1 or is_distributed():
         return is_distributed()
-    backend = "nccl" if torch.cuda.is_available() else "gloo"
+    backend = ddp_backend(probe(resolve_device(device, local_rank())))
     if backend == "nccl":
         torch.cuda.set_device(local_rank())
     tdist.init_process_group(backend=backend, timeout=timedelta(minutes=30))
@@ -68,11 +62,22 @@ def barrier() -> None:
         tdist.barrier()
 
 
-def wrap(model: nn.Module, device: torch.device) -> nn.Module:
+def wrap(model: nn.Module, device: torch.device, find_unused: bool = False) -> nn.Module:
+    """The model under DDP when distributed; ``find_unused`` from devices.ddp_find_unused."""
     if not is_distributed():
         return model
     ids = [device.index] if device.type == "cuda" else None
-    return nn.parallel.DistributedDataParallel(model, device_ids=ids)
+    return nn.parallel.DistributedDataParallel(model, device_ids=ids, find_unused_parameters=find_unused)
+
+
+def all_true(flag: bool) -> bool:
+    """True when ``flag`` is True on every rank (a collective: every rank must call it)."""
+    if not is_distributed():
+        return flag
+    on = torch.device("cuda", torch.cuda.current_device()) if tdist.get_backend() == "nccl" else torch.device("cpu")
+    t = torch.tensor([int(flag)], device=on)
+    tdist.all_reduce(t, op=tdist.ReduceOp.MIN)
+    return bool(t.item())
 
 
 def unwrap(model: nn.Module) -> nn.Module:

@@ -20,6 +20,8 @@ from torch import nn
 from pipeline import distributed as dist
 from pipeline.config import TrainConfig
 from pipeline.data import BAD_TARGET
+from pipeline.dataplan import plan_for
+from pipeline.devices import DevicePlan
 from pipeline.errors import PipelineError
 from pipeline.inference import autocast
 from pipeline.metrics import better
@@ -100,7 +102,8 @@ class Runtime:
     steps_per_epoch: int
     total_steps: int
     step: int = 0
-    channels_last: bool = False  # set from the member's data plan
+    channels_last: bool = False  # from the device plan: image batches only
+    non_blocking: bool = False  # async host-to-device copies (CUDA)
 
     def autocast(self):
         return autocast(self.device, self.amp_dtype)
@@ -122,8 +125,8 @@ def train_one_epoch(model: nn.Module, loader, optimizer, criterion, cfg: TrainCo
             break
         if y.device.type == "cpu":  # checked before the copy: no host sync
             unreadable.append(idx[y == BAD_TARGET])
-        x = x.to(rt.device, non_blocking=True)
-        y = y.to(rt.device, non_blocking=True)
+        x = x.to(rt.device, non_blocking=rt.non_blocking)
+        y = y.to(rt.device, non_blocking=rt.non_blocking)
         if rt.channels_last and x.ndim == 4:  # the data plan decides; feature batches are 2-D
             x = x.contiguous(memory_format=torch.channels_last)
         set_lr(optimizer, lr_multiplier(rt.step, rt.total_steps, rt.steps_per_epoch, cfg))
@@ -167,20 +170,17 @@ def backward_step(loss: torch.Tensor, optimizer, model: nn.Module, cfg: TrainCon
         optimizer.step()
 
 
-def make_runtime(cfg: TrainConfig, device: torch.device, n_train: int) -> Runtime:
-    """Precision and step counts: bf16 autocast on CUDA by default, nothing on CPU."""
-    amp = cfg.amp
-    if amp == "auto":
-        amp = "bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "none"
-    if device.type != "cuda":
-        amp = "none"  # CPU autocast is slower than fp32 for these models
-    dtype = {"none": None, "bf16": torch.bfloat16, "fp16": torch.float16}[amp]
-    scaler = torch.amp.GradScaler("cuda") if amp == "fp16" else None
+def make_runtime(cfg: TrainConfig, device: torch.device, n_train: int, plan: DevicePlan | None = None) -> Runtime:
+    """Precision, memory format and step counts; ``plan`` (the member's, from pipeline/devices.py;
+    default: planned here for ``cfg``) decided the first two."""
+    plan = plan or plan_for(cfg, device)
+    scaler = torch.amp.GradScaler(device.type) if plan.grad_scaler else None
     per_rank = math.ceil(n_train / dist.world_size())
     steps = max(1, per_rank // cfg.batch_size)  # drop_last: every step a full batch
     if cfg.steps_per_epoch:
         steps = min(steps, cfg.steps_per_epoch)
-    return Runtime(device, dtype, scaler, steps, steps * cfg.epochs)
+    return Runtime(device, plan.dtype, scaler, steps, steps * cfg.epochs, channels_last=plan.channels_last,
+                   non_blocking=plan.non_blocking)
 
 
 def make_ema(model: nn.Module, decay: float):

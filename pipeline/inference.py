@@ -18,6 +18,7 @@ from torch import nn
 
 from pipeline import distributed as dist
 from pipeline.data import BAD_TARGET
+from pipeline.devices import non_blocking, probe
 from pipeline.progress import track
 
 TTA_VIEWS: dict[str, Callable[[torch.Tensor], list[torch.Tensor]]] = {
@@ -45,18 +46,21 @@ def views_of(x: torch.Tensor, tta: str) -> list[torch.Tensor]:
 @torch.no_grad()
 def infer(net: nn.Module, loader: Iterable, device: torch.device, *, tta: str = "none",
           amp_dtype: torch.dtype | None = None, channels_last: bool = False,
-          progress: str | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+          progress: str | None = None, gather: bool = True) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Softmax probabilities (N, C) float64, targets (N,) and dataset positions (N,) over ``loader``.
 
     The probabilities of the views are averaged in float32 and not
     renormalised (callers that write them use :func:`normalise_rows`). Under
     DDP each rank sees a shard; the shards are gathered and the padding
-    repeats of the sampler are dropped by position.
+    repeats of the sampler are dropped by position. ``gather=False`` for a
+    loader that is not sharded (predict, which rank 0 runs alone: a collective
+    there would wait forever for the other ranks).
     """
     net.eval()  # callers put the model back in training mode (frozen parts stay in eval)
     probs, targets, positions = [], [], []
+    copy_async = non_blocking(probe(device))
     for x, y, idx in track(loader, progress or "inference", enabled=dist.is_main()):
-        x = x.to(device, non_blocking=True)
+        x = x.to(device, non_blocking=copy_async)
         if channels_last and x.ndim == 4:
             x = x.contiguous(memory_format=torch.channels_last)
         views = views_of(x, tta)
@@ -65,9 +69,10 @@ def infer(net: nn.Module, loader: Iterable, device: torch.device, *, tta: str = 
         probs.append(p)
         targets.append(torch.as_tensor(y).to(device))
         positions.append(torch.as_tensor(idx).to(device))
-    p = dist.gather_cat(torch.cat(probs)).cpu().double().numpy()
-    t = dist.gather_cat(torch.cat(targets)).cpu().numpy()
-    i = dist.gather_cat(torch.cat(positions)).cpu().numpy()
+    cat = dist.gather_cat if gather else (lambda t: t)
+    p = cat(torch.cat(probs)).cpu().double().numpy()
+    t = cat(torch.cat(targets)).cpu().numpy()
+    i = cat(torch.cat(positions)).cpu().numpy()
     i, first = np.unique(i, return_index=True)
     return p[first], t[first], i
 

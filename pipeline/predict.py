@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
@@ -21,7 +21,7 @@ from pipeline.cache import FeatureHead
 from pipeline.competition import Competition
 from pipeline.config import TTAS, TrainConfig, load_resolved
 from pipeline.data import Item, list_split, load_reorg, training_fingerprint, unreadable_message
-from pipeline.dataplan import FeatureViews, backbone_views, eval_loader, shared_backbone_groups
+from pipeline.dataplan import FeatureViews, backbone_views, eval_loader, plan_for, shared_backbone_groups
 from pipeline.distributed import resolve_device
 from pipeline.errors import PipelineError, check_choice
 from pipeline.inference import infer, normalise_rows, unreadable_positions
@@ -42,6 +42,13 @@ class LoadedMember:
     model: torch.nn.Module
     config: TrainConfig
     classes: list[str]
+    amp: str = "none"  # the precision it was trained in (bf16, fp16, none): predict computes in it too
+
+
+def trained_amp(member: Member, cfg: TrainConfig) -> str:
+    """The autocast dtype the member trained with, from its config.json; older runs: their --amp setting."""
+    recorded = member.recorded_device()
+    return recorded["amp_dtype"] if recorded else cfg.amp
 
 
 def load_member(member: Member, device: torch.device, weights: str = "best") -> LoadedMember:
@@ -56,27 +63,36 @@ def load_member(member: Member, device: torch.device, weights: str = "best") -> 
         raise PipelineError(f"{member.best_path} does not fit model {cfg.model} ({str(exc).splitlines()[0]}); "
                             "was the file replaced?") from None
     set_train_mode(model, False)
-    return LoadedMember(member, model.to(device), cfg, classes)
+    return LoadedMember(member, model.to(device), cfg, classes, trained_amp(member, cfg))
 
 
 def _group_probs(group: list[LoadedMember], items: list[Item], tta: str, device: torch.device, batch_size: int,
-                 num_workers: int, strict: bool) -> tuple[list[np.ndarray], set[int]]:
-    """Probabilities of each member of a group; a frozen backbone's features are computed once."""
+                 num_workers: int | None, strict: bool) -> tuple[list[np.ndarray], set[int]]:
+    """Probabilities of each member of a group; a frozen backbone's features are computed once.
+
+    Each member runs at the precision it was trained in (a group shares one).
+    """
     first = group[0]
-    loader = eval_loader(first.config, items, batch_size, device, strict=strict, num_workers=num_workers)
+    cfg = replace(first.config, num_workers=num_workers)
+    plan = plan_for(cfg, device, "files", amp=first.amp)  # predict reads image files
+    loader = eval_loader(cfg, items, batch_size, plan, strict=strict)
     if not first.config.freeze_backbone:
-        p, t, pos = infer(first.model, loader, device, tta=tta, progress="predict")
+        if plan.channels_last:
+            first.model.to(memory_format=torch.channels_last)
+        p, t, pos = infer(first.model, loader, device, tta=tta, amp_dtype=plan.dtype,
+                          channels_last=plan.channels_last, progress="predict", gather=False)
         return [p], unreadable_positions(t, pos)
-    views, targets = backbone_views(first.model, loader, device, len(items), tta)
+    views, targets = backbone_views(first.model, loader, device, len(items), tta, amp_dtype=plan.dtype)
     out = []
     for lm in group:  # each head on the shared (V, N, F) features
-        p, t, pos = infer(FeatureHead(lm.model), FeatureViews(views, targets, batch_size), device)
+        p, t, pos = infer(FeatureHead(lm.model), FeatureViews(views, targets, batch_size), device,
+                          amp_dtype=plan.dtype, gather=False)
         out.append(p)
     return out, unreadable_positions(t, pos)
 
 
 def predict_items(members: list[Member], items: list[Item], *, tta: str = "none", device: str = "auto",
-                  num_workers: int = 0, batch_size: int = 256, unreadable: str = "error",
+                  num_workers: int | None = None, batch_size: int = 256, unreadable: str = "error",
                   weights: str = "best") -> tuple[list[str], np.ndarray, list[str]]:
     """Ids, the members' averaged probabilities (rows sum to 1) and the class names over ``items``.
 
@@ -95,7 +111,7 @@ def predict_items(members: list[Member], items: list[Item], *, tta: str = "none"
                                 "predict with members of one run")
     per_member: list[np.ndarray | None] = [None] * len(loaded)
     bad: set[int] = set()
-    for group in shared_backbone_groups([lm.config for lm in loaded]):
+    for group in shared_backbone_groups([lm.config for lm in loaded], [lm.amp for lm in loaded]):
         probs, group_bad = _group_probs([loaded[i] for i in group], items, tta, dev, batch_size, num_workers,
                                         strict=unreadable == "error")
         bad |= group_bad
@@ -150,7 +166,7 @@ def match_run(run: Run, comp: Competition, work_dir: Path, info: dict) -> dict:
 
 
 def predict(comp: Competition, work_dir: Path, run_dir: Path, out_csv: Path, members: str = "auto",
-            tta: str | None = None, device: str = "auto", force: bool = False, num_workers: int = 0,
+            tta: str | None = None, device: str = "auto", force: bool = False, num_workers: int | None = None,
             batch_size: int = 256, unreadable: str = "error") -> PredictResult:
     """Average the members' softmax over WORK_DIR/test and write a checked submission.
 

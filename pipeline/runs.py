@@ -12,6 +12,7 @@ forgotten on resume).
     RUN_DIR/summary.txt         the start-of-run summary of the last `train` command
     RUN_DIR/done.json           written when a `train` command finished every member it trained
     RUN_DIR/<member>/config.json, metrics.csv, last.pt, best.pt, done.json
+    (a member's config.json: its settings and, under "device", the effective device decisions)
 """
 from __future__ import annotations
 
@@ -34,6 +35,7 @@ BEST_FILE = "best.pt"  # the weights predict uses
 DONE_FILE = "done.json"  # written when a member finishes: predict and the CV take only finished members
 OOF_FILE = "oof.csv"
 CV_FILE = "cv.json"
+DEVICE_KEY = "device"  # member config.json: the effective device settings (pipeline/devices.py's DevicePlan)
 TENSORBOARD_DIR = "tensorboard"
 SUMMARY_FILE = "summary.txt"  # RUN_DIR: what the last train command set out to do (pipeline/summary.py)
 RUN_DONE_FILE = "done.json"  # RUN_DIR (not a member's DONE_FILE): the last train command finished
@@ -76,6 +78,15 @@ class Member:
     @property
     def config_path(self) -> Path:
         return self.dir / CONFIG_FILE
+
+    def write_config(self, config: dict, device: dict) -> None:
+        """The member's settings and the device decisions it trains with (dtype, channels_last, workers...)."""
+        atomic_write_json(self.dir / CONFIG_FILE, {"config": config, DEVICE_KEY: device})
+
+    def recorded_device(self) -> dict | None:
+        """The device decisions written at training time (None for runs from before they were recorded)."""
+        path = self.dir / CONFIG_FILE
+        return _read_json(path, "member config").get(DEVICE_KEY) if path.is_file() else None
 
     @property
     def best_path(self) -> Path:

@@ -142,23 +142,24 @@ def gather_facts(resolved: Any, plans: Sequence[tuple[Any, list, list]], info: d
     model (called with downloads and weights files off: only its shape counts).
     """
     from pipeline import distributed as dist
-    from pipeline.dataplan import channels_last_for, choose_source
+    from pipeline.dataplan import choose_source, plan_for
     from pipeline.engine import make_runtime
 
     cfg = resolved.config
     device = dist.resolve_device(cfg.device)
     source = choose_source(cfg)
+    dplan = plan_for(cfg, device, source.kind)  # the decisions the members will take
     members, precision = [], "fp32"
     for member, train_items, valid_items in plans:
         member_cfg = replace(cfg, batch_size=max(1, min(cfg.batch_size, len(train_items))))
-        rt = make_runtime(member_cfg, device, len(train_items))
+        rt = make_runtime(member_cfg, device, len(train_items), dplan)
         precision = str(rt.amp_dtype).replace("torch.", "").replace("bfloat16", "bf16").replace("float16", "fp16")
         precision = "fp32" if rt.amp_dtype is None else precision
         members.append(MemberPlan(member.name, len(train_items), len(valid_items), member_cfg.batch_size,
                                   rt.steps_per_epoch, rt.total_steps))
     total, trainable = count_parameters(_shape_only(build, cfg))
     return RunFacts(str(cfg.run_dir), cfg.model, total, trainable, str(device), precision,
-                    channels_last_for(cfg, device, source), cfg.num_workers, source.kind, source.reason, cfg.epochs,
+                    dplan.channels_last, dplan.workers, source.kind, source.reason, cfg.epochs,
                     dict(info.get("counts", {})), tuple(members))
 
 

@@ -22,7 +22,7 @@ from pipeline.competition import Competition, get_competition
 from pipeline.config import Resolved, TrainConfig
 from pipeline.data import (BAD_TARGET, Item, fold_split, list_split, load_reorg, n_folds, training_fingerprint,
                            unreadable_message)
-from pipeline.dataplan import DataPlan, plan_member
+from pipeline.dataplan import DataPlan, plan_for, plan_member
 from pipeline.engine import (BestTracker, EarlyStop, Runtime, build_optimizer, deferred_interrupt, make_ema,
                              make_runtime, train_one_epoch)
 from pipeline.errors import PipelineError
@@ -116,12 +116,14 @@ def _setup_member(cfg: TrainConfig, comp: Competition, n_classes: int, member: M
                   valid_items: list[Item], resume: bool) -> MemberState:
     """Model, optimizer, precision, EMA, data; restored from last.pt when resuming."""
     device = dist.resolve_device(cfg.device)
-    if device.type == "cuda":
-        torch.backends.cudnn.benchmark = True  # fixed input sizes: let cuDNN pick the fastest kernels
+    dplan = plan_for(cfg, device)  # every device decision (pipeline/devices.py), recorded with the member
+    torch.backends.cudnn.benchmark = dplan.cudnn_benchmark
+    for warning in dplan.warnings:
+        log.warning(warning)
     torch.manual_seed(cfg.seed)
     model = build_model(cfg, n_classes).to(device)
     optimizer = build_optimizer(model, cfg)
-    rt = make_runtime(cfg, device, len(train_items))
+    rt = make_runtime(cfg, device, len(train_items), dplan)
     criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing, ignore_index=BAD_TARGET)
     st = MemberState(model, model, optimizer, make_ema(model, cfg.ema), rt, criterion, None, BestTracker(comp.metric),
                      EarlyStop(cfg.early_stop), [])
@@ -131,13 +133,12 @@ def _setup_member(cfg: TrainConfig, comp: Competition, n_classes: int, member: M
             group.setdefault("base_lr", group["lr"])
         st.first_epoch, st.history = int(saved["epoch"]), list(saved["history"])
         log.info("resuming %s after epoch %d", member.dir, st.first_epoch)
-    st.data = plan_member(cfg, model, train_items, valid_items, device)
-    rt.channels_last = st.data.channels_last
+    st.data = plan_member(cfg, model, train_items, valid_items, device, dplan)
     if rt.channels_last:
         model.to(memory_format=torch.channels_last)  # in place: the optimizer keeps its parameters
     if cfg.data_init and st.first_epoch == 0 and hasattr(model, "init_from_data"):
         model.init_from_data(next(iter(st.data.train))[0])  # e.g. a whitening first layer
-    st.net = dist.wrap(st.data.view(model), device)
+    st.net = dist.wrap(st.data.view(model), device, find_unused=st.data.find_unused)
     if cfg.compile:
         st.net = torch.compile(st.net)
     st.reported = {"train": set(st.data.unreadable_train), "valid": set()}
@@ -232,6 +233,8 @@ def fit_member(cfg: TrainConfig, comp: Competition, data: dict, member: Member,
     """
     start, n_classes = time.perf_counter(), len(data["classes"])
     st = _setup_member(cfg, comp, n_classes, member, train_items, valid_items, resume)
+    if dist.is_main():
+        member.write_config(cfg.to_json(), st.data.device.to_json())
     board = tensorboard_writer(member.tensorboard_dir) if cfg.tensorboard and dist.is_main() else None
     stopped = False
     for epoch in range(st.first_epoch, cfg.epochs):
@@ -374,8 +377,6 @@ def _train_locked(resolved: Resolved, resume: bool, force: bool) -> list[MemberR
             log.info("%s: finished (%d epochs); skipped", member.dir, done.epochs)
             results.append(done)
             continue
-        if dist.is_main():
-            atomic_write_json(member.config_path, {"config": member_cfg.to_json()})
         with stage(lambda m=member: interrupt_note(m)):  # Ctrl-C says what of this member is saved
             results.append(fit_member(member_cfg, comp, data, member, train_items, valid_items, resume))
         dist.barrier()

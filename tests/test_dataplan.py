@@ -1,12 +1,13 @@
-"""The data plan: which source a member consumes, and CUDA-only formats only where they fit."""
+"""The data plan: which source a member consumes, and the device decisions that follow from it."""
 from __future__ import annotations
 
 import pytest
 import torch
 
 from pipeline.config import TrainConfig
-from pipeline.dataplan import Source, channels_last_for, choose_source, shared_backbone_groups
-from pipeline.engine import Runtime, train_one_epoch
+from pipeline.dataplan import choose_source, device_plan, shared_backbone_groups
+from pipeline.devices import A100, CPU, P100, T4
+from pipeline.engine import Runtime, make_runtime, train_one_epoch
 
 
 def cfg(**kw) -> TrainConfig:
@@ -27,13 +28,25 @@ def test_choose_source(settings, kind):
     assert source.kind == kind and source.reason
 
 
-@pytest.mark.parametrize("device, kind, want", [
-    ("cuda", "files", True), ("cuda", "image_cache", True), ("cuda", "features", False),
-    ("cpu", "files", False), ("cpu", "features", False),
-])
-def test_channels_last_only_for_image_batches_on_cuda(device, kind, want):
-    assert channels_last_for(cfg(), torch.device(device), Source(kind, "")) is want
-    assert channels_last_for(cfg(channels_last=False), torch.device(device), Source(kind, "")) is False
+@pytest.mark.parametrize("acc, settings, want", [
+    (T4, {}, True), (A100, dict(image_size=96), True), (P100, {}, False), (CPU, {}, False),
+    (CPU, dict(channels_last=True), True), (A100, dict(channels_last=False), False),
+    (A100, dict(freeze_backbone=True), False), (CPU, dict(freeze_backbone=True, channels_last=True), False),
+], ids=["T4-cache", "A100-files", "P100", "CPU", "CPU-explicit", "A100-off", "A100-features", "CPU-features"])
+def test_channels_last_decided_by_the_device_plan_from_the_source(acc, settings, want):
+    """The member's source sets the batch kind: feature batches are 2-D and never channels_last."""
+    assert device_plan(cfg(**settings), acc).channels_last is want
+
+
+def test_device_plan_of_a_member_follows_its_source_and_explicit_settings():
+    files = device_plan(cfg(image_size=96), T4, cpu_count=8)
+    assert (files.workers, files.pin_memory, files.amp_dtype, files.grad_scaler) == (7, True, "fp16", True)
+    features = device_plan(cfg(freeze_backbone=True), T4, cpu_count=8)
+    assert (features.workers, features.pin_memory) == (0, False)
+    assert device_plan(cfg(freeze_backbone=True), T4, "files", cpu_count=8).workers == 7  # the backbone's pass
+    explicit = device_plan(cfg(image_size=96, num_workers=3, amp="bf16"), CPU, cpu_count=8)
+    assert (explicit.workers, explicit.amp_dtype, explicit.backend) == (3, "bf16", "gloo")
+    assert device_plan(cfg(amp="bf16"), T4, amp="none").amp_dtype == "none"  # predict's trained dtype wins
 
 
 class Batches:
@@ -70,3 +83,15 @@ def test_shared_backbone_groups():
     other_weights = cfg(freeze_backbone=True, model="timm:y")
     trained = cfg(model="timm:x")
     assert shared_backbone_groups([frozen, trained, frozen, other_weights, trained]) == [[0, 2], [1], [3], [4]]
+    # features of another precision differ: bf16 and fp32 members do not share a backbone pass
+    assert shared_backbone_groups([frozen, frozen], ["bf16", "none"]) == [[0], [1]]
+
+
+@pytest.mark.parametrize("acc, dtype, scaled", [(T4, torch.float16, True), (P100, torch.float16, True),
+                                                (A100, torch.bfloat16, False), (CPU, None, False)],
+                         ids=["T4", "P100", "A100", "CPU"])
+def test_the_runtime_takes_precision_and_scaler_from_the_device_plan(acc, dtype, scaled):
+    """--amp auto: fp16 with loss scaling where bf16 is emulated (Kaggle's T4 and P100), bf16 from Ampere on."""
+    rt = make_runtime(cfg(image_size=96), torch.device("cpu"), 64, device_plan(cfg(image_size=96), acc))
+    assert rt.amp_dtype == dtype and (rt.scaler is not None) is scaled
+    assert rt.channels_last is (acc.type == "cuda" and acc.capability >= (7, 0))

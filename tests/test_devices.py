@@ -205,3 +205,40 @@ def test_cpu_bf16_autocast_and_channels_last_really_run():
         out = conv(x)
     assert out.dtype == torch.bfloat16
     assert out.is_contiguous(memory_format=torch.channels_last) and not out.is_contiguous()
+
+
+@pytest.mark.parametrize("kind", KINDS)
+@pytest.mark.parametrize("aux", [True, False])
+def test_ddp_looks_for_unused_parameters_only_for_aux_heads_under_a_feature_head(kind, aux):
+    assert devices.ddp_find_unused(kind, aux) is (kind == "features" and aux)
+
+
+@pytest.mark.parametrize("acc", ACCS.values(), ids=ACCS.keys())
+@pytest.mark.parametrize("kind", KINDS)
+def test_gpu_jpeg_decode_only_for_starved_cuda_file_loaders(acc, kind):
+    fits = acc.type == "cuda" and kind == "files"
+    assert devices.gpu_jpeg_decode(acc, kind, decoder_on_device=True, workers=2) is fits
+    assert devices.gpu_jpeg_decode(acc, kind, decoder_on_device=False, workers=2) is False
+    assert devices.gpu_jpeg_decode(acc, kind, decoder_on_device=True, workers=8) is False  # the CPU keeps up
+
+
+def test_available_cpus_is_this_process_share():
+    assert 1 <= devices.available_cpus() <= (__import__("os").cpu_count() or 1)
+
+
+@pytest.mark.parametrize("requested, backend", [("cpu", "gloo"), ("auto", "nccl"), ("cuda", "nccl")])
+def test_distributed_init_takes_the_backend_of_the_runs_device(monkeypatch, requested, backend):
+    """On a GPU machine, --device cpu under torchrun must join with gloo: NCCL cannot carry CPU tensors."""
+    from pipeline import distributed
+
+    joined = []
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "set_device", lambda i: joined.append(("device", i)))
+    monkeypatch.setattr(distributed, "probe", lambda d: T4 if d.type == "cuda" else CPU)
+    monkeypatch.setattr(distributed.tdist, "is_initialized", lambda: False)
+    monkeypatch.setattr(distributed.tdist, "init_process_group", lambda backend, timeout: joined.append(backend))
+    assert distributed.init(requested) is True
+    assert joined[-1] == backend
+    assert (("device", 1) in joined) is (backend == "nccl")  # each rank on its own GPU

@@ -106,3 +106,83 @@ def test_torchrun_two_cpu_processes_with_gloo(digits_work, tmp_path):
     assert not any(k.startswith("module.") for k in state["model"])  # saved unwrapped: predict loads it
     pipeline("predict", "digits", digits_work, run, tmp_path / "sub.csv")
     assert len(pd.read_csv(tmp_path / "sub.csv")) == 300
+
+
+# One torchrun launch (2 CPU processes, gloo) trains several small configurations in one process
+# group: caches counted per rank, GoogLeNet with its aux heads used (images) and unused (a head on
+# cached features), under each head, and two folds with their out-of-fold score.
+DDP_SCRIPT = r'''
+import collections, json, os, sys
+from pathlib import Path
+
+import competitions  # noqa: F401
+from pipeline import cache, distributed as dist
+from pipeline.competition import get_competition
+from pipeline.config import config_from_recipe
+from pipeline.train import train
+
+work, out = Path(sys.argv[1]), Path(sys.argv[2])
+builds = collections.Counter()
+real_extract, RealPool = cache.extract_features, cache.ProcessPoolExecutor
+
+
+def counting_extract(*a, **kw):
+    builds["features"] += 1
+    return real_extract(*a, **kw)
+
+
+class CountingPool(RealPool):  # image_cache decodes through one pool per build
+    def __init__(self, *a, **kw):
+        builds["images"] += 1
+        super().__init__(*a, **kw)
+
+
+cache.extract_features, cache.ProcessPoolExecutor = counting_extract, CountingPool
+dist.init("cpu")
+comp = get_competition("digits")
+common = dict(device="cpu", epochs=1, batch_size=32, feature_views=0)
+googlenet = dict(model="googlenet", steps_per_epoch=2, lr=0.01)
+cases = {"fastnet-folds": dict(folds=2)}
+for head in ("linear", "mlp"):
+    cases[f"aux-used-{head}"] = dict(googlenet, head=head)
+    cases[f"aux-frozen-{head}"] = dict(googlenet, head=head, freeze_backbone=True, feature_cache=False)
+    cases[f"aux-unused-{head}"] = dict(googlenet, head=head, freeze_backbone=True)
+for name, flags in cases.items():
+    train(config_from_recipe(comp, work, out / name, **{**common, **flags}))
+(out / f"builds-{dist.rank()}.json").write_text(json.dumps(builds))
+'''
+
+
+@pytest.fixture(scope="module")
+def digits_two_folds(digits_work, tmp_path_factory) -> Path:
+    work = tmp_path_factory.mktemp("digits2") / "work"
+    pipeline("reorg", "digits", digits_work.parent / "raw", work, "--folds", "2")
+    return work
+
+
+@pytest.mark.slow
+def test_torchrun_caches_once_googlenet_heads_folds(digits_two_folds, tmp_path):
+    """Rank 0 alone builds each cache; DDP trains GoogLeNet whether its aux heads are used or not."""
+    script, out = tmp_path / "ddp_cases.py", tmp_path / "runs"
+    script.write_text(DDP_SCRIPT)
+    cmd = [PY, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(script),
+           str(digits_two_folds), str(out)]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    done = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert done.returncode == 0, done.stderr[-3000:]
+    builds = [json.loads((out / f"builds-{r}.json").read_text()) for r in (0, 1)]
+    assert builds == [{"images": 1, "features": 1}, {}]  # one image cache, one feature bank, both by rank 0
+    assert len(list((digits_two_folds / "cache").glob("images-*.npy"))) == 1
+    assert len(list((digits_two_folds / "cache").glob("features-*.pt"))) == 1
+    for name in ("aux-used-linear", "aux-used-mlp", "aux-frozen-linear", "aux-frozen-mlp", "aux-unused-linear",
+                 "aux-unused-mlp"):
+        metrics = pd.read_csv(out / name / "holdout" / "metrics.csv")
+        assert metrics["steps"].tolist() == [2], name  # written once (one row), two optimizer steps
+    folds = pd.read_csv(digits_two_folds / "folds.csv")
+    for k in (0, 1):
+        metrics = pd.read_csv(out / "fastnet-folds" / f"fold{k}" / "metrics.csv")
+        per_rank = -(-int((folds["fold"] != k).sum()) // 2)  # each rank steps on its half of the fold's train set
+        assert metrics["steps"].tolist() == [per_rank // 32]
+    oof = pd.read_csv(out / "fastnet-folds" / "oof.csv")
+    assert len(oof) == len(folds) and oof["id"].is_unique  # every image once: no duplicate rows from two ranks
+    assert json.loads((out / "fastnet-folds" / "cv.json").read_text())["metric"] == "accuracy"

@@ -276,7 +276,8 @@ def test_dataset_with_wheels_asks_pip_for_the_missing_requirements(monkeypatch, 
     monkeypatch.setattr(kernel_dataset, "download_wheels", lambda reqs, dest: asked.append(reqs))
     plan = kernel_dataset.plan_dataset("me/kaggle-pipeline", "kaggle-pipeline", None, wheels=True)
     kernel_dataset.write_dataset(plan, tmp_path / "ds", list_competitions())
-    assert asked == [[f"typer=={importlib.metadata.version('typer')}"]]
+    assert [sorted(reqs) for reqs in asked] == [[f"py7zr=={importlib.metadata.version('py7zr')}",
+                                                 f"typer=={importlib.metadata.version('typer')}"]]
 
 
 def test_dataset_folder_holds_metadata_wheel_and_best_checkpoints(tmp_path, fake_wheel, monkeypatch, no_secrets):

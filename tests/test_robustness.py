@@ -269,7 +269,7 @@ def _drop_test_images(raw: Path) -> None:
     (lambda raw: (raw / "sample.csv").write_text("id,label\nt000,cat\nt000,cat\n"),
      "{raw}/sample.csv: id 't000' appears twice; download the sample submission again"),
     (lambda raw: (raw / "sample.csv").write_text("image,label\nt000,cat\n"),
-     "{raw}/sample.csv: first column is 'image', expected 'id'"),
+     "{raw}/sample.csv: no id column 'id'; columns found: 'image', 'label'; use the competition's sample submission"),
     (lambda raw: (raw / "sample.csv").unlink(), "sample submission {raw}/sample.csv not found"),
 ], ids=["empty-test-folder", "no-test-folder", "label-without-image", "image-without-label",
         "test-image-not-in-sample", "sample-id-without-image", "sample-duplicate-id", "sample-wrong-column",
@@ -762,7 +762,8 @@ def test_an_archive_member_escaping_raw_dir_is_refused(tmp_path, monkeypatch):
     _fake_kaggle(monkeypatch, download)
     before = listing(tmp_path)
     line = error_line(invoke("download", comp.slug, tmp_path / "raw"))
-    assert line == f"error: archive member '../evil.txt' would be written outside {tmp_path}/raw; refusing the archive"
+    assert line == (f"error: {tmp_path}/raw/toy.zip: member '../evil.txt' would be written outside the folder it "
+                    "unpacks into; refusing the archive (download it again from a source you trust)")
     assert listing(tmp_path) - before == {"raw", "raw/toy.zip"}
 
 
