@@ -10,7 +10,7 @@ images) and a 3-fold run (its CV log loss); each run's submission is scored
 against the hidden test labels. The same chain runs with another checkout's
 package (`--code DIR`, e.g. a worktree of commit 8914f4d) for a before/after.
 
-    python benchmarks/bench_honest_scores.py [--code DIR] [--epochs 10]
+    python benchmarks/bench_honest_scores.py [--code DIR] [--epochs 10] [--lr 0.01]
 """
 from __future__ import annotations
 
@@ -47,7 +47,7 @@ DRIVER = textwrap.dedent('''
 
     raw, out, weights, epochs = Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3]), int(sys.argv[4])
     recipe = dict(model="timm:tf_efficientnet_lite0", freeze_backbone=True, head="linear", epochs=epochs,
-                  batch_size=16, lr=0.05, optimizer="sgd", momentum=0.9, weight_decay=1e-4, schedule="cosine",
+                  batch_size=16, lr=float(sys.argv[5]), optimizer="sgd", momentum=0.9, weight_decay=1e-4, schedule="cosine",
                   augment="resized_crop_flip_jitter")
     comp = register(Competition(slug="cats-dogs-small", title="cats and dogs", labels_file="labels.csv",
         id_column="id", label_column="label", sample_submission="sample_submission.csv", submission="probs",
@@ -100,6 +100,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--code", type=Path, default=ROOT, help="the checkout whose package runs the chain")
     parser.add_argument("--epochs", type=int, default=10)
+    parser.add_argument("--lr", type=float, default=0.01)
     args = parser.parse_args()
     if not (CIFAR.is_dir() and WEIGHTS.is_file()):
         print(f"skipped: {CIFAR} or {WEIGHTS} is absent")
@@ -107,10 +108,10 @@ def main() -> None:
     tmp = Path(tempfile.mkdtemp(prefix="bench-honest-"))
     truth = write_download(tmp / "raw")
     env = {**os.environ, "PYTHONPATH": str(args.code.resolve())}
-    subprocess.run([sys.executable, "-c", DRIVER, str(tmp / "raw"), str(tmp), str(WEIGHTS), str(args.epochs)],
+    subprocess.run([sys.executable, "-c", DRIVER, str(tmp / "raw"), str(tmp), str(WEIGHTS), str(args.epochs), str(args.lr)],
                    check=True, env=env, cwd=args.code)
     valid, cv = printed_scores(tmp)
-    print(f"code {args.code.resolve()}, {args.epochs} epochs, 120 training images, 600 test images")
+    print(f"code {args.code.resolve()}, {args.epochs} epochs at lr {args.lr}, 120 training images, 600 test images")
     print(f"{'run':<10} {'printed log loss':>17} {'test log loss':>14} {'gap':>8}")
     for name, printed, csv in (("holdout", valid, "holdout.csv"), ("3 folds", cv, "folds.csv")):
         true = test_log_loss(tmp / csv, truth)
