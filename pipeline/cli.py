@@ -42,10 +42,39 @@ def main(debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks fo
 @command(app)
 @handle_errors
 def competitions() -> None:
-    """List the known competitions with their Kaggle slug and metric."""
+    """List the registered competitions with their Kaggle slug and metric; spec files work too."""
+    kinds = {"label": "class label", "probs": "probability per class", "binary": "probability of positive"}
     for comp in all_competitions():
-        kind = "class label" if comp.submission == "label" else "probability per class"
-        typer.echo(f"{comp.slug:<28} {comp.metric:<9} {kind:<22} default model {comp.recipe.model}  {comp.title}")
+        kind = kinds[comp.submission]
+        typer.echo(f"{comp.slug:<28} {comp.metric:<9} {kind:<23} default model {comp.recipe.model}  {comp.title}")
+    typer.echo("Any command also takes the path of a competition spec file in place of a slug; "
+               "`pipeline init RAW_DIR --out FILE` writes one from a download.")
+
+
+@command(app)
+@handle_errors
+def init(raw_dir: Annotated[Path, typer.Argument(metavar="RAW_DIR", help="The unzipped Kaggle download.")],
+         out: Annotated[Path, typer.Option("--out", help="The spec file to write (TOML).")],
+         slug: Annotated[Optional[str], typer.Option(help="The competition's name (default: RAW_DIR's name); "
+                                                          "the Kaggle slug if you will `pipeline submit`.")] = None,
+         unpack: Annotated[bool, typer.Option("--unpack", help="First unpack RAW_DIR's archives in place "
+                                                               "(once; never over existing files).")] = False,
+         force: Annotated[bool, typer.Option("--force", help="Overwrite FILE if it exists.")] = False) -> None:
+    """Inspect a download and write a competition spec file to read, edit and pass to every command."""
+    from pipeline.init import init_spec
+
+    result = init_spec(raw_dir, out, slug=slug, force=force, unpack=unpack)
+    g = result.guess
+    typer.echo(f"{result.path}: written")
+    for name, why in g.why.items():
+        typer.echo(f"  {name} = {g.fields[name]!r}: {why}")
+    for note in g.notes:
+        typer.echo(f"  note: {note}")
+    for name, what in g.undecided.items():
+        typer.echo(f"  not decided: {name} (now {g.fields.get(name)!r}): set it to {what}")
+    typer.echo(result.check)
+    if "does not read" not in result.check:
+        typer.echo(f"next: pipeline reorg {result.path} {raw_dir} WORK_DIR")
 
 
 @command(app)

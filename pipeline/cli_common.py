@@ -118,12 +118,13 @@ def plain(value: Any) -> Any:
     return value if not isinstance(value, float) or value == value and abs(value) != float("inf") else None
 
 
-def load_competition(slug: str):
-    """The registered competition ``slug`` (the competitions package fills the registry)."""
-    import competitions  # noqa: F401
+def load_competition(name: str):
+    """The registered competition ``name``, or the spec file at path ``name`` (registered by loading it)."""
+    import competitions  # noqa: F401  (fills the registry)
     from pipeline.competition import get_competition
+    from pipeline.specfile import load_spec, looks_like_spec
 
-    return get_competition(slug)
+    return load_spec(name) if looks_like_spec(name) else get_competition(name)
 
 
 def all_competitions() -> list:
@@ -134,7 +135,8 @@ def all_competitions() -> list:
 
 
 Comp = Annotated[str, typer.Argument(metavar="COMPETITION", show_default=False,
-                                     help="Kaggle slug, e.g. cifar-10; see `pipeline competitions`.")]
+                                     help="Kaggle slug, e.g. cifar-10 (see `pipeline competitions`), or a spec file "
+                                          "(`pipeline init`).")]
 WorkDir = Annotated[Path, typer.Argument(metavar="WORK_DIR", help="Folder that reorg writes and train/predict read.")]
 RunDir = Annotated[Path, typer.Argument(metavar="RUN_DIR", help="Folder of a training run (checkpoints, metrics).")]
 Json = Annotated[bool, typer.Option("--json", help="Print one JSON object with the result on stdout.")]

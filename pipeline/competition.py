@@ -15,7 +15,7 @@ from pipeline.errors import PipelineError
 
 __all__ = ["Competition", "Recipe", "register", "get_competition", "list_competitions"]
 
-SubmissionKind = Literal["label", "probs"]
+SubmissionKind = Literal["label", "probs", "binary"]
 Metric = Literal["accuracy", "log_loss", "roc_auc", "qwk", "macro_f1"]  # pipeline/metrics.py METRICS
 Layout = Literal["csv", "folders"]
 
@@ -48,7 +48,7 @@ class Competition:
     title: str
     id_column: str  # the id column of every CSV: labels, test file, sample submission, submission
     sample_submission: str
-    submission: SubmissionKind  # one class-name column, or one probability column per class
+    submission: SubmissionKind  # one class-name column, one probability column per class, or binary (below)
     metric: Metric
     image_size: int  # side of the square the model sees by default
     mean: tuple[float, float, float]
@@ -64,6 +64,12 @@ class Competition:
     test_file: str = ""  # CSV listing the test ids (may be the sample submission); "" = scan test_dir
     image_ext: str = ".png"  # how image names end (any case); names the links of CSV-path images too
     submission_label_column: str = "label"  # for submission == "label"
+    # submission "binary": the sample submission's one non-id column holds the probability of the
+    # class whose label (labels file value or class folder name) is positive_label; "" = "1" or
+    # "true" when the labels are 0/1 or false/true. The classes are then [other, positive].
+    positive_label: str = ""
+    # The spec file this competition was read from ("" for a registered module)
+    spec_file: str = field(default="", compare=False)
     # Named alternatives to ``recipe`` (`pipeline train --recipe NAME`)
     recipes: dict[str, Recipe] = field(default_factory=dict, compare=False)
     # Writes a Kaggle-layout download into the given folder, for competitions
@@ -73,8 +79,10 @@ class Competition:
     def __post_init__(self) -> None:
         if not self.image_ext.startswith(".") or len(self.image_ext) < 2:
             raise PipelineError(f"competition {self.slug}: image_ext must start with '.', got {self.image_ext!r}")
-        if self.submission not in ("label", "probs"):
-            raise PipelineError(f"competition {self.slug}: submission must be 'label' or 'probs'")
+        if self.submission not in ("label", "probs", "binary"):
+            raise PipelineError(f"competition {self.slug}: submission must be 'label', 'probs' or 'binary'")
+        if self.positive_label and self.submission != "binary":
+            raise PipelineError(f"competition {self.slug}: positive_label needs submission 'binary'")
         from pipeline.metrics import check_metric  # sklearn loads only when a competition is built
 
         check_metric(self.metric)

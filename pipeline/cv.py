@@ -18,7 +18,7 @@ from pipeline.data import fold_split, n_folds
 from pipeline.metrics import bootstrap_interval, score
 from pipeline.predict import predict_items
 from pipeline.runs import FOLD, Member, Run, member_name
-from pipeline.submission import submission_clip
+from pipeline.submission import positive_index, submission_clip
 
 log = logging.getLogger("pipeline")
 
@@ -65,7 +65,8 @@ def out_of_fold(cfg: TrainConfig, comp: Competition, info: dict, members: list[M
         probs = pd.DataFrame(probs, columns=run_classes)[classes].to_numpy()  # by name
         kept = set(ids)
         targets = np.array([it.target for it in valid_items if it.id in kept])
-        scores = score(probs, targets, len(classes), _names(comp), clip=submission_clip(comp))
+        scores = score(probs, targets, len(classes), _names(comp), clip=submission_clip(comp),
+                       positive=positive_index(comp))
         per_fold.append({"fold": member.fold, **scores, **_fold_meta(member)})
         frame = pd.DataFrame(probs, columns=classes)
         frame.insert(0, "label", [classes[t] for t in targets])
@@ -82,7 +83,7 @@ def _overall(oof: pd.DataFrame, comp: Competition, classes: list[str]) -> dict:
     """The CV score of an out-of-fold frame, every metric, and a bootstrap 95% interval."""
     targets = oof["label"].map({c: i for i, c in enumerate(classes)}).to_numpy()
     probs, clip = oof[classes].to_numpy(), submission_clip(comp)
-    overall = score(probs, targets, len(classes), _names(comp), clip=clip)
+    overall = score(probs, targets, len(classes), _names(comp), clip=clip, positive=positive_index(comp))
     interval = bootstrap_interval(probs, targets, len(classes), comp.metric, clip=clip, n=200)
     return {"cv": overall[comp.metric], "interval": list(interval), "overall": overall}
 

@@ -32,12 +32,13 @@ import pandas as pd
 from pipeline.competition import Competition
 from pipeline.errors import PipelineError
 from pipeline.io import read_csv
+from pipeline.submission import binary_classes
 
 log = logging.getLogger("pipeline")
 
 # The spec fields a reorg depends on: part of its fingerprint
 LAYOUT_FIELDS = ("slug", "layout", "labels_file", "id_column", "label_column", "sample_submission", "submission",
-                 "train_dir", "valid_dir", "test_dir", "test_file", "path_column", "image_ext")
+                 "train_dir", "valid_dir", "test_dir", "test_file", "path_column", "image_ext", "positive_label")
 _BAD_ID = r"[/\\\x00]|\.\."  # a separator, NUL or '..' could escape a folder
 
 
@@ -363,9 +364,10 @@ def _test_side(comp: Competition, raw_dir: Path, folder: Folder, sample_ids: lis
 
 
 def class_list(comp: Competition, labels: pd.DataFrame, sample_columns: list[str], sample_path: Path) -> list[str]:
-    """Classes in submission order: the sample's class columns (all but the id), else sorted labels."""
-    if comp.submission == "label":
-        return sorted(labels["label"].unique())
+    """Classes in submission order: the sample's class columns, binary [other, positive], or sorted labels."""
+    if comp.submission != "probs":
+        found = sorted(labels["label"].unique())
+        return binary_classes(comp, found, sample_columns, sample_path) if comp.submission == "binary" else found
     classes = [c for c in sample_columns if c != comp.id_column]
     unknown = sorted(set(labels["label"]) - set(classes))
     if unknown:

@@ -29,6 +29,31 @@ def submission_clip(comp: Competition) -> float | None:
     return PROB_FLOOR if comp.submission == "probs" else None
 
 
+def binary_classes(comp: Competition, labels: list[str], sample_columns: list[str], where: Path | str) -> list[str]:
+    """[other, positive] of a binary competition, by name: its positive_label, else "1" or "true".
+
+    The sample submission (``where``) must hold one column beside the id: the
+    positive class's probability, whatever that column is called.
+    """
+    columns = [c for c in sample_columns if c != comp.id_column]
+    if len(columns) != 1:
+        raise PipelineError(f"{where}: submission 'binary' needs one probability column beside {comp.id_column!r}, "
+                            f"found {columns[:5]}; set submission to 'probs' or 'label' in the competition spec")
+    if len(labels) != 2:
+        raise PipelineError(f"competition {comp.slug}: submission 'binary' needs exactly two labels, found "
+                            f"{len(labels)} ({labels[:5]}); set submission to 'probs' or 'label'")
+    positive = comp.positive_label or next((c for c in labels if c.lower() in ("1", "true")), "")
+    if positive not in labels:
+        raise PipelineError(f"competition {comp.slug}: positive_label {positive!r} is not one of the labels {labels}; "
+                            f"set positive_label to the label whose probability {columns[0]!r} holds")
+    return [c for c in labels if c != positive] + [positive]
+
+
+def positive_index(comp: Competition) -> int | None:
+    """The positive class's index for roc_auc: second of a binary competition's classes, else None."""
+    return 1 if comp.submission == "binary" else None
+
+
 def class_difference(have: list[str], want: list[str]) -> str:
     """'' when both name the same classes, else a short account of the names that differ."""
     missing, extra = [c for c in want if c not in have], [c for c in have if c not in want]
@@ -47,6 +72,12 @@ def build_submission(comp: Competition, ids: list[str], probs: np.ndarray, class
     """
     if comp.submission == "label":
         frame = pd.DataFrame({comp.id_column: ids, comp.submission_label_column: np.asarray(classes)[probs.argmax(1)]})
+    elif comp.submission == "binary":
+        positive = binary_classes(comp, sorted(classes), list(sample.columns), "the sample submission")[1]
+        column = [c for c in sample.columns if c != comp.id_column][0]
+        probs = np.nan_to_num(np.asarray(probs, dtype=np.float64), nan=0.0)
+        probs = probs / np.maximum(probs.sum(axis=1, keepdims=True), 1e-12)
+        frame = pd.DataFrame({comp.id_column: ids, column: probs[:, list(classes).index(positive)]})
     else:
         columns = [c for c in sample.columns if c != comp.id_column]
         differ = class_difference(list(classes), columns)
@@ -70,7 +101,7 @@ def check_submission(comp: Competition, frame: pd.DataFrame, sample: pd.DataFram
     Checks the columns, the id set and order against the sample submission,
     duplicates, and the values: known class names (when ``classes`` is given)
     for label submissions; numbers in [0, 1] whose rows sum to 1 for
-    probability submissions.
+    probability submissions; numbers in [0, 1] for binary ones.
     """
     found = []
     idc = comp.id_column
@@ -126,7 +157,7 @@ def _value_problems(comp: Competition, frame: pd.DataFrame, sample: pd.DataFrame
         found.append(f"row {r + 2}, column {cols[c]!r}: {arr[r, c]} is outside [0, 1]")
     sums = np.nansum(arr, axis=1)
     off = np.flatnonzero(np.abs(sums - 1) > 1e-6)
-    if len(off) and len(cols) == len(sample.columns) - 1:
+    if len(off) and len(cols) == len(sample.columns) - 1 and comp.submission == "probs":
         found.append(f"row {off[0] + 2}: probabilities sum to {sums[off[0]]:.6f}, not 1 ({len(off)} such rows)")
     return found
 

@@ -29,7 +29,7 @@ from pipeline.errors import PipelineError
 from pipeline.inference import infer, unreadable_positions
 from pipeline.io import atomic_write_json
 from pipeline.metrics import bootstrap_interval, score, small_split_warning
-from pipeline.submission import submission_clip
+from pipeline.submission import positive_index, submission_clip
 from pipeline.models import create_model, freeze_backbone
 from pipeline.progress import stage
 from pipeline.runs import FOLD, FULL, HOLDOUT, Member, Run, member_name, restore_state, save_epoch
@@ -174,7 +174,7 @@ def _validate(st: MemberState, cfg: TrainConfig, comp: Competition, n_classes: i
         keep = t != BAD_TARGET
         st.latest[variant] = (p[keep], t[keep])
         suffix = "_ema" if variant == "ema" else ""
-        scores = score(p[keep], t[keep], n_classes, names, clip=submission_clip(comp))
+        scores = score(p[keep], t[keep], n_classes, names, clip=submission_clip(comp), positive=positive_index(comp))
         row.update({f"valid_{k}{suffix}": v for k, v in scores.items()})
     return {"valid_loss": row["valid_log_loss"], **row}, unreadable_positions(t, pos)
 

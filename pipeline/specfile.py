@@ -1,0 +1,185 @@
+"""Competition spec files: a Competition written as a small TOML file, outside the package.
+
+A spec file holds the fields of :class:`pipeline.competition.Competition` at
+its top level, the default recipe as a ``[recipe]`` table (the settings it
+sets, as in ``pipeline train``'s options with ``_`` for ``-``) and named
+recipes as ``[recipes.NAME]`` tables. ``pipeline init`` writes one; every
+command that takes a competition accepts its path in place of a slug.
+
+A loaded spec registers itself under its slug for the rest of the process,
+so code that looks the competition up by slug (training, run checks) finds
+it. A spec whose slug is a registered module's (the real Kaggle slug, which
+`pipeline submit` needs) takes its place for that process, with a warning.
+"""
+from __future__ import annotations
+
+import dataclasses
+import logging
+import tomllib
+from pathlib import Path
+from typing import Any
+
+from pipeline import competition as registry
+from pipeline.competition import Competition
+from pipeline.config import Recipe
+from pipeline.errors import PipelineError
+
+log = logging.getLogger("pipeline")
+
+SUFFIX = ".toml"
+_NOT_IN_FILES = ("recipe", "recipes", "make_raw", "spec_file")  # tables, code, or set by the loader
+
+
+def spec_fields() -> dict[str, dataclasses.Field]:
+    """The Competition fields a spec file may set at its top level, by name."""
+    return {f.name: f for f in dataclasses.fields(Competition) if f.name not in _NOT_IN_FILES}
+
+
+def looks_like_spec(name: str) -> bool:
+    """Whether a COMPETITION argument names a spec file rather than a registered slug."""
+    return name.endswith(SUFFIX) or "/" in name or Path(name).is_file()
+
+
+def load_spec(path: Path | str) -> Competition:
+    """The Competition of a spec file, registered under its slug; each error names the file and field."""
+    path = Path(path)
+    try:
+        table = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise PipelineError(f"competition spec {path} not found; give a registered slug "
+                            "(`pipeline competitions`) or the path of a spec file (`pipeline init`)") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise PipelineError(f"competition spec {path} cannot be read: {exc}") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise PipelineError(f"competition spec {path} is not valid TOML: {exc}; fix that line") from None
+    comp = spec_from_table(table, str(path))
+    _register(comp)
+    return comp
+
+
+def spec_from_table(table: dict[str, Any], where: str) -> Competition:
+    """Build a Competition from a parsed spec file (``where`` names it in errors); not registered."""
+    fields = spec_fields()
+    values = {k: v for k, v in table.items() if k not in ("recipe", "recipes")}
+    unknown = sorted(set(values) - set(fields))
+    if unknown:
+        raise PipelineError(f"{where}: unknown field(s) {', '.join(unknown)}; valid fields: "
+                            f"{', '.join(sorted(fields))}, and the tables [recipe] and [recipes.NAME]")
+    required = [name for name, f in fields.items() if _required(f)] + ["recipe"]
+    missing = [name for name in required if name not in table]
+    if missing:
+        raise PipelineError(f"{where}: missing field(s) {', '.join(missing)}; set them (`pipeline init` writes them all)")
+    for name, value in values.items():
+        values[name] = _checked(where, name, value)
+    recipe = _recipe(where, "recipe", table["recipe"])
+    named = table.get("recipes", {})
+    if not isinstance(named, dict):
+        raise PipelineError(f"{where}: recipes must be tables [recipes.NAME]")
+    recipes = {name: _recipe(where, f"recipes.{name}", body) for name, body in named.items()}
+    try:
+        return Competition(**values, recipe=recipe, recipes=recipes, spec_file=where)
+    except PipelineError as exc:
+        raise PipelineError(f"{where}: {exc}") from None
+
+
+def _required(f: dataclasses.Field) -> bool:
+    return f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
+
+
+def _checked(where: str, name: str, value: Any) -> Any:
+    """One top-level value with the type its field takes: strings, image_size an int, mean/std 3 numbers."""
+    if name in ("mean", "std"):
+        ok = isinstance(value, list) and len(value) == 3 and all(
+            isinstance(v, (int, float)) and not isinstance(v, bool) for v in value)
+        if not ok:
+            raise PipelineError(f"{where}: {name} must be three numbers (RGB, 0-1), e.g. [0.5, 0.5, 0.5]; got {value!r}")
+        return tuple(float(v) for v in value)
+    if name == "image_size":
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise PipelineError(f"{where}: image_size must be a whole number of pixels >= 1, got {value!r}")
+        return value
+    if not isinstance(value, str):
+        raise PipelineError(f"{where}: {name} must be a string in quotes, got {value!r}")
+    return value
+
+
+def _recipe(where: str, name: str, body: Any) -> Recipe:
+    if not isinstance(body, dict):
+        raise PipelineError(f"{where}: {name} must be a table [{name}] of training settings")
+    try:
+        return Recipe(**body)
+    except PipelineError as exc:
+        raise PipelineError(f"{where}: [{name}]: {exc}") from None
+
+
+def _register(comp: Competition) -> None:
+    """Make ``get_competition(comp.slug)`` return ``comp`` for the rest of the process."""
+    current = registry._REGISTRY.get(comp.slug)  # the registry offers no replace: a spec file may shadow a module
+    if current is None:
+        registry.register(comp)
+        return
+    if not current.spec_file and current != comp:
+        log.warning("warning: %s takes the place of the registered competition %r for this command",
+                    comp.spec_file, comp.slug)
+    registry._REGISTRY[comp.slug] = comp
+
+
+# ---------------------------------------------------------------- writing
+
+# Every top-level field in the order a spec file lists it, with what it means
+FIELD_HELP = (
+    ("slug", "the CLI name; the Kaggle slug, which `pipeline submit` submits to"),
+    ("title", "free text"),
+    ("layout", "csv: a labels CSV lists the training images; folders: train_dir/<class>/<image>"),
+    ("labels_file", "layout csv: the CSV with one row per training image"),
+    ("id_column", "the id column of every CSV (labels, test file, sample submission)"),
+    ("label_column", "layout csv: the class column of labels_file"),
+    ("path_column", "a column of image paths (x.jpg, images/x.jpg); unset: <id><image_ext>"),
+    ("train_dir", "the folder of the training images, relative to this download"),
+    ("valid_dir", "layout folders: a given validation split, <valid_dir>/<class>/<image>"),
+    ("test_dir", "the folder of the test images"),
+    ("test_file", "a CSV listing the test ids (may be the sample submission); unset: every test_dir image"),
+    ("image_ext", "how image file names end"),
+    ("sample_submission", "Kaggle's example submission: its ids, columns and order are the submission's"),
+    ("submission", "label: one class-name column; probs: one probability column per class; "
+                   "binary: one probability column for the positive class"),
+    ("submission_label_column", "submission label: the class-name column"),
+    ("positive_label", "submission binary: the label whose probability is submitted (unset: 1 or true)"),
+    ("metric", "accuracy, log_loss, roc_auc, qwk or macro_f1 (the competition's Evaluation page)"),
+    ("image_size", "the side of the square the model sees"),
+    ("mean", "normalisation mean (RGB, 0-1)"),
+    ("std", "normalisation std (RGB, 0-1)"),
+)
+
+
+def toml_value(value: Any) -> str:
+    """One TOML value: strings quoted (JSON escapes are TOML's), booleans lower-case, lists inline."""
+    import json
+
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (list, tuple)):
+        return "[" + ", ".join(toml_value(v) for v in value) + "]"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    return json.dumps(str(value), ensure_ascii=False)
+
+
+def render_spec(fields: dict[str, Any], why: dict[str, str], todo: dict[str, str], recipe: dict[str, Any],
+                recipes: dict[str, dict[str, Any]], header: list[str]) -> str:
+    """A commented spec file: each field with its meaning and why it has its value; TODO where unsure."""
+    lines = [f"# {line}" for line in header] + [""]
+    for name, meaning in FIELD_HELP:
+        lines.append(f"# {name}: {meaning}")
+        if name in todo:
+            lines.append(f"# TODO check: {todo[name]}")
+        if name in fields:
+            reason = f"  # {why[name]}" if name in why else ""
+            lines.append(f"{name} = {toml_value(fields[name])}{reason}")
+        else:
+            lines.append(f"# {name} = ")
+    lines += ["", "# The default recipe: `pipeline train` settings (--lr is lr, --batch-size batch_size, ...);",
+              "# options given to `pipeline train` override it. [recipes.NAME]: `pipeline train --recipe NAME`."]
+    for title, table in (("recipe", recipe), *((f"recipes.{k}", v) for k, v in recipes.items())):
+        lines += [f"[{title}]"] + [f"{k} = {toml_value(v)}" for k, v in table.items()] + [""]
+    return "\n".join(lines) + "\n"
