@@ -139,6 +139,8 @@ def infer(s: Survey, slug: str) -> Guess:
     if g.fields.get("layout") == "csv":
         _label_column(s, g, labels, kind, others)
         _paths(s, g, labels, id_column)
+        if g.fields.get("path_column") == id_column and "test_file" not in g.fields and sample:
+            g.set("test_file", sample, "the ids are file names: the sample submission lists the test images")
     if kind == "binary":
         _positive(s, g, others[0])
     g.set("metric", {"probs": "log_loss", "binary": "roc_auc"}.get(kind, "accuracy"),
