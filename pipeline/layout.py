@@ -1,17 +1,8 @@
 """Where the images of a Kaggle download are, as its Competition spec says.
 
-Two layouts (``Competition.layout``):
-
-- ``csv``: ``labels_file`` lists every training id and its label; the image of
-  id X is ``<train_dir>/X<image_ext>``, or ``<train_dir>/<path>`` where a
-  ``path_column`` gives each row's path (``images/x.jpg``, ``x.jpg``).
-- ``folders``: the class is the folder, ``<train_dir>/<class>/<name><image_ext>``
-  (the id is the name); ``valid_dir``, when set, holds a given validation
-  split in the same form.
-
-Test images are every ``<test_dir>/*<image_ext>``, or exactly the ids (and
-paths) that ``test_file`` lists. Ids are kept as the exact strings of the CSV
-or the file name: "007" matches ``007.png``, never ``7.png``.
+The layouts (csv, folders) and test listings are described on
+:class:`pipeline.competition.Competition`. Ids are kept as the exact strings of
+the CSV or the file name: "007" matches ``007.png``, never ``7.png``.
 
 A scan (:func:`scan_download`) lists the folders once, with each file's size
 and mtime, so that reorg can tell an unchanged download without reading it
@@ -32,7 +23,6 @@ import pandas as pd
 from pipeline.competition import Competition
 from pipeline.errors import PipelineError
 from pipeline.io import read_csv
-from pipeline.submission import binary_classes
 
 log = logging.getLogger("pipeline")
 
@@ -361,6 +351,17 @@ def _test_side(comp: Competition, raw_dir: Path, folder: Folder, sample_ids: lis
             f"({len(missing)} ids without image, {len(extra)} images not listed); use the matching download"
         )
     return {i: paths[i] for i in sample_ids}
+
+
+def binary_classes(comp: Competition, labels: list[str], sample_columns: list[str], where: Path | str) -> list[str]:
+    """[other, positive] of a binary competition: positive_label, else "1" or "true"; one sample column."""
+    columns = [c for c in sample_columns if c != comp.id_column]
+    positive = comp.positive_label or next((c for c in labels if c.lower() in ("1", "true")), "")
+    if len(columns) != 1 or len(labels) != 2 or positive not in labels:
+        raise PipelineError(f"{where}: submission 'binary' needs one probability column beside {comp.id_column!r} "
+                            f"(found {columns[:5]}) and two labels (found {labels[:5]}), one of them the "
+                            f"positive_label {positive!r}: set submission or positive_label in the competition spec")
+    return [c for c in labels if c != positive] + [positive]
 
 
 def class_list(comp: Competition, labels: pd.DataFrame, sample_columns: list[str], sample_path: Path) -> list[str]:

@@ -29,26 +29,6 @@ def submission_clip(comp: Competition) -> float | None:
     return PROB_FLOOR if comp.submission == "probs" else None
 
 
-def binary_classes(comp: Competition, labels: list[str], sample_columns: list[str], where: Path | str) -> list[str]:
-    """[other, positive] of a binary competition, by name: its positive_label, else "1" or "true".
-
-    The sample submission (``where``) must hold one column beside the id: the
-    positive class's probability, whatever that column is called.
-    """
-    columns = [c for c in sample_columns if c != comp.id_column]
-    if len(columns) != 1:
-        raise PipelineError(f"{where}: submission 'binary' needs one probability column beside {comp.id_column!r}, "
-                            f"found {columns[:5]}; set submission to 'probs' or 'label' in the competition spec")
-    if len(labels) != 2:
-        raise PipelineError(f"competition {comp.slug}: submission 'binary' needs exactly two labels, found "
-                            f"{len(labels)} ({labels[:5]}); set submission to 'probs' or 'label'")
-    positive = comp.positive_label or next((c for c in labels if c.lower() in ("1", "true")), "")
-    if positive not in labels:
-        raise PipelineError(f"competition {comp.slug}: positive_label {positive!r} is not one of the labels {labels}; "
-                            f"set positive_label to the label whose probability {columns[0]!r} holds")
-    return [c for c in labels if c != positive] + [positive]
-
-
 def positive_index(comp: Competition) -> int | None:
     """The positive class's index for roc_auc: second of a binary competition's classes, else None."""
     return 1 if comp.submission == "binary" else None
@@ -73,6 +53,8 @@ def build_submission(comp: Competition, ids: list[str], probs: np.ndarray, class
     if comp.submission == "label":
         frame = pd.DataFrame({comp.id_column: ids, comp.submission_label_column: np.asarray(classes)[probs.argmax(1)]})
     elif comp.submission == "binary":
+        from pipeline.layout import binary_classes  # layout reads the download: only binary needs it here
+
         positive = binary_classes(comp, sorted(classes), list(sample.columns), "the sample submission")[1]
         column = [c for c in sample.columns if c != comp.id_column][0]
         probs = np.nan_to_num(np.asarray(probs, dtype=np.float64), nan=0.0)
