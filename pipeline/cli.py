@@ -71,7 +71,7 @@ def init(raw_dir: Annotated[Path, typer.Argument(metavar="RAW_DIR", help="The un
     for note in g.notes:
         typer.echo(f"  note: {note}")
     for name, what in g.undecided.items():
-        typer.echo(f"  not decided: {name} (now {g.fields.get(name)!r}): set it to {what}")
+        typer.echo(f"  not decided: {name} = {g.fields.get(name)!r} for now; set it to {what}")
     typer.echo(result.check)
     if "does not read" not in result.check:
         typer.echo(f"next: pipeline reorg {result.path} {raw_dir} WORK_DIR")

@@ -236,8 +236,8 @@ def _submission_kind(s: Survey, g: Guess, frame: pd.DataFrame, others: list[str]
         return "binary"
     g.set("submission_label_column", col, "the sample submission's prediction column")
     if numeric:
-        g.ask("submission", "label", f"{col!r} holds whole numbers: 'label' if it takes the class, 'binary' if the "
-                                     "competition scores a probability of the positive class (ROC AUC)")
+        g.ask("submission", "label", f"'label' if {col!r} takes the class, or 'binary' (and metric 'roc_auc') if the "
+                                     "competition scores a probability of the positive class")
     else:
         g.set("submission", "label", f"{col!r} holds class names")
     return g.fields["submission"]
