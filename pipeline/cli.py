@@ -16,8 +16,8 @@ from typing import Annotated, Optional
 import typer
 
 from pipeline import cli_kernel, cli_report, cli_train, progress
-from pipeline.cli_common import (STATE, Comp, Json, RunDir, WorkDir, all_competitions, checked_submission, command,
-                                 handle_errors, load_competition, print_json, typer_app)
+from pipeline.cli_common import (STATE, Comp, Json, RunDir, WorkDir, all_competitions, check_current_folder,
+                                 checked_submission, command, handle_errors, load_competition, print_json, typer_app)
 from pipeline.errors import PipelineError
 from pipeline.summary import collect_warnings
 
@@ -31,6 +31,7 @@ def main(debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks fo
          quiet: Annotated[bool, typer.Option("--quiet", "-q",
                                              help="Only warnings and results: no progress, no logs.")] = False) -> None:
     STATE["debug"] = debug
+    check_current_folder()
     logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(message)s",
                         stream=sys.stderr, force=True)
     logging.getLogger("timm").setLevel(logging.WARNING)

@@ -108,6 +108,17 @@ def handle_errors(fn: Callable) -> Callable:
     return wrapper
 
 
+def check_current_folder() -> None:
+    """Every command resolves relative paths against the current folder: a removed one is one line, exit 1."""
+    import os
+
+    try:
+        os.getcwd()
+    except FileNotFoundError:
+        typer.echo("error: the current folder no longer exists; cd into an existing folder", err=True)
+        raise typer.Exit(1) from None
+
+
 def print_json(result: dict) -> None:
     """The command's one machine-readable result object, on stdout."""
     typer.echo(json.dumps(result, default=str, allow_nan=False))

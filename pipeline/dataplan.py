@@ -20,13 +20,14 @@ import logging
 import os
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
 from pipeline import distributed as dist
-from pipeline.cache import (MAX_CACHED_SIDE, FeatureHead, FeatureLoader, TensorBatchLoader, cached_targets,
+from pipeline.cache import (CACHE_DIR, MAX_CACHED_SIDE, FeatureHead, FeatureLoader, TensorBatchLoader, cached_targets,
                             check_cacheable, extract_features, feature_bank, image_cache)
 from pipeline.config import TrainConfig
 from pipeline.devices import Accelerator, DevicePlan, available_cpus, ddp_find_unused, plan_device, probe
@@ -177,10 +178,19 @@ def _unreadable_rows(cfg: TrainConfig, pool: list[Item], bad: set[int], train_it
     return bad_train, bad_ids
 
 
+def cache_root(cfg: TrainConfig) -> Path:
+    """The folder whose cache/ holds the caches: WORK_DIR when writable, else RUN_DIR (a read-only work dir)."""
+    cache = Path(cfg.work_dir) / CACHE_DIR
+    if os.access(cache if cache.is_dir() else cfg.work_dir, os.W_OK | os.X_OK):
+        return Path(cfg.work_dir)
+    log.info("%s is read-only: caches go to %s", cfg.work_dir, Path(cfg.run_dir) / CACHE_DIR)
+    return Path(cfg.run_dir)
+
+
 def _cached_plan(cfg: TrainConfig, train_items, valid_items, device, source: Source, dplan: DevicePlan) -> DataPlan:
     info = load_reorg(cfg.work_dir)
     pool = list_split(cfg.work_dir, info, "train_valid")
-    array, bad = build_once(lambda: image_cache(cfg.work_dir, pool, cfg.image_size))
+    array, bad = build_once(lambda: image_cache(cache_root(cfg), pool, cfg.image_size))
     bad_train, _ = _unreadable_rows(cfg, pool, bad, train_items, valid_items)
     images = torch.from_numpy(np.array(array))  # into memory (or on to the GPU) once per member
     targets = cached_targets(pool, bad)
@@ -220,7 +230,7 @@ def _feature_plan(cfg: TrainConfig, model, train_items, valid_items, device, sou
         return dl
 
     key = [*backbone_key(cfg), cfg.seed]  # feature_bank adds the dtype: features of another precision differ
-    bank = build_once(lambda: feature_bank(model, pool, loader_for, cfg.feature_views, key, cfg.work_dir, device,
+    bank = build_once(lambda: feature_bank(model, pool, loader_for, cfg.feature_views, key, cache_root(cfg), device,
                                            amp_dtype=dplan.dtype))
     bad = set(bank["bad"].tolist())
     bad_train, _ = _unreadable_rows(cfg, pool, bad, train_items, valid_items)

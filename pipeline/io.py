@@ -133,8 +133,11 @@ def atomic_save(path: Path, save: Callable[[Path], None]) -> None:
 def read_csv(path: Path, what: str, **kwargs: Any) -> pd.DataFrame:
     """Read a CSV of strings exactly as written (ids like '007' stay '007').
 
-    Handles a UTF-8 byte-order mark; a missing, empty or unparsable file is a
-    one-line error naming it.
+    Reads CSVs as spreadsheets save them: UTF-8 with or without a byte-order
+    mark, UTF-16 (Excel's "Unicode text", told by its BOM), CRLF line ends,
+    trailing blank rows or rows of only commas (dropped), spaces around column
+    names (stripped). A missing, empty or unparsable file is a one-line error
+    naming it.
     """
     import pandas as pd  # lazily: commands that read no CSV start faster
 
@@ -142,7 +145,8 @@ def read_csv(path: Path, what: str, **kwargs: Any) -> pd.DataFrame:
     if not path.is_file():
         raise PipelineError(f"{what} {path} not found; check the path (is RAW_DIR the unzipped download?)")
     try:
-        frame = pd.read_csv(path, dtype=str, keep_default_na=False, encoding="utf-8-sig", **kwargs)
+        encoding = csv_encoding(path)
+        frame = pd.read_csv(path, dtype=str, keep_default_na=False, encoding=encoding, **kwargs)
     except pd.errors.EmptyDataError:
         raise PipelineError(f"{what} {path} is empty; download it again") from None
     except (pd.errors.ParserError, UnicodeDecodeError, ValueError) as exc:
@@ -151,9 +155,18 @@ def read_csv(path: Path, what: str, **kwargs: Any) -> pd.DataFrame:
     except OSError as exc:
         raise PipelineError(os_error_message(exc, path, "read")) from exc
     frame.columns = [str(c).strip() for c in frame.columns]
+    blank = frame.apply(lambda col: col.str.strip() == "").all(axis=1)
+    frame = frame[~blank].reset_index(drop=True) if blank.any() else frame  # ",,," rows a spreadsheet leaves
     if frame.empty:
         raise PipelineError(f"{what} {path} has a header but no rows; download it again")
     return frame
+
+
+def csv_encoding(path: Path) -> str:
+    """The encoding a CSV's byte-order mark names: utf-16 (either byte order), else utf-8-sig (BOM or none)."""
+    with open(path, "rb") as fh:
+        head = fh.read(2)
+    return "utf-16" if head in (b"\xff\xfe", b"\xfe\xff") else "utf-8-sig"
 
 
 @contextlib.contextmanager

@@ -230,13 +230,23 @@ def download_root(path: Path, comps: Iterable[Competition]) -> Path | None:
     return None
 
 
+def credentials(path: Path) -> bool:
+    """Credentials by name or by place, also behind links: kaggle.json, .env files, anything in ~/.kaggle."""
+    real = Path(os.path.realpath(path))
+    kaggle_dir = Path(os.path.realpath(Path.home() / ".kaggle"))
+    return forbidden_name(Path(path).name) or forbidden_name(real.name) or kaggle_dir in (real, *real.parents)
+
+
 def check_sources(sources: Iterable[Path], comps: Iterable[Competition]) -> None:
-    """Refuse credentials and anything inside a competition's download."""
+    """Refuse credentials (the file or the target of its link) and anything inside a competition's download.
+
+    The message names the file given, never the target: the place of credentials is not logged.
+    """
     comps = list(comps)
     for src in sources:
-        if forbidden_name(Path(src).name):
-            raise PipelineError(f"refusing to package {src}: credentials never leave this machine; "
-                                "move the file out of the folders you package")
+        if credentials(src):
+            raise PipelineError(f"refusing to package {src}: credentials never leave this machine (it is or links to "
+                                "kaggle.json, ~/.kaggle or a .env file); move it out of the folders you package")
         root = download_root(src, comps)
         if root is not None:
             raise PipelineError(f"refusing to package {src}: it lies in the competition download {root}; "

@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import os
 import posixpath
+import stat
 from array import array
 from dataclasses import dataclass
 from pathlib import Path
@@ -39,6 +40,7 @@ class Folder:
     rel: str  # its path relative to RAW_DIR ("." for RAW_DIR itself)
     files: list[str]  # every non-hidden file under it, relative to it, "/"-separated, sorted
     stamp: bytes  # the files' names, sizes and mtimes: what the fingerprint sees
+    links: frozenset[str] = frozenset()  # the files that are links (to files inside the download)
 
 
 @dataclass(frozen=True)
@@ -50,24 +52,68 @@ class Download:
     test_paths: dict[str, str]  # id -> image path relative to RAW_DIR
     given_valid: frozenset[str] | None  # the ids of valid_dir, or None for a random split
     classes: list[str]  # in submission order
+    links: frozenset[str] = frozenset()  # image paths (relative to RAW_DIR) that are links: reorg links their targets
 
 
 # ---------------------------------------------------------------- scanning
 
 
-def _scan(root: Path, depth: int | None) -> tuple[list[str], bytes]:
-    """(sorted files, stamp) under ``root`` down to ``depth`` levels (None: all); hidden names skipped."""
+def _scan(root: Path, depth: int | None, ext: str, inside: tuple[str, ...]) -> tuple[list[str], bytes, frozenset]:
+    """(sorted regular files, stamp, links) under ``root`` to ``depth`` levels; anything else skipped, with a warning."""
     fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
+    seen = _Seen(os.path.realpath(root), ext.lower(), inside, [], [])
     try:
-        files = sorted(_list_files(fd, depth))
+        files = sorted(_list_files(fd, depth, seen))
         stamp = _sizes_and_mtimes(fd, files)
     finally:
         os.close(fd)
-    return files, "\0".join(files).encode() + stamp.tobytes()
+    if seen.skipped:
+        log.warning("skipped %d entries of %s that are not regular image files: %s%s", len(seen.skipped), root,
+                    ", ".join(seen.skipped[:5]), ", ..." if len(seen.skipped) > 5 else "")
+    return files, "\0".join(files).encode() + stamp.tobytes(), frozenset(seen.links)
 
 
-def _list_files(fd: int, depth: int | None) -> list[str]:
-    """Relative paths of the files below the folder ``fd``; the file type comes free with the listing."""
+@dataclass
+class _Seen:  # what a scan needs to judge an entry, what it skipped, which files are links
+    real_root: str
+    ext: str  # lower-case image_ext: a folder with such a name is reported, not silently passed over
+    inside: tuple[str, ...]  # real paths of the download: a link must lead into one of them
+    skipped: list[str]
+    links: list[str]
+
+
+def _kind(entry: os.DirEntry) -> str:
+    """'file', 'dir', or what the entry is instead (named pipe, socket, device, broken link)."""
+    try:
+        if entry.is_file():
+            return "file"
+        if entry.is_dir():
+            return "dir"
+        mode = entry.stat().st_mode
+    except OSError:  # a broken link or a link loop
+        return "a broken link"
+    if stat.S_ISFIFO(mode):
+        return "a named pipe"
+    if stat.S_ISSOCK(mode):
+        return "a socket"
+    return "a device or special file"
+
+
+def _within(path: str, root: str) -> bool:
+    return path == root or path.startswith(root + os.sep)
+
+
+def _link_loops(rel: str, seen: _Seen) -> bool:
+    """Whether a link leads inside the download (else an error naming it) and loops back above itself."""
+    target = os.path.realpath(os.path.join(seen.real_root, rel))
+    if not any(_within(target, root) for root in seen.inside):
+        raise PipelineError(f"{os.path.join(seen.real_root, rel)} links to {target}, outside the download; "
+                            "copy the file into the download or remove the link")
+    return _within(os.path.realpath(os.path.join(seen.real_root, posixpath.dirname(rel))), target)
+
+
+def _list_files(fd: int, depth: int | None, seen: _Seen) -> list[str]:
+    """Relative paths of the regular files below the folder ``fd``; the file type comes free with the listing."""
     files: list[str] = []
     pending = [("", 1)]
     while pending:
@@ -78,21 +124,28 @@ def _list_files(fd: int, depth: int | None) -> list[str]:
                 for entry in entries:
                     if entry.name.startswith("."):  # .DS_Store, ._x.png resource forks, .ipynb_checkpoints
                         continue
-                    if not entry.is_dir():
-                        files.append(prefix + entry.name)
+                    rel, kind = prefix + entry.name, _kind(entry)
+                    if kind != "file" and kind != "dir":
+                        seen.skipped.append(f"{rel} ({kind})")
+                        continue
+                    if entry.is_symlink() and _link_loops(rel, seen):
+                        seen.skipped.append(f"{rel} (a link to a folder above it)")
+                        continue
+                    if kind == "file":
+                        files.append(rel)
+                        if entry.is_symlink():
+                            seen.links.append(rel)
                     elif depth is None or level < depth:
-                        pending.append((f"{prefix}{entry.name}/", level + 1))
+                        pending.append((f"{rel}/", level + 1))
+                    elif entry.name.lower().endswith(seen.ext):
+                        seen.skipped.append(f"{rel} (a folder)")
         finally:
             os.close(sub)
     return files
 
 
 def _sizes_and_mtimes(fd: int, files: list[str]) -> array:
-    """Size and mtime (ns) of each file, flat: they catch an image rewritten in place.
-
-    Relative to an open folder, each stat resolves one name. One thread: with
-    more, the GIL hand-offs cost more than the overlapped system calls save.
-    """
+    """Size and mtime (ns) of each file, flat (they catch an image rewritten in place); one thread is fastest."""
     out = array("q")
     for rel in files:
         st = os.stat(rel, dir_fd=fd)
@@ -122,7 +175,9 @@ def scan_download(comp: Competition, raw_dir: Path) -> dict[str, Folder]:
         root = raw_dir / rel
         if not root.is_dir():
             raise PipelineError(f"image folder {root} not found; point RAW_DIR at the unzipped Kaggle download")
-        scans[rel] = Folder(posixpath.normpath(rel), *_scan(root, depth))
+        # links may lead anywhere in the download, and into an image folder that is itself a link
+        inside = (os.path.realpath(raw_dir), os.path.realpath(root))
+        scans[rel] = Folder(posixpath.normpath(rel), *_scan(root, depth, comp.image_ext, inside))
     return {role: scans[rel] for role, rel in roles.items()}
 
 
@@ -382,12 +437,23 @@ def class_list(comp: Competition, labels: pd.DataFrame, sample_columns: list[str
 def read_download(comp: Competition, raw_dir: Path, scans: dict[str, Folder]) -> Download:
     """Ids, labels, files and classes of a scanned download; any inconsistency is a one-line error."""
     labels, train_paths, given = _train_side(comp, raw_dir, scans)
+    _check_two_classes(comp, raw_dir, labels)
     sample_ids, sample_columns = read_sample(comp, raw_dir)
     test_paths = _test_side(comp, raw_dir, scans["test"], sample_ids)
     if comp.train_dir == comp.test_dir:
         _warn_unlisted(comp, scans["train"], train_paths, test_paths)
     classes = class_list(comp, labels, sample_columns, raw_dir / comp.sample_submission)
-    return Download(labels, train_paths, test_paths, given, classes)
+    links = frozenset(_join(f.rel, rel) for f in scans.values() for rel in f.links)
+    return Download(labels, train_paths, test_paths, given, classes, links)
+
+
+def _check_two_classes(comp: Competition, raw_dir: Path, labels: pd.DataFrame) -> None:
+    """A classifier needs two classes: one label everywhere means a cut or wrong labels file."""
+    found = labels["label"].unique()
+    if len(found) < 2:
+        source = raw_dir / (comp.labels_file or comp.train_dir)
+        raise PipelineError(f"{source}: every one of its {len(labels)} images has the label {found[0]!r}; "
+                            "a classifier needs at least two classes: use the full labels file")
 
 
 def _warn_unlisted(comp: Competition, folder: Folder, train: dict[str, str], test: dict[str, str]) -> None:

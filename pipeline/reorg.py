@@ -249,16 +249,19 @@ def materialize(plan: SplitPlan, download: Download, raw_dir: Path, image_ext: s
     src = f"{raw_dir.resolve() if mode == 'symlink' else raw_dir}/"
     out = f"{staging}/"
     held_out, paths = plan.valid_ids, download.train_paths
+    # a link in the download is replaced by its target: a hard link to a relative link would dangle
+    real = {p: os.path.realpath(raw_dir / p) for p in download.links}
+    source = lambda path: real.get(path) or src + path  # noqa: E731
     jobs: list[tuple[str, str]] = []
     both: list[tuple[str, str]] = []
     for image_id, label in zip(plan.labels["id"].tolist(), plan.labels["label"].tolist()):
         path = paths[image_id]
         tail = f"/{class_dirs[label]}/{link_name(image_id, path, image_ext)}"
-        jobs.append((src + path, out + ("valid" if image_id in held_out else "train") + tail))
-        both.append((src + path, out + "train_valid" + tail))
+        jobs.append((source(path), out + ("valid" if image_id in held_out else "train") + tail))
+        both.append((source(path), out + "train_valid" + tail))
     test = f"{out}test/{TEST_CLASS_DIR}/"
     jobs += both
-    jobs += [(src + path, test + link_name(i, path, image_ext)) for i, path in download.test_paths.items()]
+    jobs += [(source(path), test + link_name(i, path, image_ext)) for i, path in download.test_paths.items()]
     _link_all(jobs, mode)
     return mode
 
