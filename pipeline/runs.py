@@ -9,6 +9,7 @@ forgotten on resume).
 
     RUN_DIR/config.json         resolved settings + the source of each value
     RUN_DIR/oof.csv, cv.json    out-of-fold predictions and the CV score (fold runs)
+    RUN_DIR/cache               the data caches, when WORK_DIR is read-only
     RUN_DIR/summary.txt         the start-of-run summary of the last `train` command
     RUN_DIR/done.json           written when a `train` command finished every member it trained
     RUN_DIR/<member>/config.json, metrics.csv, last.pt, best.pt, done.json
