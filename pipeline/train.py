@@ -372,7 +372,8 @@ def _train_locked(resolved: Resolved, resume: bool, force: bool) -> list[MemberR
     if dist.is_main():
         Run(cfg.run_dir).unmark_done()
         atomic_write_json(Run(cfg.run_dir).config_path, {**resolved.to_json(), "data": data})
-        log_run_summary(resolved, members, info, lambda c: build_model(c, len(info["classes"])))
+        shown = replace(resolved, config=configs[0])  # the adapted plan: what the members will run
+        log_run_summary(shown, members, info, lambda c: build_model(c, len(info["classes"])))
     results = []
     for (member, train_items, valid_items), member_cfg in zip(members, configs):
         member_cfg = replace(member_cfg, batch_size=min(member_cfg.batch_size, len(train_items)))
