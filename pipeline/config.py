@@ -344,11 +344,12 @@ def adapt_to_data(cfg: TrainConfig, n_train: int, sources: Mapping[str, str]) ->
     A recipe states intent at full data size ("N epochs at batch B"); on small
     data that can mean one optimizer step per epoch. Values whose source is a
     flag (or a caller's own TrainConfig) are kept. Adapted: the batch (at least
-    MIN_STEPS_PER_EPOCH steps per epoch, a power of two >= MIN_BATCH, rebalanced
-    so drop_last leaves out at most MAX_DROPPED of the images), the epochs (at
-    least MIN_TOTAL_STEPS steps in all, at most MAX_EPOCH_FACTOR x the recipe's)
-    with the step schedule's period and the warm-up stretched alike, and the
-    feature views of a logreg head (it fits the unaugmented features).
+    MIN_STEPS_PER_EPOCH steps per epoch and MIN_TOTAL_STEPS in the recipe's
+    epochs, >= MIN_BATCH, made smaller where drop_last would leave out more than
+    MAX_DROPPED of the images); where the batch cannot shrink enough, the epochs
+    (at least MIN_TOTAL_STEPS steps in all, at most MAX_EPOCH_FACTOR x the
+    recipe's) with the step schedule's period and the warm-up stretched alike.
+    A logreg head: one fit, on the unaugmented features.
     """
     def free(name: str) -> bool:
         return sources.get(name, "default") not in FIXED_SOURCES
@@ -359,7 +360,7 @@ def adapt_to_data(cfg: TrainConfig, n_train: int, sources: Mapping[str, str]) ->
     notes: list[str] = []
     batch = cfg.batch_size
     if free("batch_size") and n_train > 0:
-        batch = adapted_batch(batch, n_train)
+        batch = adapted_batch(batch, n_train, cfg.epochs)
         if batch != cfg.batch_size:
             changes["batch_size"] = batch
             notes.append(f"batch_size {cfg.batch_size} -> {batch}: {n_train} training images make "
@@ -374,11 +375,15 @@ def adapt_to_data(cfg: TrainConfig, n_train: int, sources: Mapping[str, str]) ->
     return (dataclasses.replace(cfg, **changes) if changes else cfg), notes
 
 
-def adapted_batch(batch: int, n_train: int) -> int:
-    """``batch`` capped for ``n_train`` images (see :func:`adapt_to_data`); unchanged on large data."""
-    limit = max(MIN_BATCH, n_train // MIN_STEPS_PER_EPOCH)
-    if batch > limit:
-        batch = max(MIN_BATCH, 1 << (limit.bit_length() - 1))  # the largest power of two <= limit
+def adapted_batch(batch: int, n_train: int, epochs: int = 1) -> int:
+    """``batch`` capped for ``n_train`` images and ``epochs`` (see :func:`adapt_to_data`); unchanged on large data.
+
+    The cap gives at least MIN_STEPS_PER_EPOCH steps per epoch and, where the
+    batch can shrink that far, MIN_TOTAL_STEPS in the recipe's epochs: the
+    epochs (the recipe's intent, and its compute) stay, the batch moves.
+    """
+    limit = max(MIN_BATCH, min(n_train // MIN_STEPS_PER_EPOCH, n_train * epochs // MIN_TOTAL_STEPS))
+    batch = min(batch, limit)
     while batch > MIN_BATCH and batch < n_train and (n_train % batch) / n_train > MAX_DROPPED:
         batch -= 1  # drop_last leaves out n % batch images every epoch: a slightly smaller batch fits better
     return min(batch, n_train)

@@ -31,12 +31,20 @@ def test_dog_recipe_on_270_images_takes_enough_steps(tmp_path):
     cfg, notes = adapt_to_data(r.config, 270, r.sources)
     steps = 270 // cfg.batch_size
     assert steps >= MIN_STEPS_PER_EPOCH and cfg.batch_size >= MIN_BATCH
-    assert steps * cfg.epochs >= MIN_TOTAL_STEPS and cfg.epochs <= 20 * 10
+    assert steps * cfg.epochs >= MIN_TOTAL_STEPS and cfg.epochs == 20  # the batch moved, the recipe's epochs stay
     assert (270 % cfg.batch_size) / 270 <= 0.05  # drop_last leaves out little
-    # the step schedule keeps its shape: two decays over the run, as 10 of 20 epochs did
-    assert cfg.lr_period_epochs == round(10 * cfg.epochs / 20)
-    assert any(n.startswith("batch_size 128 -> ") for n in notes) and any(n.startswith("epochs 20 -> ") for n in notes)
-    assert (cfg.lr, cfg.model) == (r.config.lr, r.config.model)  # nothing else moves
+    assert len(notes) == 1 and notes[0].startswith("batch_size 128 -> ")
+    assert (cfg.lr, cfg.model, cfg.lr_period_epochs) == (r.config.lr, r.config.model, 10)  # nothing else moves
+
+
+def test_epochs_rise_when_the_batch_cannot_shrink_enough(tmp_path):
+    r = resolved(DOG_BREED, tmp_path, model="timm:tf_efficientnet_lite0")
+    cfg, notes = adapt_to_data(r.config, 100, r.sources)  # batch 8: 12 steps per epoch, 240 in 20 epochs
+    assert cfg.batch_size == MIN_BATCH and cfg.epochs == 25 and 12 * 25 >= MIN_TOTAL_STEPS
+    assert cfg.lr_period_epochs == round(10 * 25 / 20)  # the step schedule keeps its shape
+    assert notes[1].startswith("epochs 20 -> 25")
+    cfg, _ = adapt_to_data(r.config, 10, r.sources)  # 1 step per epoch
+    assert cfg.epochs == 20 * 10  # raised at most tenfold
 
 
 def test_cifar_fast_recipe_on_tiny_takes_enough_steps(tmp_path):
@@ -44,7 +52,7 @@ def test_cifar_fast_recipe_on_tiny_takes_enough_steps(tmp_path):
     assert (r.config.batch_size, r.config.epochs) == (512, 10)
     cfg, notes = adapt_to_data(r.config, 900, r.sources)
     assert 900 // cfg.batch_size >= MIN_STEPS_PER_EPOCH
-    assert (900 // cfg.batch_size) * cfg.epochs >= MIN_TOTAL_STEPS and len(notes) == 2
+    assert (900 // cfg.batch_size) * cfg.epochs >= MIN_TOTAL_STEPS and cfg.epochs == 10 and len(notes) == 1
 
 
 def test_flags_always_win(tmp_path):
@@ -63,8 +71,8 @@ def test_full_size_data_is_left_alone(tmp_path):
 
 @pytest.mark.parametrize("n", [9, 37, 64, 100, 270, 333, 900, 1800, 2001, 4097])
 def test_adapted_batch_bounds(n):
-    for batch in (16, 64, 128, 512, 1024):
-        b = adapted_batch(batch, n)
+    for batch, epochs in ((16, 1), (64, 10), (128, 20), (512, 10), (1024, 100)):
+        b = adapted_batch(batch, n, epochs)
         assert b <= max(batch, MIN_BATCH) and b <= n
         if n >= MIN_BATCH * MIN_STEPS_PER_EPOCH:
             assert n // b >= MIN_STEPS_PER_EPOCH and b >= MIN_BATCH
