@@ -26,7 +26,7 @@ def resolved(comp, tmp_path, recipe=None, **flags):
 
 
 def test_dog_recipe_on_270_images_takes_enough_steps(tmp_path):
-    r = resolved(DOG_BREED, tmp_path, model="timm:tf_efficientnet_lite0")
+    r = resolved(DOG_BREED, tmp_path, model="timm:tf_efficientnet_lite0", head="mlp")  # the SGD head
     assert (r.config.batch_size, r.config.epochs) == (128, 20)  # the recipe: 2 steps per epoch on 270 images
     cfg, notes = adapt_to_data(r.config, 270, r.sources)
     steps = 270 // cfg.batch_size
@@ -38,7 +38,7 @@ def test_dog_recipe_on_270_images_takes_enough_steps(tmp_path):
 
 
 def test_epochs_rise_when_the_batch_cannot_shrink_enough(tmp_path):
-    r = resolved(DOG_BREED, tmp_path, model="timm:tf_efficientnet_lite0")
+    r = resolved(DOG_BREED, tmp_path, model="timm:tf_efficientnet_lite0", head="mlp")  # the SGD head
     cfg, notes = adapt_to_data(r.config, 100, r.sources)  # batch 8: 12 steps per epoch, 240 in 20 epochs
     assert cfg.batch_size == MIN_BATCH and cfg.epochs == 25 and 12 * 25 >= MIN_TOTAL_STEPS
     assert cfg.lr_period_epochs == round(10 * 25 / 20)  # the step schedule keeps its shape
@@ -170,3 +170,11 @@ def test_logreg_member_is_an_ordinary_checkpoint(toy, tmp_path):
     _, valid = fold_split(tmp_path / "work", load_reorg(tmp_path / "work"), 0)
     ids, probs, _ = predict_items([fold], valid, device="cpu")
     assert probs.shape == (len(valid), 3) and np.allclose(probs.sum(1), 1, atol=1e-5)
+
+
+def test_dog_recipe_fits_a_logreg_head_once(tmp_path):
+    r = resolved(DOG_BREED, tmp_path, model="timm:tf_efficientnet_lite0")
+    cfg, notes = adapt_to_data(r.config, 200, r.sources)
+    assert (cfg.head, cfg.epochs, cfg.feature_views, cfg.batch_size) == ("logreg", 1, 0, r.config.batch_size)
+    r = resolved(DOG_BREED, tmp_path, model="timm:tf_efficientnet_lite0", feature_views=2)
+    assert adapt_to_data(r.config, 200, r.sources)[0].feature_views == 2  # a flag wins
