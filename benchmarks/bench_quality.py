@@ -4,8 +4,9 @@ Runs the `pipeline` CLI (this checkout's package) as a user would:
 
 - dog: the 300 real dog-breed images of ../shared (reorg --folds 3), trained as
   `pipeline train dog-breed-identification WORK RUN --folds 3 --model
-  timm:tf_efficientnet_lite0 --weights <lite0>`, then the same with
-  `--head logreg`; prints the CV log loss (uniform guess: ln 120 = 4.787).
+  timm:tf_efficientnet_lite0 --weights <lite0>` (the recipe's logreg head),
+  then the same with `--head mlp` (the d2l head trained by SGD); prints the CV
+  log loss (uniform guess: ln 120 = 4.787).
 - cifar: 2,000 training images drawn from ../shared/data/cifar-10-jpeg (written
   as the Kaggle PNG layout) and 1,000 other images of the set as the test set,
   their labels known only here; `pipeline train cifar-10 WORK RUN --recipe fast`
@@ -56,7 +57,7 @@ def dog(tmp: Path) -> list[dict]:
     work = tmp / "dog-work"
     cli("reorg", "dog-breed-identification", str(DOG), str(work), "--folds", "3")
     rows = []
-    for name, extra in (("recipe (mlp head, SGD)", []), ("--head logreg", ["--head", "logreg"])):
+    for name, extra in (("recipe (logreg head)", []), ("--head mlp (SGD)", ["--head", "mlp"])):
         run = tmp / f"dog-{len(rows)}"
         secs = cli("train", "dog-breed-identification", str(work), str(run), "--folds", "3", *LITE0, *extra)
         cv = json.loads((run / "cv.json").read_text())
