@@ -121,6 +121,9 @@ class TrainConfig:
         if self.head == "logreg" and not (self.freeze_backbone and self.feature_cache):
             raise PipelineError("--head logreg fits a linear head on cached backbone features: add "
                                 "--freeze-backbone (and keep --feature-cache on), or use --head linear")
+        if self.head == "logreg" and self.ema:
+            raise PipelineError("--head logreg is fitted once: an --ema average of it would be the unfitted head; "
+                                "drop --ema")
 
     @property
     def model_head(self) -> str:

@@ -148,6 +148,8 @@ def test_logreg_needs_a_frozen_backbone():
         TrainConfig(competition="x", model="m", head="logreg")
     with pytest.raises(PipelineError, match="--feature-cache"):
         TrainConfig(competition="x", model="m", head="logreg", freeze_backbone=True, feature_cache=False)
+    with pytest.raises(PipelineError, match="--ema"):
+        TrainConfig(competition="x", model="m", head="logreg", freeze_backbone=True, ema=0.99)
 
 
 def test_logreg_member_is_an_ordinary_checkpoint(toy, tmp_path):
