@@ -185,7 +185,8 @@ def log_run_summary(resolved: Any, plans: Sequence[tuple[Any, list, list]], info
     from pipeline.runs import Run
 
     facts = gather_facts(resolved, plans, info, build)
-    text = format_summary(resolved.table(), facts, [*warnings_so_far(), *plan_warnings(facts)])
+    few_steps = [] if resolved.config.head == "logreg" else plan_warnings(facts)  # logreg: one fit, no steps
+    text = format_summary(resolved.table(), facts, [*warnings_so_far(), *few_steps])
     log.info(text)
     Run(resolved.config.run_dir).write_summary(text)
     return text

@@ -19,7 +19,7 @@ from torch import nn
 
 from pipeline import distributed as dist
 from pipeline.competition import Competition, get_competition
-from pipeline.config import Resolved, TrainConfig
+from pipeline.config import Resolved, TrainConfig, adapt_to_data
 from pipeline.data import (BAD_TARGET, Item, fold_split, list_split, load_reorg, n_folds, training_fingerprint,
                            unreadable_message)
 from pipeline.dataplan import DataPlan, plan_for, plan_member
@@ -63,7 +63,7 @@ def kept_variant(cfg: TrainConfig, st) -> str | None:
 
 def build_model(cfg: TrainConfig, num_classes: int) -> nn.Module:
     model = create_model(cfg.model, num_classes, pretrained=cfg.pretrained, weights=cfg.weights,
-                         head=cfg.head, head_hidden=cfg.head_hidden, drop_rate=cfg.drop_rate)
+                         head=cfg.model_head, head_hidden=cfg.head_hidden, drop_rate=cfg.drop_rate)
     if cfg.freeze_backbone:
         freeze_backbone(model)
     return model
@@ -187,7 +187,11 @@ def _run_epoch(cfg: TrainConfig, comp: Competition, st: MemberState, epoch: int,
     gen = torch.Generator().manual_seed(cfg.seed * 1000 + epoch)
     st.rt.step = epoch * st.rt.steps_per_epoch
     st.data.train.sampler.set_epoch(epoch)
-    loss, steps, bad = train_one_epoch(st.net, st.data.train, st.optimizer, st.criterion, cfg, st.rt, st.ema, epoch, gen)
+    if cfg.head == "logreg":  # a convex fit on the cached features instead of an epoch of SGD
+        from pipeline.logreg import fit_feature_head
+        loss, steps, bad = fit_feature_head(st.model, st.data.train, n_classes, cfg.seed), 0, set()
+    else:
+        loss, steps, bad = train_one_epoch(st.net, st.data.train, st.optimizer, st.criterion, cfg, st.rt, st.ema, epoch, gen)
     _warn_unreadable(st, "train", bad, train_items, "skipping")
     row = {"epoch": epoch + 1, "train_loss": loss, "lr": st.optimizer.param_groups[-1]["lr"], "steps": steps}
     if st.data.valid is not None:
@@ -233,8 +237,9 @@ def fit_member(cfg: TrainConfig, comp: Competition, data: dict, member: Member,
     """
     start, n_classes = time.perf_counter(), len(data["classes"])
     st = _setup_member(cfg, comp, n_classes, member, train_items, valid_items, resume)
+    saved_cfg = replace(cfg, head=cfg.model_head)  # logreg: an ordinary linear head for predict
     if dist.is_main():
-        member.write_config(cfg.to_json(), st.data.device.to_json())
+        member.write_config(saved_cfg.to_json(), st.data.device.to_json())
     board = tensorboard_writer(member.tensorboard_dir) if cfg.tensorboard and dist.is_main() else None
     stopped = False
     for epoch in range(st.first_epoch, cfg.epochs):
@@ -244,7 +249,7 @@ def fit_member(cfg: TrainConfig, comp: Competition, data: dict, member: Member,
         stopped = st.stopper.step(st.improved)
         variant = _keep(st, cfg, comp, row)
         if dist.is_main():
-            _save(member, st, cfg, data, variant)
+            _save(member, st, saved_cfg, data, variant)
             _log_scalars(board, row)
         log.info(_epoch_line(row, comp, cfg.epochs))
         if stopped:
@@ -346,8 +351,8 @@ def train(resolved: Resolved | TrainConfig, resume: bool = False, force: bool = 
     One writer per run: a second `pipeline train` on the same RUN_DIR is
     refused while this one holds the run's lock.
     """
-    if isinstance(resolved, TrainConfig):
-        resolved = Resolved(resolved, {})
+    if isinstance(resolved, TrainConfig):  # a caller's own config: every value is theirs, none adapted
+        resolved = Resolved(resolved, {f: "caller" for f in resolved.to_json()})
     cfg = resolved.config
     with Run(cfg.run_dir).lock(enabled=dist.is_main()):
         return _train_locked(resolved, resume, force)
@@ -362,14 +367,16 @@ def _train_locked(resolved: Resolved, resume: bool, force: bool) -> list[MemberR
     data = {"classes": info["classes"], "competition": comp.slug,
             "fingerprint": training_fingerprint(cfg.work_dir, info)}
     members = plan_members(cfg, info)
+    resolved, configs = _adapted(resolved, members)
     _check_members(cfg, members, len(info["classes"]), resume, force)
     if dist.is_main():
         Run(cfg.run_dir).unmark_done()
         atomic_write_json(Run(cfg.run_dir).config_path, {**resolved.to_json(), "data": data})
-        log_run_summary(resolved, members, info, lambda c: build_model(c, len(info["classes"])))
+        shown = replace(resolved, config=configs[0])  # the adapted plan: what the members will run
+        log_run_summary(shown, members, info, lambda c: build_model(c, len(info["classes"])))
     results = []
-    for member, train_items, valid_items in members:
-        member_cfg = replace(cfg, batch_size=min(cfg.batch_size, len(train_items)))
+    for (member, train_items, valid_items), member_cfg in zip(members, configs):
+        member_cfg = replace(member_cfg, batch_size=min(member_cfg.batch_size, len(train_items)))
         if member.fold is not None:  # each member records the one fold it trained on
             member_cfg = replace(member_cfg, folds=0, fold=member.fold)
         done = _already_done(member, member_cfg) if resume else None
@@ -388,6 +395,15 @@ def _train_locked(resolved: Resolved, resume: bool, force: bool) -> list[MemberR
     if dist.is_main():
         Run(cfg.run_dir).mark_done({"members": [r.name for r in results]})
     return results
+
+
+def _adapted(resolved: Resolved, members: list) -> tuple[Resolved, list[TrainConfig]]:
+    """Each member's config adapted to its training images; the changes logged and kept in the run's notes."""
+    pairs = [adapt_to_data(resolved.config, -(-len(tr) // dist.world_size()), resolved.sources) for _, tr, _ in members]
+    notes = tuple(dict.fromkeys(note for _, member_notes in pairs for note in member_notes))
+    for note in notes:
+        log.warning("recipe adapted to the data: %s", note)
+    return replace(resolved, notes=tuple(dict.fromkeys((*resolved.notes, *notes)))), [c for c, _ in pairs]
 
 
 def _check_members(cfg: TrainConfig, members: list, n_classes: int, resume: bool, force: bool) -> None:
