@@ -83,7 +83,8 @@ def resolve_for_command(competition: str, work_dir: Path, run_dir: Path, recipe:
             raise PipelineError(f"--recipe {recipe} differs from the run's {doc.get('recipe')}; "
                                 "a resumed run keeps its settings: drop --recipe or train into a new RUN_DIR")
         cfg = resumed_config(saved, flags, work_dir, run_dir)
-        return Resolved(cfg, doc.get("sources", {}), tuple(doc.get("notes", ())), doc.get("recipe"))
+        given = {k: "flag" for k, v in flags.items() if v is not None}  # e.g. --epochs N: never re-adapted
+        return Resolved(cfg, {**doc.get("sources", {}), **given}, tuple(doc.get("notes", ())), doc.get("recipe"))
     return resolve_config(comp, work_dir, run_dir, recipe, flags)
 
 

@@ -58,7 +58,7 @@ def test_dog_breed_chain_with_offline_weights_and_frozen_backbone(tmp_path):
     assert config["mean"] == [0.5, 0.5, 0.5] and config["image_size"] == 64  # the weights' normalisation
     assert (sources["mean"], sources["image_size"]) == ("weights", "flag")
     # overriding --model keeps the recipe's transfer choices: frozen backbone, MLP head
-    assert (config["freeze_backbone"], config["head"], sources["head"]) == (True, "mlp", "competition")
+    assert (config["freeze_backbone"], config["head"], sources["head"]) == (True, "logreg", "competition")
 
 
 @pytest.mark.slow
