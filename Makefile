@@ -54,7 +54,7 @@ submissions/digits-demo.csv: $(DEMO)/run/done.json $(ALWAYS)
 	$(PIPE) predict digits $(DEMO)/work $(DEMO)/run $@ --force
 
 demo: submissions/digits-demo.csv
-	@$(BIN)/python -c "import pandas as p; m = p.read_csv('$(DEMO)/run/holdout/metrics.csv'); print(f'digits: validation accuracy {m.valid_accuracy.max():.4f} (best of {len(m)} epochs)')"
+	@$(BIN)/python -c "import json; k = json.load(open('$(DEMO)/run/holdout/done.json'))['kept']; print(f'digits: validation accuracy {k[\"metric\"]:.4f} of the submitted model (epoch {k[\"epoch\"]}, 95% interval {k[\"interval\"][0]:.4f}-{k[\"interval\"][1]:.4f}, {k[\"valid_images\"]} images)')"
 	@echo "submission: $<"
 
 # ---- real competitions: DATA=unzipped download, else the kaggle CLI fetches it
