@@ -113,15 +113,15 @@ def start(cmd: list[str], env: dict | None = None) -> subprocess.Popen:
 
 
 def kill(proc: subprocess.Popen) -> None:
-    """SIGKILL the process (no handler runs), then reap it and anything it forked."""
+    """SIGKILL the process and anything it forked (DataLoader workers hold its pipes), then reap it."""
     assert proc.poll() is None, "the process ended before it could be killed"
     proc.send_signal(signal.SIGKILL)
-    proc.communicate(timeout=60)
-    assert proc.returncode == -signal.SIGKILL
     try:
-        os.killpg(proc.pid, signal.SIGKILL)
+        os.killpg(proc.pid, signal.SIGKILL)  # its own session: the group is the process and its workers
     except ProcessLookupError:
         pass
+    proc.communicate(timeout=60)
+    assert proc.returncode == -signal.SIGKILL
 
 
 def wait_until(condition, proc: subprocess.Popen, timeout: float = 120) -> None:
