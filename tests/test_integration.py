@@ -142,7 +142,8 @@ def test_feature_cache_matches_the_uncached_path(tmp_path):
     """Frozen backbone, no augmentation: cached features give the same head, hence the same scores."""
     work = tmp_path / "work"
     ok("reorg", "dog-breed-identification", SHARED / "data" / "dog-breed-identification", work, "--folds", "0")
-    common = ["--model", "timm:tf_efficientnet_lite0", "--weights", WEIGHTS, "--freeze-backbone", "--image-size", "48",
+    common = ["--model", "timm:tf_efficientnet_lite0", "--weights", WEIGHTS, "--freeze-backbone", "--head", "linear",
+              "--image-size", "48",
               "--epochs", "2", "--batch-size", "32", "--augment", "none", "--lr", "0.01", "--device", "cpu"]
     ok("train", "dog-breed-identification", work, tmp_path / "cached", *common)
     ok("train", "dog-breed-identification", work, tmp_path / "plain", *common, "--no-feature-cache")
