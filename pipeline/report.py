@@ -88,10 +88,11 @@ def validation_predictions(run_dir: Path, work_dir: Path, info: dict, device: st
         frame[classes] = frame[classes].astype(np.float64)
         return frame
     frames = []
+    tta = run_tta(run)  # the run's config, read once for every member
     for member in run.finished("all"):
         items = _valid_items(member, work_dir, info)
         if items:
-            ids, probs, run_classes = predict_items([member], items, tta=run_tta(run), device=device,
+            ids, probs, run_classes = predict_items([member], items, tta=tta, device=device,
                                                     unreadable="drop")
             differ = class_difference(run_classes, classes)
             if differ:

@@ -73,9 +73,6 @@ class Member:
     def kind(self) -> str:
         return FOLD if self.fold is not None else self.name
 
-    def path(self, file: str) -> Path:
-        return self.dir / file
-
     @property
     def config_path(self) -> Path:
         return self.dir / CONFIG_FILE
