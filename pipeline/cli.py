@@ -35,6 +35,7 @@ def main(debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks fo
     logging.basicConfig(level=logging.WARNING if quiet else logging.INFO, format="%(message)s",
                         stream=sys.stderr, force=True)
     logging.getLogger("timm").setLevel(logging.WARNING)
+    logging.getLogger("matplotlib.font_manager").setLevel(logging.ERROR)  # log axes' font fallback is harmless
     progress.configure(quiet=quiet)
     progress.reset()
     collect_warnings()  # the run summary lists every warning of the command
@@ -175,6 +176,7 @@ def check(
 
 command(app, cli_train.train, name="train")
 command(app, cli_train.recipes, name="recipes")
+command(app, cli_train.lr_find, name="lr-find")
 command(app, cli_report.predict_image, name="predict-image")
 command(app, cli_report.submit, name="submit")
 command(app, cli_report.report, name="report")

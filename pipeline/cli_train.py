@@ -171,6 +171,49 @@ train.__signature__ = inspect.Signature(_fixed_params() + [_option(f) for f in c
 
 
 @handle_errors
+def lr_find(**options: Any) -> None:
+    """The learning-rate range test: a few hundred steps at growing learning rates, a plot and a suggestion.
+
+    The model, data and optimizer are those `pipeline train` would use with
+    the same options (with --unfreeze-after: its first, frozen phase). Nothing
+    is trained for keeps. Use the suggestion as --lr.
+    """
+    from pipeline.config import resolve_config
+    from pipeline.lrfind import find_lr, plot_lr_find
+
+    png, steps, start, end = (options.pop(k) for k in ("png", "steps", "start_lr", "end_lr"))
+    as_json, recipe = options.pop("as_json"), options.pop("recipe")
+    comp, work_dir = load_competition(options.pop("competition")), options.pop("work_dir")
+    if png.suffix.lower() != ".png":
+        raise PipelineError(f"{png}: the plot is a PNG; give a path ending in .png")
+    resolved = resolve_config(comp, work_dir, png.parent, recipe, options)
+    result = find_lr(resolved.config, steps=steps, start=start, end=end)
+    plot_lr_find(result, png)
+    if as_json:
+        print_json({"png": str(png), **result.to_json()})
+        return
+    ended = "stopped when the loss blew up" if result.stopped_early else "all steps run"
+    typer.echo(f"{png}: {len(result.lrs)} steps ({ended}); loss lowest at lr {result.minimum:.3g}, "
+               f"falls fastest at {result.steepest:.3g}")
+    typer.echo(f"suggested --lr {result.suggested:.3g}")
+
+
+def _lr_find_params() -> list[inspect.Parameter]:
+    kw = inspect.Parameter.KEYWORD_ONLY
+    fixed = [p for p in _fixed_params() if p.name != "run_dir"]
+    fixed.insert(2, inspect.Parameter("png", kw, annotation=Annotated[Path, typer.Argument(
+        metavar="PNG", help="Where to write the plot.")]))
+    own = [("steps", int, 100, "Optimizer steps of the test."), ("start_lr", float, 1e-7, "First learning rate."),
+           ("end_lr", float, 10.0, "Last learning rate (the test stops earlier if the loss blows up).")]
+    return fixed + [inspect.Parameter(name, kw, default=default, annotation=Annotated[kind, typer.Option(help=text)])
+                    for name, kind, default, text in own] + \
+        [_option(f) for f in cli_fields()] + [inspect.Parameter("as_json", kw, default=False, annotation=Json)]
+
+
+lr_find.__signature__ = inspect.Signature(_lr_find_params())
+
+
+@handle_errors
 def recipes(competition: Annotated[Optional[str], typer.Argument(
         metavar="COMPETITION", show_default=False, help="A competition slug; default: every registered competition.")] = None) -> None:
     """Each competition's recipes: the default and the named ones, with the settings each sets."""

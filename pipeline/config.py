@@ -52,6 +52,8 @@ class TrainConfig:
     drop_rate: float | None = setting(None, "Dropout before the classifier (default: the architecture's).")
     freeze_backbone: bool = setting(False, "Train only a new head on a frozen backbone.")
     backbone_lr_scale: float = setting(1.0, "Backbone lr = lr x this (fine-tuning).")
+    unfreeze_after: int = setting(0, "Fine-tune in two phases: the head alone on the frozen backbone for N epochs, "
+                                  "then the whole model with a fresh optimizer and schedule (0: off).", minimum=0)
     # data
     image_size: int = setting(32, "Side of the square input, pixels.", minimum=1)
     mean: tuple[float, ...] = setting((0.5, 0.5, 0.5), "Normalisation mean (RGB, 0-1).", cli=False)
@@ -118,9 +120,14 @@ class TrainConfig:
             raise PipelineError("choose one of --folds, --fold and --full")
         if self.pretrained and self.weights is not None:
             raise PipelineError("choose --pretrained (download) or --weights FILE (local), not both")
-        if self.head == "logreg" and not (self.freeze_backbone and self.feature_cache):
+        if self.unfreeze_after and self.unfreeze_after >= self.epochs:
+            raise PipelineError(f"--unfreeze-after {self.unfreeze_after} leaves no epoch to fine-tune in "
+                                f"--epochs {self.epochs}; raise --epochs or lower --unfreeze-after")
+        if self.head == "logreg" and not ((self.freeze_backbone or self.unfreeze_after) and self.feature_cache):
             raise PipelineError("--head logreg fits a linear head on cached backbone features: add "
                                 "--freeze-backbone (and keep --feature-cache on), or use --head linear")
+        if self.head == "logreg" and self.unfreeze_after > 1:
+            raise PipelineError("--head logreg is fitted once: use --unfreeze-after 1")
         if self.head == "logreg" and self.ema:
             raise PipelineError("--head logreg is fitted once: an --ema average of it would be the unfitted head; "
                                 "drop --ema")
@@ -329,84 +336,3 @@ def config_from_recipe(comp, work_dir: Path, run_dir: Path, recipe_name: str | N
                        **flags: Any) -> Resolved:
     """:func:`resolve_config` with the flags as keyword arguments (for Python callers)."""
     return resolve_config(comp, work_dir, run_dir, recipe_name, flags)
-
-
-# ---------------------------------------------------------------- adapting a recipe to the data
-
-MIN_STEPS_PER_EPOCH = 8  # a recipe's batch is capped so that each epoch takes at least these many steps
-MIN_BATCH = 8  # ... but not below this
-MIN_TOTAL_STEPS = 300  # epochs are raised until the run takes at least these many optimizer steps
-MAX_EPOCH_FACTOR = 10  # ... but never beyond this multiple of the recipe's epochs
-MAX_DROPPED = 0.05  # drop_last may leave out at most this share of the training images per epoch
-FIXED_SOURCES = ("flag", "caller")  # values the user gave: never adapted
-
-
-def adapt_to_data(cfg: TrainConfig, n_train: int, sources: Mapping[str, str]) -> tuple[TrainConfig, list[str]]:
-    """The config with its recipe values adapted to ``n_train`` training images (per process), and why (pure).
-
-    A recipe states intent at full data size ("N epochs at batch B"); on small
-    data that can mean one optimizer step per epoch. Values whose source is a
-    flag (or a caller's own TrainConfig) are kept. Adapted: the batch (at least
-    MIN_STEPS_PER_EPOCH steps per epoch and MIN_TOTAL_STEPS in the recipe's
-    epochs, >= MIN_BATCH, made smaller where drop_last would leave out more than
-    MAX_DROPPED of the images); where the batch cannot shrink enough, the epochs
-    (at least MIN_TOTAL_STEPS steps in all, at most MAX_EPOCH_FACTOR x the
-    recipe's) with the step schedule's period and the warm-up stretched alike.
-    A logreg head: one fit, on the unaugmented features.
-    """
-    def free(name: str) -> bool:
-        return sources.get(name, "default") not in FIXED_SOURCES
-
-    if cfg.head == "logreg":
-        return _adapted_logreg(cfg, free)
-    changes: dict[str, Any] = {}
-    notes: list[str] = []
-    batch = cfg.batch_size
-    if free("batch_size") and n_train > 0:
-        batch = adapted_batch(batch, n_train, cfg.epochs)
-        if batch != cfg.batch_size:
-            changes["batch_size"] = batch
-            notes.append(f"batch_size {cfg.batch_size} -> {batch}: {n_train} training images make "
-                         f"{n_train // cfg.batch_size} step(s) per epoch at {cfg.batch_size}, {n_train // batch} at "
-                         f"{batch} (at least {MIN_STEPS_PER_EPOCH} wanted; --batch-size keeps yours)")
-    steps = max(1, n_train // batch)
-    if free("epochs") and not cfg.steps_per_epoch and steps * cfg.epochs < MIN_TOTAL_STEPS:
-        epochs = min(-(-MIN_TOTAL_STEPS // steps), cfg.epochs * MAX_EPOCH_FACTOR)
-        changes.update(epochs=epochs, **_stretched(cfg, epochs / cfg.epochs, free))
-        notes.append(f"epochs {cfg.epochs} -> {epochs}: {steps} step(s) per epoch make {steps * cfg.epochs} in all, "
-                     f"{steps * epochs} now (at least {MIN_TOTAL_STEPS} wanted; --epochs keeps yours)")
-    return (dataclasses.replace(cfg, **changes) if changes else cfg), notes
-
-
-def adapted_batch(batch: int, n_train: int, epochs: int = 1) -> int:
-    """``batch`` capped for ``n_train`` images and ``epochs`` (see :func:`adapt_to_data`); unchanged on large data.
-
-    The cap gives at least MIN_STEPS_PER_EPOCH steps per epoch and, where the
-    batch can shrink that far, MIN_TOTAL_STEPS in the recipe's epochs: the
-    epochs (the recipe's intent, and its compute) stay, the batch moves.
-    """
-    limit = max(MIN_BATCH, min(n_train // MIN_STEPS_PER_EPOCH, n_train * epochs // MIN_TOTAL_STEPS))
-    batch = min(batch, limit)
-    while batch > MIN_BATCH and batch < n_train and (n_train % batch) / n_train > MAX_DROPPED:
-        batch -= 1  # drop_last leaves out n % batch images every epoch: a slightly smaller batch fits better
-    return min(batch, n_train)
-
-
-def _stretched(cfg: TrainConfig, factor: float, free) -> dict[str, Any]:
-    """Epoch-counted schedule settings scaled with the epochs, so the schedule keeps its shape."""
-    out: dict[str, Any] = {}
-    if cfg.schedule == "step" and free("lr_period_epochs"):
-        out["lr_period_epochs"] = max(1, round(cfg.lr_period_epochs * factor))
-    if cfg.warmup_epochs and free("warmup_epochs"):
-        out["warmup_epochs"] = cfg.warmup_epochs * factor
-    return out
-
-
-def _adapted_logreg(cfg: TrainConfig, free) -> tuple[TrainConfig, list[str]]:
-    """A logreg head is fitted once (one "epoch"), by default on the unaugmented features."""
-    changes: dict[str, Any] = {"epochs": 1}
-    notes = [] if cfg.epochs == 1 else [f"epochs {cfg.epochs} -> 1: --head logreg fits the head once"]
-    if free("feature_views") and cfg.feature_views:
-        changes["feature_views"] = 0
-        notes.append("feature_views -> 0: --head logreg fits the unaugmented features")
-    return dataclasses.replace(cfg, **changes), notes

@@ -12,7 +12,7 @@ import contextlib
 import math
 import signal
 import threading
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 from torch import nn
@@ -46,6 +46,28 @@ def lr_multiplier(step: int, total_steps: int, steps_per_epoch: int, cfg: TrainC
     if cfg.schedule == "step":
         return cfg.lr_decay ** ((step // steps_per_epoch) // cfg.lr_period_epochs)
     return 1.0
+
+
+def phase(cfg: TrainConfig, epoch: int) -> TrainConfig:
+    """The settings epoch ``epoch`` (0-based) trains with.
+
+    With --unfreeze-after N (fastai's fine_tune) the first N epochs train the
+    head on the frozen backbone (a logreg head is fitted there), the others the
+    whole model with a linear head; without it every epoch uses ``cfg``.
+    """
+    if not cfg.unfreeze_after:
+        return cfg
+    if epoch < cfg.unfreeze_after:
+        return replace(cfg, freeze_backbone=True)
+    return replace(cfg, freeze_backbone=False, head=cfg.model_head)
+
+
+def phase_span(cfg: TrainConfig, epoch: int) -> tuple[int, int]:
+    """The first epoch and the epoch count of the phase holding ``epoch``: each phase has its own schedule."""
+    n = cfg.unfreeze_after
+    if not n:
+        return 0, cfg.epochs
+    return (0, n) if epoch < n else (n, cfg.epochs - n)
 
 
 def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
@@ -100,8 +122,9 @@ class Runtime:
     amp_dtype: torch.dtype | None
     scaler: torch.amp.GradScaler | None
     steps_per_epoch: int
-    total_steps: int
-    step: int = 0
+    total_steps: int  # in this phase (see :func:`phase_span`): the schedule's length
+    step: int = 0  # within the phase
+    first_epoch: int = 0  # the phase's first epoch
     channels_last: bool = False  # from the device plan: image batches only
     non_blocking: bool = False  # async host-to-device copies (CUDA)
 
@@ -170,17 +193,19 @@ def backward_step(loss: torch.Tensor, optimizer, model: nn.Module, cfg: TrainCon
         optimizer.step()
 
 
-def make_runtime(cfg: TrainConfig, device: torch.device, n_train: int, plan: DevicePlan | None = None) -> Runtime:
-    """Precision, memory format and step counts; ``plan`` (the member's, from pipeline/devices.py;
-    default: planned here for ``cfg``) decided the first two."""
+def make_runtime(cfg: TrainConfig, device: torch.device, n_train: int, plan: DevicePlan | None = None,
+                 epoch: int = 0) -> Runtime:
+    """Precision, memory format and step counts of the phase holding ``epoch``; ``plan`` (the member's,
+    from pipeline/devices.py; default: planned here for ``cfg``) decided the first two."""
     plan = plan or plan_for(cfg, device)
     scaler = torch.amp.GradScaler(device.type) if plan.grad_scaler else None
     per_rank = math.ceil(n_train / dist.world_size())
     steps = max(1, per_rank // cfg.batch_size)  # drop_last: every step a full batch
     if cfg.steps_per_epoch:
         steps = min(steps, cfg.steps_per_epoch)
-    return Runtime(device, plan.dtype, scaler, steps, steps * cfg.epochs, channels_last=plan.channels_last,
-                   non_blocking=plan.non_blocking)
+    first, epochs = phase_span(cfg, epoch)
+    return Runtime(device, plan.dtype, scaler, steps, steps * epochs, first_epoch=first,
+                   channels_last=plan.channels_last, non_blocking=plan.non_blocking)
 
 
 def make_ema(model: nn.Module, decay: float):

@@ -20,7 +20,10 @@ import os
 import sys
 import time
 from collections.abc import Callable, Iterable, Iterator
+from pathlib import Path
 from typing import Any
+
+from pipeline.errors import PipelineError
 
 DEFAULT_INTERVAL = 10.0  # seconds between plain lines without a terminal
 REDRAW = 0.1  # seconds between redraws of a terminal bar
@@ -220,3 +223,36 @@ def reset() -> None:
     """Forget the stages (a new command starts)."""
     _STAGES.clear()
     _CAUGHT.clear()
+
+
+# ---------------------------------------------------------------- per-epoch output
+
+
+def log_scalars(board, row: dict) -> None:
+    """One epoch's metrics.csv row as TensorBoard scalars (``board`` None: off)."""
+    if board is not None:
+        for key, value in row.items():
+            if key != "epoch":
+                board.add_scalar(key, value, row["epoch"])
+        board.flush()
+
+
+def tensorboard_writer(log_dir: Path):
+    """A SummaryWriter logging into ``log_dir`` (needs the tensorboard package)."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        raise PipelineError("--tensorboard needs the tensorboard package: pip install tensorboard") from None
+    return SummaryWriter(log_dir=str(log_dir))
+
+
+def epoch_line(row: dict, metric: str, epochs: int) -> str:
+    """The log line of one finished epoch."""
+    parts = [f"epoch {row['epoch']}/{epochs}", f"train_loss {row['train_loss']:.4f}"]
+    scored = () if metric == "log_loss" else (f"valid_{metric}",)  # valid_loss is the log loss
+    for key in dict.fromkeys(("valid_loss", "valid_accuracy", *scored, f"valid_{metric}_ema")):
+        if key in row:
+            parts.append(f"{key} {row[key]:.4f}")
+    parts.append(f"lr {row['lr']:.3g}")
+    parts.append(f"{row['seconds']:.1f}s")
+    return "  ".join(parts)

@@ -252,15 +252,12 @@ def save_state(path: Path, parts: dict[str, Stateful | None], meta: dict[str, An
     save_checkpoint(path, {**state, **meta})
 
 
-def restore_state(path: Path, parts: dict[str, Stateful | None]) -> dict[str, Any]:
-    """The mirror of :func:`save_state`: load each part, return the checkpoint for its meta values."""
-    from pipeline.checkpoint import load_checkpoint
-
-    state = load_checkpoint(path)
+def restore_parts(state: dict[str, Any], parts: dict[str, Stateful | None]) -> None:
+    """The mirror of :func:`save_state`: load each part from the loaded checkpoint ``state`` (a part left
+    out of ``parts`` keeps its fresh state)."""
     for name, part in parts.items():
         if part is not None and state.get(name) is not None:
             part.load_state_dict(state[name])
-    return state
 
 
 def save_epoch(member: Member, parts: dict[str, Stateful | None], meta: dict[str, Any],

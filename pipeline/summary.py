@@ -53,6 +53,7 @@ class RunFacts:
     epochs: int
     split_counts: dict[str, int]
     members: tuple[MemberPlan, ...]
+    training: str = ""  # how the epochs train when it is not plain SGD on every epoch (logreg, fine-tuning)
 
 
 def count_parameters(model: Any) -> tuple[int, int]:
@@ -94,7 +95,9 @@ def format_summary(table: str, facts: RunFacts, warnings: Sequence[str]) -> str:
         valid = f", {m.n_valid} valid" if m.n_valid else ", no validation"
         lines.append(f"{head}{m.name}: {m.n_train} train{valid}; batch {m.batch_size}, "
                      f"{m.steps_per_epoch} steps/epoch, {m.total_steps} steps in {facts.epochs} epochs")
-    unique = list(dict.fromkeys(warnings))
+    if facts.training:
+        lines.append(f"  training   {facts.training}")
+    unique = list(dict.fromkeys(w.removeprefix("warning: ") for w in warnings))
     lines.append("  warnings   " + ("none" if not unique else f"{len(unique)}"))
     lines += [f"    - {w}" for w in unique]
     lines.append("settings (value, source):")
@@ -150,17 +153,29 @@ def gather_facts(resolved: Any, plans: Sequence[tuple[Any, list, list]], info: d
     source = choose_source(cfg)
     dplan = plan_for(cfg, device, source.kind)  # the decisions the members will take
     members, precision = [], "fp32"
+    fitted = 1 if cfg.head == "logreg" else 0  # a logreg head is fitted once: that epoch takes no SGD step
     for member, train_items, valid_items in plans:
         member_cfg = replace(cfg, batch_size=max(1, min(cfg.batch_size, len(train_items))))
         rt = make_runtime(member_cfg, device, len(train_items), dplan)
         precision = str(rt.amp_dtype).replace("torch.", "").replace("bfloat16", "bf16").replace("float16", "fp16")
         precision = "fp32" if rt.amp_dtype is None else precision
         members.append(MemberPlan(member.name, len(train_items), len(valid_items), member_cfg.batch_size,
-                                  rt.steps_per_epoch, rt.total_steps))
+                                  rt.steps_per_epoch, rt.steps_per_epoch * (cfg.epochs - fitted)))
     total, trainable = count_parameters(_shape_only(build, cfg))
     return RunFacts(str(cfg.run_dir), cfg.model, total, trainable, str(device), precision,
                     dplan.channels_last, dplan.workers, source.kind, source.reason, cfg.epochs,
-                    dict(info.get("counts", {})), tuple(members))
+                    dict(info.get("counts", {})), tuple(members), training_plan(cfg))
+
+
+def training_plan(cfg: Any) -> str:
+    """One line on how the epochs train, for a logreg head or --unfreeze-after (pure); "" otherwise."""
+    fit = "a logistic regression fitted once on the cached features (C by inner CV)"
+    if cfg.unfreeze_after:
+        first = fit if cfg.head == "logreg" else f"the {cfg.head} head alone, backbone frozen"
+        span = "epoch 1" if cfg.unfreeze_after == 1 else f"epochs 1-{cfg.unfreeze_after}"
+        return (f"{span}: {first}; epochs {cfg.unfreeze_after + 1}-{cfg.epochs}: the whole model, a new "
+                f"optimizer and {cfg.schedule} schedule, backbone lr x {cfg.backbone_lr_scale:g}")
+    return f"the head is {fit}: no SGD steps" if cfg.head == "logreg" else ""
 
 
 def _shape_only(build: Callable[[Any], Any], cfg: Any) -> Any:
@@ -185,7 +200,8 @@ def log_run_summary(resolved: Any, plans: Sequence[tuple[Any, list, list]], info
     from pipeline.runs import Run
 
     facts = gather_facts(resolved, plans, info, build)
-    few_steps = [] if resolved.config.head == "logreg" else plan_warnings(facts)  # logreg: one fit, no steps
+    cfg = resolved.config
+    few_steps = [] if cfg.head == "logreg" and not cfg.unfreeze_after else plan_warnings(facts)  # a fit: no steps
     text = format_summary(resolved.table(), facts, [*warnings_so_far(), *few_steps])
     log.info(text)
     Run(resolved.config.run_dir).write_summary(text)

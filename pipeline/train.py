@@ -11,43 +11,32 @@ from __future__ import annotations
 import logging
 import time
 from dataclasses import dataclass, replace
-from pathlib import Path
 
 import numpy as np
 import torch
 from torch import nn
 
 from pipeline import distributed as dist
+from pipeline.adapt import adapt_to_data
+from pipeline.checkpoint import load_checkpoint
 from pipeline.competition import Competition, get_competition
-from pipeline.config import Resolved, TrainConfig, adapt_to_data
-from pipeline.data import (BAD_TARGET, Item, fold_split, list_split, load_reorg, n_folds, training_fingerprint,
-                           unreadable_message)
+from pipeline.config import Resolved, TrainConfig
+from pipeline.data import BAD_TARGET, Item, load_reorg, training_fingerprint, unreadable_message
 from pipeline.dataplan import DataPlan, plan_for, plan_member
 from pipeline.engine import (BestTracker, EarlyStop, Runtime, build_optimizer, deferred_interrupt, make_ema,
-                             make_runtime, train_one_epoch)
+                             make_runtime, phase, train_one_epoch)
 from pipeline.errors import PipelineError
 from pipeline.inference import infer, unreadable_positions
 from pipeline.io import atomic_write_json
-from pipeline.metrics import bootstrap_interval, score, small_split_warning
+from pipeline.members import MemberResult, already_done, check_members, plan_members
+from pipeline.metrics import bootstrap_interval, score
+from pipeline.models import create_model, freeze_backbone, unfreeze
+from pipeline.progress import epoch_line, log_scalars, stage, tensorboard_writer
+from pipeline.runs import Member, Run, restore_parts, save_epoch
 from pipeline.submission import positive_index, submission_clip
-from pipeline.models import create_model, freeze_backbone
-from pipeline.progress import stage
-from pipeline.runs import FOLD, FULL, HOLDOUT, Member, Run, member_name, restore_state, save_epoch
 from pipeline.summary import cv_interrupt_note, interrupt_note, log_run_summary
 
 log = logging.getLogger("pipeline")
-
-
-@dataclass
-class MemberResult:
-    name: str
-    dir: Path
-    epochs: int
-    best_epoch: int
-    best_metric: float
-    seconds: float
-    skipped: bool = False
-    kept: dict | None = None  # the weights predict uses: epoch, variant, metric, interval, valid_images
 
 
 def kept_variant(cfg: TrainConfig, st) -> str | None:
@@ -114,35 +103,66 @@ class _KeptState:
 
 def _setup_member(cfg: TrainConfig, comp: Competition, n_classes: int, member: Member, train_items: list[Item],
                   valid_items: list[Item], resume: bool) -> MemberState:
-    """Model, optimizer, precision, EMA, data; restored from last.pt when resuming."""
+    """Model, optimizer, precision, EMA, data; restored from last.pt when resuming.
+
+    A resumed run is set up in the phase (see :func:`pipeline.engine.phase`)
+    of its next epoch; an optimizer saved at the end of the previous phase is
+    not restored, since that phase's optimizer ends with it.
+    """
     device = dist.resolve_device(cfg.device)
     dplan = plan_for(cfg, device)  # every device decision (pipeline/devices.py), recorded with the member
     torch.backends.cudnn.benchmark = dplan.cudnn_benchmark
     for warning in dplan.warnings:
         log.warning(warning)
+    saved = load_checkpoint(member.last_path) if resume and member.is_started else None
+    first_epoch = int(saved["epoch"]) if saved else 0
+    pcfg = phase(cfg, first_epoch)
     torch.manual_seed(cfg.seed)
-    model = build_model(cfg, n_classes).to(device)
-    optimizer = build_optimizer(model, cfg)
-    rt = make_runtime(cfg, device, len(train_items), dplan)
+    model = build_model(pcfg, n_classes).to(device)
+    optimizer = build_optimizer(model, pcfg)
+    rt = make_runtime(pcfg, device, len(train_items), dplan, first_epoch)
     criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing, ignore_index=BAD_TARGET)
     st = MemberState(model, model, optimizer, make_ema(model, cfg.ema), rt, criterion, None, BestTracker(comp.metric),
-                     EarlyStop(cfg.early_stop), [])
-    if resume and member.is_started:
-        saved = restore_state(member.last_path, st.parts())
+                     EarlyStop(cfg.early_stop), [], first_epoch=first_epoch)
+    if saved:
+        parts = st.parts()
+        if first_epoch == rt.first_epoch:  # a phase starts here: its optimizer is new
+            parts.pop("optimizer")
+        restore_parts(saved, parts)
         for group in optimizer.param_groups:  # base lrs come from this config, not the file
             group.setdefault("base_lr", group["lr"])
-        st.first_epoch, st.history = int(saved["epoch"]), list(saved["history"])
+        st.history = list(saved["history"])
         log.info("resuming %s after epoch %d", member.dir, st.first_epoch)
-    st.data = plan_member(cfg, model, train_items, valid_items, device, dplan)
-    if rt.channels_last:
-        model.to(memory_format=torch.channels_last)  # in place: the optimizer keeps its parameters
-    if cfg.data_init and st.first_epoch == 0 and hasattr(model, "init_from_data"):
-        model.init_from_data(next(iter(st.data.train))[0])  # e.g. a whitening first layer
-    st.net = dist.wrap(st.data.view(model), device, find_unused=st.data.find_unused)
-    if cfg.compile:
-        st.net = torch.compile(st.net)
-    st.reported = {"train": set(st.data.unreadable_train), "valid": set()}
+    _plan_data(st, pcfg, train_items, valid_items, dplan)
     return st
+
+
+def _plan_data(st: MemberState, pcfg: TrainConfig, train_items: list[Item], valid_items: list[Item],
+               dplan) -> None:
+    """The member's loaders for this phase and the network the loop calls (data plan, DDP, compile)."""
+    model = st.model
+    st.data = plan_member(pcfg, model, train_items, valid_items, st.rt.device, dplan)
+    if st.rt.channels_last:
+        model.to(memory_format=torch.channels_last)  # in place: the optimizer keeps its parameters
+    if pcfg.data_init and st.first_epoch == 0 and hasattr(model, "init_from_data"):
+        model.init_from_data(next(iter(st.data.train))[0])  # e.g. a whitening first layer
+    st.net = dist.wrap(st.data.view(model), st.rt.device, find_unused=st.data.find_unused)
+    if pcfg.compile:
+        st.net = torch.compile(st.net)
+    st.reported = st.reported or {"train": set(), "valid": set()}
+    st.reported["train"] |= set(st.data.unreadable_train)
+
+
+def _unfreeze_member(st: MemberState, cfg: TrainConfig, epoch: int, train_items: list[Item],
+                     valid_items: list[Item]) -> None:
+    """--unfreeze-after: the whole model trains from ``epoch`` on, with a new optimizer and schedule."""
+    pcfg = phase(cfg, epoch)
+    unfreeze(st.model)
+    st.optimizer = build_optimizer(st.model, pcfg)
+    st.rt = make_runtime(pcfg, st.rt.device, len(train_items), st.data.device, epoch)
+    _plan_data(st, pcfg, train_items, valid_items, st.data.device)
+    log.info("epoch %d: backbone unfrozen; the whole model trains for %d epochs (backbone lr x %g)",
+             epoch + 1, cfg.epochs - epoch, cfg.backbone_lr_scale)
 
 
 def _warn_unreadable(st: MemberState, split: str, bad: set[int], items: list[Item], verb: str) -> None:
@@ -185,7 +205,7 @@ def _run_epoch(cfg: TrainConfig, comp: Competition, st: MemberState, epoch: int,
     t0 = time.perf_counter()
     torch.manual_seed(cfg.seed * 1000 + epoch)  # dropout etc.: the same stream on resume
     gen = torch.Generator().manual_seed(cfg.seed * 1000 + epoch)
-    st.rt.step = epoch * st.rt.steps_per_epoch
+    st.rt.step = (epoch - st.rt.first_epoch) * st.rt.steps_per_epoch  # each phase has its own schedule
     st.data.train.sampler.set_epoch(epoch)
     if cfg.head == "logreg":  # a convex fit on the cached features instead of an epoch of SGD
         from pipeline.logreg import fit_feature_head
@@ -237,21 +257,24 @@ def fit_member(cfg: TrainConfig, comp: Competition, data: dict, member: Member,
     """
     start, n_classes = time.perf_counter(), len(data["classes"])
     st = _setup_member(cfg, comp, n_classes, member, train_items, valid_items, resume)
-    saved_cfg = replace(cfg, head=cfg.model_head)  # logreg: an ordinary linear head for predict
     if dist.is_main():
-        member.write_config(saved_cfg.to_json(), st.data.device.to_json())
+        member.write_config(replace(cfg, head=cfg.model_head).to_json(), st.data.device.to_json())
     board = tensorboard_writer(member.tensorboard_dir) if cfg.tensorboard and dist.is_main() else None
     stopped = False
     for epoch in range(st.first_epoch, cfg.epochs):
-        row = _run_epoch(cfg, comp, st, epoch, train_items, valid_items, n_classes)
+        if epoch == cfg.unfreeze_after and epoch > st.first_epoch:
+            _unfreeze_member(st, cfg, epoch, train_items, valid_items)
+        pcfg = phase(cfg, epoch)
+        saved_cfg = replace(pcfg, head=pcfg.model_head)  # logreg: an ordinary linear head for predict
+        row = _run_epoch(pcfg, comp, st, epoch, train_items, valid_items, n_classes)
         st.history.append(row)
         st.improved = st.best.update(row, st.ema is not None, validated=st.data.valid is not None)
         stopped = st.stopper.step(st.improved)
         variant = _keep(st, cfg, comp, row)
         if dist.is_main():
             _save(member, st, saved_cfg, data, variant)
-            _log_scalars(board, row)
-        log.info(_epoch_line(row, comp, cfg.epochs))
+            log_scalars(board, row)
+        log.info(epoch_line(row, comp.metric, cfg.epochs))
         if stopped:
             log.info("early stop: no improvement of %s for %d epochs", comp.metric, st.stopper.stale)
             break
@@ -274,75 +297,7 @@ def finish_kept(st: MemberState, comp: Competition, n_classes: int) -> dict:
     return kept
 
 
-def _log_scalars(board, row: dict) -> None:
-    if board is not None:
-        for key, value in row.items():
-            if key != "epoch":
-                board.add_scalar(key, value, row["epoch"])
-        board.flush()
-
-
-def tensorboard_writer(log_dir: Path):
-    """A SummaryWriter logging into ``log_dir`` (needs the tensorboard package)."""
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:
-        raise PipelineError("--tensorboard needs the tensorboard package: pip install tensorboard") from None
-    return SummaryWriter(log_dir=str(log_dir))
-
-
-def _epoch_line(row: dict, comp: Competition, epochs: int) -> str:
-    parts = [f"epoch {row['epoch']}/{epochs}", f"train_loss {row['train_loss']:.4f}"]
-    for key in ("valid_loss", "valid_accuracy", f"valid_{comp.metric}_ema"):
-        if key in row:
-            parts.append(f"{key} {row[key]:.4f}")
-    parts.append(f"lr {row['lr']:.3g}")
-    parts.append(f"{row['seconds']:.1f}s")
-    return "  ".join(parts)
-
-
 # ---------------------------------------------------------------- the stage
-
-
-def guard_member(member: Member, resume: bool, force: bool) -> None:
-    """Refuse to overwrite a member the user did not ask to overwrite."""
-    if force:
-        member.clear()
-        return
-    if member.is_finished and not resume:
-        raise PipelineError(f"{member.dir} already holds a finished run; use --force to overwrite it or "
-                            "choose a new RUN_DIR")
-    if member.is_started and not resume:
-        raise PipelineError(f"{member.dir} holds an unfinished run; use --resume to continue it or --force to start over")
-
-
-def plan_members(cfg: TrainConfig, info: dict) -> list[tuple[Member, list[Item], list[Item]]]:
-    """(member, train items, valid items) for each model this command trains."""
-    run, work_dir = Run(cfg.run_dir), cfg.work_dir
-    if cfg.mode == "holdout":
-        return [(run.member(HOLDOUT), list_split(work_dir, info, "train"), list_split(work_dir, info, "valid"))]
-    if cfg.mode == "full":
-        return [(run.member(FULL), list_split(work_dir, info, "train_valid"), [])]
-    total = n_folds(work_dir)
-    if cfg.folds and cfg.folds != total:
-        raise PipelineError(f"--folds {cfg.folds} but {work_dir}/folds.csv has {total} folds; "
-                            f"use --folds {total} or rerun reorg with --folds {cfg.folds}")
-    if cfg.fold is not None and cfg.fold >= total:
-        raise PipelineError(f"--fold {cfg.fold} but {work_dir}/folds.csv has folds 0..{total - 1}")
-    chosen = [cfg.fold] if cfg.fold is not None else list(range(total))
-    return [(run.member(member_name(FOLD, k)), *fold_split(work_dir, info, k)) for k in chosen]
-
-
-def _already_done(member: Member, cfg: TrainConfig) -> MemberResult | None:
-    """A finished member that --resume need not touch (its epochs reached, or it stopped early)."""
-    if not member.is_finished:
-        return None
-    done = member.done()
-    if done["epochs"] < cfg.epochs and not done.get("stopped_early"):
-        member.unmark_done()  # --resume --epochs N: extend it
-        return None
-    best = done["best"]
-    return MemberResult(member.name, member.dir, done["epochs"], best["epoch"], best["metric"], 0.0, skipped=True)
 
 
 def train(resolved: Resolved | TrainConfig, resume: bool = False, force: bool = False) -> list[MemberResult]:
@@ -368,7 +323,7 @@ def _train_locked(resolved: Resolved, resume: bool, force: bool) -> list[MemberR
             "fingerprint": training_fingerprint(cfg.work_dir, info)}
     members = plan_members(cfg, info)
     resolved, configs = _adapted(resolved, members)
-    _check_members(cfg, members, len(info["classes"]), resume, force)
+    check_members(cfg, members, len(info["classes"]), resume, force)
     if dist.is_main():
         Run(cfg.run_dir).unmark_done()
         atomic_write_json(Run(cfg.run_dir).config_path, {**resolved.to_json(), "data": data})
@@ -379,7 +334,7 @@ def _train_locked(resolved: Resolved, resume: bool, force: bool) -> list[MemberR
         member_cfg = replace(member_cfg, batch_size=min(member_cfg.batch_size, len(train_items)))
         if member.fold is not None:  # each member records the one fold it trained on
             member_cfg = replace(member_cfg, folds=0, fold=member.fold)
-        done = _already_done(member, member_cfg) if resume else None
+        done = already_done(member, member_cfg) if resume else None
         if done is not None:
             log.info("%s: finished (%d epochs); skipped", member.dir, done.epochs)
             results.append(done)
@@ -404,17 +359,3 @@ def _adapted(resolved: Resolved, members: list) -> tuple[Resolved, list[TrainCon
     for note in notes:
         log.warning("recipe adapted to the data: %s", note)
     return replace(resolved, notes=tuple(dict.fromkeys((*resolved.notes, *notes)))), [c for c, _ in pairs]
-
-
-def _check_members(cfg: TrainConfig, members: list, n_classes: int, resume: bool, force: bool) -> None:
-    """Refuse overwrites before anything is written; warn of tiny batches and validation splits."""
-    for member, train_items, valid_items in members:
-        guard_member(member, resume, force)
-        if not train_items:
-            raise PipelineError(f"{member.name} has no training images in {cfg.work_dir}; check the labels file "
-                                "and rerun reorg")
-        if len(train_items) < cfg.batch_size and not dist.is_distributed():
-            log.warning("%s: %d training images is less than one batch of %d; using batch size %d",
-                        member.dir, len(train_items), cfg.batch_size, len(train_items))
-        if member.kind == HOLDOUT and (warning := small_split_warning(len(valid_items), n_classes)):
-            log.warning("warning: %s", warning)

@@ -11,8 +11,8 @@ from torch import nn
 
 from competitions.cifar10 import CIFAR10
 from competitions.dog_breed import DOG_BREED
-from pipeline.config import (MIN_BATCH, MIN_STEPS_PER_EPOCH, MIN_TOTAL_STEPS, TrainConfig, adapt_to_data,
-                             adapted_batch, resolve_config)
+from pipeline.adapt import MIN_BATCH, MIN_STEPS_PER_EPOCH, MIN_TOTAL_STEPS, adapt_to_data, adapted_batch
+from pipeline.config import TrainConfig, resolve_config
 from pipeline.errors import PipelineError
 from pipeline.logreg import fit_logreg, load_linear_head
 from pipeline.reorg import reorg

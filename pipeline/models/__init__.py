@@ -18,6 +18,7 @@ from pipeline.models.weights import (
     model_data_config,
     param_groups,
     set_train_mode,
+    unfreeze,
 )
 
 __all__ = [
@@ -31,4 +32,5 @@ __all__ = [
     "param_groups",
     "register_model",
     "set_train_mode",
+    "unfreeze",
 ]

@@ -293,6 +293,14 @@ def freeze_backbone(model: nn.Module) -> list[nn.Parameter]:
     return trainable
 
 
+def unfreeze(model: nn.Module) -> None:
+    """Undo :func:`freeze_backbone`: every parameter trains and BatchNorm statistics move again."""
+    model = unwrap(model)
+    for param in model.parameters():
+        param.requires_grad = True
+    model._frozen_backbone = False
+
+
 def set_train_mode(model: nn.Module, train: bool) -> None:
     """``model.train(train)``, but a frozen backbone's BatchNorm layers stay in eval.
 

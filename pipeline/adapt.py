@@ -1,0 +1,97 @@
+"""A recipe adapted to the data: enough optimizer steps on small data, the user's flags untouched.
+
+A recipe states intent at full data size ("N epochs at batch B"); on a few
+hundred images that can mean one optimizer step per epoch. :func:`adapt_to_data`
+is pure: the resolved config and the number of training images in, the
+adapted config and a note per change out (train.py logs them and stores them
+in the run's config.json).
+"""
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from typing import Any
+
+from pipeline.config import TrainConfig
+
+MIN_STEPS_PER_EPOCH = 8  # a recipe's batch is capped so that each epoch takes at least these many steps
+MIN_BATCH = 8  # ... but not below this
+MIN_TOTAL_STEPS = 300  # epochs are raised until the run takes at least these many optimizer steps
+MAX_EPOCH_FACTOR = 10  # ... but never beyond this multiple of the recipe's epochs
+MAX_DROPPED = 0.05  # drop_last may leave out at most this share of the training images per epoch
+FIXED_SOURCES = ("flag", "caller")  # values the user gave: never adapted
+
+
+def adapt_to_data(cfg: TrainConfig, n_train: int, sources: Mapping[str, str]) -> tuple[TrainConfig, list[str]]:
+    """The config with its recipe values adapted to ``n_train`` training images (per process), and why (pure).
+
+    A recipe states intent at full data size ("N epochs at batch B"); on small
+    data that can mean one optimizer step per epoch. Values whose source is a
+    flag (or a caller's own TrainConfig) are kept. Adapted: the batch (at least
+    MIN_STEPS_PER_EPOCH steps per epoch and MIN_TOTAL_STEPS in the recipe's
+    epochs, >= MIN_BATCH, made smaller where drop_last would leave out more than
+    MAX_DROPPED of the images); where the batch cannot shrink enough, the epochs
+    (at least MIN_TOTAL_STEPS steps in all, at most MAX_EPOCH_FACTOR x the
+    recipe's) with the step schedule's period and the warm-up stretched alike.
+    A logreg head: one fit, on the unaugmented features.
+    """
+    def free(name: str) -> bool:
+        return sources.get(name, "default") not in FIXED_SOURCES
+
+    if cfg.head == "logreg" and not cfg.unfreeze_after:
+        return _adapted_logreg(cfg, free)
+    changes, notes = _logreg_views(cfg, free)
+    batch = cfg.batch_size
+    if free("batch_size") and n_train > 0:
+        batch = adapted_batch(batch, n_train, cfg.epochs)
+        if batch != cfg.batch_size:
+            changes["batch_size"] = batch
+            notes.append(f"batch_size {cfg.batch_size} -> {batch}: {n_train} training images make "
+                         f"{n_train // cfg.batch_size} step(s) per epoch at {cfg.batch_size}, {n_train // batch} at "
+                         f"{batch} (at least {MIN_STEPS_PER_EPOCH} wanted; --batch-size keeps yours)")
+    steps = max(1, n_train // batch)
+    if free("epochs") and not cfg.steps_per_epoch and steps * cfg.epochs < MIN_TOTAL_STEPS:
+        epochs = min(-(-MIN_TOTAL_STEPS // steps), cfg.epochs * MAX_EPOCH_FACTOR)
+        changes.update(epochs=epochs, **_stretched(cfg, epochs / cfg.epochs, free))
+        notes.append(f"epochs {cfg.epochs} -> {epochs}: {steps} step(s) per epoch make {steps * cfg.epochs} in all, "
+                     f"{steps * epochs} now (at least {MIN_TOTAL_STEPS} wanted; --epochs keeps yours)")
+    return (dataclasses.replace(cfg, **changes) if changes else cfg), notes
+
+
+def adapted_batch(batch: int, n_train: int, epochs: int = 1) -> int:
+    """``batch`` capped for ``n_train`` images and ``epochs`` (see :func:`adapt_to_data`); unchanged on large data.
+
+    The cap gives at least MIN_STEPS_PER_EPOCH steps per epoch and, where the
+    batch can shrink that far, MIN_TOTAL_STEPS in the recipe's epochs: the
+    epochs (the recipe's intent, and its compute) stay, the batch moves.
+    """
+    limit = max(MIN_BATCH, min(n_train // MIN_STEPS_PER_EPOCH, n_train * epochs // MIN_TOTAL_STEPS))
+    batch = min(batch, limit)
+    while batch > MIN_BATCH and batch < n_train and (n_train % batch) / n_train > MAX_DROPPED:
+        batch -= 1  # drop_last leaves out n % batch images every epoch: a slightly smaller batch fits better
+    return min(batch, n_train)
+
+
+def _stretched(cfg: TrainConfig, factor: float, free) -> dict[str, Any]:
+    """Epoch-counted schedule settings scaled with the epochs, so the schedule keeps its shape."""
+    out: dict[str, Any] = {}
+    if cfg.schedule == "step" and free("lr_period_epochs"):
+        out["lr_period_epochs"] = max(1, round(cfg.lr_period_epochs * factor))
+    if cfg.warmup_epochs and free("warmup_epochs"):
+        out["warmup_epochs"] = cfg.warmup_epochs * factor
+    return out
+
+
+def _adapted_logreg(cfg: TrainConfig, free) -> tuple[TrainConfig, list[str]]:
+    """A logreg head is fitted once (one "epoch"), by default on the unaugmented features."""
+    changes, notes = _logreg_views(cfg, free)
+    if cfg.epochs != 1:
+        changes["epochs"] = 1
+        notes.insert(0, f"epochs {cfg.epochs} -> 1: --head logreg fits the head once")
+    return dataclasses.replace(cfg, **changes), notes
+
+
+def _logreg_views(cfg: TrainConfig, free) -> tuple[dict[str, Any], list[str]]:
+    if cfg.head != "logreg" or not (free("feature_views") and cfg.feature_views):
+        return {}, []
+    return {"feature_views": 0}, ["feature_views -> 0: --head logreg fits the unaugmented features"]
