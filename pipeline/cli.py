@@ -15,7 +15,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from pipeline import cli_kernel, cli_report, cli_train, progress
+from pipeline import cli_blend, cli_kernel, cli_report, cli_train, progress
 from pipeline.cli_common import (STATE, Comp, Json, RunDir, WorkDir, all_competitions, check_current_folder,
                                  checked_submission, command, handle_errors, load_competition, print_json, typer_app)
 from pipeline.errors import PipelineError
@@ -180,6 +180,7 @@ command(app, cli_train.lr_find, name="lr-find")
 command(app, cli_report.predict_image, name="predict-image")
 command(app, cli_report.submit, name="submit")
 command(app, cli_report.report, name="report")
+command(app, cli_blend.blend, name="blend")
 app.add_typer(cli_kernel.kernel_app, name="kernel")
 
 

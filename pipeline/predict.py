@@ -15,6 +15,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 import numpy as np
+import pandas as pd
 import torch
 
 from pipeline.cache import FeatureHead
@@ -133,6 +134,22 @@ def _apply_unreadable(items: list[Item], probs: np.ndarray, bad: set[int], unrea
     return [it.id for it in items], probs
 
 
+def test_probs_record(run: Run, members: list[Member], tta: str, n_ids: int, work_dir: Path, info: dict) -> dict:
+    """What kept test probabilities were made from; equal records mean the probabilities still hold."""
+    fingerprint = (load_resolved(run.config_path)[1].get("data") or {}).get("fingerprint")
+    return {"members": [m.name for m in members], "weights": {m.name: m.weights_stamp() for m in members},
+            "tta": tta, "test_ids": n_ids, "fingerprint": fingerprint or training_fingerprint(work_dir, info)}
+
+
+def keep_test_probs(run: Run, members: list[Member], ids: list[str], probs: np.ndarray, classes: list[str],
+                    tta: str, work_dir: Path, info: dict) -> pd.DataFrame:
+    """Keep the averaged test probabilities in the run (for `pipeline blend`), every submission kind."""
+    frame = pd.DataFrame(np.asarray(probs, dtype=np.float64), columns=classes)
+    frame.insert(0, "id", ids)
+    run.write_test_probs(frame, test_probs_record(run, members, tta, len(ids), work_dir, info))
+    return frame
+
+
 @dataclass(frozen=True)
 class PredictResult:
     path: Path
@@ -198,4 +215,5 @@ def predict(comp: Competition, work_dir: Path, run_dir: Path, out_csv: Path, mem
     if found:
         raise PipelineError(f"refusing to write {out_csv}: {found[0]} ({len(found)} problems)")
     write_submission(frame, out_csv, force)
+    keep_test_probs(run, chosen, ids, probs, classes, tta, work_dir, info)
     return PredictResult(out_csv, len(frame), [str(m.dir) for m in chosen], time.perf_counter() - start, tta)

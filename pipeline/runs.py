@@ -9,6 +9,7 @@ forgotten on resume).
 
     RUN_DIR/config.json         resolved settings + the source of each value
     RUN_DIR/oof.csv, cv.json    out-of-fold predictions and the CV score (fold runs)
+    RUN_DIR/test_probs.csv, test_probs.json   the last predict's averaged test probabilities and what made them
     RUN_DIR/cache               the data caches, when WORK_DIR is read-only
     RUN_DIR/summary.txt         the start-of-run summary of the last `train` command
     RUN_DIR/done.json           written when a `train` command finished every member it trained
@@ -24,7 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
 
 from pipeline.errors import PipelineError, check_choice
-from pipeline.io import atomic_write_csv, atomic_write_json, atomic_write_text, exclusive_lock, read_json
+from pipeline.io import atomic_write_csv, atomic_write_json, atomic_write_text, exclusive_lock, read_csv, read_json
 
 if TYPE_CHECKING:
     import pandas as pd
@@ -36,6 +37,8 @@ BEST_FILE = "best.pt"  # the weights predict uses
 DONE_FILE = "done.json"  # written when a member finishes: predict and the CV take only finished members
 OOF_FILE = "oof.csv"
 CV_FILE = "cv.json"
+TEST_PROBS_FILE = "test_probs.csv"  # id + one column per class: what the last predict averaged (blend reads it)
+TEST_PROBS_META_FILE = "test_probs.json"  # beside it: members, TTA, test ids' count, training fingerprint
 DEVICE_KEY = "device"  # member config.json: the effective device settings (pipeline/devices.py's DevicePlan)
 TENSORBOARD_DIR = "tensorboard"
 SUMMARY_FILE = "summary.txt"  # RUN_DIR: what the last train command set out to do (pipeline/summary.py)
@@ -101,6 +104,11 @@ class Member:
     @property
     def is_finished(self) -> bool:
         return (self.dir / DONE_FILE).is_file() and (self.dir / BEST_FILE).is_file()
+
+    def weights_stamp(self) -> str:
+        """Size and modification time of best.pt: changes when the member is retrained (kept outputs go stale)."""
+        st = self.best_path.stat()
+        return f"{st.st_size}:{st.st_mtime_ns}"
 
     def done(self) -> dict:
         """What training recorded when the member finished (epochs, best)."""
@@ -235,6 +243,39 @@ class Run:
     def write_cv(self, cv: dict, oof: pd.DataFrame) -> None:
         atomic_write_csv(self.oof_path, oof)
         atomic_write_json(self.cv_path, cv)
+
+    @property
+    def test_probs_path(self) -> Path:
+        return self.dir / TEST_PROBS_FILE
+
+    @property
+    def test_probs_meta_path(self) -> Path:
+        return self.dir / TEST_PROBS_META_FILE
+
+    def write_test_probs(self, probs: pd.DataFrame, record: dict) -> None:
+        """Keep the test probabilities (id + class columns) and the record of what made them.
+
+        The record goes first out and last in: a crash between the two writes
+        leaves probabilities without a record, which readers treat as absent,
+        never a record describing other probabilities.
+        """
+        self.test_probs_meta_path.unlink(missing_ok=True)
+        atomic_write_csv(self.test_probs_path, probs, float_format="%.10g")
+        atomic_write_json(self.test_probs_meta_path, record)
+
+    def read_test_probs(self) -> tuple[pd.DataFrame, dict] | None:
+        """The kept test probabilities (ids as strings, class columns as floats) and their record, or None."""
+        if not (self.test_probs_meta_path.is_file() and self.test_probs_path.is_file()):
+            return None
+        record = _read_json(self.test_probs_meta_path, "test probabilities record")
+        frame = read_csv(self.test_probs_path, what="kept test probabilities")
+        classes = [c for c in frame.columns if c != "id"]
+        try:
+            frame[classes] = frame[classes].astype(float)
+        except ValueError:
+            raise PipelineError(f"{self.test_probs_path} holds a value that is not a number; "
+                                "delete it and predict again") from None
+        return frame, record
 
 
 def _read_json(path: Path, what: str) -> dict:

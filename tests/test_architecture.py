@@ -12,7 +12,7 @@ from pipeline.config import cli_fields
 
 PACKAGE = Path(__file__).resolve().parents[1] / "pipeline"
 RUN_FILE_NAMES = (runs.CONFIG_FILE, runs.METRICS_FILE, runs.LAST_FILE, runs.BEST_FILE, runs.DONE_FILE,
-                  runs.OOF_FILE, runs.CV_FILE)
+                  runs.OOF_FILE, runs.CV_FILE, runs.TEST_PROBS_FILE, runs.TEST_PROBS_META_FILE)
 
 
 def module_name(path: Path) -> str:
