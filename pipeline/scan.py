@@ -94,9 +94,13 @@ def _list_files(fd: int, depth: int | None, seen: _Seen) -> list[str]:
         try:
             with os.scandir(sub) as entries:
                 for entry in entries:
-                    if entry.name.startswith("."):  # .DS_Store, ._x.png resource forks, .ipynb_checkpoints
+                    name = entry.name
+                    if name[0] == ".":  # .DS_Store, ._x.png resource forks, .ipynb_checkpoints
                         continue
-                    rel, kind = prefix + entry.name, _kind(entry)
+                    if entry.is_file(follow_symlinks=False):  # the common case, from the listing alone
+                        files.append(prefix + name)
+                        continue
+                    rel, kind = prefix + name, _kind(entry)
                     if kind != "file" and kind != "dir":
                         seen.skipped.append(f"{rel} ({kind})")
                         continue
@@ -118,12 +122,12 @@ def _list_files(fd: int, depth: int | None, seen: _Seen) -> list[str]:
 
 def _sizes_and_mtimes(fd: int, files: list[str]) -> array:
     """Size and mtime (ns) of each file, flat (they catch an image rewritten in place); one thread is fastest."""
-    out = array("q")
+    values: list[int] = []
+    add, stat_at = values.extend, os.stat  # bound once: this loop runs once per image
     for rel in files:
-        st = os.stat(rel, dir_fd=fd)
-        out.append(st.st_size)
-        out.append(st.st_mtime_ns)
-    return out
+        st = stat_at(rel, dir_fd=fd)
+        add((st.st_size, st.st_mtime_ns))
+    return array("q", values)
 
 
 def _depth(comp: Competition, role: str) -> int | None:
