@@ -12,8 +12,18 @@ Runs the `pipeline` CLI (this checkout's package) as a user would:
   their labels known only here; `pipeline train cifar-10 WORK RUN --recipe fast`
   (holdout), predict, and the accuracy on the 1,000 (chance: 10%).
 - tiny: cifar-10-tiny (900 train / 100 valid), `--recipe fast`, its holdout accuracy.
+- finetune: the dog data with `--unfreeze-after 1` after the logreg fit (3
+  epochs of fine-tuning the whole Lite0, backbone lr x 0.1, AdamW), 3 folds.
+- defaults: the default recipe of each other competition with data here, no
+  flags: cifar-10's (ResNet-18, 30 epochs) on cifar-10-tiny, digits' (the
+  dataset scikit-learn ships) on its holdout split.
 
-    python benchmarks/bench_quality.py [--parts dog,cifar,tiny] [--keep DIR]
+Each row prints its baseline on the same images: for accuracy the majority
+class of the training images, for log loss the uniform guess and the class
+frequencies of the training folds (out of fold). The dog part also blends its
+two runs (`pipeline blend`) and prints the blended CV.
+
+    python benchmarks/bench_quality.py [--parts dog,cifar,tiny,finetune,defaults] [--keep DIR]
 """
 from __future__ import annotations
 
@@ -52,18 +62,63 @@ def notes_of(run: Path) -> list[str]:
     return json.loads((run / "config.json").read_text())["notes"]
 
 
-def dog(tmp: Path) -> list[dict]:
-    """CV log loss of the dog recipe with Lite0 weights, and of the logreg head."""
+def dog_work(tmp: Path) -> Path:
     work = tmp / "dog-work"
-    cli("reorg", "dog-breed-identification", str(DOG), str(work), "--folds", "3")
-    rows = []
-    for name, extra in (("recipe (logreg head)", []), ("--head mlp (SGD)", ["--head", "mlp"])):
-        run = tmp / f"dog-{len(rows)}"
-        secs = cli("train", "dog-breed-identification", str(work), str(run), "--folds", "3", *LITE0, *extra)
-        cv = json.loads((run / "cv.json").read_text())
-        rows.append({"data": "dog 300, 3 folds", "variant": name, "score": f"CV log loss {cv['cv']:.3f}",
-                     "target": "<= 2.0 (uniform 4.787)", "seconds": secs, "notes": notes_of(run)})
+    if not (work / "reorg.json").is_file():
+        cli("reorg", "dog-breed-identification", str(DOG), str(work), "--folds", "3")
+    return work
+
+
+def dog_cv(tmp: Path, name: str, run: Path, extra: list[str]) -> dict:
+    work = dog_work(tmp)
+    secs = cli("train", "dog-breed-identification", str(work), str(run), "--folds", "3", *LITE0, *extra)
+    cv = json.loads((run / "cv.json").read_text())
+    return {"data": "dog 300, 3 folds", "variant": name, "score": f"CV log loss {cv['cv']:.3f}",
+            "target": "<= 2.0", "baseline": cv_log_loss_baselines(work), "seconds": secs, "notes": notes_of(run)}
+
+
+def dog(tmp: Path) -> list[dict]:
+    """CV log loss of the dog recipe (logreg head) with Lite0 weights, of an mlp head by SGD, and their blend."""
+    rows = [dog_cv(tmp, "recipe (logreg head)", tmp / "dog-0", []),
+            dog_cv(tmp, "--head mlp (SGD)", tmp / "dog-1", ["--head", "mlp"])]
+    out = tmp / "dog-blend.csv"
+    secs = cli("blend", str(tmp / "dog-0"), str(tmp / "dog-1"), str(out), "--force")
+    record = json.loads(out.with_suffix(".blend.json").read_text())
+    weights = ", ".join(f"{w:.2f}" for w in record["weights"])
+    rows.append({"data": "dog 300, 3 folds", "variant": "blend of the two", "score": f"blended CV {record['blended_cv']:.3f}",
+                 "target": f"weights {weights}", "baseline": "", "seconds": secs, "notes": []})
     return rows
+
+
+def finetune(tmp: Path) -> list[dict]:
+    """The logreg fit, then three epochs fine-tuning the whole network (--unfreeze-after 1)."""
+    extra = ["--head", "logreg", "--unfreeze-after", "1", "--epochs", "4", "--lr", "0.001",
+             "--backbone-lr-scale", "0.1", "--optimizer", "adamw", "--weight-decay", "0.05"]
+    return [dog_cv(tmp, "--unfreeze-after 1", tmp / "dog-ft", extra)]
+
+
+def cv_log_loss_baselines(work: Path) -> str:
+    """Uniform guess and out-of-fold class frequencies (add-one), as log loss on the folds of ``work``."""
+    folds = pd.read_csv(work / "folds.csv", dtype=str)
+    classes = sorted(folds["label"].unique())
+    n_classes = len(json.loads((work / "reorg.json").read_text())["classes"])
+    losses = []
+    for k in folds["fold"].unique():
+        train, valid = folds[folds["fold"] != k], folds[folds["fold"] == k]
+        counts = train["label"].value_counts().reindex(classes, fill_value=0) + 1
+        prior = counts / (len(train) + n_classes)
+        losses += list(-np.log(prior.loc[valid["label"]].to_numpy()))
+    return f"uniform {math.log(n_classes):.3f}, class prior {np.mean(losses):.3f}"
+
+
+def majority_accuracy(work: Path, train: str = "train", valid: str = "valid") -> float:
+    """Accuracy on WORK/valid of always answering the most frequent class of WORK/train."""
+    def counts(split: str) -> dict[str, int]:
+        return {d.name: sum(1 for _ in d.iterdir()) for d in (work / split).iterdir() if d.is_dir()}
+
+    train_counts, valid_counts = counts(train), counts(valid)
+    top = max(train_counts, key=train_counts.get)
+    return valid_counts.get(top, 0) / sum(valid_counts.values())
 
 
 def cifar_subset(dst: Path, n_train: int = 2000, n_test: int = 1000, seed: int = 0) -> pd.Series:
@@ -92,19 +147,35 @@ def cifar(tmp: Path) -> list[dict]:
     pred = pd.read_csv(sub).set_index("id")["label"]
     acc = float((pred.loc[truth.index] == truth).mean())
     valid = last_valid_accuracy(run / "holdout")
+    top = pd.read_csv(raw / "trainLabels.csv")["label"].value_counts().idxmax()
     return [{"data": "cifar-10 2,000 (held-out 1,000)", "variant": "--recipe fast",
-             "score": f"test accuracy {acc:.3f} (valid {valid:.3f})", "target": ">= 0.55 (chance 0.10)",
-             "seconds": secs, "notes": notes_of(run)}]
+             "score": f"test accuracy {acc:.3f} (valid {valid:.3f})", "target": ">= 0.55",
+             "baseline": f"majority {float((truth == top).mean()):.3f}", "seconds": secs, "notes": notes_of(run)}]
+
+
+def holdout(tmp: Path, slug: str, raw: Path, name: str, label: str, *extra: str) -> dict:
+    """Holdout accuracy of a recipe on a download, beside the majority-class accuracy of the same split."""
+    work, run = tmp / f"{name}-work", tmp / f"{name}-run"
+    if not (work / "reorg.json").is_file():
+        cli("reorg", slug, str(raw), str(work), "--folds", "0")
+    secs = cli("train", slug, str(work), str(run), *extra)
+    return {"data": label, "variant": " ".join(extra) or "default recipe",
+            "score": f"valid accuracy {last_valid_accuracy(run / 'holdout'):.3f}", "target": "above baseline",
+            "baseline": f"majority {majority_accuracy(work):.3f}", "seconds": secs, "notes": notes_of(run)}
 
 
 def tiny(tmp: Path) -> list[dict]:
     """Holdout accuracy of the fast recipe on cifar-10-tiny."""
-    work, run = tmp / "tiny-work", tmp / "tiny-run"
-    cli("reorg", "cifar-10", str(TINY), str(work), "--folds", "0")
-    secs = cli("train", "cifar-10", str(work), str(run), "--recipe", "fast")
-    return [{"data": "cifar-10-tiny 900/100", "variant": "--recipe fast",
-             "score": f"valid accuracy {last_valid_accuracy(run / 'holdout'):.3f}", "target": "well above 0.10",
-             "seconds": secs, "notes": notes_of(run)}]
+    return [holdout(tmp, "cifar-10", TINY, "tiny", "cifar-10-tiny 900/100", "--recipe", "fast")]
+
+
+def defaults(tmp: Path) -> list[dict]:
+    """The default recipe, no flags, of the competitions not covered above: cifar-10 (on tiny) and digits."""
+    digits_raw = tmp / "digits-raw"
+    if not digits_raw.is_dir():
+        cli("download", "digits", str(digits_raw))
+    return [holdout(tmp, "cifar-10", TINY, "tiny-default", "cifar-10-tiny 900/100"),
+            holdout(tmp, "digits", digits_raw, "digits", "digits (scikit-learn)")]
 
 
 def last_valid_accuracy(member: Path) -> float:
@@ -113,20 +184,21 @@ def last_valid_accuracy(member: Path) -> float:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--parts", default="dog,cifar,tiny", help="comma-separated: dog, cifar, tiny")
+    parser.add_argument("--parts", default="dog,cifar,tiny,finetune,defaults",
+                        help="comma-separated: dog, cifar, tiny, finetune, defaults")
     parser.add_argument("--keep", type=Path, help="work in this folder and keep it")
     args = parser.parse_args()
     missing = [p for p in (DOG, CIFAR, TINY, WEIGHTS) if not p.exists()]
     if missing:
         raise SystemExit(f"shared data missing: {', '.join(map(str, missing))}")
-    parts = {"dog": dog, "cifar": cifar, "tiny": tiny}
+    parts = {"dog": dog, "cifar": cifar, "tiny": tiny, "finetune": finetune, "defaults": defaults}
     with tempfile.TemporaryDirectory() as scratch:
         tmp = args.keep or Path(scratch)
         tmp.mkdir(parents=True, exist_ok=True)
         for part in args.parts.split(","):
             for row in parts[part](tmp):
-                print(f"{row['data']:<34} {row['variant']:<24} {row['score']:<38} target {row['target']:<26} "
-                      f"{row['seconds']:6.1f} s", flush=True)
+                print(f"{row['data']:<31} {row['variant']:<22} {row['score']:<36} target {row['target']:<16} "
+                      f"baseline {row['baseline']:<34} {row['seconds']:6.1f} s", flush=True)
                 for note in row["notes"]:
                     print(f"    adapted: {note}", flush=True)
 
