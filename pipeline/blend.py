@@ -29,8 +29,7 @@ from pipeline.io import atomic_write_json, read_csv
 from pipeline.metrics import bootstrap_interval, score
 from pipeline.reorg import SAMPLE_FILE
 from pipeline.runs import Run
-from pipeline.submission import (build_submission, check_submission, class_difference, positive_index,
-                                 submission_clip, write_submission)
+from pipeline.submission import class_difference, positive_index, submission_clip, write_checked
 
 log = logging.getLogger("pipeline")
 
@@ -273,7 +272,7 @@ def blend(comp: Competition, run_dirs: list[Path], out_csv: Path, work_dir: Path
                             num_workers=num_workers) for run, config in zip(runs, configs)]
     ids = [it.id for it in items]
     stacked = np.stack([t.set_index("id").loc[ids, info["classes"]].to_numpy(dtype=np.float64) for t in tests])
-    frame = write_checked(comp, work_dir, info, ids, blend_probs(stacked, scores["weights"]), out_csv, force)
+    frame = write_blend(comp, work_dir, info, ids, blend_probs(stacked, scores["weights"]), out_csv, force)
     record = {**scores, "runs": [{"run": str(run.dir), "tta": config.get("tta", "none"), **s}
                                  for run, config, s in zip(runs, configs, scores["runs"])],
               "work_dir": str(work_dir), "submission": str(out_csv), "classes": info["classes"]}
@@ -281,16 +280,11 @@ def blend(comp: Competition, run_dirs: list[Path], out_csv: Path, work_dir: Path
     return BlendResult(Path(out_csv), record_path(out_csv), len(frame), record, time.perf_counter() - start)
 
 
-def write_checked(comp: Competition, work_dir: Path, info: dict, ids: list[str], probs: np.ndarray,
-                  out_csv: Path, force: bool) -> pd.DataFrame:
-    """The submission through predict's builder and checker, written only when it passes."""
+def write_blend(comp: Competition, work_dir: Path, info: dict, ids: list[str], probs: np.ndarray,
+                out_csv: Path, force: bool) -> pd.DataFrame:
+    """The blended probabilities as a checked submission (predict's builder and checker)."""
     sample = read_csv(Path(work_dir) / SAMPLE_FILE, what="sample submission")
-    frame = build_submission(comp, ids, probs, info["classes"], sample)
-    found = check_submission(comp, frame, sample, info["classes"])
-    if found:
-        raise PipelineError(f"refusing to write {out_csv}: {found[0]} ({len(found)} problems)")
-    write_submission(frame, out_csv, force)
-    return frame
+    return write_checked(comp, ids, probs, info["classes"], sample, info["classes"], out_csv, force)
 
 
 def format_blend(record: dict) -> str:

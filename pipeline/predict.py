@@ -30,7 +30,7 @@ from pipeline.io import read_csv
 from pipeline.models import create_model, set_train_mode
 from pipeline.reorg import SAMPLE_FILE
 from pipeline.runs import Member, Run, load_best, load_last
-from pipeline.submission import build_submission, check_submission, class_difference, write_submission
+from pipeline.submission import class_difference, write_checked
 
 log = logging.getLogger("pipeline")
 
@@ -210,10 +210,6 @@ def predict(comp: Competition, work_dir: Path, run_dir: Path, out_csv: Path, mem
     chosen = run.finished(members)
     ids, probs, classes = predict_items(chosen, items, tta=tta, device=device, num_workers=num_workers,
                                         batch_size=batch_size, unreadable=unreadable)
-    frame = build_submission(comp, ids, probs, classes, sample)
-    found = check_submission(comp, frame, sample, info["classes"])
-    if found:
-        raise PipelineError(f"refusing to write {out_csv}: {found[0]} ({len(found)} problems)")
-    write_submission(frame, out_csv, force)
+    frame = write_checked(comp, ids, probs, classes, sample, info["classes"], out_csv, force)
     keep_test_probs(run, chosen, ids, probs, classes, tta, work_dir, info)
     return PredictResult(out_csv, len(frame), [str(m.dir) for m in chosen], time.perf_counter() - start, tta)

@@ -152,6 +152,18 @@ def write_submission(frame: pd.DataFrame, path: Path, force: bool) -> None:
     atomic_write_csv(path, frame, float_format="%.10g")
 
 
+def write_checked(comp: Competition, ids: list[str], probs: np.ndarray, classes: list[str], sample: pd.DataFrame,
+                  expected: list[str], out_csv: Path, force: bool) -> pd.DataFrame:
+    """Build the submission, check it against the sample and the work folder's classes ``expected``, and
+    write it only when it passes (predict and blend both end here)."""
+    frame = build_submission(comp, ids, probs, classes, sample)
+    found = check_submission(comp, frame, sample, expected)
+    if found:
+        raise PipelineError(f"refusing to write {out_csv}: {found[0]} ({len(found)} problems)")
+    write_submission(frame, out_csv, force)
+    return frame
+
+
 def check_submission_file(comp: Competition, submission_csv: Path, sample: Path | None = None,
                           work_dir: Path | None = None) -> tuple[pd.DataFrame, list[str]]:
     """Read a submission CSV and list every problem against the sample (and the work dir's classes)."""
