@@ -105,6 +105,12 @@ def train(**options: Any) -> None:
     resolved = resolve_for_command(fixed["competition"], fixed["work_dir"], fixed["run_dir"], fixed["recipe"],
                                    fixed["resume"], options)
     if fixed["dry_run"]:
+        from pipeline.reorg import REORG_FILE
+
+        if (Path(fixed["work_dir"]) / REORG_FILE).is_file():  # the plan as the members will run it
+            from pipeline.train import planned
+
+            resolved = planned(resolved)
         typer.echo(json.dumps(resolved.to_json(), indent=2) if fixed["as_json"] else resolved.table())
         return
     dist.init(resolved.config.device)  # the backend follows the run's device: gloo for --device cpu

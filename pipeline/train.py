@@ -352,6 +352,15 @@ def _train_locked(resolved: Resolved, resume: bool, force: bool) -> list[MemberR
     return results
 
 
+def planned(resolved: Resolved) -> Resolved:
+    """What --dry-run shows: the first member's settings adapted to the work folder's images, changes
+    marked with their source "adapted"."""
+    info = load_reorg(resolved.config.work_dir)
+    resolved, configs = _adapted(resolved, plan_members(resolved.config, info))
+    changed = {k: "adapted" for k, v in configs[0].to_json().items() if v != resolved.config.to_json()[k]}
+    return replace(resolved, config=configs[0], sources={**resolved.sources, **changed})
+
+
 def _adapted(resolved: Resolved, members: list) -> tuple[Resolved, list[TrainConfig]]:
     """Each member's config adapted to its training images; the changes logged and kept in the run's notes."""
     pairs = [adapt_to_data(resolved.config, -(-len(tr) // dist.world_size()), resolved.sources) for _, tr, _ in members]

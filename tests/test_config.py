@@ -93,6 +93,11 @@ def test_dry_run_prints_the_sources_and_writes_nothing(tmp_path):
     assert lines["model"][1:] == ['"fastnet_s"', "competition"]
     assert lines["optimizer"][1:] == ['"sgd"', "default"]
     assert not (tmp_path / "run").exists()
+    # 27 training images: the recipe's batch 16 gives 1 step per epoch; the plan shown is the adapted one
+    result = CliRunner().invoke(app, ["train", "toy", str(tmp_path / "work"), str(tmp_path / "run"), "--dry-run"])
+    lines = {line.split()[0]: line.split() for line in result.stdout.splitlines() if line.strip()}
+    assert lines["batch_size"][1:] == ["8", "adapted"] and lines["epochs"][2] == "adapted"
+    assert "note: batch_size 16 -> 8" in result.stdout
 
 
 def test_recipes_command_lists_named_recipes():
