@@ -1,6 +1,7 @@
 """`pipeline blend`: several CV runs into one submission; pipeline/cli.py registers it."""
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -45,6 +46,8 @@ def blend(
                         "was written; run the same command again"):
         result = run(comp, run_dirs, out_csv, work_dir, force=force, device=device, batch_size=batch_size,
                      num_workers=num_workers)
+    if result.path.resolve().parent.name == "submissions":  # as predict does: one line in submissions/index.csv
+        _index_blend(comp.slug, result, run_dirs)
     if as_json:
         print_json(_strict({"path": str(result.path), "record": str(result.record_path), "rows": result.rows,
                             "seconds": round(result.seconds, 3), **result.record}))
@@ -52,6 +55,19 @@ def blend(
     typer.echo(format_blend(result.record))
     typer.echo(f"{result.path}: {result.rows} rows from {len(run_dirs)} runs in {result.seconds:.1f}s; "
                f"weights and scores in {result.record_path}")
+
+
+def _index_blend(competition: str, result, run_dirs: list[Path]) -> None:
+    from pipeline.submission_index import record_submission
+
+    index = result.path.resolve().parent / "index.csv"
+    weights = ", ".join(f"{w:.2f}" for w in result.record["weights"])
+    try:
+        record_submission(index, competition=competition, file=result.path.name,
+                          run_dir=";".join(str(d) for d in run_dirs), model=f"blend ({weights})",
+                          cv_score=result.record["blended_cv"], members=len(run_dirs), tta="runs'")
+    except PipelineError as exc:  # the submission itself is written; say what was not recorded
+        logging.getLogger("pipeline").warning("%s written, but not recorded in %s: %s", result.path, index, exc)
 
 
 def _strict(value):

@@ -157,6 +157,12 @@ def test_a_retrained_member_makes_the_kept_probabilities_stale(runs, tmp_path):
     result = invoke("blend", a, b, tmp_path / "two.csv")
     assert result.exit_code == 0
     assert f"{a}: kept test probabilities" in result.stderr and f"{b}: predicting the test set" in result.stderr
+    (tmp_path / "submissions").mkdir()  # a blend written into submissions/ is indexed as predict's are
+    assert invoke("blend", a, b, tmp_path / "submissions" / "b.csv").exit_code == 0
+    index = pd.read_csv(tmp_path / "submissions" / "index.csv")
+    record = json.loads((tmp_path / "submissions" / "b.blend.json").read_text())
+    assert list(index["file"]) == ["b.csv"] and index["cv_score"].iloc[0] == pytest.approx(record["blended_cv"])
+    assert index["model"].iloc[0].startswith("blend (")
 
 
 def test_a_run_blended_with_its_copy_gets_its_own_cv(runs, tmp_path):
