@@ -156,13 +156,13 @@ def _plan_data(st: MemberState, pcfg: TrainConfig, train_items: list[Item], vali
 def _unfreeze_member(st: MemberState, cfg: TrainConfig, epoch: int, train_items: list[Item],
                      valid_items: list[Item]) -> None:
     """--unfreeze-after: the whole model trains from ``epoch`` on, with a new optimizer and schedule."""
+    log.info("epoch %d: backbone unfrozen; the whole model trains for %d epochs (backbone lr x %g)",
+             epoch + 1, cfg.epochs - epoch, cfg.backbone_lr_scale)
     pcfg = phase(cfg, epoch)
     unfreeze(st.model)
     st.optimizer = build_optimizer(st.model, pcfg)
     st.rt = make_runtime(pcfg, st.rt.device, len(train_items), st.data.device, epoch)
     _plan_data(st, pcfg, train_items, valid_items, st.data.device)
-    log.info("epoch %d: backbone unfrozen; the whole model trains for %d epochs (backbone lr x %g)",
-             epoch + 1, cfg.epochs - epoch, cfg.backbone_lr_scale)
 
 
 def _warn_unreadable(st: MemberState, split: str, bad: set[int], items: list[Item], verb: str) -> None:
