@@ -52,13 +52,28 @@ def load_spec(path: Path | str) -> Competition:
         raise PipelineError(f"competition spec {path} cannot be read: {exc}") from None
     except tomllib.TOMLDecodeError as exc:
         raise PipelineError(f"competition spec {path} is not valid TOML: {exc}; fix that line") from None
-    comp = spec_from_table(table, str(path))
+    comp = spec_from_table(table, str(path), spec_file=str(path.resolve()))
     _register(comp)
     return comp
 
 
-def spec_from_table(table: dict[str, Any], where: str) -> Competition:
-    """Build a Competition from a parsed spec file (``where`` names it in errors); not registered."""
+def competition_of(name: str) -> Competition:
+    """The competition a run or a command names: a registered slug, or a spec file's path (loaded).
+
+    A run of a spec file stores the file's absolute path (config.json's
+    ``config.competition``), so any later process (a torchrun worker, report,
+    kernel) finds it this way.
+    """
+    import competitions  # noqa: F401  (fills the registry with the built-in competitions)
+
+    return load_spec(name) if looks_like_spec(name) else registry.get_competition(name)
+
+
+def spec_from_table(table: dict[str, Any], where: str, spec_file: str = "") -> Competition:
+    """Build a Competition from a parsed spec file (``where`` names it in errors); not registered.
+
+    ``spec_file`` is recorded as the competition's ``spec_file`` (default: ``where``).
+    """
     fields = spec_fields()
     values = {k: v for k, v in table.items() if k not in ("recipe", "recipes")}
     unknown = sorted(set(values) - set(fields))
@@ -77,7 +92,7 @@ def spec_from_table(table: dict[str, Any], where: str) -> Competition:
         raise PipelineError(f"{where}: recipes must be tables [recipes.NAME]")
     recipes = {name: _recipe(where, f"recipes.{name}", body) for name, body in named.items()}
     try:
-        return Competition(**values, recipe=recipe, recipes=recipes, spec_file=where)
+        return Competition(**values, recipe=recipe, recipes=recipes, spec_file=spec_file or where)
     except PipelineError as exc:
         raise PipelineError(f"{where}: {exc}") from None
 
@@ -113,15 +128,17 @@ def _recipe(where: str, name: str, body: Any) -> Recipe:
 
 
 def _register(comp: Competition) -> None:
-    """Make ``get_competition(comp.slug)`` return ``comp`` for the rest of the process."""
+    """Make ``get_competition`` return ``comp`` for its slug and its file's path for the rest of the process.
+
+    A run stores the path (pipeline train's config), which train looks up again.
+    """
     current = registry._REGISTRY.get(comp.slug)  # the registry offers no replace: a spec file may shadow a module
-    if current is None:
-        registry.register(comp)
-        return
-    if not current.spec_file and current != comp:
+    if current is not None and not current.spec_file and current != comp:
         log.warning("warning: %s takes the place of the registered competition %r for this command",
                     comp.spec_file, comp.slug)
     registry._REGISTRY[comp.slug] = comp
+    if comp.spec_file:
+        registry._REGISTRY[comp.spec_file] = comp
 
 
 # ---------------------------------------------------------------- writing
