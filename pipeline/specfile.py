@@ -43,8 +43,15 @@ def looks_like_spec(name: str) -> bool:
 def load_spec(path: Path | str) -> Competition:
     """The Competition of a spec file, registered under its slug; each error names the file and field."""
     path = Path(path)
+    comp = spec_from_table(_read_table(path), str(path), spec_file=str(path.resolve()))
+    _register(comp)
+    return comp
+
+
+def _read_table(path: Path) -> dict[str, Any]:
+    """A spec file's parsed TOML; each failure one PipelineError naming the file."""
     try:
-        table = tomllib.loads(path.read_text(encoding="utf-8"))
+        return tomllib.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise PipelineError(f"competition spec {path} not found; give a registered slug "
                             "(`pipeline competitions`) or the path of a spec file (`pipeline init`)") from None
@@ -52,9 +59,37 @@ def load_spec(path: Path | str) -> Competition:
         raise PipelineError(f"competition spec {path} cannot be read: {exc}") from None
     except tomllib.TOMLDecodeError as exc:
         raise PipelineError(f"competition spec {path} is not valid TOML: {exc}; fix that line") from None
-    comp = spec_from_table(table, str(path), spec_file=str(path.resolve()))
-    _register(comp)
-    return comp
+
+
+@dataclasses.dataclass(frozen=True)
+class FoundSpec:
+    """A spec file found in a folder: its competition, or why it does not load."""
+
+    path: Path
+    competition: Competition | None
+    problem: str = ""
+
+
+# a TOML file with none of these is another tool's (pyproject.toml, ...), not a spec file
+_SPEC_KEYS = frozenset({"slug", "layout", "id_column", "sample_submission", "submission", "recipe"})
+
+
+def find_specs(folders: list[Path]) -> list[FoundSpec]:
+    """The spec files directly in ``folders`` (``*.toml`` that name a spec field), loaded but not
+    registered; a file that fails to load carries the one-line reason."""
+    found = []
+    for folder in map(Path, folders):
+        if not folder.is_dir():
+            raise PipelineError(f"{folder} is not a folder; give folders that hold spec files (*{SUFFIX})")
+        for path in sorted(folder.glob(f"*{SUFFIX}")):
+            try:
+                table = _read_table(path)
+                if not _SPEC_KEYS & table.keys():
+                    continue
+                found.append(FoundSpec(path, spec_from_table(table, str(path), spec_file=str(path.resolve()))))
+            except PipelineError as exc:
+                found.append(FoundSpec(path, None, str(exc)))
+    return found
 
 
 def competition_of(name: str) -> Competition:
