@@ -88,6 +88,28 @@ def unpack_all(raw_dir: Path, dest: Path | None = None) -> list[Path]:
     return unpacker.written
 
 
+UNPACK_HINT = ("unpack them in place with `pipeline init RAW_DIR --out FILE --unpack` "
+               "(once; the archives are kept and no file of yours is overwritten)")
+
+
+def not_unpacked(raw_dir: Path, found: list[str] | None = None) -> list[str]:
+    """The archives under ``raw_dir`` (``found``, relative; default: those directly in it) that
+    :func:`unpack_all` has not unpacked there, or that changed since."""
+    raw_dir = Path(raw_dir)
+    if found is None:
+        found = sorted(p.name for p in raw_dir.iterdir() if p.is_file() and archive_kind(p)) \
+            if raw_dir.is_dir() else []
+    manifest = _load_manifest(raw_dir / MANIFEST_NAME)
+    pending = []
+    for rel in found:
+        entry, path = manifest.get(rel), raw_dir / rel
+        if rel == MANIFEST_NAME or not path.is_file():
+            continue
+        if entry is None or (entry["size"], entry["mtime_ns"]) != _stat_key(path):
+            pending.append(rel)
+    return pending
+
+
 class _Unpacker:
     """Unpacks archives into folders under ``dest``, keeping ``dest``'s manifest."""
 

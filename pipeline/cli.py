@@ -43,13 +43,32 @@ def main(debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks fo
 
 @command(app)
 @handle_errors
-def competitions() -> None:
-    """List the registered competitions with their Kaggle slug and metric; spec files work too."""
+def competitions(folders: Annotated[Optional[list[Path]], typer.Argument(
+        metavar="DIR", show_default=False,
+        help="Folders to search for spec files (*.toml); default: the current folder.")] = None) -> None:
+    """List the registered competitions and the spec files in DIR... (default: the current folder).
+
+    Each line: slug, metric, submission kind, default model, then where it comes from; a spec file
+    that does not load is listed with the reason.
+    """
+    from pipeline.specfile import find_specs
+
     kinds = {"label": "class label", "probs": "probability per class", "binary": "probability of positive"}
+
+    def line(comp, where: str) -> str:
+        return (f"{comp.slug:<28} {comp.metric:<9} {kinds[comp.submission]:<23} "
+                f"default model {comp.recipe.model or '-':<12} {where}")
+
     for comp in all_competitions():
-        kind = kinds[comp.submission]
-        typer.echo(f"{comp.slug:<28} {comp.metric:<9} {kind:<23} default model {comp.recipe.model}  {comp.title}")
-    typer.echo("Any command also takes the path of a competition spec file in place of a slug; "
+        if not comp.spec_file:  # a spec loaded earlier in this process is listed below, from its file
+            typer.echo(line(comp, f"registered: {comp.title}"))
+    searched = folders or [Path(".")]
+    found = find_specs(searched)
+    for spec in found:
+        typer.echo(line(spec.competition, f"spec file {spec.path}") if spec.competition else
+                   f"{spec.path}: spec file not loaded: {spec.problem}")
+    where = ", ".join(map(str, searched))
+    typer.echo(f"{len(found)} spec file(s) in {where}. Any command takes a spec file's path in place of a slug; "
                "`pipeline init RAW_DIR --out FILE` writes one from a download.")
 
 

@@ -49,7 +49,7 @@ def build(
     """Write a kernel folder: kernel-metadata.json and a script that writes submission.csv offline."""
     from pipeline.kernel import (KernelSpec, dataset_ref, kaggle_user, kernel_metadata, portable_train_args,
                                  write_kernel)
-    from pipeline.kernel_dataset import run_files
+    from pipeline.kernel_dataset import SPEC_FILE, run_files
 
     comp = load_competition(competition)
     if run is not None and train:
@@ -58,13 +58,15 @@ def build(
         run_files(run)  # a run with no trained model fails here, not on Kaggle
     args, weights = portable_train_args(_split("--train-args", train_args))
     owner = kaggle_user(user, dataset)
-    spec = KernelSpec(comp.slug, comp.labels_file, owner, dataset_ref(dataset, owner), title or f"{comp.slug} pipeline",
-                      train, tuple(args), tuple(_split("--predict-args", predict_args)), gpu)
+    spec = KernelSpec(comp.slug, comp.labels_file or comp.sample_submission, owner, dataset_ref(dataset, owner),
+                      title or f"{comp.slug} pipeline", train, tuple(args), tuple(_split("--predict-args", predict_args)),
+                      gpu, SPEC_FILE if comp.spec_file else "")
     write_kernel(spec, out, force)
     mode = "reorg + train + predict" if train else "reorg + predict with the dataset's run"
     typer.echo(f"{out}: kernel {kernel_metadata(spec)['id']} ({mode}), attaches {comp.slug} and {spec.dataset}")
     carry = f" --run {run}" if run else ""
     carry += "".join(f" --weights {w}" for w in weights)
+    carry += f" --spec {competition}" if comp.spec_file else ""  # the kernel's commands name the carried spec
     typer.echo(f"next: pipeline kernel dataset --out DATASET_DIR --dataset {spec.dataset}{carry}; "
                f"pipeline kernel push-dataset DATASET_DIR; pipeline kernel push {out}")
 
@@ -81,14 +83,18 @@ def dataset_(
                                          help="Add wheels of the dependencies Kaggle's image lacks (needs PyPI).")] = False,
     weights: Annotated[Optional[list[Path]], typer.Option(help="A weights file a --train kernel starts from (repeatable).")] = None,
     with_last: Annotated[bool, typer.Option("--with-last", help=f"Also {LAST_FILE} (optimizer state, large).")] = False,
+    spec: Annotated[Optional[Path], typer.Option(help="The competition spec file the kernel names (default: the one "
+                                                      "--run was trained on, if any).")] = None,
     force: Force = False,
 ) -> None:
-    """Write the dataset a kernel attaches: the pipeline's wheel, the run's checkpoints, metadata."""
+    """Write the dataset a kernel attaches: the pipeline's wheel, the run's checkpoints, a spec file, metadata."""
     from pipeline.kernel import dataset_ref, kaggle_user
-    from pipeline.kernel_dataset import plan_dataset, write_dataset
+    from pipeline.kernel_dataset import plan_dataset, run_spec, write_dataset
 
     ref = dataset_ref(dataset, kaggle_user(user, dataset))
-    plan = plan_dataset(ref, title or ref.split("/")[1], run, weights or [], with_last, wheels)
+    if spec is None and run is not None:
+        spec = run_spec(run)
+    plan = plan_dataset(ref, title or ref.split("/")[1], run, weights or [], with_last, wheels, spec)
     files = write_dataset(plan, out, all_competitions(), force)
     megabytes = sum((out / f).stat().st_size for f in files) / 1e6
     typer.echo(f"{out}: dataset {ref}, {len(files)} files, {megabytes:.1f} MB: {', '.join(map(str, files))}")

@@ -8,6 +8,7 @@ from __future__ import annotations
 import inspect
 import json
 import logging
+from dataclasses import replace
 from pathlib import Path
 from typing import Annotated, Any, Optional
 
@@ -85,7 +86,11 @@ def resolve_for_command(competition: str, work_dir: Path, run_dir: Path, recipe:
         cfg = resumed_config(saved, flags, work_dir, run_dir)
         given = {k: "flag" for k, v in flags.items() if v is not None}  # e.g. --epochs N: never re-adapted
         return Resolved(cfg, {**doc.get("sources", {}), **given}, tuple(doc.get("notes", ())), doc.get("recipe"))
-    return resolve_config(comp, work_dir, run_dir, recipe, flags)
+    resolved = resolve_config(comp, work_dir, run_dir, recipe, flags)
+    if comp.spec_file:  # the run stores the spec's path: later processes (report, kernel) load it from there
+        resolved = replace(resolved, config=replace(resolved.config, competition=comp.spec_file),
+                           sources={**resolved.sources, "competition": "spec file"})
+    return resolved
 
 
 @handle_errors

@@ -144,9 +144,10 @@ def get_competition(slug: str) -> Competition:
     try:
         return _REGISTRY[slug]
     except KeyError:
-        choices = ", ".join(sorted(_REGISTRY)) or "(none registered)"
+        choices = ", ".join(c.slug for c in list_competitions()) or "(none registered)"
         raise PipelineError(f"unknown competition {slug!r}; known: {choices}") from None
 
 
 def list_competitions() -> list[Competition]:
-    return [_REGISTRY[k] for k in sorted(_REGISTRY)]
+    """Every competition once, by slug (a loaded spec file is also registered under its path)."""
+    return [_REGISTRY[k] for k in sorted(_REGISTRY) if _REGISTRY[k].slug == k]

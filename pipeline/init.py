@@ -17,7 +17,7 @@ from typing import Any
 
 import pandas as pd
 
-from pipeline.archives import MANIFEST_NAME, archive_kind
+from pipeline.archives import MANIFEST_NAME, UNPACK_HINT, archive_kind, not_unpacked
 from pipeline.errors import PipelineError
 
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".gif", ".webp")
@@ -34,7 +34,7 @@ class Survey:
     csvs: dict[str, pd.DataFrame]  # name relative to RAW_DIR -> first rows, as strings
     direct: dict[str, Counter]  # folder -> extensions of the images directly in it
     nested: dict[str, dict[str, int]]  # top folder -> {sub-folder: images directly in it}
-    archives: list[str]
+    archives: list[str]  # those not unpacked yet (pipeline/archives.py's manifest says which were)
     image_sides: list[int]  # the longer side of a few training images
 
 
@@ -85,7 +85,7 @@ def survey(raw_dir: Path, max_depth: int = 3) -> Survey:
         if rel.count("/") == 1:
             top, sub = rel.split("/")
             nested.setdefault(top, {})[sub] = sum(exts.values())
-    return Survey(raw_dir, csvs, direct, nested, archives, [])
+    return Survey(raw_dir, csvs, direct, nested, not_unpacked(raw_dir, archives), [])
 
 
 def _head(path: Path) -> pd.DataFrame:
@@ -122,9 +122,9 @@ def infer(s: Survey, slug: str) -> Guess:
     g = Guess()
     g.set("slug", slug, "from the folder name (or --slug)")
     g.fields["title"] = slug
-    if s.archives and not s.direct:
-        g.notes.append(f"the download holds archives ({', '.join(s.archives[:4])}) and no images yet: run "
-                       "`pipeline init RAW_DIR --unpack` to unpack them in place (once, never over your files)")
+    if s.archives:
+        state = "and no images yet" if not s.direct else "that may hold what is not unpacked yet"
+        g.notes.append(f"the download holds archives {state} ({', '.join(s.archives[:4])}): {UNPACK_HINT}")
     sample = _sample_name(s, g)
     frame = s.csvs.get(sample, pd.DataFrame())
     id_column = frame.columns[0] if len(frame.columns) else ""

@@ -87,6 +87,7 @@ class KernelSpec:
     train_args: tuple[str, ...] = ()
     predict_args: tuple[str, ...] = ()
     gpu: bool = False
+    spec_file: str = ""  # a spec-file competition: the spec's name in the dataset, which the commands name
 
     def __post_init__(self) -> None:
         if self.train_args and not self.train:
@@ -181,6 +182,7 @@ def kernel_script(spec: KernelSpec) -> str:
     """The kernel's Python source: pipeline/kernel_script.py with its settings block filled in."""
     settings = {
         "COMPETITION": spec.competition,
+        "SPEC_FILE": spec.spec_file,
         "DATA_MARKER": spec.labels_file,
         "DATASET": spec.dataset,
         "WHEEL_PATTERN": WHEEL_PATTERN,

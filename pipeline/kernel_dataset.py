@@ -24,6 +24,7 @@ from pipeline.runs import BEST_FILE, Run
 DATASET_METADATA_FILE = "dataset-metadata.json"
 RUN_FOLDER = "run"  # where the dataset carries the trained run
 WEIGHTS_FOLDER = "weights"  # where it carries --weights files for training in the kernel
+SPEC_FILE = "competition.toml"  # where it carries a spec-file competition, which the kernel's commands name
 DISTRIBUTION = "kaggle-pipeline"
 WHEEL_PATTERN = "kaggle_pipeline-*.whl"
 # What Kaggle's Python image already has; the rest ships as wheels with --wheels.
@@ -145,10 +146,35 @@ class DatasetPlan:
                 "built by `pipeline kernel build`.")
 
 
+def run_spec(run_dir: Path) -> Path | None:
+    """The spec file a run was trained on (its config's competition is then that file's path), or None."""
+    import json
+
+    from pipeline.specfile import looks_like_spec
+
+    try:
+        name = json.loads(Run(run_dir).config_path.read_text(encoding="utf-8"))["config"]["competition"]
+    except (OSError, ValueError, KeyError, TypeError):  # run_files names what is wrong with the run
+        return None
+    if not isinstance(name, str) or not looks_like_spec(name):
+        return None
+    if not Path(name).is_file():
+        raise PipelineError(f"{run_dir} was trained on the spec file {name}, which is gone; pass --spec FILE")
+    return Path(name)
+
+
 def plan_dataset(ref: str, title: str, run_dir: Path | None, weights: Iterable[Path] = (),
-                 with_last: bool = False, wheels: bool = False) -> DatasetPlan:
-    """What the dataset folder will hold; nothing is read but the run's file list."""
+                 with_last: bool = False, wheels: bool = False, spec: Path | None = None) -> DatasetPlan:
+    """What the dataset folder will hold; nothing is read but the run's file list (and ``spec``, checked).
+
+    ``spec``: a competition spec file, carried as SPEC_FILE for the kernel's commands.
+    """
     copies = [(Path(run_dir) / rel, RUN_FOLDER / rel) for rel in run_files(run_dir, with_last)] if run_dir else []
+    if spec is not None:
+        from pipeline.specfile import load_spec
+
+        load_spec(spec)  # a spec that does not load fails here, not in the kernel
+        copies.append((Path(spec), Path(SPEC_FILE)))
     for path in weights:
         if not Path(path).is_file():
             raise PipelineError(f"--weights {path} is not a file; give the weights file the kernel trains from")
@@ -225,7 +251,8 @@ def download_root(path: Path, comps: Iterable[Competition]) -> Path | None:
     path = Path(path).resolve()
     for folder in (path, *path.parents) if path.is_dir() else path.parents:
         for comp in comps:
-            if (folder / comp.labels_file).is_file() and (folder / comp.sample_submission).is_file():
+            marker = comp.labels_file or comp.sample_submission  # layout folders has no labels file
+            if (folder / marker).is_file() and (folder / comp.sample_submission).is_file():
                 return folder
     return None
 

@@ -20,6 +20,7 @@ from pathlib import Path
 
 # ---- settings: `pipeline kernel build` replaces this block with the kernel's values
 COMPETITION = "competition-slug"
+SPEC_FILE = ""  # a spec-file competition: the spec in the dataset, named by every command instead of the slug
 DATA_MARKER = "labels.csv"  # a file of the competition's download
 DATASET = "owner/dataset-slug"
 WHEEL_PATTERN = "kaggle_pipeline-*.whl"
@@ -126,22 +127,33 @@ def trained_run(dataset):
          "rebuild it with `pipeline kernel dataset --run RUN_DIR`")
 
 
+def competition_arg(dataset):
+    """What the commands name the competition by: the slug, or the spec file the dataset carries."""
+    if not SPEC_FILE:
+        return COMPETITION
+    spec = dataset / SPEC_FILE
+    if not spec.is_file():
+        fail(f"{dataset} holds no {SPEC_FILE}: rebuild it with `pipeline kernel dataset --spec FILE`")
+    return str(spec)
+
+
 def main():
     WORKING.mkdir(parents=True, exist_ok=True)
     dataset = find_folder(DATASET.split("/")[1], WHEEL_PATTERN)
     data = find_folder(COMPETITION, DATA_MARKER)
     say(f"competition data {data}, dataset {dataset}, working folder {WORKING}")
     install(dataset)
+    comp = competition_arg(dataset)
     work, submission = WORKING / "work", WORKING / "submission.csv"
-    stage("reorg", COMPETITION, str(data), str(work), *REORG_ARGS)
+    stage("reorg", comp, str(data), str(work), *REORG_ARGS)
     if TRAIN:
         run = WORKING / "run"
         train_args = [arg.replace(DATASET_PLACEHOLDER, str(dataset)) for arg in TRAIN_ARGS]
-        stage("train", COMPETITION, str(work), str(run), *train_args, "--force")
+        stage("train", comp, str(work), str(run), *train_args, "--force")
     else:
         run = trained_run(dataset)
-    stage("predict", COMPETITION, str(work), str(run), str(submission), *PREDICT_ARGS, "--force")
-    stage("check", COMPETITION, str(submission), "--work-dir", str(work))
+    stage("predict", comp, str(work), str(run), str(submission), *PREDICT_ARGS, "--force")
+    stage("check", comp, str(submission), "--work-dir", str(work))
     say(f"done: {submission}")
 
 

@@ -19,10 +19,11 @@ from pipeline.data import Item, fold_split, list_split, load_reorg, read_image
 from pipeline.errors import PipelineError
 from pipeline.io import atomic_save, atomic_write_text, read_csv
 from pipeline.predict import predict_items
-from pipeline.report_figures import (DPI, GRID_SIZE, accuracy_of, image_grid, learning_curves_figure, mistake_titles,
-                                     most_wrong, prediction_frame, validation_figures, validation_tables)
+from pipeline.report_figures import (DPI, GRID_SIZE, image_grid, learning_curves_figure, mistake_titles, most_wrong,
+                                     prediction_frame, validation_figures, validation_scores, validation_tables)
 from pipeline.report_html import CAPTIONS, cv_frame, report_html, report_summary
 from pipeline.runs import HOLDOUT, Member, Run
+from pipeline.specfile import competition_of
 from pipeline.submission import class_difference
 
 log = logging.getLogger("pipeline")
@@ -157,13 +158,26 @@ def _or_none(read):
         return None
 
 
-def _summary(run_dir: Path, metrics: dict[str, pd.DataFrame]) -> tuple[dict, dict | None]:
-    """The report's summary of a run and its CV score (None without one)."""
+def run_metric(config: dict, cv: dict | None) -> str | None:
+    """The metric of the run's competition: loaded from the slug or spec-file path the run stores,
+    else the one its cv.json names; None when neither is known."""
+    try:
+        return competition_of(str(config.get("competition", ""))).metric
+    except PipelineError as exc:
+        known = (cv or {}).get("metric")
+        log.warning("report: the run's competition cannot be loaded (%s); scoring with %s", exc,
+                    known or "accuracy and log loss only")
+        return known
+
+
+def _summary(run_dir: Path, metrics: dict[str, pd.DataFrame]) -> tuple[dict, dict | None, str | None]:
+    """The report's summary of a run, its CV score (None without one) and its competition's metric."""
     run = Run(run_dir)
     cv = _or_none(run.read_cv)
     done = {name: _or_none(run.member(name).done) for name in metrics}
     config = _or_none(lambda: load_resolved(run.config_path)[0].to_json()) or {}
-    return report_summary(config, cv, done), cv
+    metric = run_metric(config, cv)
+    return report_summary(config, cv, done, metric), cv, metric
 
 
 def write_report(run_dir: Path, work_dir: Path, out_dir: Path, device: str = "auto") -> list[Path]:
@@ -177,14 +191,15 @@ def write_report(run_dir: Path, work_dir: Path, out_dir: Path, device: str = "au
     info = load_reorg(work_dir)
     classes = info["classes"]
     metrics = read_metrics(run_dir)
-    summary, cv = _summary(run_dir, metrics)
-    figures = {"learning_curves.png": learning_curves_figure(metrics),
+    summary, cv, metric = _summary(run_dir, metrics)
+    figures = {"learning_curves.png": learning_curves_figure(metrics, metric or "accuracy"),
                "train_images.png": training_images_figure(work_dir, info)}
     preds, tables = validation_predictions(run_dir, work_dir, info, device), {}
     if len(preds):
         source = "out-of-fold" if Run(run_dir).oof_path.is_file() else "validation"
-        summary[f"{source} accuracy"] = f"{accuracy_of(preds, classes):.4f} ({len(preds)} images)"
-        figures.update(validation_figures(preds, classes, source))
+        scores = validation_scores(preds, classes, metric or "accuracy")
+        summary.update({f"{source} {name}": f"{value:.4f} ({len(preds)} images)" for name, value in scores.items()})
+        figures.update(validation_figures(preds, classes, source, scores))
         paths = {it.id: it.path for it in list_split(work_dir, info, "train_valid")}
         figures["most_wrong.png"] = mistakes_figure(preds, classes, paths)
         tables = validation_tables(preds, classes)

@@ -113,6 +113,34 @@ def accuracy_of(preds: pd.DataFrame, classes: list[str]) -> float:
     return float((probs.argmax(axis=1) == true).mean()) if len(true) else math.nan
 
 
+def validation_scores(preds: pd.DataFrame, classes: list[str], metric: str = "accuracy") -> dict[str, float]:
+    """Accuracy, log loss and the competition's ``metric`` of a predictions frame, by name (NaN if empty).
+
+    Binary competitions order their classes [other, positive], so roc_auc scores the second.
+    """
+    from pipeline.metrics import score  # sklearn loads only when the report scores
+
+    true, probs = _targets_and_probs(preds, classes)
+    names = tuple(dict.fromkeys((metric, "accuracy", "log_loss")))  # the competition's first, once
+    return score(probs, true, len(classes), names)
+
+
+def best_epoch(frame: pd.DataFrame, metric: str) -> int | None:
+    """The epoch of a metrics.csv frame with the best ``valid_<metric>`` in the metric's direction;
+    None without that column or a finite value (the first epoch wins a tie, as in training)."""
+    from pipeline.metrics import check_metric
+
+    column = f"valid_{metric}"
+    if column not in frame or "epoch" not in frame:
+        return None
+    values = pd.to_numeric(frame[column], errors="coerce")
+    values = values[np.isfinite(values)]
+    if values.empty:
+        return None
+    at = values.idxmax() if check_metric(metric).greater_is_better else values.idxmin()
+    return int(frame.loc[at, "epoch"])
+
+
 def validation_tables(preds: pd.DataFrame, classes: list[str]) -> dict[str, pd.DataFrame]:
     """The report's tables of a predictions frame, by heading."""
     wrong = most_wrong(preds, classes, PAIRS_SHOWN).rename(columns={"label": "true"})
@@ -147,14 +175,18 @@ def prediction_frame(ids: list[str], targets: list[int], probs: np.ndarray, clas
 # ---------------------------------------------------------------- figures
 
 
-def learning_curves_figure(metrics: dict[str, pd.DataFrame]) -> Figure:
-    """Loss per epoch (train solid, valid dashed), valid accuracy and learning rate, one colour per member.
+def learning_curves_figure(metrics: dict[str, pd.DataFrame], metric: str = "accuracy") -> Figure:
+    """Loss per epoch (train solid, valid dashed), the competition's validation metric and the learning
+    rate, one colour per member; a star marks each member's best epoch under the metric's direction.
 
-    For a log-loss competition the metric is the valid loss of the left panel.
-    The learning-rate panel (metrics.csv's ``lr``: the head's rate at the end of
-    each epoch) is drawn when the frames have that column.
+    The metric panel plots metrics.csv's ``valid_<metric>`` (``valid_accuracy`` when no frame has it).
+    The learning-rate panel (metrics.csv's ``lr``: the head's rate at the end of each epoch) is drawn
+    when the frames have that column.
     """
-    has_valid = any("valid_accuracy" in m for m in metrics.values())
+    if not any(f"valid_{metric}" in m for m in metrics.values()):
+        metric = "accuracy"
+    column = f"valid_{metric}"
+    has_valid = any(column in m for m in metrics.values())
     has_lr = any("lr" in m for m in metrics.values())
     panels = 1 + has_valid + has_lr
     fig = Figure(figsize=(1 + 5 * panels, 4.2), layout="constrained")
@@ -165,8 +197,12 @@ def learning_curves_figure(metrics: dict[str, pd.DataFrame]) -> Figure:
         axes[0].plot(m["epoch"], m["train_loss"], label=name, **style)
         if "valid_loss" in m:
             axes[0].plot(m["epoch"], m["valid_loss"], linestyle="--", **style)
-        if has_valid and "valid_accuracy" in m:
-            axes[1].plot(m["epoch"], m["valid_accuracy"], label=name, **style)
+        if has_valid and column in m:
+            axes[1].plot(m["epoch"], m[column], label=name, **style)
+            best = best_epoch(m, metric)
+            if best is not None:  # a scatter, not a line: the panel's lines stay one per member
+                axes[1].scatter([best], m.loc[m["epoch"] == best, column].iloc[:1], marker="*", s=120,
+                                color=style["color"], edgecolors="black", zorder=3)
         if has_lr and "lr" in m:
             axes[-1].plot(m["epoch"], m["lr"], **style)
     axes[0].set(title="loss", xlabel="epoch", ylabel="cross-entropy")
@@ -175,7 +211,7 @@ def learning_curves_figure(metrics: dict[str, pd.DataFrame]) -> Figure:
     members, _ = axes[0].get_legend_handles_labels()
     fig.legend(handles=members + (kinds if has_valid else kinds[:1]), loc="outside right upper", fontsize=8)
     if has_valid:
-        axes[1].set(title="valid accuracy", xlabel="epoch", ylabel="accuracy")
+        axes[1].set(title=f"valid {metric} (★ best epoch)", xlabel="epoch", ylabel=metric)
     if has_lr:
         axes[-1].set(title="learning rate (end of epoch)", xlabel="epoch", ylabel="lr")
         axes[-1].ticklabel_format(axis="y", style="sci", scilimits=(-3, 3))
@@ -293,10 +329,13 @@ def predictions_figure(entries: list[tuple[np.ndarray, str, list[tuple[str, floa
     return fig
 
 
-def validation_figures(preds: pd.DataFrame, classes: list[str], source: str) -> dict[str, Figure]:
+def validation_figures(preds: pd.DataFrame, classes: list[str], source: str,
+                       scores: dict[str, float] | None = None) -> dict[str, Figure]:
     """Figures of a predictions frame by file name: the confusion matrix up to
-    CONFUSION_MAX_CLASSES classes, else the most confused pairs and per-class accuracy."""
-    title = f"{source}: {len(preds)} images, accuracy {accuracy_of(preds, classes):.4f}"
+    CONFUSION_MAX_CLASSES classes, else the most confused pairs and per-class accuracy.
+    Titled with ``scores`` (:func:`validation_scores`; default: the accuracy)."""
+    scores = scores if scores is not None else {"accuracy": accuracy_of(preds, classes)}
+    title = f"{source}: {len(preds)} images, " + ", ".join(f"{k} {v:.4f}" for k, v in scores.items())
     if len(classes) <= CONFUSION_MAX_CLASSES:
         return {"confusion_matrix.png": confusion_figure(confusion_counts(preds, classes), classes, title)}
     return {"confused_pairs.png": confused_pairs_figure(top_confused_pairs(preds, classes), title),

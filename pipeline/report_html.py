@@ -21,7 +21,8 @@ SUMMARY_KEYS = ("competition", "model", "pretrained", "image_size", "augment", "
 
 # under each figure of the page, by file name
 CAPTIONS = {
-    "learning_curves.png": "Loss, validation accuracy and learning rate per epoch, one colour per member.",
+    "learning_curves.png": "Loss, the competition's metric on validation (★ each member's best epoch) and "
+                           "learning rate per epoch, one colour per member.",
     "train_images.png": "Random training images under their class names.",
     "confusion_matrix.png": "Confusion matrix of the validation predictions, coloured by share of the true class.",
     "confused_pairs.png": "The most frequent mistakes: true class → predicted class.",
@@ -61,32 +62,40 @@ def _mode(config: dict) -> str:
     return "folds" if config.get("folds") or config.get("fold") is not None else "holdout"
 
 
-def _best_epoch(done: dict | None) -> str:
-    """'3 of 10 (score 0.9123, ema)' from a member's done.json; 'not finished' without one."""
+def _best_epoch(done: dict | None, metric: str | None = None) -> str:
+    """'3 of 10 (roc_auc 0.9123, ema)' from a member's done.json (training chose the epoch under the
+    competition's metric and direction); 'score' when the metric is unknown; 'not finished' without one."""
     if not done:
         return "not finished"
     best = done.get("best") or {}
     text = f"{best.get('epoch', '?')} of {done.get('epochs', '?')}"
-    metric = best.get("metric")
+    name, metric = metric, best.get("metric")
     if isinstance(metric, (int, float)) and not math.isnan(metric):
         variant = ", ema" if best.get("variant") == "ema" else ""
-        text += f" (score {metric:.4g}{variant})"
+        text += f" ({name or 'score'} {metric:.4g}{variant})"
     return text
 
 
-def report_summary(config: dict, cv: dict | None, members: dict[str, dict | None]) -> dict[str, str]:
-    """Key values of a run: its config, number of members, CV score, each member's best epoch.
+def report_summary(config: dict, cv: dict | None, members: dict[str, dict | None],
+                   metric: str | None = None) -> dict[str, str]:
+    """Key values of a run: its config, the competition's metric, number of members, CV score, each
+    member's best epoch.
 
-    ``config`` is config.json's content, ``cv`` cv.json's (None without one)
-    and ``members`` each member's done.json by name (None while it trains).
+    ``config`` is config.json's content, ``cv`` cv.json's (None without one),
+    ``members`` each member's done.json by name (None while it trains) and
+    ``metric`` the competition's (pipeline/metrics.py; None: unknown).
     """
+    from pipeline.metrics import check_metric
+
     summary = {"mode": _mode(config)}
     summary.update({key: _text(config[key]) for key in SUMMARY_KEYS if key in config})
+    if metric:
+        summary["metric"] = f"{metric} ({'higher' if check_metric(metric).greater_is_better else 'lower'} is better)"
     summary["members"] = str(len(members))
     if cv and cv.get("cv") is not None:
         summary[f"CV {cv.get('metric', 'score')}"] = _text(float(cv["cv"]))
     for name, done in members.items():
-        summary[f"best epoch, {name}"] = _best_epoch(done)
+        summary[f"best epoch, {name}"] = _best_epoch(done, metric)
     return summary
 
 

@@ -14,6 +14,7 @@ from array import array
 from dataclasses import dataclass
 from pathlib import Path
 
+from pipeline.archives import UNPACK_HINT, not_unpacked
 from pipeline.competition import Competition
 from pipeline.errors import PipelineError
 
@@ -150,6 +151,10 @@ def scan_download(comp: Competition, raw_dir: Path) -> dict[str, Folder]:
     for rel, depth in depths.items():
         root = raw_dir / rel
         if not root.is_dir():
+            pending = not_unpacked(raw_dir)
+            if pending:
+                raise PipelineError(f"image folder {root} not found, and {raw_dir} holds archives not unpacked "
+                                    f"({', '.join(pending[:4])}): {UNPACK_HINT}")
             raise PipelineError(f"image folder {root} not found; point RAW_DIR at the unzipped Kaggle download")
         # links may lead anywhere in the download, and into an image folder that is itself a link
         inside = (os.path.realpath(raw_dir), os.path.realpath(root))

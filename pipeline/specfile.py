@@ -43,8 +43,15 @@ def looks_like_spec(name: str) -> bool:
 def load_spec(path: Path | str) -> Competition:
     """The Competition of a spec file, registered under its slug; each error names the file and field."""
     path = Path(path)
+    comp = spec_from_table(_read_table(path), str(path), spec_file=str(path.resolve()))
+    _register(comp)
+    return comp
+
+
+def _read_table(path: Path) -> dict[str, Any]:
+    """A spec file's parsed TOML; each failure one PipelineError naming the file."""
     try:
-        table = tomllib.loads(path.read_text(encoding="utf-8"))
+        return tomllib.loads(path.read_text(encoding="utf-8"))
     except FileNotFoundError:
         raise PipelineError(f"competition spec {path} not found; give a registered slug "
                             "(`pipeline competitions`) or the path of a spec file (`pipeline init`)") from None
@@ -52,13 +59,56 @@ def load_spec(path: Path | str) -> Competition:
         raise PipelineError(f"competition spec {path} cannot be read: {exc}") from None
     except tomllib.TOMLDecodeError as exc:
         raise PipelineError(f"competition spec {path} is not valid TOML: {exc}; fix that line") from None
-    comp = spec_from_table(table, str(path))
-    _register(comp)
-    return comp
 
 
-def spec_from_table(table: dict[str, Any], where: str) -> Competition:
-    """Build a Competition from a parsed spec file (``where`` names it in errors); not registered."""
+@dataclasses.dataclass(frozen=True)
+class FoundSpec:
+    """A spec file found in a folder: its competition, or why it does not load."""
+
+    path: Path
+    competition: Competition | None
+    problem: str = ""
+
+
+# a TOML file with none of these is another tool's (pyproject.toml, ...), not a spec file
+_SPEC_KEYS = frozenset({"slug", "layout", "id_column", "sample_submission", "submission", "recipe"})
+
+
+def find_specs(folders: list[Path]) -> list[FoundSpec]:
+    """The spec files directly in ``folders`` (``*.toml`` that name a spec field), loaded but not
+    registered; a file that fails to load carries the one-line reason."""
+    found = []
+    for folder in map(Path, folders):
+        if not folder.is_dir():
+            raise PipelineError(f"{folder} is not a folder; give folders that hold spec files (*{SUFFIX})")
+        for path in sorted(folder.glob(f"*{SUFFIX}")):
+            try:
+                table = _read_table(path)
+                if not _SPEC_KEYS & table.keys():
+                    continue
+                found.append(FoundSpec(path, spec_from_table(table, str(path), spec_file=str(path.resolve()))))
+            except PipelineError as exc:
+                found.append(FoundSpec(path, None, str(exc)))
+    return found
+
+
+def competition_of(name: str) -> Competition:
+    """The competition a run or a command names: a registered slug, or a spec file's path (loaded).
+
+    A run of a spec file stores the file's absolute path (config.json's
+    ``config.competition``), so any later process (a torchrun worker, report,
+    kernel) finds it this way.
+    """
+    import competitions  # noqa: F401  (fills the registry with the built-in competitions)
+
+    return load_spec(name) if looks_like_spec(name) else registry.get_competition(name)
+
+
+def spec_from_table(table: dict[str, Any], where: str, spec_file: str = "") -> Competition:
+    """Build a Competition from a parsed spec file (``where`` names it in errors); not registered.
+
+    ``spec_file`` is recorded as the competition's ``spec_file`` (default: ``where``).
+    """
     fields = spec_fields()
     values = {k: v for k, v in table.items() if k not in ("recipe", "recipes")}
     unknown = sorted(set(values) - set(fields))
@@ -77,7 +127,7 @@ def spec_from_table(table: dict[str, Any], where: str) -> Competition:
         raise PipelineError(f"{where}: recipes must be tables [recipes.NAME]")
     recipes = {name: _recipe(where, f"recipes.{name}", body) for name, body in named.items()}
     try:
-        return Competition(**values, recipe=recipe, recipes=recipes, spec_file=where)
+        return Competition(**values, recipe=recipe, recipes=recipes, spec_file=spec_file or where)
     except PipelineError as exc:
         raise PipelineError(f"{where}: {exc}") from None
 
@@ -113,15 +163,17 @@ def _recipe(where: str, name: str, body: Any) -> Recipe:
 
 
 def _register(comp: Competition) -> None:
-    """Make ``get_competition(comp.slug)`` return ``comp`` for the rest of the process."""
+    """Make ``get_competition`` return ``comp`` for its slug and its file's path for the rest of the process.
+
+    A run stores the path (pipeline train's config), which train looks up again.
+    """
     current = registry._REGISTRY.get(comp.slug)  # the registry offers no replace: a spec file may shadow a module
-    if current is None:
-        registry.register(comp)
-        return
-    if not current.spec_file and current != comp:
+    if current is not None and not current.spec_file and current != comp:
         log.warning("warning: %s takes the place of the registered competition %r for this command",
                     comp.spec_file, comp.slug)
     registry._REGISTRY[comp.slug] = comp
+    if comp.spec_file:
+        registry._REGISTRY[comp.spec_file] = comp
 
 
 # ---------------------------------------------------------------- writing

@@ -129,12 +129,13 @@ def write_binary(raw: Path) -> None:
     csv(raw / "sample_submission.csv", id=test_ids, is_cat=0.5)
 
 
-def chain(tmp_path: Path, raw: Path) -> tuple[dict, pd.DataFrame, Path]:
-    """init, reorg, a 1-epoch train, predict and check; (the spec's table, the submission, the run)."""
+def chain(tmp_path: Path, raw: Path, init: bool = True) -> tuple[dict, pd.DataFrame, Path]:
+    """init (unless done), reorg, a 1-epoch train, predict and check; (the spec's table, the submission, the run)."""
     spec, work, run, sub = tmp_path / "spec.toml", tmp_path / "work", tmp_path / "run", tmp_path / "sub.csv"
-    result = invoke("init", raw, "--out", spec)
-    assert result.exit_code == 0, result.output
-    assert "the spec reads the download" in result.stdout and "not decided" not in result.stdout, result.stdout
+    if init:
+        result = invoke("init", raw, "--out", spec)
+        assert result.exit_code == 0, result.output
+        assert "the spec reads the download" in result.stdout and "not decided" not in result.stdout, result.stdout
     result = invoke("reorg", spec, raw, work, "--folds", "0", "--valid-ratio", "0.34")
     assert result.exit_code == 0, result.output
     result = invoke("train", spec, work, run, "--model", "fastnet_s", "--image-size", "16", "--epochs", "1",
