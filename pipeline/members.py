@@ -81,8 +81,9 @@ def check_members(cfg: TrainConfig, members: list, n_classes: int, resume: bool,
         if not train_items:
             raise PipelineError(f"{member.name} has no training images in {cfg.work_dir}; check the labels file "
                                 "and rerun reorg")
-        if len(train_items) < cfg.batch_size and not dist.is_distributed():
-            log.warning("%s: %d training images is less than one batch of %d; using batch size %d",
-                        member.dir, len(train_items), cfg.batch_size, len(train_items))
+        share = -(-len(train_items) // dist.world_size())  # each process's images
+        if share < cfg.batch_size:
+            log.warning("%s: %d training images per process is less than one batch of %d; using batch size %d",
+                        member.dir, share, cfg.batch_size, share)
         if member.kind == HOLDOUT and (warning := small_split_warning(len(valid_items), n_classes)):
             log.warning("warning: %s", warning)

@@ -331,7 +331,8 @@ def _train_locked(resolved: Resolved, resume: bool, force: bool) -> list[MemberR
         log_run_summary(shown, members, info, lambda c: build_model(c, len(info["classes"])))
     results = []
     for (member, train_items, valid_items), member_cfg in zip(members, configs):
-        member_cfg = replace(member_cfg, batch_size=min(member_cfg.batch_size, len(train_items)))
+        share = -(-len(train_items) // dist.world_size())  # each process's images: at least one full batch
+        member_cfg = replace(member_cfg, batch_size=min(member_cfg.batch_size, share))
         if member.fold is not None:  # each member records the one fold it trained on
             member_cfg = replace(member_cfg, folds=0, fold=member.fold)
         done = already_done(member, member_cfg) if resume else None
