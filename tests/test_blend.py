@@ -15,6 +15,7 @@ from typer.testing import CliRunner
 from conftest import make_competition, write_raw
 from pipeline.blend import blend, blend_probs, blend_scores, fit_weights, load_oofs
 from pipeline.cli import app
+from pipeline.competition import _REGISTRY
 from pipeline.metrics import score
 from pipeline.reorg import reorg
 from pipeline.runs import Run
@@ -108,7 +109,8 @@ def runs(tmp_path_factory):
         result = invoke("train", comp.slug, root / "work", root / f"run{seed}", "--epochs", "3", "--batch-size", "8",
                         "--folds", "3", "--device", "cpu", "--seed", seed)
         assert result.exit_code == 0, result.output
-    return comp, root
+    yield comp, root
+    _REGISTRY.pop(comp.slug, None)  # module-scoped: the per-test registry restore saw it registered
 
 
 def copy_run(root, name, tmp_path, keep_probs: bool = True):
