@@ -220,8 +220,8 @@ def make_ema(model: nn.Module, decay: float):
 @contextlib.contextmanager
 def deferred_interrupt():
     """Hold Ctrl-C back until the block ends, then raise it: an epoch's files are all or none."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
+    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+        yield  # not ours to catch, or ignored by the process (nohup, a background job): stays ignored
         return
     caught = []
     previous = signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
@@ -231,8 +231,6 @@ def deferred_interrupt():
         signal.signal(signal.SIGINT, previous)
     if caught:
         raise KeyboardInterrupt
-
-
 
 
 @dataclass

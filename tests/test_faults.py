@@ -48,8 +48,11 @@ def metrics_rows(run: Path) -> int:
 
 def start_and_signal(args: list, run: Path, sig: int, after_rows: int) -> subprocess.Popen:
     """Start training, send ``sig`` once metrics.csv has ``after_rows`` rows (mid next epoch)."""
+    # SIGINT as from a terminal, even where the tests run with it ignored (a background job): Python then
+    # installs its Ctrl-C handler in the child
     proc = subprocess.Popen([PY, "-m", "pipeline", *map(str, args)], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+                            stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.time() + 240
     while metrics_rows(run) < after_rows and proc.poll() is None and time.time() < deadline:
         time.sleep(0.02)
