@@ -9,20 +9,12 @@ from pipeline.config import TrainConfig, config_from_recipe
 from pipeline.engine import phase, phase_span
 from pipeline.errors import PipelineError
 from pipeline.models.weights import head_names, in_head
-from pipeline.reorg import reorg
 from pipeline.train import build_model, train
 
 
 def cfg_for(comp, work, run, **kw):
     base = dict(epochs=3, batch_size=8, device="cpu", unfreeze_after=1, backbone_lr_scale=0.1)
     return config_from_recipe(comp, work, run, **{**base, **kw})
-
-
-@pytest.fixture
-def toy_work(toy, tmp_path):
-    comp, raw = toy
-    reorg(comp, raw, tmp_path / "work", valid_ratio=0.25, folds=3, seed=0)
-    return comp, tmp_path / "work"
 
 
 def plain(**kw) -> TrainConfig:

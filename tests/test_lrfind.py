@@ -11,7 +11,6 @@ from pipeline.cli import app
 from pipeline.config import config_from_recipe
 from pipeline.errors import PipelineError
 from pipeline.lrfind import blown_up, centred, find_lr, lr_schedule, smooth, suggest
-from pipeline.reorg import reorg
 
 
 def test_the_schedule_is_geometric_between_its_ends():
@@ -51,13 +50,6 @@ def test_the_test_stops_once_the_loss_blows_up():
     assert not blown_up(3.0, 1.0, step=2, steps=100)  # the average is still warming up
     assert blown_up(4.5, 1.0, step=50, steps=100) and not blown_up(3.5, 1.0, step=50, steps=100)
     assert blown_up(float("nan"), 1.0, step=1, steps=100)
-
-
-@pytest.fixture
-def toy_work(toy, tmp_path):
-    comp, raw = toy
-    reorg(comp, raw, tmp_path / "work", valid_ratio=0.25, seed=0)
-    return comp, tmp_path / "work"
 
 
 def test_find_lr_runs_the_training_model_and_stops_when_it_diverges(toy_work, tmp_path):

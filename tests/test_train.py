@@ -11,7 +11,6 @@ import pytest
 from pipeline.config import TrainConfig, config_from_recipe
 from pipeline.errors import PipelineError
 from pipeline.metrics import score
-from pipeline.reorg import reorg
 from pipeline.engine import lr_multiplier
 from pipeline.train import train
 
@@ -19,13 +18,6 @@ from pipeline.train import train
 def cfg_for(comp, work, run, **kw) -> TrainConfig:
     base = dict(epochs=3, batch_size=8, device="cpu")
     return config_from_recipe(comp, work, run, **{**base, **kw})
-
-
-@pytest.fixture
-def toy_work(toy, tmp_path):
-    comp, raw = toy
-    reorg(comp, raw, tmp_path / "work", valid_ratio=0.25, folds=3, seed=0)
-    return comp, tmp_path / "work"
 
 
 def test_cosine_schedule_with_warmup():
