@@ -138,14 +138,18 @@ def _setup_member(cfg: TrainConfig, comp: Competition, n_classes: int, member: M
 
 
 def _plan_data(st: MemberState, pcfg: TrainConfig, train_items: list[Item], valid_items: list[Item],
-               dplan) -> None:
-    """The member's loaders for this phase and the network the loop calls (data plan, DDP, compile)."""
+               dplan, initial: bool = True) -> None:
+    """The member's loaders for this phase and the network the loop calls (data plan, DDP, compile);
+    ``initial``: the member's first setup, where --data-init may initialise it (never at a phase switch)."""
     model = st.model
     st.data = plan_member(pcfg, model, train_items, valid_items, st.rt.device, dplan)
     if st.rt.channels_last:
         model.to(memory_format=torch.channels_last)  # in place: the optimizer keeps its parameters
-    if pcfg.data_init and st.first_epoch == 0 and hasattr(model, "init_from_data"):
-        model.init_from_data(next(iter(st.data.train))[0])  # e.g. a whitening first layer
+    if pcfg.data_init and initial and st.first_epoch == 0 and hasattr(model, "init_from_data"):
+        if st.data.source.kind == "features":  # the backbone was frozen (and its features cached) as it is
+            log.warning("--data-init skipped: the backbone is frozen, its features are cached as initialised")
+        else:
+            model.init_from_data(next(iter(st.data.train))[0])  # e.g. a whitening first layer
     st.net = dist.wrap(st.data.view(model), st.rt.device, find_unused=st.data.find_unused)
     if pcfg.compile:
         st.net = torch.compile(st.net)
@@ -162,7 +166,7 @@ def _unfreeze_member(st: MemberState, cfg: TrainConfig, epoch: int, train_items:
     unfreeze(st.model)
     st.optimizer = build_optimizer(st.model, pcfg)
     st.rt = make_runtime(pcfg, st.rt.device, len(train_items), st.data.device, epoch)
-    _plan_data(st, pcfg, train_items, valid_items, st.data.device)
+    _plan_data(st, pcfg, train_items, valid_items, st.data.device, initial=False)
 
 
 def _warn_unreadable(st: MemberState, split: str, bad: set[int], items: list[Item], verb: str) -> None:

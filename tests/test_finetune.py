@@ -125,3 +125,17 @@ def test_the_run_summary_states_the_two_phases():
     assert training_plan(plain(epochs=3, unfreeze_after=1, head="logreg")).startswith("epoch 1: a logistic regression")
     assert training_plan(plain(epochs=1, freeze_backbone=True, head="logreg")).endswith("no SGD steps")
     assert training_plan(plain(epochs=3)) == ""
+
+
+def test_data_init_needs_images_and_is_not_rerun_when_the_backbone_unfreezes(toy_work, tmp_path, caplog,
+                                                                              monkeypatch):
+    from pipeline.models.fastnet import FastNet
+
+    calls = []
+    original = FastNet.init_from_data
+    monkeypatch.setattr(FastNet, "init_from_data", lambda self, x: calls.append(x.ndim) or original(self, x))
+    comp, work = toy_work
+    train(cfg_for(comp, work, tmp_path / "tuned", data_init=True))  # the frozen phase trains on cached features
+    assert calls == [] and "--data-init skipped" in caplog.text
+    train(cfg_for(comp, work, tmp_path / "plain", data_init=True, unfreeze_after=0))
+    assert calls == [4]  # an image batch, once
