@@ -110,7 +110,7 @@ def find_lr(cfg: TrainConfig, steps: int = 100, start: float = 1e-7, end: float 
     from pipeline.engine import backward_step, build_optimizer, make_runtime, phase
     from pipeline.members import plan_members
     from pipeline.models import compute_loss, set_train_mode
-    from pipeline.train import build_model
+    from pipeline.train import build_model, initialise_from_data
 
     cfg = phase(cfg, 0)  # with --unfreeze-after: the first phase (the head on the frozen backbone)
     if cfg.head == "logreg":
@@ -126,6 +126,7 @@ def find_lr(cfg: TrainConfig, steps: int = 100, start: float = 1e-7, end: float 
     scales = [g["base_lr"] / cfg.lr for g in optimizer.param_groups]  # the backbone keeps its lr scale
     rt = make_runtime(cfg, device, len(train_items), dplan)
     data = plan_member(cfg, model, train_items, [], device, dplan)
+    initialise_from_data(model, cfg, data)  # as train does (--data-init)
     if rt.channels_last:
         model.to(memory_format=torch.channels_last)
     net = data.view(model)

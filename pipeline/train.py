@@ -145,16 +145,24 @@ def _plan_data(st: MemberState, pcfg: TrainConfig, train_items: list[Item], vali
     st.data = plan_member(pcfg, model, train_items, valid_items, st.rt.device, dplan)
     if st.rt.channels_last:
         model.to(memory_format=torch.channels_last)  # in place: the optimizer keeps its parameters
-    if pcfg.data_init and initial and st.first_epoch == 0 and hasattr(model, "init_from_data"):
-        if st.data.source.kind == "features":  # the backbone was frozen (and its features cached) as it is
-            log.warning("--data-init skipped: the backbone is frozen, its features are cached as initialised")
-        else:
-            model.init_from_data(next(iter(st.data.train))[0])  # e.g. a whitening first layer
+    if initial and st.first_epoch == 0:
+        initialise_from_data(model, pcfg, st.data)
     st.net = dist.wrap(st.data.view(model), st.rt.device, find_unused=st.data.find_unused)
     if pcfg.compile:
         st.net = torch.compile(st.net)
     st.reported = st.reported or {"train": set(), "valid": set()}
     st.reported["train"] |= set(st.data.unreadable_train)
+
+
+def initialise_from_data(model: nn.Module, cfg: TrainConfig, data: DataPlan) -> None:
+    """--data-init: the model initialises itself from a training image batch where it can (fastnet: a
+    whitening first layer); not on cached features, which the backbone as built already produced."""
+    if not (cfg.data_init and hasattr(model, "init_from_data")):
+        return
+    if data.source.kind == "features":
+        log.warning("--data-init skipped: the backbone is frozen, its features are cached as initialised")
+        return
+    model.init_from_data(next(iter(data.train))[0])
 
 
 def _unfreeze_member(st: MemberState, cfg: TrainConfig, epoch: int, train_items: list[Item],

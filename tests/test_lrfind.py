@@ -81,3 +81,15 @@ def test_the_command_writes_a_png_and_prints_the_suggestion(toy_work, tmp_path):
     assert shown["suggested"] <= shown["minimum_over_10"] * 1.0001 and sorted(p.name for p in png.parent.iterdir()) == ["lr.png"]
     bad = CliRunner().invoke(app, ["lr-find", comp.slug, str(work), str(tmp_path / "lr.jpg")])
     assert bad.exit_code == 1 and "PNG" in bad.output
+
+
+def test_lr_find_initialises_the_model_from_data_as_train_does(toy_work, tmp_path, monkeypatch):
+    from pipeline.models.fastnet import FastNet
+
+    calls = []
+    original = FastNet.init_from_data
+    monkeypatch.setattr(FastNet, "init_from_data", lambda self, x: calls.append(tuple(x.shape)) or original(self, x))
+    comp, work = toy_work
+    cfg = config_from_recipe(comp, work, tmp_path / "r", batch_size=8, device="cpu", data_init=True).config
+    find_lr(cfg, steps=10, start=1e-4, end=1e-1)
+    assert calls == [(8, 3, 16, 16)]  # one image batch of the training loader
