@@ -24,6 +24,11 @@ def world_size() -> int:
     return tdist.get_world_size() if is_distributed() else 1
 
 
+def per_process(n: int) -> int:
+    """Each process's share of ``n`` items (the distributed sampler pads the last share to this size)."""
+    return -(-n // world_size())
+
+
 def rank() -> int:
     return tdist.get_rank() if is_distributed() else 0
 

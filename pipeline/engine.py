@@ -199,7 +199,7 @@ def make_runtime(cfg: TrainConfig, device: torch.device, n_train: int, plan: Dev
     from pipeline/devices.py; default: planned here for ``cfg``) decided the first two."""
     plan = plan or plan_for(cfg, device)
     scaler = torch.amp.GradScaler(device.type) if plan.grad_scaler else None
-    per_rank = math.ceil(n_train / dist.world_size())
+    per_rank = dist.per_process(n_train)
     steps = max(1, per_rank // cfg.batch_size)  # drop_last: every step a full batch
     if cfg.steps_per_epoch:
         steps = min(steps, cfg.steps_per_epoch)

@@ -81,7 +81,7 @@ def check_members(cfg: TrainConfig, members: list, n_classes: int, resume: bool,
         if not train_items:
             raise PipelineError(f"{member.name} has no training images in {cfg.work_dir}; check the labels file "
                                 "and rerun reorg")
-        share = -(-len(train_items) // dist.world_size())  # each process's images
+        share = dist.per_process(len(train_items))
         if share < cfg.batch_size:
             log.warning("%s: %d training images per process is less than one batch of %d; using batch size %d",
                         member.dir, share, cfg.batch_size, share)

@@ -155,7 +155,7 @@ def gather_facts(resolved: Any, plans: Sequence[tuple[Any, list, list]], info: d
     members, precision = [], "fp32"
     fitted = 1 if cfg.head == "logreg" else 0  # a logreg head is fitted once: that epoch takes no SGD step
     for member, train_items, valid_items in plans:
-        member_cfg = replace(cfg, batch_size=max(1, min(cfg.batch_size, len(train_items))))
+        member_cfg = replace(cfg, batch_size=max(1, min(cfg.batch_size, dist.per_process(len(train_items)))))
         rt = make_runtime(member_cfg, device, len(train_items), dplan)
         precision = str(rt.amp_dtype).replace("torch.", "").replace("bfloat16", "bf16").replace("float16", "fp16")
         precision = "fp32" if rt.amp_dtype is None else precision

@@ -343,8 +343,7 @@ def _train_locked(resolved: Resolved, resume: bool, force: bool) -> list[MemberR
         log_run_summary(shown, members, info, lambda c: build_model(c, len(info["classes"])))
     results = []
     for (member, train_items, valid_items), member_cfg in zip(members, configs):
-        share = -(-len(train_items) // dist.world_size())  # each process's images: at least one full batch
-        member_cfg = replace(member_cfg, batch_size=min(member_cfg.batch_size, share))
+        member_cfg = replace(member_cfg, batch_size=min(member_cfg.batch_size, dist.per_process(len(train_items))))
         if member.fold is not None:  # each member records the one fold it trained on
             member_cfg = replace(member_cfg, folds=0, fold=member.fold)
         done = already_done(member, member_cfg) if resume else None
@@ -376,7 +375,7 @@ def planned(resolved: Resolved) -> Resolved:
 
 def _adapted(resolved: Resolved, members: list) -> tuple[Resolved, list[TrainConfig]]:
     """Each member's config adapted to its training images; the changes logged and kept in the run's notes."""
-    pairs = [adapt_to_data(resolved.config, -(-len(tr) // dist.world_size()), resolved.sources) for _, tr, _ in members]
+    pairs = [adapt_to_data(resolved.config, dist.per_process(len(tr)), resolved.sources) for _, tr, _ in members]
     notes = tuple(dict.fromkeys(note for _, member_notes in pairs for note in member_notes))
     for note in notes:
         log.warning("recipe adapted to the data: %s", note)
