@@ -40,9 +40,9 @@ DRIVER = textwrap.dedent('''
     from pathlib import Path
     import competitions  # noqa: F401
     from pipeline.competition import Competition, Recipe, register
-    from pipeline.reorg import reorg
-    from pipeline.predict import predict
-    from pipeline.train import train
+    from pipeline.download.reorg import reorg
+    from pipeline.predict.stage import predict
+    from pipeline.train.stage import train
     import pipeline.config as config
 
     raw, out, weights, epochs = Path(sys.argv[1]), Path(sys.argv[2]), Path(sys.argv[3]), int(sys.argv[4])

@@ -6,7 +6,7 @@ WORK_DIR is a reorganised competition (e.g. the full CIFAR-10 from
 ../shared/data/cifar10_png.py after `pipeline reorg`). A run with a randomly
 initialised model is written to a temporary folder (speed does not depend on
 the weights). It prints:
-- images/s of pipeline.inference.infer against a bare `model(x)` +
+- images/s of pipeline.models.inference.infer against a bare `model(x)` +
   softmax loop over the same decoded tensors (the overhead ratio);
 - images/s and peak RSS of the whole `pipeline predict` over WORK_DIR/test
   (decode, transform, softmax, building, checking and writing the CSV), run in
@@ -28,11 +28,11 @@ import torch
 
 from pipeline.checkpoint import save_checkpoint
 from pipeline.config import TrainConfig
-from pipeline.data import ImageDataset, build_transform, list_split, load_reorg
+from pipeline.data.items import ImageDataset, build_transform, list_split, load_reorg
 from pipeline.distributed import resolve_device
 from pipeline.io import atomic_write_json
 from pipeline.models import create_model
-from pipeline.inference import infer
+from pipeline.models.inference import infer
 from pipeline.runs import HOLDOUT, Run
 
 
@@ -92,7 +92,7 @@ def main() -> None:
     print(f"torch {torch.__version__}, device {device}, model {args.model} at {args.side}px, batch {args.batch}")
     print(f"{'what':<44} {'images':>7} {'img/s':>8} {'peak RSS MiB':>13}")
     print(f"{'bare model(x) + softmax loop':<44} {len(tensors):>7} {bare:>8.0f}")
-    print(f"{'pipeline.inference.infer, same tensors':<44} {len(tensors):>7} {ours:>8.0f}   overhead x{bare / ours:.2f}")
+    print(f"{'pipeline.models.inference.infer, same tensors':<44} {len(tensors):>7} {ours:>8.0f}   overhead x{bare / ours:.2f}")
     print(f"{'pipeline predict (files -> checked CSV)':<44} {len(items):>7} {len(items) / seconds:>8.0f} {peak:>13.0f}")
 
 

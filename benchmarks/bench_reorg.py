@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # this checkout's 
 
 import competitions  # noqa: E402,F401
 from pipeline.competition import get_competition  # noqa: E402
-from pipeline.reorg import reorg  # noqa: E402
+from pipeline.download.reorg import reorg  # noqa: E402
 
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 if not SHARED.is_dir():

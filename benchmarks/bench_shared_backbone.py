@@ -29,7 +29,7 @@ DATA = SHARED / "data" / "dog-breed-identification"
 def write_run(work: Path, run_dir: Path, folds: int) -> None:
     from pipeline.checkpoint import save_checkpoint
     from pipeline.config import TrainConfig
-    from pipeline.data import load_reorg
+    from pipeline.data.items import load_reorg
     from pipeline.io import atomic_write_json
     from pipeline.models import create_model, freeze_backbone
     from pipeline.runs import FOLD, Run, member_name

@@ -2,7 +2,7 @@
 
     python benchmarks/bench_train.py [--device auto] [--steps 10] [--models fastnet resnet18_cifar ...]
 
-Times the real training step (pipeline.train.train_one_epoch: forward, loss,
+Times the real training step (pipeline.train.stage.train_one_epoch: forward, loss,
 backward, optimizer, EMA off) on random batches already in memory, so the
 figure is the model's cost, not the loader's. Peak memory is
 torch.cuda.max_memory_allocated on a GPU and the process's peak RSS on CPU.
@@ -19,7 +19,7 @@ from torch import nn
 from pipeline.config import TrainConfig
 from pipeline.distributed import resolve_device
 from pipeline.models import create_model, freeze_backbone
-from pipeline.engine import build_optimizer, make_runtime, train_one_epoch
+from pipeline.train.engine import build_optimizer, make_runtime, train_one_epoch
 
 # (model, input side, batch size, freeze backbone)
 DEFAULTS = [

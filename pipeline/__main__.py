@@ -1,4 +1,4 @@
 """`python -m pipeline` (and `torchrun -m pipeline`) run the CLI."""
-from pipeline.cli import app
+from pipeline.cli.app import app
 
 app(prog_name="pipeline")

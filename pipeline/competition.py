@@ -27,7 +27,7 @@ class Competition:
     Paths are relative to the unzipped Kaggle download (RAW_DIR), "/"-separated
     ("." is RAW_DIR itself). Columns are found by name, never by position.
 
-    Where the images are (see pipeline/layout.py):
+    Where the images are (see pipeline/download/layout.py):
 
     - ``layout="csv"``: ``labels_file`` has one row per training image, its id
       in ``id_column`` and class in ``label_column``; the image is

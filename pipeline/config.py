@@ -2,7 +2,7 @@
 
 Every setting is a field of :class:`TrainConfig` whose metadata holds its help
 text, its choices and whether it may change on ``--resume``. The ``train``
-command's options are generated from these fields (pipeline/cli_train.py), a
+command's options are generated from these fields (pipeline/cli/train.py), a
 recipe is a :class:`Recipe` naming only the settings it sets, and
 :func:`resolve_config` merges the layers
 
@@ -23,7 +23,7 @@ from typing import Any
 
 from pipeline.errors import PipelineError, check_choice
 
-AUGMENTS = ("pad_crop_flip", "resized_crop_flip_jitter", "letterbox", "light", "none")  # pipeline/data.py builds them
+AUGMENTS = ("pad_crop_flip", "resized_crop_flip_jitter", "letterbox", "light", "none")  # pipeline/data/items.py builds them
 TTAS = ("none", "flip")
 
 

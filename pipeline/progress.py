@@ -146,7 +146,7 @@ def _write(text: str) -> None:
 
 def images_in(loader: Any) -> int | None:
     """How many samples one pass over ``loader`` yields on this process (None when unknown)."""
-    if hasattr(loader, "n") and hasattr(loader, "world"):  # the index-batch loaders of pipeline/cache.py
+    if hasattr(loader, "n") and hasattr(loader, "world"):  # the index-batch loaders of pipeline/data/cache.py
         return -(-loader.n // loader.world)
     sampler = getattr(loader, "sampler", None)
     if sampler is not None and sampler is not loader and hasattr(sampler, "__len__"):

@@ -93,7 +93,7 @@ def toy(tmp_path):
 @pytest.fixture
 def toy_work(toy, tmp_path):
     """(competition, work_dir): the toy download reorganised with a 25% valid split and 3 folds."""
-    from pipeline.reorg import reorg
+    from pipeline.download.reorg import reorg
 
     comp, raw = toy
     reorg(comp, raw, tmp_path / "work", valid_ratio=0.25, folds=3, seed=0)

@@ -115,7 +115,7 @@ def test_no_module_is_over_about_400_lines(path):
 
 
 def test_train_options_are_the_schema_fields():
-    from pipeline.cli_train import train
+    from pipeline.cli.train import train
 
     params = set(inspect.signature(train).parameters)
     fixed = {"competition", "work_dir", "run_dir", "recipe", "dry_run", "resume", "force", "as_json"}

@@ -14,8 +14,10 @@ from types import SimpleNamespace
 import py7zr
 import pytest
 
-from pipeline import archives, kaggle
-from pipeline.archives import MANIFEST_NAME, archive_kind, unpack_all
+from pipeline.download import archives as archives
+
+from pipeline.download import kaggle as kaggle
+from pipeline.download.archives import MANIFEST_NAME, archive_kind, unpack_all
 from pipeline.errors import PipelineError
 
 
@@ -241,6 +243,6 @@ def test_kaggle_download_unpacks_once_and_keeps_the_zip(tmp_path, monkeypatch):
 
 def test_py7zr_is_loaded_only_for_a_7z():
     """It is slow to import and may be missing where only zips are met (a Kaggle kernel)."""
-    code = "import sys, pipeline.kaggle; print('py7zr' in sys.modules)"
+    code = "import sys, pipeline.download.kaggle; print('py7zr' in sys.modules)"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "False"

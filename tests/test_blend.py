@@ -13,13 +13,13 @@ from sklearn.metrics import log_loss
 from typer.testing import CliRunner
 
 from conftest import make_competition, write_raw
-from pipeline.blend import blend, blend_probs, blend_scores, fit_weights, load_oofs
-from pipeline.cli import app
+from pipeline.predict.blend import blend, blend_probs, blend_scores, fit_weights, load_oofs
+from pipeline.cli.app import app
 from pipeline.competition import _REGISTRY
 from pipeline.metrics import score
-from pipeline.reorg import reorg
+from pipeline.download.reorg import reorg
 from pipeline.runs import Run
-from pipeline.submission import check_submission_file
+from pipeline.predict.submission import check_submission_file
 
 CLASSES = ["cat", "dog", "frog"]
 

@@ -5,7 +5,7 @@ import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
-from pipeline.cli import app
+from pipeline.cli.app import app
 
 runner = CliRunner()
 
@@ -72,7 +72,7 @@ def test_usage_errors_are_one_line(toy, tmp_path, args, message):
 
 
 def test_submissions_are_indexed_and_never_rewritten(toy, tmp_path):
-    from pipeline.submission_index import read_index
+    from pipeline.predict.submission_index import read_index
 
     comp, raw = toy
     work, run, subs = tmp_path / "work", tmp_path / "run", tmp_path / "submissions"

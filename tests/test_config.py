@@ -8,11 +8,11 @@ import pytest
 from typer.testing import CliRunner
 
 from conftest import make_competition, write_raw
-from pipeline.cli import app
+from pipeline.cli.app import app
 from pipeline.competition import Recipe
 from pipeline.config import TrainConfig, resolve_config, resumed_config
 from pipeline.errors import PipelineError
-from pipeline.reorg import reorg
+from pipeline.download.reorg import reorg
 
 WEIGHTS_CFG = {"image_size": 224, "mean": (0.5, 0.5, 0.5), "std": (0.5, 0.5, 0.5)}
 

@@ -20,7 +20,7 @@ import pandas as pd
 import pytest
 
 from competitions.digits import write_digits
-from pipeline.reorg import LOCK_FILE
+from pipeline.download.reorg import LOCK_FILE
 from tests.conftest import tree_hash
 
 pytestmark = pytest.mark.slow
@@ -63,15 +63,15 @@ def wrap(owner, name, hit):
 
 
 if kind == "place":
-    import pipeline.reorg
-    wrap(pipeline.reorg, "_place", lambda n, args: n == int(arg))
+    import pipeline.download.reorg
+    wrap(pipeline.download.reorg, "_place", lambda n, args: n == int(arg))
 elif kind == "replace":
     wrap(os, "replace", lambda n, args: Path(args[1]).name == arg)
 elif kind == "open":
     import PIL.Image
     wrap(PIL.Image, "open", lambda n, args: n == int(arg))
 
-from pipeline.cli import run
+from pipeline.cli.app import run
 
 sys.argv = ["pipeline", *sys.argv[1:]]
 run()
@@ -150,7 +150,7 @@ def digits(tmp_path_factory) -> Path:
 def clean(digits, tmp_path_factory):
     """clean(*options): the hash of a WORK_DIR that one uninterrupted reorg built."""
     from pipeline.competition import get_competition
-    from pipeline.reorg import reorg
+    from pipeline.download.reorg import reorg
 
     root, hashes = tmp_path_factory.mktemp("clean"), {}
 

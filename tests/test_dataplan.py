@@ -5,9 +5,9 @@ import pytest
 import torch
 
 from pipeline.config import TrainConfig
-from pipeline.dataplan import choose_source, device_plan, shared_backbone_groups
+from pipeline.data.plan import choose_source, device_plan, shared_backbone_groups
 from pipeline.devices import A100, CPU, P100, T4
-from pipeline.engine import Runtime, make_runtime, train_one_epoch
+from pipeline.train.engine import Runtime, make_runtime, train_one_epoch
 
 
 def cfg(**kw) -> TrainConfig:

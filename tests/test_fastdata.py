@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.cache import IndexBatches, TensorBatchLoader, batch_crop_flip, image_cache
-from pipeline.data import ImageDataset, build_transform, list_split, load_reorg, make_loader
+from pipeline.data.cache import IndexBatches, TensorBatchLoader, batch_crop_flip, image_cache
+from pipeline.data.items import ImageDataset, build_transform, list_split, load_reorg, make_loader
 from pipeline.errors import PipelineError
-from pipeline.reorg import reorg
+from pipeline.download.reorg import reorg
 
 
 def test_batch_crop_flip_translates_and_flips_whole_images():

@@ -119,10 +119,11 @@ import collections, json, os, sys
 from pathlib import Path
 
 import competitions  # noqa: F401
-from pipeline import cache, distributed as dist
+from pipeline import distributed as dist
+from pipeline.data import cache as cache
 from pipeline.competition import get_competition
 from pipeline.config import config_from_recipe
-from pipeline.train import train
+from pipeline.train.stage import train
 
 work, out = Path(sys.argv[1]), Path(sys.argv[2])
 builds = collections.Counter()

@@ -12,10 +12,10 @@ import pytest
 from typer.testing import CliRunner
 
 from pipeline import progress
-from pipeline.cli import app
+from pipeline.cli.app import app
 from pipeline.io import atomic_write_text, exclusive_lock, undo_on_failure
 from pipeline.runs import Run
-from pipeline.summary import MemberPlan, RunFacts, format_summary, interrupt_note, plan_warnings
+from pipeline.train.summary import MemberPlan, RunFacts, format_summary, interrupt_note, plan_warnings
 
 runner = CliRunner()
 
@@ -194,7 +194,7 @@ def test_a_failed_or_interrupted_train_leaves_no_file(toy, tmp_path, monkeypatch
     def interrupted(*_args, **_kwargs):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr("pipeline.train.fit_member", interrupted)
+    monkeypatch.setattr("pipeline.train.stage.fit_member", interrupted)
     result = invoke(*args)
     assert result.exit_code == 130 and not run.exists()
     assert result.stderr.strip().splitlines()[-1].startswith(f"interrupted before {run}/holdout finished an epoch: "
@@ -249,7 +249,7 @@ def test_ctrl_c_names_what_the_interrupted_stage_saved(tmp_path):
 
 
 def test_the_kaggle_cli_is_found_beside_python(tmp_path, monkeypatch):
-    from pipeline import kaggle
+    from pipeline.download import kaggle as kaggle
 
     kaggle_exe = tmp_path / "bin" / "kaggle"
     kaggle_exe.parent.mkdir()

@@ -6,10 +6,10 @@ import pytest
 import torch
 
 from pipeline.config import TrainConfig, config_from_recipe
-from pipeline.engine import phase, phase_span
+from pipeline.train.engine import phase, phase_span
 from pipeline.errors import PipelineError
 from pipeline.models.weights import head_names, in_head
-from pipeline.train import build_model, train
+from pipeline.train.stage import build_model, train
 
 
 def cfg_for(comp, work, run, **kw):
@@ -51,7 +51,7 @@ def backbone(model) -> dict[str, torch.Tensor]:
 
 
 def test_the_backbone_stays_put_then_trains_at_a_scaled_lr(toy_work, tmp_path, monkeypatch):
-    import pipeline.train as train_module
+    import pipeline.train.stage as train_module
 
     comp, work = toy_work
     cfg = cfg_for(comp, work, tmp_path / "run").config
@@ -78,7 +78,7 @@ def test_the_backbone_stays_put_then_trains_at_a_scaled_lr(toy_work, tmp_path, m
 
 @pytest.mark.parametrize("cut", [1, 2])  # at the phase boundary, and inside the fine-tuning phase
 def test_interrupted_fine_tuning_resumes_exactly(toy_work, tmp_path, monkeypatch, cut):
-    import pipeline.train as train_module
+    import pipeline.train.stage as train_module
     from pipeline.checkpoint import load_checkpoint
 
     comp, work = toy_work
@@ -104,8 +104,8 @@ def test_interrupted_fine_tuning_resumes_exactly(toy_work, tmp_path, monkeypatch
 
 
 def test_fine_tuned_folds_keep_their_own_backbones_at_predict(toy_work, tmp_path):
-    from pipeline.dataplan import shared_backbone_groups
-    from pipeline.predict import load_member
+    from pipeline.data.plan import shared_backbone_groups
+    from pipeline.predict.stage import load_member
     from pipeline.runs import Run
 
     comp, work = toy_work
@@ -117,7 +117,7 @@ def test_fine_tuned_folds_keep_their_own_backbones_at_predict(toy_work, tmp_path
 
 
 def test_the_run_summary_states_the_two_phases():
-    from pipeline.summary import training_plan
+    from pipeline.train.summary import training_plan
 
     tuned = training_plan(plain(epochs=5, unfreeze_after=2, backbone_lr_scale=0.1, schedule="onecycle"))
     assert tuned.startswith("epochs 1-2: the linear head alone, backbone frozen; epochs 3-5: the whole model")

@@ -19,21 +19,21 @@ import torch
 from typer.testing import CliRunner
 
 from conftest import make_competition, write_raw
-from pipeline import dataplan
-from pipeline import predict as predict_module
-from pipeline import train as train_module
-from pipeline.cache import CACHE_DIR, FeatureHead
-from pipeline.cli import app
+from pipeline.data import plan as dataplan
+from pipeline.predict import stage as predict_module
+from pipeline.train import stage as train_module
+from pipeline.data.cache import CACHE_DIR, FeatureHead
+from pipeline.cli.app import app
 from pipeline.competition import _REGISTRY, Recipe, get_competition
 from pipeline.config import TrainConfig, config_from_recipe
-from pipeline.data import list_split, load_reorg
-from pipeline.dataplan import FeatureViews, eval_loader, plan_for
-from pipeline.inference import infer, normalise_rows
+from pipeline.data.items import list_split, load_reorg
+from pipeline.data.plan import FeatureViews, eval_loader, plan_for
+from pipeline.models.inference import infer, normalise_rows
 from pipeline.models import create_model
-from pipeline.predict import load_member, predict_items
-from pipeline.reorg import reorg
+from pipeline.predict.stage import load_member, predict_items
+from pipeline.download.reorg import reorg
 from pipeline.runs import DEVICE_KEY, Run
-from pipeline.train import train
+from pipeline.train.stage import train
 
 FAST = ["--device", "cpu", "--channels-last", "--amp", "bf16", "--epochs", "1", "--steps-per-epoch", "1",
         "--image-size", "16", "--batch-size", "8"]

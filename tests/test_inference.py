@@ -7,13 +7,13 @@ import torch
 
 from pipeline.checkpoint import save_checkpoint
 from pipeline.config import TrainConfig
-from pipeline.data import list_split, load_reorg
+from pipeline.data.items import list_split, load_reorg
 from pipeline.errors import PipelineError
-from pipeline.inference import infer, normalise_rows
+from pipeline.models.inference import infer, normalise_rows
 from pipeline.models import create_model, freeze_backbone
-from pipeline.dataplan import eval_loader
-from pipeline.predict import load_member, predict_items
-from pipeline.reorg import reorg
+from pipeline.data.plan import eval_loader
+from pipeline.predict.stage import load_member, predict_items
+from pipeline.download.reorg import reorg
 from pipeline.runs import FOLD, Run, member_name
 
 

@@ -15,12 +15,12 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from pipeline.cli import app
+from pipeline.cli.app import app
 from pipeline.competition import get_competition
-from pipeline.data import list_split, load_reorg, read_folds
-from pipeline.init import infer, init_spec, survey
-from pipeline.reorg import reorg
-from pipeline.specfile import load_spec
+from pipeline.data.items import list_split, load_reorg, read_folds
+from pipeline.download.spec_guess import guess as guess_spec, init_spec, survey
+from pipeline.download.reorg import reorg
+from pipeline.download.specfile import load_spec
 
 SHARED = next((p for p in (Path(__file__).resolve().parents[1].parent / "shared", Path("/work/shared"))
                if (p / "data").is_dir()), None)
@@ -196,7 +196,7 @@ def test_whole_number_single_column_is_left_for_the_user(tmp_path):
     image(raw / "test" / "a.png", 60)
     csv(raw / "train_labels.csv", id=list(labels), label=list(labels.values()))
     csv(raw / "sample_submission.csv", id=["a"], label=0)
-    guess = infer(survey(raw), "toy")
+    guess = guess_spec(survey(raw), "toy")
     assert guess.fields["submission"] == "label" and "submission" in guess.undecided
     assert "binary" in guess.undecided["submission"]
 

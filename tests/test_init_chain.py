@@ -15,7 +15,7 @@ from pathlib import Path
 import pandas as pd
 from PIL import Image
 
-from pipeline.data import list_split, load_reorg
+from pipeline.data.items import list_split, load_reorg
 from tests.test_init import CLASSES, chain, csv, image, invoke, labelled, shade
 
 

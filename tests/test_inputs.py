@@ -17,7 +17,7 @@ import pytest
 from typer.testing import CliRunner
 
 from conftest import make_competition, tree_hash, write_raw
-from pipeline.cli import app
+from pipeline.cli.app import app
 from pipeline.competition import _REGISTRY, register
 
 runner = CliRunner()
@@ -133,7 +133,7 @@ def test_a_linked_image_folder_is_followed(toy, tmp_path):
 
 @pytest.mark.parametrize("target", [".kaggle/kaggle.json", ".kaggle/access_token", "project/.env"])
 def test_a_link_to_credentials_is_never_packaged(tmp_path, monkeypatch, target):
-    from pipeline.kernel_dataset import check_sources
+    from pipeline.kernel.dataset import check_sources
 
     home = tmp_path / "home"
     monkeypatch.setenv("HOME", str(home))
@@ -150,7 +150,7 @@ def test_a_link_to_credentials_is_never_packaged(tmp_path, monkeypatch, target):
 
 
 def test_a_plain_file_is_still_packaged(tmp_path, monkeypatch):
-    from pipeline.kernel_dataset import check_sources
+    from pipeline.kernel.dataset import check_sources
 
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     (tmp_path / "home" / ".kaggle").mkdir(parents=True)

@@ -16,11 +16,13 @@ import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
-from pipeline import kernel, kernel_dataset
-from pipeline.cli import app
+from pipeline.kernel import build as kernel
+
+from pipeline.kernel import dataset as kernel_dataset
+from pipeline.cli.app import app
 from pipeline.competition import list_competitions
 from pipeline.errors import PipelineError
-from pipeline.kernel import KernelSpec
+from pipeline.kernel.build import KernelSpec
 from tests.conftest import SHARED, requires_shared, tree_hash
 
 runner = CliRunner()
@@ -407,8 +409,8 @@ def mock_kaggle(monkeypatch) -> list[list[str]]:
     calls = []
     monkeypatch.setenv("KAGGLE_USERNAME", "me")
     monkeypatch.setenv("KAGGLE_KEY", KEY)
-    monkeypatch.setattr("pipeline.kaggle.shutil.which", lambda name: f"/usr/bin/{name}")
-    monkeypatch.setattr("pipeline.kaggle.subprocess.run",
+    monkeypatch.setattr("pipeline.download.kaggle.shutil.which", lambda name: f"/usr/bin/{name}")
+    monkeypatch.setattr("pipeline.download.kaggle.subprocess.run",
                         lambda cmd, **kw: calls.append(cmd) or subprocess.CompletedProcess(cmd, 0, "pushed\n", ""))
     return calls
 
@@ -435,7 +437,7 @@ def test_push_without_credentials_says_where_they_go(built_kernel, tmp_path, mon
     empty.mkdir()
     monkeypatch.setenv("HOME", str(empty))
     monkeypatch.setenv("KAGGLE_CONFIG_DIR", str(empty))
-    monkeypatch.setattr("pipeline.kaggle.subprocess.run", lambda *a, **kw: pytest.fail("kaggle must not run"))
+    monkeypatch.setattr("pipeline.download.kaggle.subprocess.run", lambda *a, **kw: pytest.fail("kaggle must not run"))
     result = invoke("kernel", "push", built_kernel)
     assert result.exit_code == 1
     lines = result.output.strip().splitlines()

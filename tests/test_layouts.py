@@ -1,7 +1,7 @@
 """reorg on each download layout a spec can describe, written synthetically in tmp_path.
 
 Every test goes through ``reorg()`` and reads the result back with
-pipeline.data, as train and predict do, so ids must survive the round trip.
+pipeline.data.items, as train and predict do, so ids must survive the round trip.
 """
 from __future__ import annotations
 
@@ -14,9 +14,9 @@ import pytest
 from PIL import Image
 
 from pipeline.competition import Competition, Recipe
-from pipeline.data import list_split, load_reorg, read_folds
+from pipeline.data.items import list_split, load_reorg, read_folds
 from pipeline.errors import PipelineError
-from pipeline.reorg import reorg
+from pipeline.download.reorg import reorg
 from tests.conftest import tree_hash
 
 CLASSES = ("cat", "dog", "frog")
@@ -58,7 +58,7 @@ def sample(raw: Path, test_ids: list[str], id_column: str = "id", first: str | N
 
 
 def tree(work: Path) -> dict[str, dict[str, str]]:
-    """split -> {id: class} as pipeline.data reads the tree back."""
+    """split -> {id: class} as pipeline.data.items reads the tree back."""
     info = load_reorg(work)
     names = [None, *info["classes"]]
     return {split: {it.id: names[it.target + 1] for it in list_split(work, info, split)}

@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 from typer.testing import CliRunner
 
-from pipeline.cli import app
+from pipeline.cli.app import app
 from pipeline.config import config_from_recipe
 from pipeline.errors import PipelineError
-from pipeline.lrfind import blown_up, centred, find_lr, lr_schedule, smooth, suggest
+from pipeline.train.lrfind import blown_up, centred, find_lr, lr_schedule, smooth, suggest
 
 
 def test_the_schedule_is_geometric_between_its_ends():

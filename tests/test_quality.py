@@ -11,12 +11,12 @@ from torch import nn
 
 from competitions.cifar10 import CIFAR10
 from competitions.dog_breed import DOG_BREED
-from pipeline.adapt import MIN_BATCH, MIN_STEPS_PER_EPOCH, MIN_TOTAL_STEPS, adapt_to_data, adapted_batch
+from pipeline.train.adapt import MIN_BATCH, MIN_STEPS_PER_EPOCH, MIN_TOTAL_STEPS, adapt_to_data, adapted_batch
 from pipeline.config import TrainConfig, resolve_config
 from pipeline.errors import PipelineError
-from pipeline.logreg import fit_logreg, load_linear_head
-from pipeline.reorg import reorg
-from pipeline.train import train
+from pipeline.train.logreg import fit_logreg, load_linear_head
+from pipeline.download.reorg import reorg
+from pipeline.train.stage import train
 
 LITE0_DATA = {"image_size": 224, "mean": (0.5,) * 3, "std": (0.5,) * 3}
 
@@ -153,7 +153,7 @@ def test_logreg_needs_a_frozen_backbone():
 
 
 def test_logreg_member_is_an_ordinary_checkpoint(toy, tmp_path):
-    from pipeline.predict import predict_items
+    from pipeline.predict.stage import predict_items
     from pipeline.runs import Run
 
     comp, raw = toy
@@ -168,7 +168,7 @@ def test_logreg_member_is_an_ordinary_checkpoint(toy, tmp_path):
     assert json.loads((fold.dir / "config.json").read_text())["config"]["head"] == "linear"
     cv = json.loads((tmp_path / "run" / "cv.json").read_text())
     assert cv["cv"] > 0.8  # colours: separable even through a random frozen backbone
-    from pipeline.data import fold_split, load_reorg
+    from pipeline.data.items import fold_split, load_reorg
     _, valid = fold_split(tmp_path / "work", load_reorg(tmp_path / "work"), 0)
     ids, probs, _ = predict_items([fold], valid, device="cpu")
     assert probs.shape == (len(valid), 3) and np.allclose(probs.sum(1), 1, atol=1e-5)

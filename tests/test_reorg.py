@@ -13,7 +13,7 @@ import pytest
 
 from pipeline.competition import get_competition
 from pipeline.errors import PipelineError
-from pipeline.reorg import class_dir_name, plan_split, reorg, stratified_folds, valid_counts
+from pipeline.download.reorg import class_dir_name, plan_split, reorg, stratified_folds, valid_counts
 from tests.conftest import SHARED, tree_hash
 
 DATA = SHARED / "data" if (SHARED / "data").is_dir() else Path("/work/shared/data")

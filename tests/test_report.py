@@ -13,15 +13,15 @@ import pytest
 from PIL import Image
 from typer.testing import CliRunner
 
-from pipeline.cli import app
+from pipeline.cli.app import app
 from pipeline.config import config_from_recipe
-from pipeline.data import list_split, load_reorg
-from pipeline.report import validation_predictions
-from pipeline.report_figures import (confusion_counts, confusion_figure, image_grid, learning_curves_figure,
+from pipeline.data.items import list_split, load_reorg
+from pipeline.report.build import validation_predictions
+from pipeline.report.figures import (confusion_counts, confusion_figure, image_grid, learning_curves_figure,
                                      top_k)
-from pipeline.reorg import reorg
-from pipeline.submission_index import COLUMNS, read_index, record_submission, run_summary
-from pipeline.train import train
+from pipeline.download.reorg import reorg
+from pipeline.predict.submission_index import COLUMNS, read_index, record_submission, run_summary
+from pipeline.train.stage import train
 from tests.conftest import make_competition, write_raw
 
 runner = CliRunner()
@@ -116,8 +116,8 @@ def fake_kaggle(monkeypatch):
         calls.append(list(cmd))
         return subprocess.CompletedProcess(cmd, 0, stdout="Successfully submitted to toy\n", stderr="")
 
-    monkeypatch.setattr("pipeline.kaggle.shutil.which", lambda name: "/opt/bin/kaggle")
-    monkeypatch.setattr("pipeline.kaggle.subprocess.run", fake_run)
+    monkeypatch.setattr("pipeline.download.kaggle.shutil.which", lambda name: "/opt/bin/kaggle")
+    monkeypatch.setattr("pipeline.download.kaggle.subprocess.run", fake_run)
     return calls
 
 
@@ -164,7 +164,7 @@ def test_submit_without_credentials_says_what_is_missing(toy, fake_kaggle, monke
 
 def test_submit_without_the_kaggle_cli_says_so(toy, monkeypatch):
     comp, raw = toy
-    monkeypatch.setattr("pipeline.kaggle.shutil.which", lambda name: None)
+    monkeypatch.setattr("pipeline.download.kaggle.shutil.which", lambda name: None)
     csv = raw / comp.sample_submission
     result = invoke("submit", comp.slug, csv, "-m", "first", "--sample", csv)
     assert result.exit_code == 1 and "the kaggle CLI is not installed" in result.stderr

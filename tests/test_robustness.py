@@ -29,11 +29,11 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from competitions.digits import write_digits
-from pipeline import kaggle
+from pipeline.download import kaggle as kaggle
 from pipeline.checkpoint import load_checkpoint
-from pipeline.cli import app
-from pipeline.data import read_image
-from pipeline.reorg import plan_split, read_labels
+from pipeline.cli.app import app
+from pipeline.data.items import read_image
+from pipeline.download.reorg import plan_split, read_labels
 from tests.conftest import make_competition, tree_hash, write_raw
 
 runner = CliRunner()
@@ -823,8 +823,8 @@ def test_debug_shows_the_traceback_instead_of_the_line(tmp_path):
 
 def test_the_feature_cache_marks_unreadable_images_so_no_black_image_is_trained(toy, tmp_path):
     """Issue 13.6: a frozen backbone's cached features of a broken file are left out of the loss."""
-    from pipeline.cache import feature_bank
-    from pipeline.data import ImageDataset, build_transform, list_split, load_reorg, make_loader
+    from pipeline.data.cache import feature_bank
+    from pipeline.data.items import ImageDataset, build_transform, list_split, load_reorg, make_loader
     from pipeline.models import create_model
 
     comp, raw, work, ids = broken_toy(toy, tmp_path, "train")

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import kernel
-from pipeline.kernel_dataset import SPEC_FILE, run_spec
+from pipeline.kernel import build as kernel
+from pipeline.kernel.dataset import SPEC_FILE, run_spec
 from tests.test_init import invoke, write_binary, write_c
 from tests.test_kernel import fake_run, fake_wheel, load_script, make_spec, no_secrets  # noqa: F401  (fixtures)
 

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pipeline.specfile import find_specs
+from pipeline.download.specfile import find_specs
 from tests.test_init import invoke, write_binary, write_c
 
 

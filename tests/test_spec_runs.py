@@ -16,8 +16,8 @@ import pandas as pd
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from pipeline.report_figures import best_epoch, learning_curves_figure, prediction_frame, validation_scores
-from pipeline.report_html import report_summary
+from pipeline.report.figures import best_epoch, learning_curves_figure, prediction_frame, validation_scores
+from pipeline.report.html import report_summary
 from tests.test_init import invoke, write_binary
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -49,7 +49,7 @@ def test_the_run_stores_the_spec_path_and_a_fresh_process_loads_it(spec_run, tmp
     root, spec, _, run = spec_run
     doc = json.loads((run / "config.json").read_text())
     assert doc["config"]["competition"] == str(spec.resolve()) and doc["data"]["competition"] == "spec-binary"
-    code = ("import sys; from pipeline.config import load_resolved; from pipeline.specfile import competition_of; "
+    code = ("import sys; from pipeline.config import load_resolved; from pipeline.download.specfile import competition_of; "
             "c = competition_of(load_resolved(sys.argv[1])[0].competition); print(c.slug, c.metric, c.submission)")
     done = fresh(code, str(run / "config.json"), cwd=tmp_path, module=False)  # another folder, another process
     assert done.returncode == 0, done.stderr

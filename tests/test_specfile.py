@@ -8,14 +8,14 @@ import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
-from pipeline.cli import app
-from pipeline.cli_common import load_competition
+from pipeline.cli.app import app
+from pipeline.cli.common import load_competition
 from pipeline.competition import get_competition
 from pipeline.errors import PipelineError
-from pipeline.layout import binary_classes
+from pipeline.download.layout import binary_classes
 from pipeline.metrics import score
-from pipeline.specfile import load_spec, render_spec, spec_fields
-from pipeline.submission import build_submission, check_submission, positive_index
+from pipeline.download.specfile import load_spec, render_spec, spec_fields
+from pipeline.predict.submission import build_submission, check_submission, positive_index
 from tests.conftest import make_competition
 
 SPEC = """\

@@ -6,7 +6,7 @@ import pandas as pd
 import pytest
 
 from pipeline.errors import PipelineError
-from pipeline.submission import build_submission, check_submission, clean_probs, write_submission
+from pipeline.predict.submission import build_submission, check_submission, clean_probs, write_submission
 from tests.conftest import make_competition
 
 CLASSES = ["cat", "dog", "frog"]

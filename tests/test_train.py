@@ -11,8 +11,8 @@ import pytest
 from pipeline.config import TrainConfig, config_from_recipe
 from pipeline.errors import PipelineError
 from pipeline.metrics import score
-from pipeline.engine import lr_multiplier
-from pipeline.train import train
+from pipeline.train.engine import lr_multiplier
+from pipeline.train.stage import train
 
 
 def cfg_for(comp, work, run, **kw) -> TrainConfig:
@@ -151,7 +151,7 @@ def test_ctrl_c_during_an_epochs_writes_waits_for_them():
     import os
     import signal
 
-    from pipeline.engine import deferred_interrupt
+    from pipeline.train.engine import deferred_interrupt
 
     written = []
     before = signal.signal(signal.SIGINT, signal.default_int_handler)  # as in a terminal (CI may ignore SIGINT)
@@ -200,7 +200,7 @@ def test_resume_restores_ema_and_early_stop_state(toy_work, tmp_path):
 
 
 def test_interrupted_then_resumed_equals_uninterrupted_with_ema_and_early_stop(toy_work, tmp_path, monkeypatch):
-    import pipeline.train as train_module
+    import pipeline.train.stage as train_module
     from pipeline.checkpoint import load_checkpoint
 
     comp, work = toy_work

@@ -10,10 +10,10 @@ import pytest
 from typer.testing import CliRunner
 
 from conftest import make_competition, write_raw
-from pipeline.cli import app
+from pipeline.cli.app import app
 from pipeline.errors import PipelineError
 from pipeline.metrics import clip_probs, score
-from pipeline.reorg import reorg
+from pipeline.download.reorg import reorg
 from pipeline.runs import Run
 
 CLASSES = ["cat", "dog", "frog"]
@@ -158,7 +158,7 @@ def test_check_without_a_work_dir_says_what_it_could_not_check(tmp_path):
 
 
 def test_the_submission_refuses_class_columns_it_cannot_match(tmp_path):
-    from pipeline.submission import build_submission
+    from pipeline.predict.submission import build_submission
 
     comp = make_competition("toy-probs", submission="probs")
     sample = pd.DataFrame({"id": ["a", "b"], "cat": 0.5, "dog": 0.5})

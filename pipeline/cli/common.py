@@ -1,0 +1,173 @@
+"""What every command module of the CLI shares: error handling, argument types, help and output.
+
+The command modules (cli, cli_train, cli_report, cli_kernel) import this
+module and the package, never each other. Results go to stdout (one JSON
+object with ``--json``), logs, progress and errors to stderr. Help is plain
+text (no Rich boxes) that reads at 80 columns, and a usage error is one line
+plus the usage. This module imports neither torch nor pandas: ``pipeline
+--help`` and ``pipeline check`` start fast.
+"""
+from __future__ import annotations
+
+import functools
+import json
+import re
+import sys
+from pathlib import Path
+from typing import Annotated, Any, Callable
+
+import typer
+from typer.core import TyperCommand, TyperGroup
+
+from pipeline import progress
+from pipeline.errors import PipelineError
+
+try:  # typer >= 0.29 carries its own copy of click
+    from typer._click import exceptions as click_errors
+except ImportError:  # pragma: no cover - older typer runs on click itself
+    from click import exceptions as click_errors
+
+STATE = {"debug": False}
+CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
+
+
+class Command(TyperCommand):
+    """A command whose usage line names its arguments plainly: COMPETITION, not {COMPETITION}."""
+
+    def collect_usage_pieces(self, ctx) -> list[str]:
+        return [re.sub(r"^\{(.*)\}", r"\1", piece) for piece in super().collect_usage_pieces(ctx)]
+
+    def format_options(self, ctx, formatter) -> None:
+        """Arguments by name alone (their names say what they are), then the options."""
+        records = [(p.param_type_name, p.get_help_record(ctx)) for p in self.get_params(ctx)]
+        args = [(re.sub(r" <[^>]*>$", "", r[0]), r[1]) for kind, r in records if r and kind == "argument"]
+        for title, rows in (("Arguments", args), ("Options", [r for kind, r in records if r and kind == "option"])):
+            if rows:
+                with formatter.section(title):
+                    formatter.write_dl(rows)
+
+
+class Group(TyperGroup):
+    """The app: a usage error is one line naming the problem, then the usage; exit code 2."""
+
+    def main(self, args=None, prog_name=None, complete_var=None, standalone_mode=True, **extra: Any) -> Any:
+        if not standalone_mode:
+            return super().main(args, prog_name, complete_var, standalone_mode, **extra)
+        try:
+            code = super().main(args, prog_name, complete_var, False, **extra)
+        except click_errors.UsageError as exc:
+            if type(exc).__name__ == "NoArgsIsHelpError":  # `pipeline` alone: the help, as click shows it
+                exc.show()
+                sys.exit(exc.exit_code)
+            usage = exc.ctx.get_usage().replace("Usage: ", "usage: ", 1) if exc.ctx is not None else ""
+            typer.echo(f"error: {exc.format_message()}", err=True)
+            typer.echo(f"{usage}  (--help for more)" if usage else "", err=True)
+            sys.exit(exc.exit_code)
+        except click_errors.ClickException as exc:
+            typer.echo(f"error: {exc.format_message()}", err=True)
+            sys.exit(exc.exit_code)
+        except (typer.Abort, EOFError):
+            typer.echo("aborted", err=True)
+            sys.exit(1)
+        sys.exit(code if isinstance(code, int) else 0)
+
+
+def typer_app(**kwargs: Any) -> typer.Typer:
+    """A Typer app with plain help and one-line usage errors; commands via :func:`command`."""
+    return typer.Typer(cls=Group, rich_markup_mode=None, context_settings=CONTEXT, no_args_is_help=True,
+                       pretty_exceptions_enable=False, add_completion=False, **kwargs)
+
+
+def command(app: typer.Typer, fn: Callable | None = None, **kwargs: Any):
+    """Register ``fn`` on ``app`` as a plain-usage command (or return the decorator)."""
+    register = app.command(cls=Command, context_settings=CONTEXT, **kwargs)
+    return register if fn is None else register(fn)
+
+
+def handle_errors(fn: Callable) -> Callable:
+    """Turn PipelineError (and surprises) into one line on stderr and exit code 1."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except (typer.Exit, typer.Abort):
+            raise
+        except KeyboardInterrupt:
+            typer.echo(progress.interrupted_message(), err=True)  # what the interrupted stage saved
+            raise typer.Exit(130) from None
+        except PipelineError as exc:
+            if STATE["debug"]:
+                raise
+            typer.echo(f"error: {exc}", err=True)
+            raise typer.Exit(1) from None
+        except Exception as exc:  # a bug: still one line, the traceback on request
+            if STATE["debug"]:
+                raise
+            typer.echo(f"internal error: {type(exc).__name__}: {exc} (rerun with --debug for the traceback)", err=True)
+            raise typer.Exit(1) from None
+    return wrapper
+
+
+def check_current_folder() -> None:
+    """Every command resolves relative paths against the current folder: a removed one is one line, exit 1."""
+    import os
+
+    try:
+        os.getcwd()
+    except FileNotFoundError:
+        typer.echo("error: the current folder no longer exists; cd into an existing folder", err=True)
+        raise typer.Exit(1) from None
+
+
+def print_json(result: dict) -> None:
+    """The command's one machine-readable result object, on stdout."""
+    typer.echo(json.dumps(result, default=str, allow_nan=False))
+
+
+def plain(value: Any) -> Any:
+    """NaN and infinities as None, so the JSON output is strict JSON."""
+    return value if not isinstance(value, float) or value == value and abs(value) != float("inf") else None
+
+
+def load_competition(name: str):
+    """The registered competition ``name``, or the spec file at path ``name`` (registered by loading it)."""
+    import competitions  # noqa: F401  (fills the registry)
+    from pipeline.competition import get_competition
+    from pipeline.download.specfile import load_spec, looks_like_spec
+
+    return load_spec(name) if looks_like_spec(name) else get_competition(name)
+
+
+def all_competitions() -> list:
+    import competitions  # noqa: F401
+    from pipeline.competition import list_competitions
+
+    return list_competitions()
+
+
+Comp = Annotated[str, typer.Argument(metavar="COMPETITION", show_default=False,
+                                     help="Kaggle slug, e.g. cifar-10 (see `pipeline competitions`), or a spec file "
+                                          "(`pipeline init`).")]
+WorkDir = Annotated[Path, typer.Argument(metavar="WORK_DIR", help="Folder that reorg writes and train/predict read.")]
+RunDir = Annotated[Path, typer.Argument(metavar="RUN_DIR", help="Folder of a training run (checkpoints, metrics).")]
+Json = Annotated[bool, typer.Option("--json", help="Print one JSON object with the result on stdout.")]
+
+
+def checked_submission(comp, submission_csv: Path, sample: Path | None, work_dir: Path | None,
+                       as_json: bool = False):
+    """Say the submission is valid and return its frame; else each problem on stderr and exit 1."""
+    from pipeline.predict.submission import check_submission_file
+
+    frame, found = check_submission_file(comp, submission_csv, sample, work_dir)
+    if as_json:
+        print_json({"path": str(submission_csv), "valid": not found, "rows": len(frame),
+                    "columns": len(frame.columns), "problems": list(found)})
+    if found:
+        for problem in found:
+            typer.echo(f"{submission_csv}: {problem}", err=True)
+        raise typer.Exit(1)
+    if not as_json:
+        unchecked = "" if work_dir is not None or comp.submission != "label" else \
+            "; class names not checked: give --work-dir WORK_DIR to check them"
+        typer.echo(f"{submission_csv}: valid ({len(frame)} rows, {len(frame.columns)} columns){unchecked}")
+    return frame

@@ -1,0 +1,1 @@
+"""Offline Kaggle kernels: the dataset, the script and their metadata."""

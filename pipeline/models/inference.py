@@ -1,0 +1,87 @@
+"""Inference: the one loop that turns batches into softmax probabilities.
+
+Validation during training, the out-of-fold predictions, ``predict`` and
+``predict-image`` all call :func:`infer`; only what they feed it differs (a
+data plan's loader of images or of backbone features). Test-time
+augmentation is a tiny function of an image batch, picked by name; for
+feature batches the views were computed by the backbone beforehand and
+arrive stacked as (V, B, F).
+"""
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterable
+
+import numpy as np
+import torch
+from torch import nn
+
+from pipeline import distributed as dist
+from pipeline.data.items import BAD_TARGET
+from pipeline.devices import non_blocking, probe
+from pipeline.progress import track
+
+TTA_VIEWS: dict[str, Callable[[torch.Tensor], list[torch.Tensor]]] = {
+    "none": lambda x: [x],
+    "flip": lambda x: [x, torch.flip(x, dims=[3])],  # (B, C, H, W): mirror left-right
+}
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None):
+    """Mixed precision for ``dtype`` on ``device``; nothing when dtype is None."""
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def views_of(x: torch.Tensor, tta: str) -> list[torch.Tensor]:
+    """The inputs to average over: TTA views of an image batch, or precomputed feature views."""
+    if x.ndim == 4:
+        return TTA_VIEWS[tta](x)
+    if x.ndim == 3:  # (V, B, F): one feature batch per view, computed by the backbone
+        return list(x)
+    return [x]  # (B, F): one view of features
+
+
+@torch.no_grad()
+def infer(net: nn.Module, loader: Iterable, device: torch.device, *, tta: str = "none",
+          amp_dtype: torch.dtype | None = None, channels_last: bool = False,
+          progress: str | None = None, gather: bool = True) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Softmax probabilities (N, C) float64, targets (N,) and dataset positions (N,) over ``loader``.
+
+    The probabilities of the views are averaged in float32 and not
+    renormalised (callers that write them use :func:`normalise_rows`). Under
+    DDP each rank sees a shard; the shards are gathered and the padding
+    repeats of the sampler are dropped by position. ``gather=False`` for a
+    loader that is not sharded (predict, which rank 0 runs alone: a collective
+    there would wait forever for the other ranks).
+    """
+    net.eval()  # callers put the model back in training mode (frozen parts stay in eval)
+    probs, targets, positions = [], [], []
+    copy_async = non_blocking(probe(device))
+    for x, y, idx in track(loader, progress or "inference", enabled=dist.is_main()):
+        x = x.to(device, non_blocking=copy_async)
+        if channels_last and x.ndim == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
+        views = views_of(x, tta)
+        with autocast(device, amp_dtype):
+            p = sum(torch.softmax(net(v).float(), dim=1) for v in views) / len(views)
+        probs.append(p)
+        targets.append(torch.as_tensor(y).to(device))
+        positions.append(torch.as_tensor(idx).to(device))
+    cat = dist.gather_cat if gather else (lambda t: t)
+    p = cat(torch.cat(probs)).cpu().double().numpy()
+    t = cat(torch.cat(targets)).cpu().numpy()
+    i = cat(torch.cat(positions)).cpu().numpy()
+    i, first = np.unique(i, return_index=True)
+    return p[first], t[first], i
+
+
+def normalise_rows(probs: np.ndarray) -> np.ndarray:
+    """Rows that sum to 1 in float64 (float32 softmax rows are 1 only to ~1e-7)."""
+    return probs / probs.sum(axis=1, keepdims=True)
+
+
+def unreadable_positions(targets: np.ndarray, positions: np.ndarray) -> set[int]:
+    """Dataset positions whose image could not be decoded (the loader marked their target)."""
+    return {int(i) for i in positions[targets == BAD_TARGET]}

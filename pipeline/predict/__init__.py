@@ -1,0 +1,1 @@
+"""Finished members to probabilities: out-of-fold CV, test predictions, blends and checked submissions."""

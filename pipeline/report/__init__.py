@@ -1,0 +1,1 @@
+"""A run's report: tables, figures and the HTML page."""

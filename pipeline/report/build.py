@@ -1,0 +1,212 @@
+"""A run's report: its inputs read from the run and work folders, the PNGs and report.html written.
+
+The tables and figures are pure functions in pipeline/report/figures.py and
+the page in pipeline/report/html.py; :func:`write_report` gathers their inputs
+and is the only function here that writes files. Also predictions for single
+image files (predict-image).
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+from matplotlib.figure import Figure
+
+from pipeline.config import load_resolved
+from pipeline.data.items import Item, fold_split, list_split, load_reorg, read_image
+from pipeline.errors import PipelineError
+from pipeline.io import atomic_save, atomic_write_text, read_csv
+from pipeline.predict.stage import predict_items
+from pipeline.report.figures import (DPI, GRID_SIZE, image_grid, learning_curves_figure, mistake_titles, most_wrong,
+                                     prediction_frame, validation_figures, validation_scores, validation_tables)
+from pipeline.report.html import CAPTIONS, cv_frame, report_html, report_summary
+from pipeline.runs import HOLDOUT, Member, Run
+from pipeline.download.specfile import competition_of
+from pipeline.predict.submission import class_difference
+
+log = logging.getLogger("pipeline")
+
+REPORT_PAGE = "report.html"
+
+# ---------------------------------------------------------------- single images
+
+
+def decode_image(path: Path) -> np.ndarray:
+    """An image file as (H, W, 3) uint8 RGB, or an error naming the file."""
+    try:
+        return read_image(Path(path))
+    except Exception as exc:  # PIL raises many types for missing and broken files
+        raise PipelineError(f"cannot read image {path} ({exc}); check the path and that it is an image file") from None
+
+
+def run_tta(run: Run) -> str:
+    """The TTA a run's scores used (its members predict with it unless told otherwise)."""
+    return load_resolved(run.config_path)[0].tta
+
+
+def predict_images(run_dir: Path, paths: list[Path], members: str = "auto", tta: str | None = None,
+                   device: str = "auto") -> tuple[list[str], np.ndarray]:
+    """Class names and (N, C) softmax of image files, averaged over the run's members."""
+    items = [Item(str(path), Path(path), -1) for path in paths]
+    run = Run(run_dir)
+    _, probs, classes = predict_items(run.finished(members), items, tta=tta or run_tta(run), device=device)
+    return classes, probs
+
+
+# ---------------------------------------------------------------- a run's inputs
+
+
+def read_metrics(run_dir: Path) -> dict[str, pd.DataFrame]:
+    """Every member's metrics.csv, by member name (holdout, fold0, ..., full)."""
+    found = {m.name: m.metrics() for m in Run(run_dir).members() if m.metrics_path.is_file()}
+    if not found:
+        raise PipelineError(f"no member with metrics under {run_dir}; is it a training run that finished an epoch?")
+    return found
+
+
+def _valid_items(member: Member, work_dir: Path, info: dict) -> list[Item]:
+    if member.fold is not None:
+        return fold_split(work_dir, info, member.fold)[1]
+    return list_split(work_dir, info, "valid") if member.kind == HOLDOUT else []
+
+
+def validation_predictions(run_dir: Path, work_dir: Path, info: dict, device: str = "auto") -> pd.DataFrame:
+    """The run's predictions frame over validation images: oof.csv, else computed per member.
+
+    Computing covers a holdout run and folds still training; a --full member
+    has no validation images and adds nothing.
+    """
+    classes = info["classes"]
+    run = Run(run_dir)
+    oof_path = run.oof_path
+    if oof_path.is_file():
+        frame = read_csv(oof_path, what="out-of-fold predictions")
+        missing = [c for c in ("id", "label", *classes) if c not in frame.columns]
+        if missing:
+            raise PipelineError(f"{oof_path} lacks columns {missing[:5]}; pass the --work-dir the run used")
+        frame[classes] = frame[classes].astype(np.float64)
+        return frame
+    frames = []
+    tta = run_tta(run)  # the run's config, read once for every member
+    for member in run.finished("all"):
+        items = _valid_items(member, work_dir, info)
+        if items:
+            ids, probs, run_classes = predict_items([member], items, tta=tta, device=device,
+                                                    unreadable="drop")
+            differ = class_difference(run_classes, classes)
+            if differ:
+                raise PipelineError(f"{member.dir} was trained on other classes than {work_dir} holds ({differ}); "
+                                    "pass the --work-dir the run used")
+            probs = pd.DataFrame(probs, columns=run_classes)[classes].to_numpy()  # by name
+            if probs.shape[1] != len(classes):
+                raise PipelineError(f"{member.dir} predicts {probs.shape[1]} classes, {work_dir} has {len(classes)}; "
+                                    "pass the --work-dir the run used")
+            target = {it.id: it.target for it in items}
+            frames.append(prediction_frame(ids, [target[i] for i in ids], probs, classes))
+    if not frames:
+        return prediction_frame([], [], np.zeros((0, len(classes))), classes)
+    return pd.concat(frames, ignore_index=True)
+
+
+def _readable(items: list[Item]) -> list[tuple[Item, np.ndarray]]:
+    """Decoded images of ``items``; a broken file is skipped (training skips it too)."""
+    out = []
+    for item in items:
+        try:
+            out.append((item, decode_image(item.path)))
+        except PipelineError as exc:
+            log.warning("report: %s", exc)
+    return out
+
+
+# ---------------------------------------------------------------- writing
+
+
+def training_images_figure(work_dir: Path, info: dict, seed: int = 0) -> Figure:
+    """A 3 x 3 grid of random WORK_DIR/train images under their class names."""
+    items = list_split(work_dir, info, "train")
+    rng = np.random.default_rng(seed)
+    picked = [items[i] for i in rng.choice(len(items), min(GRID_SIZE, len(items)), replace=False)]
+    shown = _readable(picked)
+    return image_grid([image for _, image in shown], [info["classes"][it.target] for it, _ in shown],
+                      title=f"training images ({len(shown)} of {len(items)})", empty="no readable images")
+
+
+def mistakes_figure(preds: pd.DataFrame, classes: list[str], paths: dict[str, Path]) -> Figure:
+    """The wrong validation images that gave the true class the least probability."""
+    wrong = most_wrong(preds, classes)
+    titles = dict(zip(wrong["id"], mistake_titles(wrong)))
+    shown = _readable([Item(i, paths[i], -1) for i in wrong["id"] if i in paths])
+    return image_grid([image for _, image in shown], [titles[it.id] for it, _ in shown],
+                      title="most wrong (validation): true → predicted (p of the true class)",
+                      empty="every validation image is predicted correctly")
+
+
+def save_figure(fig: Figure, path: Path) -> Path:
+    """Write ``fig`` as a PNG, atomically."""
+    atomic_save(Path(path), lambda tmp: fig.savefig(tmp, format="png", dpi=DPI))
+    return Path(path)
+
+
+def _or_none(read):
+    """What ``read()`` gives, or None when the file is missing or broken (the report shows what it can)."""
+    try:
+        return read()
+    except PipelineError:
+        return None
+
+
+def run_metric(config: dict, cv: dict | None) -> str | None:
+    """The metric of the run's competition: loaded from the slug or spec-file path the run stores,
+    else the one its cv.json names; None when neither is known."""
+    try:
+        return competition_of(str(config.get("competition", ""))).metric
+    except PipelineError as exc:
+        known = (cv or {}).get("metric")
+        log.warning("report: the run's competition cannot be loaded (%s); scoring with %s", exc,
+                    known or "accuracy and log loss only")
+        return known
+
+
+def _summary(run_dir: Path, metrics: dict[str, pd.DataFrame]) -> tuple[dict, dict | None, str | None]:
+    """The report's summary of a run, its CV score (None without one) and its competition's metric."""
+    run = Run(run_dir)
+    cv = _or_none(run.read_cv)
+    done = {name: _or_none(run.member(name).done) for name in metrics}
+    config = _or_none(lambda: load_resolved(run.config_path)[0].to_json()) or {}
+    metric = run_metric(config, cv)
+    return report_summary(config, cv, done, metric), cv, metric
+
+
+def write_report(run_dir: Path, work_dir: Path, out_dir: Path, device: str = "auto") -> list[Path]:
+    """The run's PNGs and report.html, the page that shows them, in ``out_dir``.
+
+    PNGs: learning curves (with the learning rate), training images and, from
+    the validation predictions, the confusion matrix (up to 25 classes; above,
+    the most confused pairs and per-class accuracy) and the most wrong images.
+    """
+    run_dir, work_dir, out_dir = Path(run_dir), Path(work_dir), Path(out_dir)
+    info = load_reorg(work_dir)
+    classes = info["classes"]
+    metrics = read_metrics(run_dir)
+    summary, cv, metric = _summary(run_dir, metrics)
+    figures = {"learning_curves.png": learning_curves_figure(metrics, metric or "accuracy"),
+               "train_images.png": training_images_figure(work_dir, info)}
+    preds, tables = validation_predictions(run_dir, work_dir, info, device), {}
+    if len(preds):
+        source = "out-of-fold" if Run(run_dir).oof_path.is_file() else "validation"
+        scores = validation_scores(preds, classes, metric or "accuracy")
+        summary.update({f"{source} {name}": f"{value:.4f} ({len(preds)} images)" for name, value in scores.items()})
+        figures.update(validation_figures(preds, classes, source, scores))
+        paths = {it.id: it.path for it in list_split(work_dir, info, "train_valid")}
+        figures["most_wrong.png"] = mistakes_figure(preds, classes, paths)
+        tables = validation_tables(preds, classes)
+    else:
+        log.warning("%s has no validation predictions (a --full run?): no confusion matrix or mistakes", run_dir)
+    written = [save_figure(fig, out_dir / name) for name, fig in figures.items()]
+    images = [(CAPTIONS.get(p.name, p.stem), p.name) for p in written]
+    page = report_html(f"Report of {run_dir}", summary, cv_frame(cv), images, tables)
+    atomic_write_text(out_dir / REPORT_PAGE, page)
+    return [*written, out_dir / REPORT_PAGE]

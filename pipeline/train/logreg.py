@@ -1,0 +1,116 @@
+"""``--head logreg``: a linear head fitted by multinomial logistic regression on cached features.
+
+With a frozen backbone the head problem is convex, so instead of epochs of SGD
+the head is fitted once by scikit-learn on the training fold's cached
+features, its regularisation C chosen by an inner K-fold CV on that fold only
+(no validation image is seen), and the coefficients are written into the
+model's own linear classifier: the member is an ordinary checkpoint that
+predict and the out-of-fold scores use unchanged.
+"""
+from __future__ import annotations
+
+import logging
+import warnings
+
+import numpy as np
+import torch
+from sklearn.linear_model import LogisticRegression
+from sklearn.model_selection import KFold
+from torch import nn
+
+from pipeline.data.items import BAD_TARGET
+from pipeline.errors import PipelineError
+
+log = logging.getLogger("pipeline")
+
+CS = (0.1, 1.0, 10.0)  # inverse regularisation strengths tried on standardised features (few: it is slow)
+INNER_FOLDS = 3
+ABSENT_MARGIN = 2.0  # classes absent from the training fold: logit this far below the least likely present one
+MAX_ITER = 500
+
+
+def fit_logreg(x: np.ndarray, y: np.ndarray, n_classes: int, groups: np.ndarray | None = None, seed: int = 0,
+               cs: tuple[float, ...] = CS, folds: int = INNER_FOLDS) -> tuple[np.ndarray, np.ndarray, dict]:
+    """(weight (K, F), bias (K,), info) of a logistic regression on raw features ``x`` (N, F).
+
+    The features are standardised inside; the returned weights act on the raw
+    features. C is the one of ``cs`` with the lowest inner-CV log loss; rows of
+    one image (``groups``: several augmented views) stay in one inner fold.
+    """
+    mu, sigma = x.mean(0), x.std(0) + 1e-6
+    z = (x - mu) / sigma
+    groups = np.arange(len(y)) if groups is None else groups
+    scores = {c: _inner_cv_loss(z, y, groups, n_classes, c, seed, folds) for c in cs} if len(cs) > 1 else {cs[0]: 0}
+    best = min(scores, key=scores.get)
+    w, b = _fit(z, y, n_classes, best, seed)
+    weight = w / sigma  # w . (x - mu) / sigma + b == (w / sigma) . x + (b - w . mu / sigma)
+    bias = b - weight @ mu
+    return weight, bias, {"C": best, "inner_cv_log_loss": {str(c): round(float(s), 5) for c, s in scores.items()}}
+
+
+def _fit(z: np.ndarray, y: np.ndarray, n_classes: int, c: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """Weights and biases over all ``n_classes`` (absent classes: zero weight, a low bias)."""
+    present = np.unique(y)
+    weight, bias = np.zeros((n_classes, z.shape[1])), np.zeros(n_classes)
+    if len(present) == 1:  # one class: it always wins
+        bias[:] = -ABSENT_MARGIN
+        bias[present[0]] = 0.0
+        return weight, bias
+    with warnings.catch_warnings():  # few images per class is the normal case here, not "a regression problem"
+        warnings.filterwarnings("ignore", message="The number of unique classes", category=UserWarning)
+        clf = LogisticRegression(C=c, max_iter=MAX_ITER, random_state=seed).fit(z, y)
+    coef, icpt = clf.coef_, clf.intercept_
+    if len(present) == 2:  # binary: one row for classes_[1]; softmax over (-r/2, r/2) is the same model
+        coef, icpt = np.vstack([-coef / 2, coef / 2]), np.concatenate([-icpt / 2, icpt / 2])
+    bias[:] = icpt.min() - ABSENT_MARGIN
+    weight[clf.classes_], bias[clf.classes_] = coef, icpt
+    return weight, bias
+
+
+def _inner_cv_loss(z: np.ndarray, y: np.ndarray, groups: np.ndarray, n_classes: int, c: float, seed: int,
+                   folds: int) -> float:
+    """Mean log loss of C over inner folds of the training rows (split by image)."""
+    images = np.unique(groups)
+    losses = []
+    for tr, va in KFold(min(folds, len(images)), shuffle=True, random_state=seed).split(images):
+        inner = np.isin(groups, images[tr])
+        w, b = _fit(z[inner], y[inner], n_classes, c, seed)
+        losses.append(_log_loss(z[~inner] @ w.T + b, y[~inner]))
+    return float(np.mean(losses))
+
+
+def _log_loss(logits: np.ndarray, y: np.ndarray) -> float:
+    logp = torch.log_softmax(torch.from_numpy(logits), dim=1).numpy()
+    return float(-logp[np.arange(len(y)), y].mean())
+
+
+def fit_feature_head(model: nn.Module, loader, n_classes: int, seed: int = 0) -> float:
+    """Fit the classifier of ``model`` on a feature loader's views and targets; the training log loss.
+
+    ``loader`` is the data plan's FeatureLoader ((V, N, F) views, (N,) targets);
+    unreadable images (BAD_TARGET) are left out.
+    """
+    views, targets = loader.views.float().cpu(), loader.targets.cpu()
+    n_views, n = views.shape[:2]
+    x, y = views.reshape(n_views * n, -1).numpy(), targets.repeat(n_views).numpy()
+    groups = np.tile(np.arange(n), n_views)
+    keep = y != BAD_TARGET
+    if not keep.any():
+        raise PipelineError("--head logreg: no readable training image to fit on")
+    weight, bias, info = fit_logreg(x[keep], y[keep], n_classes, groups[keep], seed)
+    load_linear_head(model, weight, bias)
+    log.info("logistic regression head: C %g chosen by inner CV on the training images (log loss by C: %s)",
+             info["C"], info["inner_cv_log_loss"])
+    return _log_loss(x[keep] @ weight.T + bias, y[keep])
+
+
+def load_linear_head(model: nn.Module, weight: np.ndarray, bias: np.ndarray) -> None:
+    """Write ``weight``/``bias`` into the model's Linear classifier, undoing any logit scale it applies."""
+    layer = model.get_classifier()
+    if not isinstance(layer, nn.Linear):
+        raise PipelineError(f"--head logreg needs a Linear classifier, the model has a {type(layer).__name__}; "
+                            "use --head linear")
+    scale = float(getattr(model, "logit_scale", 1.0))  # e.g. fastnet multiplies its logits by 1/9
+    with torch.no_grad():
+        layer.weight.copy_(torch.as_tensor(weight / scale, dtype=layer.weight.dtype))
+        layer.bias.copy_(torch.as_tensor(bias / scale, dtype=layer.bias.dtype))

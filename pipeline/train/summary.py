@@ -1,0 +1,235 @@
+"""The start-of-run summary: what a training run is about to do, before it spends any time.
+
+:func:`format_summary` is pure: the resolved settings with their sources, the
+model and its parameter counts, device, precision, channels_last and workers,
+the image counts per split and per member, steps per epoch and in total, the
+data source (and so the cache) each member uses, and every warning issued so
+far. :func:`log_run_summary` gathers those facts the way training will compute
+them, logs the text on stderr and stores it in the run (RUN_DIR/summary.txt).
+
+Warnings are collected from the ``pipeline`` logger as they are issued
+(:func:`collect_warnings` starts afresh for each command), so a warning any
+stage logs before the summary is in it.
+"""
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any
+
+log = logging.getLogger("pipeline")
+
+FEW_STEPS = 100  # below this many optimizer steps a schedule (warm-up, decay) barely runs
+
+
+@dataclass(frozen=True)
+class MemberPlan:
+    """One member's share of the run: its images, batch and steps."""
+
+    name: str
+    n_train: int
+    n_valid: int
+    batch_size: int
+    steps_per_epoch: int
+    total_steps: int
+
+
+@dataclass(frozen=True)
+class RunFacts:
+    """Everything the summary says besides the settings table."""
+
+    run_dir: str
+    model: str
+    params_total: int
+    params_trainable: int
+    device: str
+    precision: str
+    channels_last: bool
+    workers: int
+    source_kind: str
+    source_reason: str
+    epochs: int
+    split_counts: dict[str, int]
+    members: tuple[MemberPlan, ...]
+    training: str = ""  # how the epochs train when it is not plain SGD on every epoch (logreg, fine-tuning)
+
+
+def count_parameters(model: Any) -> tuple[int, int]:
+    """(total, trainable) parameter counts of a torch module."""
+    params = list(model.parameters())
+    return sum(p.numel() for p in params), sum(p.numel() for p in params if p.requires_grad)
+
+
+def plan_warnings(facts: RunFacts) -> list[str]:
+    """Warnings the plan itself deserves: few optimizer steps (pure).
+
+    A small validation split is warned about by train itself (metrics.small_split_warning), and the
+    summary lists it with every other warning logged so far.
+    """
+    found = []
+    for m in facts.members:
+        if m.total_steps < FEW_STEPS:
+            found.append(f"{m.name}: only {m.total_steps} optimizer steps in all ({m.steps_per_epoch} per epoch); "
+                         "the model barely trains: raise --epochs or lower --batch-size")
+    return found
+
+
+def _millions(n: int) -> str:
+    return f"{n / 1e6:.2f}M" if n >= 1e5 else f"{n:,}"
+
+
+def format_summary(table: str, facts: RunFacts, warnings: Sequence[str]) -> str:
+    """The summary text: facts first, then warnings, then every setting with its source (pure)."""
+    frozen = facts.params_total - facts.params_trainable
+    lines = [f"run summary: {facts.run_dir}",
+             f"  model      {facts.model}: {_millions(facts.params_total)} parameters, "
+             f"{_millions(facts.params_trainable)} trainable" + (f", {_millions(frozen)} frozen" if frozen else ""),
+             f"  device     {facts.device}, precision {facts.precision}, "
+             f"channels_last {'on' if facts.channels_last else 'off'}, {facts.workers} DataLoader workers",
+             f"  data       {facts.source_kind}: {facts.source_reason}",
+             "  images     " + ", ".join(f"{k} {v}" for k, v in facts.split_counts.items())]
+    for i, m in enumerate(facts.members):
+        head = "  members    " if i == 0 else " " * 13
+        valid = f", {m.n_valid} valid" if m.n_valid else ", no validation"
+        lines.append(f"{head}{m.name}: {m.n_train} train{valid}; batch {m.batch_size}, "
+                     f"{m.steps_per_epoch} steps/epoch, {m.total_steps} steps in {facts.epochs} epochs")
+    if facts.training:
+        lines.append(f"  training   {facts.training}")
+    unique = list(dict.fromkeys(w.removeprefix("warning: ") for w in warnings))
+    lines.append("  warnings   " + ("none" if not unique else f"{len(unique)}"))
+    lines += [f"    - {w}" for w in unique]
+    lines.append("settings (value, source):")
+    lines += [f"  {row}" for row in table.splitlines()]
+    return "\n".join(lines)
+
+
+# ---------------------------------------------------------------- warnings as they are issued
+
+
+class _Collector(logging.Handler):
+    def __init__(self) -> None:
+        super().__init__(level=logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        try:
+            self.messages.append(record.getMessage())
+        except Exception:  # noqa: BLE001 - a bad log call must not break the command
+            self.handleError(record)
+
+
+_COLLECTOR = _Collector()
+
+
+def collect_warnings() -> None:
+    """Start collecting the ``pipeline`` logger's warnings afresh (each command calls this once)."""
+    _COLLECTOR.messages.clear()
+    if _COLLECTOR not in log.handlers:
+        log.addHandler(_COLLECTOR)
+
+
+def warnings_so_far() -> list[str]:
+    return list(_COLLECTOR.messages)
+
+
+# ---------------------------------------------------------------- gathering and storing
+
+
+def gather_facts(resolved: Any, plans: Sequence[tuple[Any, list, list]], info: dict,
+                 build: Callable[[Any], Any]) -> RunFacts:
+    """The facts as training will compute them: device, precision and steps through the engine's functions.
+
+    ``plans`` are (member, train items, valid items); ``build(cfg)`` makes the
+    model (called with downloads and weights files off: only its shape counts).
+    """
+    from pipeline import distributed as dist
+    from pipeline.data.plan import choose_source, plan_for
+    from pipeline.train.engine import make_runtime
+
+    cfg = resolved.config
+    device = dist.resolve_device(cfg.device)
+    source = choose_source(cfg)
+    dplan = plan_for(cfg, device, source.kind)  # the decisions the members will take
+    members, precision = [], "fp32"
+    fitted = 1 if cfg.head == "logreg" else 0  # a logreg head is fitted once: that epoch takes no SGD step
+    for member, train_items, valid_items in plans:
+        member_cfg = replace(cfg, batch_size=max(1, min(cfg.batch_size, dist.per_process(len(train_items)))))
+        rt = make_runtime(member_cfg, device, len(train_items), dplan)
+        precision = str(rt.amp_dtype).replace("torch.", "").replace("bfloat16", "bf16").replace("float16", "fp16")
+        precision = "fp32" if rt.amp_dtype is None else precision
+        members.append(MemberPlan(member.name, len(train_items), len(valid_items), member_cfg.batch_size,
+                                  rt.steps_per_epoch, rt.steps_per_epoch * (cfg.epochs - fitted)))
+    total, trainable = count_parameters(_shape_only(build, cfg))
+    return RunFacts(str(cfg.run_dir), cfg.model, total, trainable, str(device), precision,
+                    dplan.channels_last, dplan.workers, source.kind, source.reason, cfg.epochs,
+                    dict(info.get("counts", {})), tuple(members), training_plan(cfg))
+
+
+def training_plan(cfg: Any) -> str:
+    """One line on how the epochs train, for a logreg head or --unfreeze-after (pure); "" otherwise."""
+    fit = "a logistic regression fitted once on the cached features (C by inner CV)"
+    if cfg.unfreeze_after:
+        first = fit if cfg.head == "logreg" else f"the {cfg.head} head alone, backbone frozen"
+        span = "epoch 1" if cfg.unfreeze_after == 1 else f"epochs 1-{cfg.unfreeze_after}"
+        return (f"{span}: {first}; epochs {cfg.unfreeze_after + 1}-{cfg.epochs}: the whole model, a new "
+                f"optimizer and {cfg.schedule} schedule, backbone lr x {cfg.backbone_lr_scale:g}")
+    return f"the head is {fit}: no SGD steps" if cfg.head == "logreg" else ""
+
+
+def _shape_only(build: Callable[[Any], Any], cfg: Any) -> Any:
+    """The model without downloading or reading weights; on the meta device when it builds there."""
+    import torch
+
+    bare = replace(cfg, pretrained=False, weights=None)
+    try:
+        with torch.device("meta"):
+            return build(bare)
+    except Exception:  # noqa: BLE001 - some models initialise with real tensors; build them on the CPU
+        return build(bare)
+
+
+def log_run_summary(resolved: Any, plans: Sequence[tuple[Any, list, list]], info: dict,
+                    build: Callable[[Any], Any]) -> str:
+    """Log the summary (stderr, at info level), store it in the run; returns the text.
+
+    The plan's own warnings are part of the summary, not separate log
+    warnings: with --quiet stderr keeps only the warnings stages issue.
+    """
+    from pipeline.runs import Run
+
+    facts = gather_facts(resolved, plans, info, build)
+    cfg = resolved.config
+    few_steps = [] if cfg.head == "logreg" and not cfg.unfreeze_after else plan_warnings(facts)  # a fit: no steps
+    text = format_summary(resolved.table(), facts, [*warnings_so_far(), *few_steps])
+    log.info(text)
+    Run(resolved.config.run_dir).write_summary(text)
+    return text
+
+
+# ---------------------------------------------------------------- what Ctrl-C leaves behind
+
+
+def saved_epochs(member: Any) -> int:
+    """Epochs of a member saved in its last.pt (metrics.csv has one row per saved epoch)."""
+    if not member.is_started or not member.metrics_path.is_file():
+        return 0
+    lines = Path(member.metrics_path).read_text(encoding="utf-8").splitlines()
+    return max(0, len([line for line in lines if line.strip()]) - 1)
+
+
+def interrupt_note(member: Any) -> str:
+    """What an interrupted member has saved and how to go on (the Ctrl-C message)."""
+    epochs = saved_epochs(member)
+    if epochs == 0:
+        return (f"interrupted before {member.dir} finished an epoch: nothing of it is saved; run the same command "
+                "again (with --resume, members already finished are kept)")
+    return (f"interrupted: {member.dir} has {epochs} finished epoch(s) saved in {member.last_path}; "
+            "continue with the same command and --resume")
+
+
+def cv_interrupt_note(run: Any) -> str:
+    """The Ctrl-C message while the out-of-fold predictions are scored."""
+    return (f"interrupted while scoring the out-of-fold predictions: every fold is saved; the same command with "
+            f"--resume writes {run.oof_path} and {run.cv_path}")
