@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import json
+import math
+from dataclasses import replace
 
 import numpy as np
 import pandas as pd
@@ -11,7 +13,7 @@ from torch import nn
 
 from competitions.cifar10 import CIFAR10
 from competitions.dog_breed import DOG_BREED
-from pipeline.train.adapt import MIN_BATCH, MIN_STEPS_PER_EPOCH, MIN_TOTAL_STEPS, adapt_to_data, adapted_batch
+from pipeline.train.adapt import MIN_BATCH, MIN_STEPS_PER_EPOCH, MIN_TOTAL_STEPS, adapt_to_data, adapted_batch, lr_scaling, scaled_lr
 from pipeline.config import TrainConfig, resolve_config
 from pipeline.errors import PipelineError
 from pipeline.train.logreg import fit_logreg, load_linear_head
@@ -33,8 +35,10 @@ def test_dog_recipe_on_270_images_takes_enough_steps(tmp_path):
     assert steps >= MIN_STEPS_PER_EPOCH and cfg.batch_size >= MIN_BATCH
     assert steps * cfg.epochs >= MIN_TOTAL_STEPS and cfg.epochs == 20  # the batch moved, the recipe's epochs stay
     assert (270 % cfg.batch_size) / 270 <= 0.05  # drop_last leaves out little
-    assert len(notes) == 1 and notes[0].startswith("batch_size 128 -> ")
-    assert (cfg.lr, cfg.model, cfg.lr_period_epochs) == (r.config.lr, r.config.model, 10)  # nothing else moves
+    assert len(notes) == 2 and notes[0].startswith("batch_size 128 -> ")
+    assert cfg.lr == pytest.approx(0.03 * cfg.batch_size / 128)  # SGD: the lr follows the batch linearly
+    assert notes[1].startswith(f"lr 0.03 -> {cfg.lr:.4g}: scaled with the batch (linear for sgd")
+    assert (cfg.model, cfg.lr_period_epochs) == (r.config.model, 10)  # nothing else moves
 
 
 def test_epochs_rise_when_the_batch_cannot_shrink_enough(tmp_path):
@@ -42,7 +46,7 @@ def test_epochs_rise_when_the_batch_cannot_shrink_enough(tmp_path):
     cfg, notes = adapt_to_data(r.config, 100, r.sources)  # batch 8: 12 steps per epoch, 240 in 20 epochs
     assert cfg.batch_size == MIN_BATCH and cfg.epochs == 25 and 12 * 25 >= MIN_TOTAL_STEPS
     assert cfg.lr_period_epochs == round(10 * 25 / 20)  # the step schedule keeps its shape
-    assert notes[1].startswith("epochs 20 -> 25")
+    assert notes[2].startswith("epochs 20 -> 25")
     cfg, _ = adapt_to_data(r.config, 10, r.sources)  # 1 step per epoch
     assert cfg.epochs == 20 * 10  # raised at most tenfold
 
@@ -52,7 +56,36 @@ def test_cifar_fast_recipe_on_tiny_takes_enough_steps(tmp_path):
     assert (r.config.batch_size, r.config.epochs) == (512, 10)
     cfg, notes = adapt_to_data(r.config, 900, r.sources)
     assert 900 // cfg.batch_size >= MIN_STEPS_PER_EPOCH
-    assert (900 // cfg.batch_size) * cfg.epochs >= MIN_TOTAL_STEPS and cfg.epochs == 10 and len(notes) == 1
+    assert (900 // cfg.batch_size) * cfg.epochs >= MIN_TOTAL_STEPS and cfg.epochs == 10 and len(notes) == 2
+    assert cfg.lr == pytest.approx(0.4 * cfg.batch_size / 512)
+
+
+def test_cifar_default_recipe_lr_follows_its_batch(tmp_path):
+    r = resolved(CIFAR10, tmp_path)  # batch 256 at lr 0.1 (SGD): diverged on 900 images at batch 90
+    cfg, notes = adapt_to_data(r.config, 900, r.sources)
+    assert cfg.batch_size < 256 and cfg.lr == pytest.approx(0.1 * cfg.batch_size / 256) and cfg.lr < 0.05
+    assert any("linear for sgd" in n for n in notes)
+    kept = resolved(CIFAR10, tmp_path, lr=0.1)  # --lr given: the user's lr, whatever the batch
+    cfg, notes = adapt_to_data(kept.config, 900, kept.sources)
+    assert cfg.batch_size < 256 and cfg.lr == 0.1 and not any(n.startswith("lr ") for n in notes)
+
+
+@pytest.mark.parametrize("optimizer, rule", [("sgd", "linear"), ("adam", "sqrt"), ("adamw", "sqrt"),
+                                             ("AdamW", "sqrt"), ("lamb", "sqrt"), ("adagrad", "sqrt")])
+def test_scaled_lr_rules(optimizer, rule):
+    assert lr_scaling(optimizer) == rule
+    expected = {"linear": 0.25, "sqrt": 0.5}[rule]  # batch 256 -> 64: a quarter
+    assert scaled_lr(0.4, optimizer, 256, 64) == pytest.approx(0.4 * expected)
+    assert scaled_lr(0.4, optimizer, 64, 64) == 0.4
+    assert scaled_lr(0.1, optimizer, 64, 256) == pytest.approx(0.1 / expected)  # a bigger batch: a larger lr
+
+
+def test_adam_recipe_lr_follows_sqrt_of_its_batch(tmp_path):
+    r = resolved(CIFAR10, tmp_path, recipe="fast")
+    r = type(r)(replace(r.config, optimizer="adamw", lr=0.004), r.sources)
+    cfg, notes = adapt_to_data(r.config, 900, r.sources)
+    assert cfg.lr == pytest.approx(0.004 * math.sqrt(cfg.batch_size / 512))
+    assert any("sqrt for adamw" in n for n in notes)
 
 
 def test_flags_always_win(tmp_path):

@@ -9,6 +9,7 @@ in the run's config.json).
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -20,6 +21,7 @@ MIN_TOTAL_STEPS = 300  # epochs are raised until the run takes at least these ma
 MAX_EPOCH_FACTOR = 10  # ... but never beyond this multiple of the recipe's epochs
 MAX_DROPPED = 0.05  # drop_last may leave out at most this share of the training images per epoch
 FIXED_SOURCES = ("flag", "caller")  # values the user gave: never adapted
+SQRT_SCALED = ("ada", "lamb")  # optimizer name parts (adam, adamw, adagrad, lamb) whose lr follows sqrt(batch), as in timm
 
 
 def adapt_to_data(cfg: TrainConfig, n_train: int, sources: Mapping[str, str]) -> tuple[TrainConfig, list[str]]:
@@ -49,6 +51,10 @@ def adapt_to_data(cfg: TrainConfig, n_train: int, sources: Mapping[str, str]) ->
             notes.append(f"batch_size {cfg.batch_size} -> {batch}: {n_train} training images make "
                          f"{n_train // cfg.batch_size} step(s) per epoch at {cfg.batch_size}, {n_train // batch} at "
                          f"{batch} (at least {MIN_STEPS_PER_EPOCH} wanted; --batch-size keeps yours)")
+            if free("lr"):
+                changes["lr"] = scaled_lr(cfg.lr, cfg.optimizer, cfg.batch_size, batch)
+                notes.append(f"lr {cfg.lr:g} -> {changes['lr']:.4g}: scaled with the batch "
+                             f"({lr_scaling(cfg.optimizer)} for {cfg.optimizer}; --lr keeps yours)")
     steps = max(1, n_train // batch)
     if free("epochs") and not cfg.steps_per_epoch and steps * cfg.epochs < MIN_TOTAL_STEPS:
         epochs = min(-(-MIN_TOTAL_STEPS // steps), cfg.epochs * MAX_EPOCH_FACTOR)
@@ -70,6 +76,23 @@ def adapted_batch(batch: int, n_train: int, epochs: int = 1) -> int:
     while batch > MIN_BATCH and batch < n_train and (n_train % batch) / n_train > MAX_DROPPED:
         batch -= 1  # drop_last leaves out n % batch images every epoch: a slightly smaller batch fits better
     return min(batch, n_train)
+
+
+def lr_scaling(optimizer: str) -> str:
+    """How an optimizer's lr follows its batch: "sqrt" for Adam-type ones, "linear" for SGD (timm's rule)."""
+    return "sqrt" if any(part in optimizer.lower() for part in SQRT_SCALED) else "linear"
+
+
+def scaled_lr(lr: float, optimizer: str, old_batch: int, new_batch: int) -> float:
+    """The lr a recipe tuned at ``old_batch`` should take at ``new_batch`` (pure).
+
+    SGD's update is a sum over the batch: the lr scales linearly with it
+    (Goyal et al. 2017). Adam-type updates are normalised by the gradient's
+    second moment, whose noise falls with sqrt(batch): the lr follows the
+    square root (timm's train.py ``--lr-base-scale``).
+    """
+    ratio = new_batch / old_batch
+    return lr * (math.sqrt(ratio) if lr_scaling(optimizer) == "sqrt" else ratio)
 
 
 def _stretched(cfg: TrainConfig, factor: float, free) -> dict[str, Any]:
