@@ -25,6 +25,7 @@ from pipeline.errors import PipelineError, check_choice
 
 AUGMENTS = ("pad_crop_flip", "resized_crop_flip_jitter", "letterbox", "light", "none")  # pipeline/data/items.py builds them
 TTAS = ("none", "flip")
+CALIBRATES = ("auto", "on", "off")  # pipeline/predict/calibrate.py: auto is on for log-loss competitions
 
 
 def setting(default: Any, help: str, *, choices: tuple = (), movable: bool = False, flag: str | None = None,
@@ -94,6 +95,9 @@ class TrainConfig:
     fold: int | None = setting(None, "Train one fold of folds.csv.", movable=True, minimum=0)
     full: bool = setting(False, "Train on train_valid, no validation (final retrain).", movable=True)
     tta: str = setting("none", "Test-time augmentation of validation and out-of-fold predictions.", choices=TTAS)
+    calibrate: str = setting("auto", "Fit a temperature and a class-prior weight on the out-of-fold predictions "
+                             "(scored nested), applied by predict and blend: auto (on for log-loss competitions), "
+                             "on, off.", choices=CALIBRATES, movable=True)
     # hardware
     device: str = setting("auto", "auto, cpu, cuda or cuda:N.", movable=True)
     amp: str = setting("auto", "Mixed precision: auto (bf16 on GPUs with native bf16, fp16 + loss scaling on "

@@ -29,6 +29,7 @@ from pipeline.io import atomic_write_json, read_csv
 from pipeline.metrics import bootstrap_interval, score
 from pipeline.download.reorg import SAMPLE_FILE
 from pipeline.runs import Run
+from pipeline.predict import calibrate
 from pipeline.predict.submission import class_difference, positive_index, submission_clip, write_checked
 
 log = logging.getLogger("pipeline")
@@ -221,6 +222,7 @@ def run_test_probs(run: Run, config: dict, items: list, work_dir: Path, info: di
     log.info("%s: predicting the test set (%d members, tta %s)", run.dir, len(members), tta)
     ids, probs, classes = predict_items(members, items, tta=tta, device=device, num_workers=num_workers,
                                         batch_size=batch_size)
+    probs = calibrate.apply_stored(calibrate.stored(run), probs, classes)  # as predict does: its OOF is calibrated
     return keep_test_probs(run, members, ids, probs, classes, tta, work_dir, info)
 
 

@@ -14,8 +14,9 @@ import pandas as pd
 
 from pipeline.competition import Competition
 from pipeline.config import TrainConfig
-from pipeline.data.items import fold_split, n_folds
+from pipeline.data.items import fold_split, n_folds, read_folds
 from pipeline.metrics import bootstrap_interval, score
+from pipeline.predict.calibrate import calibrate_oof, is_on
 from pipeline.predict.stage import predict_items
 from pipeline.runs import FOLD, Member, Run, member_name
 from pipeline.predict.submission import positive_index, submission_clip
@@ -37,12 +38,15 @@ def write_cv(cfg: TrainConfig, comp: Competition, info: dict) -> dict | None:
     if missing:
         log.info("out-of-fold score waits for %s", ", ".join(missing))
         return None
+    calibrate = is_on(cfg.calibrate, comp.metric)
     oof, per_fold = out_of_fold(cfg, comp, info, members, "best")
+    calibration, oof = calibrated(cfg, comp, info, oof) if calibrate else (None, oof)
     cv = {"metric": comp.metric, **_overall(oof, comp, info["classes"]), "folds": per_fold, "tta": cfg.tta,
-          "clip": submission_clip(comp), "selection": cfg.select, "note": SELECTION_NOTES[cfg.select]}
+          "clip": submission_clip(comp), "selection": cfg.select, "note": SELECTION_NOTES[cfg.select],
+          "calibration": calibration}
     if cfg.select == "best":
         last, _ = out_of_fold(cfg, comp, info, members, "last")
-        cv["last_epoch"] = _overall(last, comp, info["classes"])
+        cv["last_epoch"] = _overall(calibrated(cfg, comp, info, last)[1] if calibrate else last, comp, info["classes"])
     run.write_cv(cv, oof)
     log.info("CV %s %.4f out of fold: %s, %s", comp.metric, cv["cv"], run.oof_path, run.cv_path)  # the table: stdout
     return cv
@@ -73,6 +77,28 @@ def out_of_fold(cfg: TrainConfig, comp: Competition, info: dict, members: list[M
         frame.insert(0, "id", ids)
         frames.append(frame)
     return pd.concat(frames, ignore_index=True), per_fold
+
+
+def calibrated(cfg: TrainConfig, comp: Competition, info: dict, oof: pd.DataFrame) -> tuple[dict, pd.DataFrame]:
+    """What calibration stores (its values, the uncalibrated and in-sample scores) and the nested calibrated OOF.
+
+    The frame returned (what oof.csv keeps and blend reads) is the nested one:
+    fold k's rows calibrated with values fitted on the other folds.
+    """
+    classes = info["classes"]
+    targets = oof["label"].map({c: i for i, c in enumerate(classes)}).to_numpy()
+    folds = read_folds(cfg.work_dir).loc[oof["id"]].to_numpy()
+    nested, in_sample, record = calibrate_oof(oof[classes].to_numpy(dtype=np.float64), targets, folds, classes)
+    frame = oof.copy()
+    frame[classes] = nested
+    in_sample_frame = oof.copy()
+    in_sample_frame[classes] = in_sample
+    return {**record, "uncalibrated": _overall(oof, comp, classes)["cv"], "in_sample": _overall(
+        in_sample_frame, comp, classes)["cv"], "note": CALIBRATION_NOTE}, frame
+
+
+CALIBRATION_NOTE = ("calibrated nested: each fold calibrated with a temperature and prior weight fitted on the other "
+                    "folds; in_sample: fitted on every out-of-fold row, optimistic; the test set gets those values")
 
 
 def _names(comp: Competition) -> tuple[str, ...]:
@@ -106,6 +132,11 @@ def format_cv_table(cv: dict) -> str:
     lo, hi = cv.get("interval", [math.nan, math.nan])
     lines.append(f"CV {cv['metric']} {cv['cv']:.4f} (95% interval {lo:.4f}-{hi:.4f}; tta {cv['tta']}; "
                  f"{cv.get('note', '')})")
+    cal = cv.get("calibration")
+    if cal:
+        lines.append(f"  calibrated nested (temperature {cal['temperature']:.3f}, prior weight {cal['weight']:.3f} "
+                     f"fitted on the other folds); uncalibrated {cal['uncalibrated']:.4f}; "
+                     f"in-sample calibrated {cal['in_sample']:.4f} (optimistic)")
     if "last_epoch" in cv:
         lines.append(f"CV {cv['metric']} of the last epochs: {cv['last_epoch']['cv']:.4f}")
     return "cross-validation (out of fold):\n" + "\n".join(lines)

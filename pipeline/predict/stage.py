@@ -30,6 +30,7 @@ from pipeline.io import read_csv
 from pipeline.models import create_model, set_train_mode
 from pipeline.download.reorg import SAMPLE_FILE
 from pipeline.runs import Member, Run, load_best, load_last
+from pipeline.predict import calibrate
 from pipeline.predict.submission import class_difference, write_checked
 
 log = logging.getLogger("pipeline")
@@ -137,8 +138,10 @@ def _apply_unreadable(items: list[Item], probs: np.ndarray, bad: set[int], unrea
 def test_probs_record(run: Run, members: list[Member], tta: str, n_ids: int, work_dir: Path, info: dict) -> dict:
     """What kept test probabilities were made from; equal records mean the probabilities still hold."""
     fingerprint = (load_resolved(run.config_path)[1].get("data") or {}).get("fingerprint")
+    cal = calibrate.stored(run)
     return {"members": [m.name for m in members], "weights": {m.name: m.weights_stamp() for m in members},
-            "tta": tta, "test_ids": n_ids, "fingerprint": fingerprint or training_fingerprint(work_dir, info)}
+            "tta": tta, "test_ids": n_ids, "fingerprint": fingerprint or training_fingerprint(work_dir, info),
+            "calibration": cal and [cal["temperature"], cal["weight"]]}
 
 
 def keep_test_probs(run: Run, members: list[Member], ids: list[str], probs: np.ndarray, classes: list[str],
@@ -210,6 +213,7 @@ def predict(comp: Competition, work_dir: Path, run_dir: Path, out_csv: Path, mem
     chosen = run.finished(members)
     ids, probs, classes = predict_items(chosen, items, tta=tta, device=device, num_workers=num_workers,
                                         batch_size=batch_size, unreadable=unreadable)
+    probs = calibrate.apply_stored(calibrate.stored(run), probs, classes)  # the values the CV was scored with
     frame = write_checked(comp, ids, probs, classes, sample, info["classes"], out_csv, force)
     keep_test_probs(run, chosen, ids, probs, classes, tta, work_dir, info)
     return PredictResult(out_csv, len(frame), [str(m.dir) for m in chosen], time.perf_counter() - start, tta)
