@@ -70,6 +70,8 @@ class TrainConfig:
     # optimisation (lr is per group before the schedule's multiplier)
     epochs: int = setting(10, "Training epochs.", movable=True, minimum=1)
     batch_size: int = setting(128, "Images per step (per process under torchrun).", minimum=1)
+    accum_steps: int = setting(1, "Gradient accumulation: each optimizer step sums the gradients of N batches "
+                               "(one batch of N x --batch-size in the memory of one).", minimum=1)
     lr: float = setting(0.1, "Peak learning rate of the head (backbone: x --backbone-lr-scale).")
     optimizer: str = setting("sgd", "Optimizer.", choices=("sgd", "adam", "adamw"))
     momentum: float = setting(0.9, "SGD momentum.", minimum=0)
@@ -85,6 +87,9 @@ class TrainConfig:
     cutmix: float = setting(0.0, "CutMix Beta alpha (0: off).", minimum=0)
     clip_grad: float = setting(0.0, "Max gradient norm (0: off).", minimum=0)
     ema: float = setting(0.0, "EMA decay of the weights per step, e.g. 0.999 (0: off).", minimum=0)
+    time_limit: float = setting(0.0, "Minutes per member: training stops at the first epoch boundary where another "
+                                "epoch as long as the last would pass it, leaving a finished member (0: off).",
+                                movable=True, minimum=0)
     early_stop: int = setting(0, "Stop after N epochs without improvement (0: off).", movable=True, minimum=0)
     select: str = setting("last", "Weights each member keeps for predict: last (the final epoch, EMA if on: its "
                           "validation score is honest) or best (the best validation epoch: its score is optimistic).",

@@ -140,11 +140,12 @@ def train_one_epoch(model: nn.Module, loader, optimizer, criterion, cfg: TrainCo
     loss_sum = torch.zeros((), device=rt.device)  # summed on device: no host sync per step
     seen, first_step = 0, rt.step
     unreadable = []  # dataset positions whose image could not be decoded (file loaders only)
-    bar = track(loader, f"epoch {epoch + 1}/{cfg.epochs}", total=rt.steps_per_epoch * cfg.batch_size,
+    bar = track(loader, f"epoch {epoch + 1}/{cfg.epochs}", total=rt.steps_per_epoch * cfg.batch_size * cfg.accum_steps,
                 enabled=dist.is_main())
     bar.set_postfix(loss=lambda: f"{loss_sum.item() / max(seen, 1):.4f}")  # read only when a line is drawn
+    accum = cfg.accum_steps  # micro-batches summed into each optimizer step
     for i, (x, y, idx) in enumerate(bar):
-        if i >= rt.steps_per_epoch:
+        if i >= rt.steps_per_epoch * accum:
             break
         if y.device.type == "cpu":  # checked before the copy: no host sync
             unreadable.append(idx[y == BAD_TARGET])
@@ -152,18 +153,21 @@ def train_one_epoch(model: nn.Module, loader, optimizer, criterion, cfg: TrainCo
         y = y.to(rt.device, non_blocking=rt.non_blocking)
         if rt.channels_last and x.ndim == 4:  # the data plan decides; feature batches are 2-D
             x = x.contiguous(memory_format=torch.channels_last)
-        set_lr(optimizer, lr_multiplier(rt.step, rt.total_steps, rt.steps_per_epoch, cfg))
+        if i % accum == 0:
+            set_lr(optimizer, lr_multiplier(rt.step, rt.total_steps, rt.steps_per_epoch, cfg))
+            optimizer.zero_grad(set_to_none=True)
         x, y_a, y_b, lam = mix_batch(x, y, cfg, gen)
         with rt.autocast():
             out = model(x)
             loss = lam * compute_loss(out, y_a, criterion, aux_weights)
             if lam < 1:
                 loss = loss + (1 - lam) * compute_loss(out, y_b, criterion, aux_weights)
-        optimizer.zero_grad(set_to_none=True)
-        backward_step(loss, optimizer, model, cfg, rt)
-        if ema is not None:
-            ema.update_parameters(dist.unwrap(model))
-        rt.step += 1
+        backward(loss / accum, rt)  # equal micro-batches (drop_last): the mean over the big batch
+        if i % accum == accum - 1:
+            optimizer_step(optimizer, model, cfg, rt)
+            if ema is not None:
+                ema.update_parameters(dist.unwrap(model))
+            rt.step += 1
         loss_sum += loss.detach() * x.shape[0]
         seen += x.shape[0]
     total = dist.all_reduce_sum(torch.stack([loss_sum, torch.tensor(float(seen), device=rt.device)]))
@@ -174,16 +178,27 @@ def train_one_epoch(model: nn.Module, loader, optimizer, criterion, cfg: TrainCo
     return float(total[0] / max(total[1], 1)), rt.step - first_step, bad
 
 
+def backward(loss: torch.Tensor, rt: Runtime) -> None:
+    """Gradients of ``loss`` added to the parameters' (GradScaler for fp16)."""
+    if rt.scaler is not None:
+        rt.scaler.scale(loss).backward()
+    else:
+        loss.backward()
+
+
 def backward_step(loss: torch.Tensor, optimizer, model: nn.Module, cfg: TrainConfig, rt: Runtime) -> None:
-    """Backward, optional gradient clipping, optimizer step; GradScaler for fp16.
+    """Backward and the optimizer step of one batch (no accumulation)."""
+    backward(loss, rt)
+    optimizer_step(optimizer, model, cfg, rt)
+
+
+def optimizer_step(optimizer, model: nn.Module, cfg: TrainConfig, rt: Runtime) -> None:
+    """Optional gradient clipping (of the unscaled gradients), then the optimizer step.
 
     No host sync here: a non-finite loss is caught once per epoch, from the sum.
     """
     if rt.scaler is not None:
-        rt.scaler.scale(loss).backward()
         rt.scaler.unscale_(optimizer)
-    else:
-        loss.backward()
     if cfg.clip_grad > 0:
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip_grad)
     if rt.scaler is not None:
@@ -200,7 +215,10 @@ def make_runtime(cfg: TrainConfig, device: torch.device, n_train: int, plan: Dev
     plan = plan or plan_for(cfg, device)
     scaler = torch.amp.GradScaler(device.type) if plan.grad_scaler else None
     per_rank = dist.per_process(n_train)
-    steps = max(1, per_rank // cfg.batch_size)  # drop_last: every step a full batch
+    if per_rank // cfg.batch_size < cfg.accum_steps:
+        raise PipelineError(f"--accum-steps {cfg.accum_steps} x --batch-size {cfg.batch_size} needs more than the "
+                            f"{per_rank} training images per process; lower --accum-steps or --batch-size")
+    steps = max(1, per_rank // (cfg.batch_size * cfg.accum_steps))  # drop_last: every step full batches
     if cfg.steps_per_epoch:
         steps = min(steps, cfg.steps_per_epoch)
     first, epochs = phase_span(cfg, epoch)

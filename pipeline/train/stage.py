@@ -18,6 +18,7 @@ from torch import nn
 
 from pipeline import distributed as dist
 from pipeline.train.adapt import adapt_to_data
+from pipeline.train.budget import time_is_up
 from pipeline.checkpoint import load_checkpoint
 from pipeline.competition import Competition, get_competition
 from pipeline.config import Resolved, TrainConfig
@@ -272,7 +273,7 @@ def fit_member(cfg: TrainConfig, comp: Competition, data: dict, member: Member,
     if dist.is_main():
         member.write_config(replace(cfg, head=cfg.model_head).to_json(), st.data.device.to_json())
     board = tensorboard_writer(member.tensorboard_dir) if cfg.tensorboard and dist.is_main() else None
-    stopped = False
+    stopped = out_of_time = False
     for epoch in range(st.first_epoch, cfg.epochs):
         if epoch == cfg.unfreeze_after and epoch > st.first_epoch:
             _unfreeze_member(st, cfg, epoch, train_items, valid_items)
@@ -282,6 +283,7 @@ def fit_member(cfg: TrainConfig, comp: Competition, data: dict, member: Member,
         st.history.append(row)
         st.improved = st.best.update(row, st.ema is not None, validated=st.data.valid is not None)
         stopped = st.stopper.step(st.improved)
+        out_of_time = not dist.all_true(not time_is_up(time.perf_counter() - start, row["seconds"], cfg.time_limit))
         variant = _keep(st, cfg, comp, row)
         if dist.is_main():
             _save(member, st, saved_cfg, data, variant)
@@ -290,10 +292,14 @@ def fit_member(cfg: TrainConfig, comp: Competition, data: dict, member: Member,
         if stopped:
             log.info("early stop: no improvement of %s for %d epochs", comp.metric, st.stopper.stale)
             break
+        if out_of_time and epoch + 1 < cfg.epochs:
+            log.warning("--time-limit %g min: %s stops after epoch %d of %d (another would pass the limit)",
+                        cfg.time_limit, member.name, epoch + 1, cfg.epochs)
+            break
     kept = finish_kept(st, comp, n_classes)
     if dist.is_main():
         member.mark_done({"epochs": len(st.history), "best": st.best.state_dict(), "kept": kept,
-                          "stopped_early": stopped})
+                          "stopped_early": stopped, "time_limit_hit": out_of_time and len(st.history) < cfg.epochs})
     return MemberResult(member.name, member.dir, len(st.history), st.best.epoch, st.best.metric,
                         time.perf_counter() - start, kept=kept)
 
