@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pandas as pd
 import pytest
 import torch
@@ -10,6 +11,7 @@ from torch import nn
 
 from pipeline.config import TrainConfig, resolve_config
 from pipeline.errors import PipelineError
+from pipeline.models.inference import TTA_VIEWS, infer
 from pipeline.train.budget import time_is_up
 from pipeline.train.engine import make_runtime, train_one_epoch
 from pipeline.train.stage import train
@@ -78,3 +80,41 @@ def test_time_limit_stops_at_an_epoch_boundary_leaving_a_finished_member(toy_wor
 
     result = predict(comp, work, run_dir, tmp_path / "sub.csv", device="cpu")  # a finished member predicts
     assert result.rows == 10
+
+
+# ---------------------------------------------------------------- --tta d4
+
+
+def test_d4_views_are_the_eight_symmetries_of_the_square():
+    x = torch.arange(2 * 3 * 5 * 5, dtype=torch.float32).reshape(2, 3, 5, 5)
+    views = TTA_VIEWS["d4"](x)
+    assert len(views) == 8 and all(v.shape == x.shape for v in views)
+    assert len({v.numpy().tobytes() for v in views}) == 8  # all distinct
+    assert any(torch.equal(v, torch.flip(x, dims=[3])) for v in views)  # holds the flip view
+    assert any(torch.equal(v, torch.flip(x, dims=[2])) for v in views)  # and the up-down mirror
+
+
+def test_d4_predictions_do_not_change_when_the_image_is_rotated_or_mirrored():
+    net = nn.Sequential(nn.Conv2d(3, 4, 3), nn.Flatten(), nn.Linear(4 * 4 * 4, 3))  # not rotation invariant
+    torch.manual_seed(0)
+    x, y = torch.randn(6, 3, 6, 6), torch.zeros(6, dtype=torch.long)
+
+    def probs(images, tta):
+        return infer(net, [(images, y, torch.arange(6))], torch.device("cpu"), tta=tta, gather=False)[0]
+
+    for turned in (torch.rot90(x, 1, dims=(2, 3)), torch.flip(x, dims=[2]), torch.rot90(x, 3, dims=(2, 3))):
+        assert np.allclose(probs(turned, "d4"), probs(x, "d4"), atol=1e-6)
+        assert not np.allclose(probs(turned, "flip"), probs(x, "flip"), atol=1e-3)  # flip alone is not enough
+
+
+def test_predict_says_what_the_views_cost(toy_work, tmp_path):
+    from pipeline.predict.stage import predict
+
+    comp, work = toy_work
+    run_dir = tmp_path / "run"
+    train(resolve_config(comp, work, run_dir, None, {"device": "cpu", "epochs": 1, "batch_size": 8, "tta": "d4"}))
+    assert json.loads((run_dir / "holdout" / "config.json").read_text())["config"]["tta"] == "d4"
+    result = predict(comp, work, run_dir, tmp_path / "sub.csv", device="cpu")
+    assert result.tta == "d4" and 0 < result.view_seconds < result.seconds
+    plain = predict(comp, work, run_dir, tmp_path / "plain.csv", device="cpu", tta="none")
+    assert plain.view_seconds == 0

@@ -147,7 +147,7 @@ def predict(
     run_dir: RunDir,
     submission_csv: Annotated[Path, typer.Argument(metavar="SUBMISSION_CSV", help="Where to write the submission.")],
     members: Annotated[str, typer.Option(help="auto, folds, full, holdout or all.")] = "auto",
-    tta: Annotated[Optional[str], typer.Option(help="Test-time augmentation: none or flip (default: the run's, which its scores used).")] = None,
+    tta: Annotated[Optional[str], typer.Option(help="Test-time augmentation: none, flip or d4 (default: the run's, which its scores used).")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
     batch_size: Annotated[int, typer.Option(help="Images per inference batch.")] = 256,
     num_workers: Annotated[Optional[int], typer.Option(help="DataLoader worker processes (default: from the CPU count and device).")] = None,
@@ -167,9 +167,13 @@ def predict(
                                                                                           run_dir, result.tta)
     if as_json:
         print_json({"path": str(result.path), "rows": result.rows, "members": result.members,
-                    "seconds": round(result.seconds, 3), "index": str(indexed) if indexed else None})
+                    "seconds": round(result.seconds, 3),
+                    "view_seconds": round(result.view_seconds, 3), "index": str(indexed) if indexed else None})
     else:
         typer.echo(f"{result.path}: {result.rows} rows from {len(result.members)} model(s) in {result.seconds:.1f}s")
+        if result.tta != "none":
+            typer.echo(f"tta {result.tta}: about {result.view_seconds:.1f}s of that went to the views beyond the "
+                       "first (predicting time x (views - 1) / views)")
 
 
 def _index_submission(competition: str, result, run_dir: Path, tta: str) -> Path | None:

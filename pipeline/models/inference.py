@@ -24,6 +24,8 @@ from pipeline.progress import track
 TTA_VIEWS: dict[str, Callable[[torch.Tensor], list[torch.Tensor]]] = {
     "none": lambda x: [x],
     "flip": lambda x: [x, torch.flip(x, dims=[3])],  # (B, C, H, W): mirror left-right
+    # the dihedral group D4: 4 rotations by 90 degrees, of the image and of its mirror (orientation-free images)
+    "d4": lambda x: [torch.rot90(v, k, dims=(2, 3)) for v in (x, torch.flip(x, dims=[3])) for k in range(4)],
 }
 
 

@@ -25,7 +25,7 @@ from pipeline.data.items import Item, list_split, load_reorg, training_fingerpri
 from pipeline.data.plan import FeatureViews, backbone_views, eval_loader, plan_for, shared_backbone_groups
 from pipeline.distributed import resolve_device
 from pipeline.errors import PipelineError, check_choice
-from pipeline.models.inference import infer, normalise_rows, unreadable_positions
+from pipeline.models.inference import TTA_VIEWS, infer, normalise_rows, unreadable_positions
 from pipeline.io import read_csv
 from pipeline.models import create_model, set_train_mode
 from pipeline.download.reorg import SAMPLE_FILE
@@ -160,6 +160,7 @@ class PredictResult:
     members: list[str]
     seconds: float
     tta: str = "none"
+    view_seconds: float = 0.0  # of ``seconds``, the estimated share of the TTA views beyond the first
 
 
 def match_run(run: Run, comp: Competition, work_dir: Path, info: dict) -> dict:
@@ -211,9 +212,13 @@ def predict(comp: Competition, work_dir: Path, run_dir: Path, out_csv: Path, mem
     sample = read_csv(Path(work_dir) / SAMPLE_FILE, what="sample submission")
     items = list_split(work_dir, info, "test")
     chosen = run.finished(members)
+    started = time.perf_counter()
     ids, probs, classes = predict_items(chosen, items, tta=tta, device=device, num_workers=num_workers,
                                         batch_size=batch_size, unreadable=unreadable)
+    views = len(TTA_VIEWS[tta](torch.zeros(1, 1, 1, 1)))
+    view_seconds = (time.perf_counter() - started) * (views - 1) / views  # the model's time grows with the views
     probs = calibrate.apply_stored(calibrate.stored(run), probs, classes)  # the values the CV was scored with
     frame = write_checked(comp, ids, probs, classes, sample, info["classes"], out_csv, force)
     keep_test_probs(run, chosen, ids, probs, classes, tta, work_dir, info)
-    return PredictResult(out_csv, len(frame), [str(m.dir) for m in chosen], time.perf_counter() - start, tta)
+    return PredictResult(out_csv, len(frame), [str(m.dir) for m in chosen], time.perf_counter() - start, tta,
+                         view_seconds)
