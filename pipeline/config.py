@@ -23,7 +23,8 @@ from typing import Any
 
 from pipeline.errors import PipelineError, check_choice
 
-AUGMENTS = ("pad_crop_flip", "resized_crop_flip_jitter", "letterbox", "light", "none")  # pipeline/data/items.py builds them
+AUGMENTS = ("pad_crop_flip", "resized_crop_flip_jitter", "letterbox", "light", "none", "trivialaugment",
+            "randaugment", "d4", "erasing")  # pipeline/data/items.py builds them
 TTAS = ("none", "flip", "d4")  # pipeline/models/inference.py TTA_VIEWS: 1, 2 and 8 views
 CALIBRATES = ("auto", "on", "off")  # pipeline/predict/calibrate.py: auto is on for log-loss competitions
 

@@ -118,3 +118,70 @@ def test_predict_says_what_the_views_cost(toy_work, tmp_path):
     assert result.tta == "d4" and 0 < result.view_seconds < result.seconds
     plain = predict(comp, work, run_dir, tmp_path / "plain.csv", device="cpu", tta="none")
     assert plain.view_seconds == 0
+
+
+# ---------------------------------------------------------------- augmentation presets (point 2)
+
+NEW_PRESETS = ("trivialaugment", "randaugment", "d4", "erasing")
+
+
+def photo(side=24, seed=0):
+    rng = np.random.default_rng(seed)
+    return rng.integers(0, 256, (side, side, 3), dtype=np.uint8)
+
+
+@pytest.mark.parametrize("augment", NEW_PRESETS)
+def test_new_presets_are_seeded_per_sample_and_reproducible(augment):
+    from pipeline.data.items import AUGMENTS, build_transform, seed_transform
+    from pipeline.config import AUGMENTS as CONFIG_AUGMENTS
+
+    assert augment in AUGMENTS and augment in CONFIG_AUGMENTS
+    transform, image = build_transform(augment, 16, (0.5,) * 3, (0.25,) * 3, train=True), photo()
+
+    def draw(seed):
+        seed_transform(transform, seed)
+        return transform(image=image)["image"]
+
+    first = draw(7)
+    assert first.shape == (3, 16, 16) and first.dtype == torch.float32
+    assert torch.equal(draw(7), first)  # the same sample seed: the same image
+    outputs = {draw(s).numpy().tobytes() for s in range(12)}
+    assert len(outputs) >= 6  # other seeds: other draws
+    evaluation = build_transform(augment, 16, (0.5,) * 3, (0.25,) * 3, train=False)
+    assert torch.equal(evaluation(image=image)["image"], evaluation(image=image)["image"])
+
+
+def test_trivialaugment_picks_one_operation_uniformly_per_sample():
+    from pipeline.data.items import build_transform, seed_transform
+
+    transform, image = build_transform("trivialaugment", 16, (0.5,) * 3, (0.25,) * 3, train=True), photo()
+    transform.save_applied_params = True
+    picked = []
+    for s in range(400):
+        seed_transform(transform, s)
+        applied = [name for name, _ in transform(image=image)["applied_transforms"]]
+        ops = [n for n in applied if n not in ("Resize", "PadIfNeeded", "RandomCrop", "HorizontalFlip", "OneOf",
+                                               "Normalize", "ToTensorV2")]
+        assert len(ops) == 1, applied
+        picked.append(ops[0])
+    counts = pd.Series(picked).value_counts()
+    assert counts.index.nunique() == 8  # 14 operations of 8 kinds (5 Affine, 3 ColorJitter): every kind comes up
+    assert counts["Affine"] / 400 == pytest.approx(5 / 14, abs=0.07)  # 5 of the 14 are Affine
+    assert counts["ColorJitter"] / 400 == pytest.approx(3 / 14, abs=0.06)
+
+
+def test_d4_preset_gives_one_of_the_eight_symmetries():
+    from pipeline.data.items import build_transform, seed_transform
+
+    image = photo(16)
+    transform = build_transform("d4", 16, (0.0,) * 3, (1.0,) * 3, train=True)
+    plain = torch.from_numpy(image.astype(np.float32) / 255).permute(2, 0, 1)[None]
+    symmetries = [v[0] for v in TTA_VIEWS["d4"](plain)]
+    seen = set()
+    for s in range(40):
+        seed_transform(transform, s)
+        out = transform(image=image)["image"]
+        match = [i for i, v in enumerate(symmetries) if torch.allclose(out, v, atol=1e-6)]
+        assert len(match) == 1
+        seen.add(match[0])
+    assert len(seen) == 8

@@ -22,6 +22,7 @@ from albumentations.pytorch import ToTensorV2
 from PIL import Image, ImageOps
 from torch.utils.data import DataLoader, Dataset
 
+from pipeline.data import presets
 from pipeline.errors import PipelineError
 from pipeline.io import read_json
 from pipeline.download.reorg import FOLDS_FILE, REORG_FILE, TEST_CLASS_DIR
@@ -247,7 +248,7 @@ def _none(s: int, train: bool, fill: tuple[int, ...]) -> list:
 
 
 _PRESETS = {"pad_crop_flip": _pad_crop_flip, "resized_crop_flip_jitter": _resized_crop_flip_jitter,
-            "letterbox": _letterbox, "light": _light, "none": _none}
+            "letterbox": _letterbox, "light": _light, "none": _none, **presets.PRESETS}
 AUGMENTS = tuple(_PRESETS)  # the --augment choices
 
 
