@@ -54,6 +54,8 @@ class TrainConfig:
     drop_rate: float | None = setting(None, "Dropout before the classifier (default: the architecture's).")
     freeze_backbone: bool = setting(False, "Train only a new head on a frozen backbone.")
     backbone_lr_scale: float = setting(1.0, "Backbone lr = lr x this (fine-tuning).")
+    layer_decay: float = setting(0.0, "Layer-wise lr decay of timm backbones: each layer's lr is this x the lr of "
+                                 "the layer above, the head at --lr (e.g. 0.75; 0: off).", minimum=0)
     unfreeze_after: int = setting(0, "Fine-tune in two phases: the head alone on the frozen backbone for N epochs, "
                                   "then the whole model with a fresh optimizer and schedule (0: off).", minimum=0)
     # data
@@ -124,6 +126,8 @@ class TrainConfig:
             raise PipelineError(f"--lr must be > 0, got {self.lr}")
         if not 0 <= self.ema < 1:
             raise PipelineError(f"--ema must be in [0, 1) (a decay like 0.999), got {self.ema}")
+        if self.layer_decay > 1:
+            raise PipelineError(f"--layer-decay must be in (0, 1] (e.g. 0.75), got {self.layer_decay}")
         if not 0 <= self.label_smoothing < 1:
             raise PipelineError(f"--label-smoothing must be in [0, 1), got {self.label_smoothing}")
         if (self.folds > 0) + (self.fold is not None) + self.full > 1:

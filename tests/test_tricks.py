@@ -185,3 +185,31 @@ def test_d4_preset_gives_one_of_the_eight_symmetries():
         assert len(match) == 1
         seen.add(match[0])
     assert len(seen) == 8
+
+
+# ---------------------------------------------------------------- --layer-decay (point 5)
+
+
+def test_layer_decay_gives_deeper_layers_more_lr_and_the_head_the_full_lr():
+    from pipeline.models import create_model
+    from pipeline.models.layer_decay import layer_decay_groups
+    from pipeline.train.engine import build_optimizer
+
+    model = create_model("timm:tf_efficientnet_lite0", 5)
+    cfg = TrainConfig(model="timm:tf_efficientnet_lite0", lr=0.01, weight_decay=0.05, layer_decay=0.7,
+                      backbone_lr_scale=0.5, optimizer="adamw")
+    groups = build_optimizer(model, cfg).param_groups
+    head = [g for g in groups if g["name"].endswith("_head")]
+    assert head and all(g["lr"] == pytest.approx(0.01) for g in head)
+    backbone = [g["lr"] for g in groups if not g["name"].endswith("_head")]
+    assert backbone == sorted(backbone) and backbone[0] < 0.01 * 0.5 * 0.7 ** 5  # the stem: decayed most
+    assert max(backbone) == pytest.approx(0.01 * 0.5 * 0.7)  # the layer below the head: one factor (x the scale)
+    ids = [id(p) for g in groups for p in g["params"]]
+    assert len(ids) == len(set(ids)) == sum(1 for _ in model.parameters())  # every parameter once
+    assert all(g["weight_decay"] == 0 for g in groups for p in g["params"] if p.ndim <= 1)
+    plain = build_optimizer(model, TrainConfig(model="timm:tf_efficientnet_lite0", lr=0.01)).param_groups
+    assert {g["lr"] for g in plain} == {0.01}
+    with pytest.raises(PipelineError, match="needs a timm model"):
+        layer_decay_groups(create_model("fastnet_s", 3), 0.1, 0.0, 0.7)
+    with pytest.raises(PipelineError, match="--layer-decay must be in"):
+        TrainConfig(model="fastnet_s", layer_decay=1.5)

@@ -72,7 +72,12 @@ def phase_span(cfg: TrainConfig, epoch: int) -> tuple[int, int]:
 
 def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
     """SGD/Adam/AdamW over the model's groups (no weight decay on norms and biases)."""
-    groups = param_groups(model, cfg.lr, cfg.weight_decay, cfg.backbone_lr_scale)
+    if cfg.layer_decay:
+        from pipeline.models.layer_decay import layer_decay_groups
+
+        groups = layer_decay_groups(model, cfg.lr, cfg.weight_decay, cfg.layer_decay, cfg.backbone_lr_scale)
+    else:
+        groups = param_groups(model, cfg.lr, cfg.weight_decay, cfg.backbone_lr_scale)
     if not any(g["params"] for g in groups):
         raise PipelineError("the model has no trainable parameters; drop --freeze-backbone or check --model")
     if cfg.optimizer == "sgd":
