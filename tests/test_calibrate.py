@@ -131,3 +131,17 @@ def test_a_fold_run_stores_its_calibration_and_predict_applies_it(toy_probs, tmp
     assert not np.allclose(raw_probs, expected.to_numpy(), atol=1e-3)  # the calibration changed them
     assert json.loads(Run(run_dir).test_probs_meta_path.read_text())["calibration"] == [cal["temperature"],
                                                                                          cal["weight"]]
+
+
+def test_the_paired_interval_sees_a_consistent_small_gain_the_scores_own_intervals_hide():
+    from pipeline.predict.calibrate import paired_change_interval
+
+    rng = np.random.default_rng(0)
+    y = rng.integers(0, 4, 300)
+    before = softmax(rng.normal(0, 3, (300, 4)))  # rows of very different difficulty
+    after = 0.95 * before + 0.05 / 4  # a little mass spread: helps the rows it misses most
+    lo, hi = paired_change_interval(before, after, y)
+    change = log_loss(after, y) - log_loss(before, y)
+    assert lo <= change <= hi and hi < 0  # a gain, beyond the noise of the rows
+    lo, hi = paired_change_interval(before, before, y)
+    assert lo == hi == 0

@@ -16,7 +16,7 @@ from pipeline.competition import Competition
 from pipeline.config import TrainConfig
 from pipeline.data.items import fold_split, n_folds, read_folds
 from pipeline.metrics import bootstrap_interval, score
-from pipeline.predict.calibrate import calibrate_oof, is_on
+from pipeline.predict.calibrate import calibrate_oof, is_on, paired_change_interval
 from pipeline.predict.stage import predict_items
 from pipeline.runs import FOLD, Member, Run, member_name
 from pipeline.predict.submission import positive_index, submission_clip
@@ -88,13 +88,15 @@ def calibrated(cfg: TrainConfig, comp: Competition, info: dict, oof: pd.DataFram
     classes = info["classes"]
     targets = oof["label"].map({c: i for i, c in enumerate(classes)}).to_numpy()
     folds = read_folds(cfg.work_dir).loc[oof["id"]].to_numpy()
-    nested, in_sample, record = calibrate_oof(oof[classes].to_numpy(dtype=np.float64), targets, folds, classes)
+    raw = oof[classes].to_numpy(dtype=np.float64)
+    nested, in_sample, record = calibrate_oof(raw, targets, folds, classes)
     frame = oof.copy()
     frame[classes] = nested
     in_sample_frame = oof.copy()
     in_sample_frame[classes] = in_sample
     return {**record, "uncalibrated": _overall(oof, comp, classes)["cv"], "in_sample": _overall(
-        in_sample_frame, comp, classes)["cv"], "note": CALIBRATION_NOTE}, frame
+        in_sample_frame, comp, classes)["cv"], "change_interval": paired_change_interval(raw, nested, targets),
+        "note": CALIBRATION_NOTE}, frame
 
 
 CALIBRATION_NOTE = ("calibrated nested: each fold calibrated with a temperature and prior weight fitted on the other "
@@ -136,7 +138,8 @@ def format_cv_table(cv: dict) -> str:
     if cal:
         lines.append(f"  calibrated nested (temperature {cal['temperature']:.3f}, prior weight {cal['weight']:.3f} "
                      f"fitted on the other folds); uncalibrated {cal['uncalibrated']:.4f}; "
-                     f"in-sample calibrated {cal['in_sample']:.4f} (optimistic)")
+                     f"in-sample calibrated {cal['in_sample']:.4f} (optimistic); log loss change by calibration "
+                     f"{cal['change_interval'][0]:+.4f} to {cal['change_interval'][1]:+.4f} (paired 95% interval)")
     if "last_epoch" in cv:
         lines.append(f"CV {cv['metric']} of the last epochs: {cv['last_epoch']['cv']:.4f}")
     return "cross-validation (out of fold):\n" + "\n".join(lines)
