@@ -17,13 +17,19 @@ Runs the `pipeline` CLI (this checkout's package) as a user would:
 - defaults: the default recipe of each other competition with data here, no
   flags: cifar-10's (ResNet-18, 30 epochs) on cifar-10-tiny, digits' (the
   dataset scikit-learn ships) on its holdout split.
+- tricks (issue 23): each technique with and without it on the same data:
+  the lr scaled with the adapted batch (cifar-10-tiny, default and fast
+  recipes, against --lr at the recipe's value, the old behaviour); calibration
+  (dog 300: the calibrated nested CV beside the uncalibrated CV of the same
+  predictions, with the paired 95% interval of the change); --tta flip on dog;
+  --augment trivialaugment on cifar-10-tiny (fast recipe).
 
 Each row prints its baseline on the same images: for accuracy the majority
 class of the training images, for log loss the uniform guess and the class
 frequencies of the training folds (out of fold). The dog part also blends its
 two runs (`pipeline blend`) and prints the blended CV.
 
-    python benchmarks/bench_quality.py [--parts dog,cifar,tiny,finetune,defaults] [--keep DIR]
+    python benchmarks/bench_quality.py [--parts dog,cifar,tiny,finetune,defaults,tricks] [--keep DIR]
 """
 from __future__ import annotations
 
@@ -178,20 +184,52 @@ def defaults(tmp: Path) -> list[dict]:
             holdout(tmp, "digits", digits_raw, "digits", "digits (scikit-learn)")]
 
 
+def calibrated_row(tmp: Path, name: str, run: Path, extra: list[str]) -> dict:
+    """A dog run (calibration on, as for every log-loss competition): its calibrated nested CV and the change."""
+    row = dog_cv(tmp, name, run, extra)
+    cv = json.loads((run / "cv.json").read_text())
+    cal, (lo, hi) = cv["calibration"], cv["interval"]
+    change = cal["change_interval"]
+    row.update(score=f"CV log loss {cv['cv']:.3f} [{lo:.3f}, {hi:.3f}]",
+               target=f"uncalibrated {cal['uncalibrated']:.3f}, change [{change[0]:+.3f}, {change[1]:+.3f}] "
+                      f"(T {cal['temperature']:.2f}, w {cal['weight']:.3f})")
+    return row
+
+
+def with_interval(row: dict, member: Path) -> dict:
+    """The holdout row with the 95% interval of the kept weights' validation score."""
+    lo, hi = json.loads((member / "done.json").read_text())["kept"]["interval"]
+    row["score"] += f" [{lo:.2f}, {hi:.2f}]"
+    return row
+
+
+def tricks(tmp: Path) -> list[dict]:
+    """Issue 23: each technique and the same run without it."""
+    tiny_label = "cifar-10-tiny 900/100"
+    rows = [calibrated_row(tmp, "calibrated (auto)", tmp / "dog-cal", []),
+            calibrated_row(tmp, "calibrated, --tta flip", tmp / "dog-flip", ["--tta", "flip"])]
+    for name, extra in (("tiny-default", []), ("tiny-default-lr", ["--lr", "0.1"]),
+                        ("tiny-fast", ["--recipe", "fast"]), ("tiny-fast-lr", ["--recipe", "fast", "--lr", "0.4"]),
+                        ("tiny-fast-ta", ["--recipe", "fast", "--augment", "trivialaugment"])):
+        row = holdout(tmp, "cifar-10", TINY, name, tiny_label, *extra)
+        rows.append(with_interval(row, tmp / f"{name}-run" / "holdout"))
+    return rows
+
+
 def last_valid_accuracy(member: Path) -> float:
     return float(pd.read_csv(member / "metrics.csv")["valid_accuracy"].iloc[-1])
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--parts", default="dog,cifar,tiny,finetune,defaults",
-                        help="comma-separated: dog, cifar, tiny, finetune, defaults")
+    parser.add_argument("--parts", default="dog,cifar,tiny,finetune,defaults,tricks",
+                        help="comma-separated: dog, cifar, tiny, finetune, defaults, tricks")
     parser.add_argument("--keep", type=Path, help="work in this folder and keep it")
     args = parser.parse_args()
     missing = [p for p in (DOG, CIFAR, TINY, WEIGHTS) if not p.exists()]
     if missing:
         raise SystemExit(f"shared data missing: {', '.join(map(str, missing))}")
-    parts = {"dog": dog, "cifar": cifar, "tiny": tiny, "finetune": finetune, "defaults": defaults}
+    parts = {"dog": dog, "cifar": cifar, "tiny": tiny, "finetune": finetune, "defaults": defaults, "tricks": tricks}
     with tempfile.TemporaryDirectory() as scratch:
         tmp = args.keep or Path(scratch)
         tmp.mkdir(parents=True, exist_ok=True)
