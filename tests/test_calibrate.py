@@ -109,7 +109,8 @@ def test_a_fold_run_stores_its_calibration_and_predict_applies_it(toy_probs, tmp
     comp, raw = toy_probs
     work, run_dir = tmp_path / "work", tmp_path / "run"
     reorg(comp, raw, work, valid_ratio=0.25, folds=3, seed=0)
-    train(resolve_config(comp, work, run_dir, None, {"device": "cpu", "folds": 3, "epochs": 2, "batch_size": 8}))
+    train(resolve_config(comp, work, run_dir, None, {"device": "cpu", "folds": 3, "epochs": 2, "batch_size": 8,
+                                                     "calibrate": "auto"}))  # auto: on, a log-loss competition
     cv = Run(run_dir).read_cv()
     cal = cv["calibration"]
     assert cal and set(cal["prior"]) == {"cat", "dog", "frog"} and cal["temperature"] > 0
