@@ -13,7 +13,7 @@ import torch
 import torch.distributed as tdist
 from torch import nn
 
-from pipeline.devices import ddp_backend, probe, resolve_device  # noqa: F401  (resolve_device: one definition)
+from pipeline.devices import DevicePlan, available_cpus, ddp_backend, device_plan, probe, resolve_device  # noqa: F401
 
 
 def is_distributed() -> bool:
@@ -118,3 +118,8 @@ def gather_cat(t: torch.Tensor) -> torch.Tensor:
     parts = [torch.zeros_like(padded) for _ in range(world_size())]
     tdist.all_gather(parts, padded)
     return torch.cat([p[: int(s.item())] for p, s in zip(parts, sizes)])
+
+
+def plan_for(cfg, device: torch.device, input_kind: str, amp: str | None = None) -> DevicePlan:
+    """The device decisions of this process: its probed device, the world size and the cores it may use."""
+    return device_plan(cfg, probe(device), input_kind, world_size=world_size(), cpu_count=available_cpus(), amp=amp)

@@ -27,7 +27,8 @@ from pipeline.cli.app import app
 from pipeline.competition import _REGISTRY, Recipe, get_competition
 from pipeline.config import TrainConfig, config_from_recipe
 from pipeline.data.items import list_split, load_reorg
-from pipeline.data.plan import FeatureViews, eval_loader, plan_for
+from pipeline.data.plan import FeatureViews, eval_loader
+from pipeline.distributed import plan_for
 from pipeline.models.inference import infer, normalise_rows
 from pipeline.models import create_model
 from pipeline.predict.stage import load_member, predict_items
@@ -81,7 +82,9 @@ def resnet34_weights(tmp_path_factory) -> Path:
 def fed(monkeypatch) -> list[dict]:
     """What each trained model's forward and classifier received during training."""
     seen: list[dict] = []
-    build = train_module.build_model
+    from pipeline.train import setup as setup_module
+
+    build = setup_module.model_from_config
 
     def record(module, args):
         x = args[0]
@@ -90,13 +93,13 @@ def fed(monkeypatch) -> list[dict]:
                          and not x.is_contiguous(), "autocast": torch.is_autocast_enabled("cpu")
                          and torch.get_autocast_dtype("cpu")})
 
-    def spying(cfg, n_classes):
-        model = build(cfg, n_classes)
+    def spying(cfg, n_classes, **kw):
+        model = build(cfg, n_classes, **kw)
         model.register_forward_pre_hook(record)
         model.get_classifier().register_forward_pre_hook(record)
         return model
 
-    monkeypatch.setattr(train_module, "build_model", spying)
+    monkeypatch.setattr(setup_module, "model_from_config", spying)
     return seen
 
 

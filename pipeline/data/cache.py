@@ -24,9 +24,8 @@ import numpy as np
 import torch
 
 from pipeline.data.items import BAD_TARGET, Item, read_image
-from pipeline.devices import non_blocking, probe
+from pipeline.devices import autocast, non_blocking, probe
 from pipeline.errors import PipelineError
-from pipeline.models.inference import autocast
 from pipeline.io import atomic_path
 from pipeline.progress import track
 

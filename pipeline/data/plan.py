@@ -30,7 +30,7 @@ from pipeline import distributed as dist
 from pipeline.data.cache import (CACHE_DIR, MAX_CACHED_SIDE, FeatureHead, FeatureLoader, TensorBatchLoader, cached_targets,
                             check_cacheable, extract_features, feature_bank, image_cache)
 from pipeline.config import TrainConfig
-from pipeline.devices import Accelerator, DevicePlan, available_cpus, ddp_find_unused, plan_device, probe
+from pipeline.devices import DevicePlan, ddp_find_unused
 from pipeline.data.items import ImageDataset, Item, build_transform, list_split, load_reorg, make_loader, unreadable_message
 from pipeline.errors import PipelineError
 from pipeline.models.inference import TTA_VIEWS
@@ -77,29 +77,10 @@ class DataPlan:
         return self.device.channels_last
 
 
-def device_plan(cfg: TrainConfig, acc: Accelerator, input_kind: str | None = None, *, world_size: int = 1,
-                cpu_count: int = 1, amp: str | None = None) -> DevicePlan:
-    """The device decisions for ``cfg`` on ``acc`` for what it consumes (default: its training source).
-
-    Pure: :func:`plan_for` feeds it the probed device. ``amp`` overrides the
-    config's (predict passes the dtype a run was trained with).
-    """
-    return plan_device(acc, amp=amp or cfg.amp, channels_last=cfg.channels_last, num_workers=cfg.num_workers,
-                       world_size=world_size, cpu_count=cpu_count, input_kind=input_kind or choose_source(cfg).kind)
-
-
-def plan_for(cfg: TrainConfig, device: torch.device, input_kind: str | None = None,
-             amp: str | None = None) -> DevicePlan:
-    """:func:`device_plan` for this process: its device, the world size and the cores it may use."""
-    return device_plan(cfg, probe(device), input_kind, world_size=dist.world_size(), cpu_count=available_cpus(),
-                       amp=amp)
-
-
 def plan_member(cfg: TrainConfig, model: nn.Module, train_items: list[Item], valid_items: list[Item],
-                device: torch.device, dplan: DevicePlan | None = None) -> DataPlan:
-    """The member's training and validation loaders from the chosen source."""
+                device: torch.device, dplan: DevicePlan) -> DataPlan:
+    """The member's training and validation loaders from the chosen source; ``dplan``: the member's device plan."""
     source = choose_source(cfg)
-    dplan = dplan or plan_for(cfg, device)
     log.info("data: %s (%s)", source.kind, source.reason)
     if source.kind == "features":
         plan = _feature_plan(cfg, model, train_items, valid_items, device, source, dplan)
@@ -131,7 +112,7 @@ def eval_loader(cfg: TrainConfig, items: list[Item], batch_size: int, dplan: Dev
     and memory pinning feed the loader.
     """
     if isinstance(dplan, torch.device):
-        dplan = plan_for(cfg, dplan, "files")
+        dplan = dist.plan_for(cfg, dplan, "files")
     eval_tf = build_transform(cfg.augment, cfg.image_size, cfg.mean, cfg.std, train=False)
     return make_loader(ImageDataset(items, eval_tf, cfg.image_size, strict=strict), batch_size, False, dplan.workers,
                        0, pin_memory=dplan.pin_memory, rank=rank, world=world)
@@ -221,7 +202,7 @@ def _feature_plan(cfg: TrainConfig, model, train_items, valid_items, device, sou
     train_tf = build_transform(cfg.augment, cfg.image_size, cfg.mean, cfg.std, train=True, seed=cfg.seed)
     eval_tf = build_transform(cfg.augment, cfg.image_size, cfg.mean, cfg.std, train=False)
 
-    files = plan_for(cfg, device, "files")  # the backbone reads image files once: their workers and pinning
+    files = dist.plan_for(cfg, device, "files")  # the backbone reads image files once: their workers and pinning
 
     def loader_for(train: bool, view: int):
         ds = ImageDataset(pool, train_tf if train else eval_tf, cfg.image_size, strict=cfg.strict)

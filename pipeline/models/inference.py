@@ -9,7 +9,6 @@ arrive stacked as (V, B, F).
 """
 from __future__ import annotations
 
-import contextlib
 from collections.abc import Callable, Iterable
 
 import numpy as np
@@ -18,20 +17,13 @@ from torch import nn
 
 from pipeline import distributed as dist
 from pipeline.data.items import BAD_TARGET
-from pipeline.devices import non_blocking, probe
+from pipeline.devices import autocast, non_blocking, probe
 from pipeline.progress import track
 
 TTA_VIEWS: dict[str, Callable[[torch.Tensor], list[torch.Tensor]]] = {
     "none": lambda x: [x],
     "flip": lambda x: [x, torch.flip(x, dims=[3])],  # (B, C, H, W): mirror left-right
 }
-
-
-def autocast(device: torch.device, dtype: torch.dtype | None):
-    """Mixed precision for ``dtype`` on ``device``; nothing when dtype is None."""
-    if dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=dtype)
 
 
 def views_of(x: torch.Tensor, tta: str) -> list[torch.Tensor]:
