@@ -110,7 +110,7 @@ def train(**options: Any) -> None:
     resolved = resolve_for_command(fixed["competition"], fixed["work_dir"], fixed["run_dir"], fixed["recipe"],
                                    fixed["resume"], options)
     if fixed["dry_run"]:
-        from pipeline.download.reorg import REORG_FILE
+        from pipeline.workdir import REORG_FILE
 
         if (Path(fixed["work_dir"]) / REORG_FILE).is_file():  # the plan as the members will run it
             from pipeline.train.stage import planned
