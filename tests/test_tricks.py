@@ -13,7 +13,9 @@ from pipeline.config import TrainConfig, resolve_config
 from pipeline.errors import PipelineError
 from pipeline.models.inference import TTA_VIEWS, infer
 from pipeline.train.budget import time_is_up
+from pipeline.distributed import plan_for
 from pipeline.train.engine import make_runtime, train_one_epoch
+from pipeline.train.plan import steps_per_epoch
 from pipeline.train.stage import train
 
 
@@ -37,7 +39,8 @@ def trained(batch_size, accum, epochs=2, **kw):
     model, (x, y) = linear_model(), images()
     optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     optimizer.param_groups[0]["base_lr"] = cfg.lr
-    rt = make_runtime(cfg, torch.device("cpu"), len(x))
+    cpu = torch.device("cpu")
+    rt = make_runtime(cfg, cpu, steps_per_epoch(cfg, len(x)), plan_for(cfg, cpu, "features"))
     for epoch in range(epochs):
         rt.step = epoch * rt.steps_per_epoch
         train_one_epoch(model, batches(x, y, batch_size), optimizer, nn.CrossEntropyLoss(), cfg, rt, None, epoch,
@@ -58,7 +61,8 @@ def test_accumulated_batches_equal_one_big_batch(optimizer_kw):
 def test_accumulation_needs_enough_images():
     cfg = TrainConfig(model="linear", batch_size=16, accum_steps=8, device="cpu")
     with pytest.raises(PipelineError, match="--accum-steps 8 x --batch-size 16"):
-        make_runtime(cfg, torch.device("cpu"), 100)
+        steps_per_epoch(cfg, 100)
+    assert steps_per_epoch(cfg, 300) == 2  # 300 // (16 x 8)
 
 
 @pytest.mark.parametrize("elapsed, last, limit, up", [(50, 5, 1, False), (56, 5, 1, True), (10, 100, 0, False),

@@ -20,10 +20,8 @@ from torch import nn
 from pipeline import distributed as dist
 from pipeline.config import TrainConfig
 from pipeline.data.items import BAD_TARGET
-from pipeline.data.plan import plan_for
-from pipeline.devices import DevicePlan
+from pipeline.devices import DevicePlan, autocast
 from pipeline.errors import PipelineError
-from pipeline.models.inference import autocast
 from pipeline.metrics import better
 from pipeline.models import compute_loss, param_groups, set_train_mode
 from pipeline.progress import track
@@ -145,7 +143,8 @@ def train_one_epoch(model: nn.Module, loader, optimizer, criterion, cfg: TrainCo
     loss_sum = torch.zeros((), device=rt.device)  # summed on device: no host sync per step
     seen, first_step = 0, rt.step
     unreadable = []  # dataset positions whose image could not be decoded (file loaders only)
-    bar = track(loader, f"epoch {epoch + 1}/{cfg.epochs}", total=rt.steps_per_epoch * cfg.batch_size * cfg.accum_steps,
+    images = rt.steps_per_epoch * cfg.batch_size * cfg.accum_steps
+    bar = track(loader, f"epoch {epoch + 1}/{cfg.epochs}", total=images,
                 enabled=dist.is_main())
     bar.set_postfix(loss=lambda: f"{loss_sum.item() / max(seen, 1):.4f}")  # read only when a line is drawn
     accum = cfg.accum_steps  # micro-batches summed into each optimizer step
@@ -213,19 +212,10 @@ def optimizer_step(optimizer, model: nn.Module, cfg: TrainConfig, rt: Runtime) -
         optimizer.step()
 
 
-def make_runtime(cfg: TrainConfig, device: torch.device, n_train: int, plan: DevicePlan | None = None,
-                 epoch: int = 0) -> Runtime:
-    """Precision, memory format and step counts of the phase holding ``epoch``; ``plan`` (the member's,
-    from pipeline/devices.py; default: planned here for ``cfg``) decided the first two."""
-    plan = plan or plan_for(cfg, device)
+def make_runtime(cfg: TrainConfig, device: torch.device, steps: int, plan: DevicePlan, epoch: int = 0) -> Runtime:
+    """The runtime of the phase holding ``epoch``: ``steps`` per epoch (the member plan's), precision and
+    memory format as the member's device plan (pipeline/devices.py) decided."""
     scaler = torch.amp.GradScaler(device.type) if plan.grad_scaler else None
-    per_rank = dist.per_process(n_train)
-    if per_rank // cfg.batch_size < cfg.accum_steps:
-        raise PipelineError(f"--accum-steps {cfg.accum_steps} x --batch-size {cfg.batch_size} needs more than the "
-                            f"{per_rank} training images per process; lower --accum-steps or --batch-size")
-    steps = max(1, per_rank // (cfg.batch_size * cfg.accum_steps))  # drop_last: every step full batches
-    if cfg.steps_per_epoch:
-        steps = min(steps, cfg.steps_per_epoch)
     first, epochs = phase_span(cfg, epoch)
     return Runtime(device, plan.dtype, scaler, steps, steps * epochs, first_epoch=first,
                    channels_last=plan.channels_last, non_blocking=plan.non_blocking)
