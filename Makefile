@@ -25,11 +25,15 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install -q -e '.[test,kaggle]'
 	touch $@
 
+# both cores (pytest-xdist), each test file on one worker so its module fixtures are built once;
+# the 15 slowest tests are listed at the end
+PYTEST := $(BIN)/python -m pytest -q -n $(or $(JOBS),2) --dist loadfile --durations=15
+
 test: setup
-	$(BIN)/python -m pytest -q
+	$(PYTEST)
 
 test-fast: setup
-	$(BIN)/python -m pytest -q -m "not slow"
+	$(PYTEST) -m "not slow"
 
 # $(call options,FILE,VALUE): FILE holds VALUE and changes only when VALUE does,
 # so a stage that depends on FILE reruns exactly when its options change.

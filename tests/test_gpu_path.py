@@ -19,14 +19,14 @@ import torch
 from typer.testing import CliRunner
 
 from conftest import make_competition, write_raw
-from pipeline.data import plan as dataplan
 from pipeline.predict import stage as predict_module
 from pipeline.train import stage as train_module
 from pipeline.models.heads import FeatureHead
 from pipeline.workdir import CACHE_DIR
 from pipeline.cli.app import app
 from pipeline.competition import _REGISTRY, Recipe, get_competition
-from pipeline.config import TrainConfig, config_from_recipe
+from conftest import config_from_recipe
+from pipeline.config import TrainConfig
 from pipeline.data.items import list_split, load_reorg
 from pipeline.data.loaders import FeatureViews
 from pipeline.data.plan import eval_loader

@@ -14,7 +14,7 @@ from PIL import Image
 from typer.testing import CliRunner
 
 from pipeline.cli.app import app
-from pipeline.config import config_from_recipe
+from conftest import config_from_recipe
 from pipeline.data.items import list_split, load_reorg
 from pipeline.report.build import validation_predictions
 from pipeline.report.figures import (confusion_counts, confusion_figure, image_grid, learning_curves_figure,

@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 from sklearn.metrics import confusion_matrix, recall_score
 
-from pipeline.config import config_from_recipe
+from conftest import config_from_recipe
 from pipeline.data.items import list_split, load_reorg
 from pipeline.io import atomic_write_csv, atomic_write_json
 from pipeline.download.reorg import reorg

@@ -32,7 +32,8 @@ from pipeline.data.features import feature_bank
 from pipeline.data.loaders import FeatureLoader, TensorBatchLoader, make_loader
 from pipeline.config import CACHEABLE_AUGMENTS, TrainConfig
 from pipeline.devices import DevicePlan, ddp_find_unused
-from pipeline.data.items import (BAD_TARGET, ImageDataset, Item, build_transform, list_split, load_reorg,
+from pipeline.workdir import BAD_TARGET
+from pipeline.data.items import (ImageDataset, Item, build_transform, list_split, load_reorg,
                                  unreadable_message)
 from pipeline.errors import PipelineError
 from pipeline.models.heads import FeatureHead

@@ -25,7 +25,8 @@ from pipeline.data.features import backbone_views
 from pipeline.data.loaders import FeatureViews
 from pipeline.data.plan import eval_loader, shared_backbone_groups
 from pipeline.models.heads import FeatureHead
-from pipeline.distributed import plan_for, resolve_device
+from pipeline.devices import resolve_device
+from pipeline.distributed import plan_for
 from pipeline.errors import PipelineError, check_choice
 from pipeline.models.inference import infer, normalise_rows, unreadable_positions
 from pipeline.io import read_csv
@@ -197,9 +198,7 @@ def predict(comp: Competition, work_dir: Path, run_dir: Path, out_csv: Path, mem
         raise PipelineError(f"{out_csv} already exists; pass --force to overwrite it or choose another name")
     if unreadable == "drop":
         raise PipelineError("--unreadable-test drop would leave ids out of the submission; use error or uniform")
-    info = load_reorg(work_dir)
-    if info["competition"] != comp.slug:
-        raise PipelineError(f"{work_dir} was reorganised for {info['competition']!r}, not {comp.slug!r}")
+    info = load_reorg(work_dir, comp.slug)
     run = Run(run_dir)
     config = match_run(run, comp, work_dir, info)
     if tta is None:

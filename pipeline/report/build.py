@@ -24,7 +24,7 @@ from pipeline.report.figures import (DPI, GRID_SIZE, image_grid, learning_curves
 from pipeline.report.html import CAPTIONS, cv_frame, report_html, report_summary
 from pipeline.runs import HOLDOUT, Member, Run
 from pipeline.download.specfile import competition_of
-from pipeline.predict.submission import class_difference
+from pipeline.predict.submission import class_difference, in_class_order
 
 log = logging.getLogger("pipeline")
 
@@ -99,7 +99,7 @@ def validation_predictions(run_dir: Path, work_dir: Path, info: dict, device: st
             if differ:
                 raise PipelineError(f"{member.dir} was trained on other classes than {work_dir} holds ({differ}); "
                                     "pass the --work-dir the run used")
-            probs = pd.DataFrame(probs, columns=run_classes)[classes].to_numpy()  # by name
+            probs = in_class_order(probs, run_classes, classes)
             if probs.shape[1] != len(classes):
                 raise PipelineError(f"{member.dir} predicts {probs.shape[1]} classes, {work_dir} has {len(classes)}; "
                                     "pass the --work-dir the run used")

@@ -121,7 +121,9 @@ def validation_scores(preds: pd.DataFrame, classes: list[str], metric: str = "ac
     from pipeline.metrics import score  # sklearn loads only when the report scores
 
     true, probs = _targets_and_probs(preds, classes)
-    names = tuple(dict.fromkeys((metric, "accuracy", "log_loss")))  # the competition's first, once
+    from pipeline.metrics import reported_metrics
+
+    names = tuple(dict.fromkeys((metric, *reported_metrics(metric))))  # the competition's first, once
     return score(probs, true, len(classes), names)
 
 

@@ -18,7 +18,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import KFold
 from torch import nn
 
-from pipeline.data.items import BAD_TARGET
+from pipeline.workdir import BAD_TARGET
 from pipeline.errors import PipelineError
 
 log = logging.getLogger("pipeline")
