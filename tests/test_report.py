@@ -17,8 +17,8 @@ from pipeline.cli.app import app
 from pipeline.config import config_from_recipe
 from pipeline.data.items import list_split, load_reorg
 from pipeline.report.build import validation_predictions
-from pipeline.report.figures import (confusion_counts, confusion_figure, image_grid, learning_curves_figure,
-                                     top_k)
+from pipeline.report.figures import confusion_counts, confusion_figure, image_grid, top_k
+from pipeline.report.training_figures import learning_curves_figure
 from pipeline.download.reorg import reorg
 from pipeline.predict.submission_index import COLUMNS, read_index, record_submission, run_summary
 from pipeline.train.stage import train

@@ -15,10 +15,11 @@ from pipeline.data.items import list_split, load_reorg
 from pipeline.io import atomic_write_csv, atomic_write_json
 from pipeline.download.reorg import reorg
 from pipeline.report.build import mistakes_figure, write_report
-from pipeline.report.figures import (accuracy_of, confused_pairs_figure, learning_curves_figure, mistake_titles,
-                                     most_wrong, per_class_accuracy, per_class_figure, prediction_figure,
-                                     predictions_figure, shorten_left, top_confused_pairs, validation_figures)
+from pipeline.report.figures import (accuracy_of, confused_pairs_figure, mistake_titles, most_wrong,
+                                     per_class_accuracy, per_class_figure, prediction_figure, predictions_figure,
+                                     shorten_left, top_confused_pairs, validation_figures)
 from pipeline.report.html import cv_frame, report_html, report_summary
+from pipeline.report.training_figures import learning_curves_figure
 from tests.conftest import make_competition, write_raw
 
 CLASSES = ["ant", "bee", "cow"]

@@ -77,6 +77,7 @@ class MemberState:
     improved: bool = False  # this epoch beat the best so far
     latest: dict | None = None  # this epoch's validation (probs, targets) per variant: live, ema
     kept: dict | None = None  # what the kept weights scored: epoch, variant, metric, and their validation
+    head_fit: dict | None = None  # --head logreg: the fit's record (C, inner-CV curve), kept in the member
 
     def kept_parts(self):
         """The kept record as checkpoint state (its validation probabilities stay in memory)."""
@@ -221,7 +222,7 @@ def _run_epoch(cfg: TrainConfig, comp: Competition, st: MemberState, epoch: int,
     st.data.train.sampler.set_epoch(epoch)
     if cfg.head == "logreg":  # a convex fit on the cached features instead of an epoch of SGD
         from pipeline.train.logreg import fit_feature_head
-        loss, steps, bad = fit_feature_head(st.model, st.data.train, n_classes, cfg.seed), 0, set()
+        (loss, st.head_fit), steps, bad = fit_feature_head(st.model, st.data.train, n_classes, cfg.seed), 0, set()
     else:
         loss, steps, bad = train_one_epoch(st.net, st.data.train, st.optimizer, st.criterion, cfg, st.rt, st.ema, epoch, gen)
     _warn_unreadable(st, "train", bad, train_items, "skipping")
@@ -258,6 +259,8 @@ def _save(member: Member, st: MemberState, cfg: TrainConfig, data: dict, variant
                 "epoch": meta["epoch"], "best": st.best.state_dict(), "kept": st.kept_parts().state_dict()}
     with deferred_interrupt():
         save_epoch(member, st.parts(), meta, kept, st.history)
+        if st.head_fit is not None:
+            member.write_head_fit(st.head_fit)
 
 
 def fit_member(cfg: TrainConfig, comp: Competition, data: dict, member: Member,
