@@ -119,7 +119,7 @@ def test_the_report_of_a_small_run_reads_whole_in_chromium(browser, toy_work, tm
         p.name for p in written}
     assert page_problems(browser, page) == []
     headings = [h.text for h in browser.find_elements("css selector", "h2")]
-    assert headings[:3] == ["Summary", "Members", "Cross-validation"]
+    assert headings[:5] == ["Summary", "What every member ran", "Members", "Cross-validation", "Figures"]
     assert len(browser.find_elements("css selector", "img")) == len(written) - 1
     shot = screenshot(browser, page, tmp_path / "report.png")
     assert shot.stat().st_size > 10_000
@@ -134,8 +134,11 @@ def test_the_checker_finds_each_kind_of_fault(browser, tmp_path):
                     f'<div style="width: {WIDTH + 300}px">wide</div><script>undefinedFunction();</script>'
                     "</body></html>")
     problems = page_problems(browser, page)
-    assert len(problems) == 5, problems
+    assert len(problems) == 6, problems
     assert problems[0] == "image 'missing.png' does not load"
     assert problems[1:3] == ["link '#nowhere' has no element with that id", "link 'gone.html' leads to a missing file"]
-    assert problems[3].startswith("the page scrolls sideways: 1580 px wide")
-    assert "undefinedFunction" in problems[4]
+    assert problems[3].startswith(f"the page scrolls sideways: {WIDTH + 300 + 8} px wide")  # + the body's margin
+    console = problems[4:]  # the failed image load and the script's error, as the console logs them
+    assert all(p.startswith("console: ") for p in console)
+    assert sum("missing.png" in p for p in console) == 1
+    assert sum("Uncaught ReferenceError: undefinedFunction is not defined" in p for p in console) == 1

@@ -145,8 +145,8 @@ def mistakes_figure(preds: pd.DataFrame, classes: list[str], paths: dict[str, Pa
     titles = dict(zip(wrong["id"], mistake_titles(wrong)))
     shown = _readable([Item(i, paths[i], -1) for i in wrong["id"] if i in paths])
     n_absent = int(np.sum(absent)) if absent is not None else 0
-    note = (f"\n{n_absent} validation images of classes absent from their fold's training rows "
-            "come after the model's mistakes, marked" if n_absent else "")
+    note = (f"\n{n_absent} images of classes absent from their fold's training rows: after the model's "
+            "mistakes, marked" if n_absent else "")
     return image_grid([image for _, image in shown], [titles[it.id] for it, _ in shown],
                       title=f"most wrong (validation): true → predicted (p of the true class){note}",
                       empty="every validation image is predicted correctly")
@@ -182,12 +182,13 @@ def run_facts(run_dir: Path, work_dir: Path, info: dict) -> list[dict]:
     """Every member's facts (pipeline/report/facts.py) with its training images and the classes absent
     from them; members with neither a config nor metrics (an empty folder) are left out."""
     run = Run(run_dir)
-    run_config = _or_none(lambda: load_resolved(run.config_path)[0].to_json()) or {}
+    config, document = _or_none(lambda: load_resolved(run.config_path)) or (None, {})
+    run_config = config.to_json() if config is not None else {}
     found = []
     for member in run.members():
         if not (member.config_path.is_file() or member.metrics_path.is_file()):
             continue
-        facts = member_facts(member, run_config)
+        facts = member_facts(member, run_config, document.get("notes") or ())
         items = _or_none(lambda: training_items(member, work_dir, info))
         if items is not None:
             facts["train_images"] = len(items)
@@ -244,17 +245,17 @@ def training_figures(metrics: dict[str, pd.DataFrame], facts: list[dict], metric
 
 
 def _summary(run_dir: Path, metrics: dict[str, pd.DataFrame], facts: list[dict]
-             ) -> tuple[dict, pd.DataFrame, dict | None, str | None]:
-    """The report's summary of a run, its members table, its CV score (None without one) and its
-    competition's metric."""
+             ) -> tuple[dict, dict, pd.DataFrame, dict | None, str | None]:
+    """The report's summary of a run, the settings its members share, its members table (what differs
+    between them), its CV score (None without one) and its competition's metric."""
     run = Run(run_dir)
     cv = _or_none(run.read_cv)
     done = {name: _or_none(run.member(name).done) for name in metrics}
     config = _or_none(lambda: load_resolved(run.config_path)[0].to_json()) or {}
     metric = run_metric(config, cv)
     shared, differing = split_facts(facts)
-    return (report_summary(config, cv, done, metric, shared), members_frame(differing, done, metric), cv,
-            metric)
+    return (report_summary(config, cv, done, metric, with_facts=True), shared,
+            members_frame(differing, done, metric), cv, metric)
 
 
 def write_report(run_dir: Path, work_dir: Path, out_dir: Path, device: str = "auto") -> list[Path]:
@@ -274,7 +275,7 @@ def write_report(run_dir: Path, work_dir: Path, out_dir: Path, device: str = "au
     classes = info["classes"]
     metrics = read_metrics(run_dir)
     facts = run_facts(run_dir, work_dir, info)
-    summary, members, cv, metric = _summary(run_dir, metrics, facts)
+    summary, settings, members, cv, metric = _summary(run_dir, metrics, facts)
     figures, notes = training_figures(metrics, facts, metric or "accuracy")
     summary.update(notes)
     figures["train_images.png"] = training_images_figure(work_dir, info)
@@ -291,6 +292,6 @@ def write_report(run_dir: Path, work_dir: Path, out_dir: Path, device: str = "au
         log.warning("%s has no validation predictions (a --full run?): no confusion matrix or mistakes", run_dir)
     written = [save_figure(fig, out_dir / name) for name, fig in figures.items()]
     images = [(CAPTIONS.get(p.name, p.stem), p.name) for p in written]
-    page = report_html(f"Report of {run_dir}", summary, cv_frame(cv), images, tables, members)
+    page = report_html(f"Report of {run_dir}", summary, cv_frame(cv), images, tables, members, settings)
     atomic_write_text(out_dir / REPORT_PAGE, page)
     return [*written, out_dir / REPORT_PAGE]

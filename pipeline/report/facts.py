@@ -41,12 +41,14 @@ SHOWN = (("model", "model"), ("head", "head"), ("training", "training"), ("optim
          ("fit", "head fit"), ("weights", "weights"), ("data", "data"), ("image_size", "image size"),
          ("augment", "augment"), ("feature_views", "feature views"), ("ema", "ema"),
          ("device", "device"), ("precision", "precision"), ("train_images", "training images"),
-         ("absent_classes", "classes absent from training"))
+         ("absent_classes", "classes absent from training"), ("adapted", "adapted to the data"))
 
 
-def member_facts(member: Member, run_config: dict | None = None) -> dict[str, Any]:
+def member_facts(member: Member, run_config: dict | None = None, run_notes: tuple[str, ...] = ()
+                 ) -> dict[str, Any]:
     """The facts of one member (see the module docstring); ``run_config`` is the run's config.json
-    settings, for members without a config.json of their own (a run from before they were written)."""
+    settings, for members without a config.json of their own (a run from before they were written),
+    ``run_notes`` its adaptation notes, for members whose plan does not record theirs."""
     stored = _stored(member)
     cfg = stored.get("config") or dict(run_config or {})
     run_head = (run_config or {}).get("head")
@@ -75,7 +77,7 @@ def member_facts(member: Member, run_config: dict | None = None) -> dict[str, An
         "feature_views": cfg.get("feature_views") if "features" in _data(plan, cfg, training) else None,
         "ema": cfg.get("ema") or None,
         "device": _device(device, cfg), "precision": _precision(device),
-        "adapted": list(plan.get("adapted") or []), "stopped_early": bool((done or {}).get("stopped_early")),
+        "adapted": list(plan.get("adapted", run_notes) or []), "stopped_early": bool((done or {}).get("stopped_early")),
     }
     facts["fit"] = fit_text(facts["fit_record"])
     return facts
@@ -231,6 +233,10 @@ def shown_facts(facts: dict) -> dict[str, Any]:
         value = facts.get(key)
         if key == "absent_classes" and value is not None:
             value = len(value)
+        if key == "adapted" and value:
+            value = "; ".join(value)  # each note has commas of its own
+        if key == "epochs_run" and value == facts.get("epochs"):
+            continue  # said once: "epochs" (a member stopped early or still training shows both)
         if value is not None and value != []:
             out[name] = value
     return out

@@ -273,19 +273,19 @@ def per_class_figure(table: pd.DataFrame, worst: int = WORST_SHOWN, best: int = 
     missing = shown["absent"].to_numpy() if "absent" in shown else np.zeros(len(shown), dtype=int)
     labels = [f"{c} ({k})" + (" absent" if m else "") for c, k, m in zip(shown["class"], shown["n"], missing)]
     _ranked_bars(ax, labels, accuracy, [f"{a:.2f}" for a in accuracy], colormaps["RdYlGn"](accuracy))
-    for bar, m in zip(ax.patches, missing):
-        if m:  # missing data, not a model mistake
+    for row, (bar, m) in enumerate(zip(ax.patches, missing)):
+        if m:  # missing data, not a model mistake: a shaded row (a 0-accuracy bar has no width to hatch)
             bar.set_hatch("//")
-            bar.set_edgecolor("black")
+            ax.axhspan(row - 0.45, row + 0.45, color="0.88", zorder=0)
     ax.plot(shown["mean_p_true"], range(len(shown)), "k|", markersize=9, label="mean p(true class)")
     if cut:
         ax.axhline(worst - 0.5, color="black", linestyle=":")
     which = f"; the worst {worst} and best {best} shown" if cut else ""
     n_absent = int((scored["absent"] > 0).sum()) if "absent" in scored else 0
-    note = (f"\nhatched, 'absent': {n_absent} classes absent from the training rows of a fold that predicted "
-            "them" if n_absent else "")
+    note = (f"\nshaded, 'absent': {n_absent} classes absent from the training rows\nof the member that "
+            "predicted them (missing data, not mistakes)" if n_absent else "")
     ax.set(xlim=(0, 1.12), xlabel="accuracy (validation images of the class in brackets)",
-           title=f"per-class accuracy, worst first ({len(scored)} classes{which}){note}")
+           title=f"per-class accuracy, worst first\n({len(scored)} classes{which}){note}")
     ax.legend(loc="lower right", fontsize=8)
     return fig
 
@@ -344,6 +344,6 @@ def image_grid(images: list[np.ndarray], titles: list[str], title: str = "", emp
         _show(ax, image)
         lines = [part for line in text.splitlines() for part in textwrap.wrap(line, 32, break_on_hyphens=False)]
         ax.set_title("\n".join(lines), fontsize=9)
-    if title:
-        fig.suptitle(title)
+    if title:  # wrapped to the grid's width
+        fig.suptitle("\n".join(textwrap.fill(line, 24 * cols + 4) for line in title.splitlines()))
     return fig

@@ -33,7 +33,7 @@ CAPTIONS = {
     "confusion_matrix.png": "Confusion matrix of the validation predictions, coloured by share of the true class.",
     "confused_pairs.png": "The most frequent mistakes: true class → predicted class.",
     "per_class_accuracy.png": "Accuracy per class, worst first; the tick is the mean probability of the true class. "
-                              "Hatched bars, marked 'absent': classes absent from the training rows of the fold "
+                              "Shaded rows, marked 'absent': classes absent from the training rows of the member "
                               "that predicted them (missing data, not a model mistake).",
     "most_wrong.png": "Wrong validation images that gave their true class the least probability, classes the "
                       "member trained on first; an image whose class was absent from its fold's training rows "
@@ -89,29 +89,32 @@ def _best_epoch(done: dict | None, metric: str | None = None) -> str:
 
 
 def report_summary(config: dict, cv: dict | None, members: dict[str, dict | None],
-                   metric: str | None = None, shared: dict | None = None) -> dict[str, str]:
+                   metric: str | None = None, with_facts: bool = False) -> dict[str, str]:
     """Key values of a run: its config, the competition's metric, number of members, CV score, each
     member's best epoch.
 
     ``config`` is config.json's content, ``cv`` cv.json's (None without one),
     ``members`` each member's done.json by name (None while it trains) and
-    ``metric`` the competition's (pipeline/metrics.py; None: unknown). ``shared``:
-    the facts every member shares (pipeline/report/facts.py's split_facts); with
-    them the summary shows what the members ran instead of the recipe's settings,
-    and each member's best epoch goes to the members table (:func:`members_frame`).
+    ``metric`` the competition's (pipeline/metrics.py; None: unknown). ``with_facts``:
+    what the members ran is shown from their facts (pipeline/report/facts.py) in
+    the settings and members tables, so the summary keeps the run's own keys
+    (competition, folds, tta, seed) and each member's best epoch goes to the
+    members table (:func:`members_frame`); without, the recipe's settings are listed.
     """
     from pipeline.metrics import check_metric
 
     summary = {"mode": _mode(config)}
-    keys = RUN_KEYS if shared is not None else SUMMARY_KEYS
-    summary.update({key: _text(config[key]) for key in keys if key in config})
-    summary.update({key: _text(value) for key, value in (shared or {}).items()})
+    if with_facts:  # a fold run's "fold: None, full: False" says nothing
+        summary.update({key: _text(config[key]) for key in RUN_KEYS
+                        if key in config and (key == "seed" or config[key] not in (None, False, 0))})
+    else:
+        summary.update({key: _text(config[key]) for key in SUMMARY_KEYS if key in config})
     if metric:
         summary["metric"] = f"{metric} ({'higher' if check_metric(metric).greater_is_better else 'lower'} is better)"
     summary["members"] = str(len(members))
     if cv and cv.get("cv") is not None:
         summary[f"CV {cv.get('metric', 'score')}"] = _text(float(cv["cv"]))
-    if shared is None:
+    if not with_facts:
         for name, done in members.items():
             summary[f"best epoch, {name}"] = _best_epoch(done, metric)
     return summary
@@ -167,12 +170,16 @@ def _figure_html(caption: str, filename: str) -> str:
 
 
 def report_html(title: str, summary: dict, cv_table: pd.DataFrame | None, images: list[tuple[str, str]],
-                tables: dict[str, pd.DataFrame], members: pd.DataFrame | None = None) -> str:
-    """The whole report.html: summary, members, CV table, every image (caption, file name) and table.
-
-    A navigation line at the top links each section.
+                tables: dict[str, pd.DataFrame], members: pd.DataFrame | None = None,
+                settings: dict | None = None) -> str:
+    """The whole report.html: summary, the settings every member ran (``settings``), the members
+    (one row each: what differs between them, ``members``), CV table, every image (caption, file
+    name) and table. A navigation line at the top links each section.
     """
     sections = [("summary", "Summary", _summary_html(summary))]
+    if settings:
+        shown = {key: _text(value) for key, value in settings.items()}
+        sections.append(("settings", "What every member ran", _summary_html(shown)))
     if members is not None and len(members):
         sections.append(("members", "Members", table_html(members)))
     if cv_table is not None and len(cv_table):
