@@ -56,7 +56,7 @@ def member_facts(member: Member, run_config: dict | None = None, run_notes: tupl
         cfg = {**cfg, "head": "logreg"}
     plan = stored.get("plan") or fallback_plan(cfg)
     device = stored.get("device") or {}
-    done = _read(member.done) if (member.dir / "done.json").is_file() else None
+    done = _read(member.done)  # None while it trains
     metrics = _read(member.metrics) if member.metrics_path.is_file() else None
     training = plan.get("training") or training_of(cfg)
     sgd = training != FIT
