@@ -40,8 +40,8 @@ OOF_FILE = "oof.csv"
 CV_FILE = "cv.json"
 TEST_PROBS_FILE = "test_probs.csv"  # id + one column per class: what the last predict averaged (blend reads it)
 TEST_PROBS_META_FILE = "test_probs.json"  # beside it: members, TTA, test ids' count, training fingerprint
+PLAN_KEY = "plan"  # the member plan in a member's config.json
 DEVICE_KEY = "device"  # member config.json: the effective device settings (pipeline/devices.py's DevicePlan)
-PLAN_KEY = "plan"  # member config.json: what the member runs (data source, batch, steps, training, weights)
 HEAD_FIT_FILE = "head_fit.json"  # a member whose head was fitted, not trained: how (C, inner-CV curve)
 TENSORBOARD_DIR = "tensorboard"
 SUMMARY_FILE = "summary.txt"  # RUN_DIR: what the last train command set out to do (pipeline/train/summary.py)
@@ -83,19 +83,23 @@ class Member:
     def config_path(self) -> Path:
         return self.dir / CONFIG_FILE
 
-    def write_config(self, config: dict, device: dict) -> None:
-        """The member's settings and the device decisions it trains with (dtype, channels_last, workers...)."""
-        atomic_write_json(self.dir / CONFIG_FILE, {"config": config, DEVICE_KEY: device})
+    def write_config(self, config: dict, device: dict, plan: dict | None = None) -> None:
+        """The member's settings, the device decisions it trains with (dtype, channels_last, workers...) and its
+        plan (data source, batch, steps: pipeline/train/plan.py)."""
+        record = {"config": config, DEVICE_KEY: device}
+        if plan is not None:
+            record[PLAN_KEY] = plan
+        atomic_write_json(self.dir / CONFIG_FILE, record)
+
+    def recorded_plan(self) -> dict | None:
+        """The member's plan as training recorded it (None for runs from before plans were recorded)."""
+        path = self.dir / CONFIG_FILE
+        return _read_json(path, "member config").get(PLAN_KEY) if path.is_file() else None
 
     def recorded_device(self) -> dict | None:
         """The device decisions written at training time (None for runs from before they were recorded)."""
         path = self.dir / CONFIG_FILE
         return _read_json(path, "member config").get(DEVICE_KEY) if path.is_file() else None
-
-    def recorded_plan(self) -> dict | None:
-        """What the member runs, written at training time (None for runs from before it was recorded)."""
-        path = self.dir / CONFIG_FILE
-        return _read_json(path, "member config").get(PLAN_KEY) if path.is_file() else None
 
     def write_head_fit(self, record: dict) -> None:
         """How a fitted head was fitted (pipeline/train/logreg.py's record: C, the inner-CV log loss by C)."""

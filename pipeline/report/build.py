@@ -191,7 +191,7 @@ def run_facts(run_dir: Path, work_dir: Path, info: dict) -> list[dict]:
         facts = member_facts(member, run_config, document.get("notes") or ())
         items = _or_none(lambda: training_items(member, work_dir, info))
         if items is not None:
-            facts["train_images"] = len(items)
+            facts["train_images"] = facts.get("train_images") or len(items)  # older runs: from the split
             facts["absent_classes"] = absent_classes(info["classes"], [it.target for it in items])
         found.append(facts)
     return found

@@ -27,7 +27,7 @@ import pandas as pd
 
 from pipeline.config import TrainConfig
 from pipeline.errors import PipelineError
-from pipeline.runs import FULL, HOLDOUT, Member
+from pipeline.runs import DEVICE_KEY, FULL, HOLDOUT, PLAN_KEY, Member
 
 log = logging.getLogger("pipeline")
 
@@ -51,17 +51,18 @@ def member_facts(member: Member, run_config: dict | None = None, run_notes: tupl
     ``run_notes`` its adaptation notes, for members whose plan does not record theirs."""
     stored = _stored(member)
     cfg = stored.get("config") or dict(run_config or {})
-    run_head = (run_config or {}).get("head")
-    if run_head == "logreg":  # members store the module they build (linear); the run, how it was fitted
+    if (run_config or {}).get("head") == "logreg":  # members store the module they build (linear)
         cfg = {**cfg, "head": "logreg"}
-    plan = stored.get("plan") or fallback_plan(cfg)
-    device = stored.get("device") or {}
+    plan = stored.get(PLAN_KEY) or fallback_plan(cfg)
+    device = stored.get(DEVICE_KEY) or {}
     done = _read(member.done)  # None while it trains
     metrics = _read(member.metrics) if member.metrics_path.is_file() else None
     training = plan.get("training") or training_of(cfg)
     sgd = training != FIT
+    data = _data(plan, cfg)
     facts: dict[str, Any] = {
-        "member": member.name, "task": SINGLE_LABEL, "model": cfg.get("model"), "head": cfg.get("head"),
+        "member": member.name, "task": SINGLE_LABEL, "model": cfg.get("model"),
+        "head": "logreg" if FIT in training else cfg.get("head"),
         "training": training, "optimizer": _optimizer(training, cfg),
         "schedule": cfg.get("schedule") if sgd else None, "lr": cfg.get("lr") if sgd else None,
         "epochs": plan.get("epochs", cfg.get("epochs")),
@@ -72,12 +73,12 @@ def member_facts(member: Member, run_config: dict | None = None, run_notes: tupl
         "steps_per_epoch": plan.get("steps_per_epoch") or _sgd_steps(metrics) if sgd else None,
         "fit": None, "fit_record": _read(member.head_fit),
         "weights": plan.get("weights") or weights_of(cfg),
-        "data": _data(plan, cfg, training),
+        "data": data,
         "image_size": cfg.get("image_size"), "augment": cfg.get("augment") if sgd else None,
-        "feature_views": cfg.get("feature_views") if "features" in _data(plan, cfg, training) else None,
+        "feature_views": cfg.get("feature_views") if "features" in data else None,
         "ema": cfg.get("ema") or None,
         "device": _device(device, cfg), "precision": _precision(device),
-        "adapted": list(plan.get("adapted", run_notes) or []), "stopped_early": bool((done or {}).get("stopped_early")),
+        "train_images": plan.get("n_train"), "adapted": list(plan.get("adapted", run_notes) or []), "stopped_early": bool((done or {}).get("stopped_early")),
     }
     facts["fit"] = fit_text(facts["fit_record"])
     return facts
@@ -102,50 +103,60 @@ def _read(read):
         return None
 
 
+def _config(cfg: dict) -> TrainConfig | None:
+    """The stored settings as a TrainConfig (None when they do not make one: a hand-written or older file)."""
+    try:
+        return TrainConfig.from_json(cfg)
+    except (PipelineError, KeyError, TypeError, ValueError):
+        return None
+
+
 def training_of(cfg: dict) -> str:
     """How the epochs train, from the settings (the plan's "training" for runs that did not record it)."""
-    if cfg.get("head") == "logreg":
-        return FIT_THEN_SGD if cfg.get("unfreeze_after") else FIT
-    return SGD
+    from pipeline.train.plan import training_kind
+
+    config = _config(cfg)
+    return training_kind(config) if config is not None else SGD
 
 
 def weights_of(cfg: dict) -> str:
     """Where the starting weights came from: "file: PATH", "hub" (downloaded) or "none" (random)."""
-    if cfg.get("weights"):
-        return f"file: {cfg['weights']}"
-    return "hub" if cfg.get("pretrained") else "none"
+    from pipeline.train.plan import weights_source
+
+    config = _config(cfg)
+    return weights_source(config) if config is not None else "unknown"
 
 
 def fallback_plan(cfg: dict) -> dict[str, Any]:
     """The parts of a member's plan its settings determine, for runs from before the plan was recorded:
-    the data source (chosen by the data plan's own function), epochs, batch, training, weights."""
-    plan: dict[str, Any] = {"epochs": cfg.get("epochs"), "batch_size": cfg.get("batch_size"),
-                            "training": training_of(cfg), "weights": weights_of(cfg)}
-    sources = phase_sources(cfg)
-    if sources:
-        plan["source"] = {"kind": sources[0], "reason": "from the member's settings"}
-    return plan
+    epochs, batch, training and weights through train/plan.py's own functions."""
+    return {"epochs": cfg.get("epochs"), "batch_size": cfg.get("batch_size"), "training": training_of(cfg),
+            "weights": weights_of(cfg)}
 
 
 def phase_sources(cfg: dict) -> list[str]:
-    """The data source of each training phase (one, or two with --unfreeze-after); [] if unknown."""
+    """The data source of each training phase (one, or two with --unfreeze-after: the frozen phase reads
+    cached features), chosen by the data plan's own function; [] if unknown."""
     from pipeline.data.plan import choose_source
     from pipeline.train.engine import phase
 
-    try:
-        config = TrainConfig.from_json({**cfg, "head": "linear" if cfg.get("head") == "logreg" else cfg["head"]})
-        starts = [0, config.unfreeze_after] if config.unfreeze_after else [0]
-        return [choose_source(phase(config, epoch)).kind for epoch in starts]
-    except (PipelineError, KeyError, TypeError, ValueError):
+    config = _config(cfg)
+    if config is None:
         return []
+    starts = [0, config.unfreeze_after] if config.unfreeze_after else [0]
+    return [choose_source(phase(config, epoch)).kind for epoch in starts]
 
 
-def _data(plan: dict, cfg: dict, training: str) -> str:
-    """'features', or 'features, then image_cache' for a member whose phases read different sources."""
-    kinds = phase_sources(cfg)
+def _data(plan: dict, cfg: dict) -> str:
+    """'features', or 'features, then image_cache' for a member whose two phases read different sources.
+
+    One phase: the plan's recorded source. Two (--unfreeze-after): each phase's, since the plan records
+    one source for the member.
+    """
     recorded = (plan.get("source") or {}).get("kind")
-    if recorded:  # the plan records the first phase's source; a second phase's comes from the settings
-        kinds = [recorded, *kinds[1:]]
+    kinds = phase_sources(cfg)
+    if recorded and len(kinds) < 2:
+        kinds = [recorded]
     kinds = list(dict.fromkeys(kinds))
     return ", then ".join(kinds) if kinds else "unknown"
 
