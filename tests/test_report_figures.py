@@ -11,7 +11,7 @@ import pytest
 from PIL import Image
 from sklearn.metrics import confusion_matrix, recall_score
 
-from pipeline.config import config_from_recipe
+from pipeline.config import TrainConfig, config_from_recipe
 from pipeline.data.items import list_split, load_reorg
 from pipeline.io import atomic_write_csv, atomic_write_json
 from pipeline.download.reorg import reorg
@@ -362,5 +362,6 @@ def test_settings_that_differ_are_shown_per_member():
     assert differing.to_dict("records") == [
         {"member": "fold0", "head fit": "logreg: C 1", "classes absent from training": 0},
         {"member": "fold1", "head fit": "logreg: C 10", "classes absent from training": 1}]
-    assert weights_of({"weights": "/w/a.safetensors", "pretrained": False}) == "file: /w/a.safetensors"
-    assert weights_of({"pretrained": True}) == "hub" and weights_of({}) == "none"
+    stored = TrainConfig(competition="x", work_dir=".", run_dir=".", model="m").to_json()
+    assert weights_of({**stored, "weights": "/w/a.safetensors"}) == "file: /w/a.safetensors"
+    assert weights_of({**stored, "pretrained": True}) == "hub" and weights_of(stored) == "none"
