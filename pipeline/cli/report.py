@@ -46,7 +46,9 @@ def report(
     out: Annotated[Optional[Path], typer.Option(help="Folder for report.html and its PNGs (default: RUN_DIR/report).")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda (a holdout run is predicted afresh).")] = "auto",
 ) -> None:
-    """A run's report: report.html with learning curves, CV table, confusions, training images, mistakes."""
+    """A run's report: report.html with what each member ran (settings after adaptation, head and how it was
+    fitted, weights and data source, device), CV table, learning curves or the fitted head's C, confusions,
+    training images and mistakes (classes a member never trained on marked)."""
     from pipeline.config import load_resolved
     from pipeline.report.build import write_report
     from pipeline.runs import Run

@@ -46,6 +46,7 @@ class MemberState:
     improved: bool = False  # this epoch beat the best so far
     latest: dict | None = None  # this epoch's validation (probs, targets) per variant: live, ema
     kept: dict | None = None  # what the kept weights scored: epoch, variant, metric, and their validation
+    head_fit: dict | None = None  # --head logreg: the fit's record (C, inner-CV curve), kept in the member
 
     def kept_parts(self):
         """The kept record as checkpoint state (its validation probabilities stay in memory)."""

@@ -90,7 +90,7 @@ def _run_epoch(cfg: TrainConfig, comp: Competition, st: MemberState, epoch: int,
     st.data.train.sampler.set_epoch(epoch)
     if cfg.head == "logreg":  # a convex fit on the cached features instead of an epoch of SGD
         from pipeline.train.logreg import fit_feature_head
-        loss, steps, bad = fit_feature_head(st.model, st.data.train, n_classes, cfg.seed), 0, set()
+        (loss, st.head_fit), steps, bad = fit_feature_head(st.model, st.data.train, n_classes, cfg.seed), 0, set()
     else:
         loss, steps, bad = train_one_epoch(st.net, st.data.train, st.optimizer, st.criterion, cfg, st.rt, st.ema, epoch, gen)
     _warn_unreadable(st, "train", bad, train_items, "skipping")
@@ -126,6 +126,8 @@ def _save(member: Member, st: MemberState, cfg: TrainConfig, data: dict, variant
                 "epoch": meta["epoch"], "best": st.best.state_dict(), "kept": st.kept_parts().state_dict()}
     with deferred_interrupt():
         save_epoch(member, st.parts(), meta, kept, st.history)
+        if st.head_fit is not None:
+            member.write_head_fit(st.head_fit)
 
 
 def fit_member(plan: MemberPlan, comp: Competition, data: dict, resume: bool) -> MemberResult:
