@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import os
+from functools import partial
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -186,7 +187,7 @@ def _pooled_plan(cfg: TrainConfig, train_items: list[Item], valid_items: list[It
 
 def _cached_plan(cfg: TrainConfig, train_items, valid_items, device, source: Source, dplan: DevicePlan) -> DataPlan:
     pool = list_split(cfg.work_dir, load_reorg(cfg.work_dir), "train_valid")
-    array, bad = dist.main_first(lambda: image_cache(cache_root(cfg), pool, cfg.image_size))
+    array, bad = dist.main_first(partial(image_cache, cache_root(cfg), pool, cfg.image_size))
     images = torch.from_numpy(np.array(array))  # into memory (or on to the GPU) once per member
     common = dict(mean=cfg.mean, std=cfg.std, device=device, rank=dist.rank(), world=dist.world_size(),
                   channels_last=dplan.channels_last)
@@ -207,14 +208,14 @@ def _feature_plan(cfg: TrainConfig, model, train_items, valid_items, device, sou
     files = dist.plan_for(cfg, device, "files")  # the backbone reads image files once: their workers and pinning
     path = cache_path(cache_root(cfg), "features", feature_key(cfg, pool, dplan.dtype))
 
-    def build() -> dict[str, torch.Tensor]:
-        sets = [ImageDataset(pool, build_transform(cfg.augment, cfg.image_size, cfg.mean, cfg.std, train=train,
-                                                   seed=cfg.seed), cfg.image_size, strict=cfg.strict)
-                for train in (False, True)]
-        return feature_bank(model, *sets, cfg.feature_views, batch_size=2 * cfg.batch_size, workers=files.workers,
-                            pin_memory=files.pin_memory, seed=cfg.seed, device=device, amp_dtype=dplan.dtype)
-
-    bank = dist.main_first(lambda: stored_tensors(path, build))
+    sets = [ImageDataset(pool, build_transform(cfg.augment, cfg.image_size, cfg.mean, cfg.std, train=train,
+                                               seed=cfg.seed), cfg.image_size, strict=cfg.strict)
+            for train in (False, True)]  # eval, train transforms: read only when the cache is built
+    # handed over whole: the cache calls the feature extractor, never back into this module
+    build = partial(feature_bank, model, *sets, cfg.feature_views, batch_size=2 * cfg.batch_size,
+                    workers=files.workers, pin_memory=files.pin_memory, seed=cfg.seed, device=device,
+                    amp_dtype=dplan.dtype)
+    bank = dist.main_first(partial(stored_tensors, path, build))
     common = dict(device=device, rank=dist.rank(), world=dist.world_size())
 
     def loader(rows, targets, train: bool):
