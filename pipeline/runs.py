@@ -44,7 +44,7 @@ TENSORBOARD_DIR = "tensorboard"
 SUMMARY_FILE = "summary.txt"  # RUN_DIR: what the last train command set out to do (pipeline/train/summary.py)
 RUN_DONE_FILE = "done.json"  # RUN_DIR (not a member's DONE_FILE): the last train command finished
 REPORT_DIR = "report"  # where `pipeline report` writes by default
-LOCK_FILE = ".lock"  # held by the one process that writes the run
+LOCK_FILE = ".lock"  # RUN_DIR: the short lock of the run's own files; <member>/: held by the process training it
 HOLDOUT, FULL, FOLD = "holdout", "full", "fold"
 _FOLD_NAME = re.compile(r"fold(\d+)")
 MEMBER_CHOICES = ("auto", "folds", "full", "holdout", "all")
@@ -79,6 +79,11 @@ class Member:
     @property
     def config_path(self) -> Path:
         return self.dir / CONFIG_FILE
+
+    def lock(self):
+        """Hold the member's writer lock: one process trains a member, other members may train at once
+        (a second writer of this member gets a clear error; a dead holder's lock is free)."""
+        return exclusive_lock(self.dir / LOCK_FILE, f"{self.name} of run {self.run_dir}")
 
     def write_config(self, config: dict, device: dict) -> None:
         """The member's settings and the device decisions it trains with (dtype, channels_last, workers...)."""
@@ -178,11 +183,12 @@ class Run:
     def is_run(self) -> bool:
         return self.config_path.is_file()
 
-    def lock(self, enabled: bool = True):
-        """Hold the run's writer lock (a second writer gets a clear error; a dead holder's lock is free)."""
+    def lock(self, enabled: bool = True, wait: float = 0.0):
+        """Hold the short lock on the run's own files (cv.json, oof.csv): held while they are assembled,
+        waited for up to ``wait`` seconds. Training holds each member's lock instead (:meth:`Member.lock`)."""
         if not enabled:
             return contextlib.nullcontext()
-        return exclusive_lock(self.dir / LOCK_FILE, f"run {self.dir}")
+        return exclusive_lock(self.dir / LOCK_FILE, f"run {self.dir}", wait=wait)
 
     @property
     def summary_path(self) -> Path:

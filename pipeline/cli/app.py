@@ -18,6 +18,7 @@ import typer
 from pipeline import progress
 
 from pipeline.cli import blend as cli_blend
+from pipeline.cli import cv as cli_cv
 
 from pipeline.cli import kernel as cli_kernel
 
@@ -208,6 +209,7 @@ command(app, cli_report.predict_image, name="predict-image")
 command(app, cli_report.submit, name="submit")
 command(app, cli_report.report, name="report")
 command(app, cli_blend.blend, name="blend")
+command(app, cli_cv.cv, name="cv")
 app.add_typer(cli_kernel.kernel_app, name="kernel")
 
 

@@ -104,6 +104,7 @@ def train(**options: Any) -> None:
     """
     from pipeline import distributed as dist
     from pipeline.io import undo_on_failure
+    from pipeline.train.parallel import others_files, owned_members
     from pipeline.train.stage import train as run
 
     fixed = {k: options.pop(k) for k in (*_CONTROL, "competition", "work_dir", "run_dir", "recipe")}
@@ -124,7 +125,8 @@ def train(**options: Any) -> None:
         logging.getLogger("pipeline").setLevel(logging.WARNING)  # rank 0 speaks for all
     run_dir = resolved.config.run_dir
     try:
-        with undo_on_failure(run_dir, keep=lambda path: _keeps(run_dir, path)):  # a failed start leaves nothing
+        owned = owned_members(resolved.config)  # other processes may be training the run's other members
+        with undo_on_failure(run_dir, keep=lambda path: _keeps(run_dir, path) or others_files(run_dir, owned, path)):
             results = run(resolved, resume=fixed["resume"], force=fixed["force"])
     finally:
         dist.shutdown()
