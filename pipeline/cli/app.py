@@ -23,6 +23,7 @@ from pipeline.cli import cv as cli_cv
 from pipeline.cli import kernel as cli_kernel
 
 from pipeline.cli import report as cli_report
+from pipeline.cli import runs as cli_runs
 
 from pipeline.cli import train as cli_train
 from pipeline.cli.common import (STATE, Comp, Json, RunDir, WorkDir, all_competitions, check_current_folder,
@@ -210,6 +211,7 @@ command(app, cli_report.submit, name="submit")
 command(app, cli_report.report, name="report")
 command(app, cli_blend.blend, name="blend")
 command(app, cli_cv.cv, name="cv")
+command(app, cli_runs.runs, name="runs")
 app.add_typer(cli_kernel.kernel_app, name="kernel")
 
 
