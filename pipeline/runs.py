@@ -13,6 +13,7 @@ forgotten on resume).
     RUN_DIR/cache               the data caches, when WORK_DIR is read-only
     RUN_DIR/summary.txt         the start-of-run summary of the last `train` command
     RUN_DIR/done.json           written when a `train` command finished every member it trained
+    RUN_DIR/tracking.json, mlflow/   --track mlflow: the MLflow run per store, and the default local store
     RUN_DIR/<member>/config.json, metrics.csv, last.pt, best.pt, done.json
     (a member's config.json: its settings and, under "device", the effective device decisions)
 """
@@ -44,6 +45,8 @@ TENSORBOARD_DIR = "tensorboard"
 SUMMARY_FILE = "summary.txt"  # RUN_DIR: what the last train command set out to do (pipeline/train/summary.py)
 RUN_DONE_FILE = "done.json"  # RUN_DIR (not a member's DONE_FILE): the last train command finished
 REPORT_DIR = "report"  # where `pipeline report` writes by default
+TRACKING_FILE = "tracking.json"  # RUN_DIR: the experiment tracker's run of this run, per tracking store
+TRACKING_DIR = "mlflow"  # RUN_DIR: the default local MLflow store (--track mlflow without MLFLOW_TRACKING_URI)
 LOCK_FILE = ".lock"  # RUN_DIR: the short lock of the run's own files; <member>/: held by the process training it
 HOLDOUT, FULL, FOLD = "holdout", "full", "fold"
 _FOLD_NAME = re.compile(r"fold(\d+)")
@@ -193,6 +196,14 @@ class Run:
     @property
     def summary_path(self) -> Path:
         return self.dir / SUMMARY_FILE
+
+    @property
+    def tracking_path(self) -> Path:
+        return self.dir / TRACKING_FILE
+
+    @property
+    def tracking_dir(self) -> Path:
+        return self.dir / TRACKING_DIR
 
     def write_summary(self, text: str) -> None:
         atomic_write_text(self.summary_path, text + "\n")

@@ -155,10 +155,15 @@ def predict(
     num_workers: Annotated[Optional[int], typer.Option(help="DataLoader worker processes (default: from the CPU count and device).")] = None,
     unreadable_test: Annotated[str, typer.Option(help="A test image that cannot be decoded: error (default), or uniform (1/C for every class, with a warning).")] = "error",
     force: Annotated[bool, typer.Option("--force", help="Overwrite SUBMISSION_CSV if it exists.")] = False,
+    track: Annotated[str, typer.Option(metavar="none|mlflow", help="Add the submission to the run's MLflow run "
+                                                                   "(see train --track).")] = "none",
     as_json: Json = False,
 ) -> None:
     """Softmax over the test set (members averaged) and a checked submission CSV."""
     from pipeline.predict.stage import predict as run
+    from pipeline.train.tracking import wanted
+
+    tracked = wanted(track)
 
     with progress.stage(f"interrupted while predicting: {submission_csv} is written only when complete, so nothing "
                         "was written; run the same command again"):
@@ -167,6 +172,10 @@ def predict(
                      unreadable=unreadable_test)
     indexed = submission_csv.resolve().parent.name == "submissions" and _index_submission(competition, result,
                                                                                           run_dir, result.tta)
+    if tracked:
+        from pipeline.train.tracking import track_outputs
+
+        track_outputs(run_dir, [result.path], "submissions")
     if as_json:
         print_json({"path": str(result.path), "rows": result.rows, "members": result.members,
                     "seconds": round(result.seconds, 3), "index": str(indexed) if indexed else None})

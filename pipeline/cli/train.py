@@ -66,6 +66,10 @@ def _control_params() -> list[inspect.Parameter]:
             "--resume", help=f"Continue an interrupted run from {LAST_FILE} (epochs, early stop, workers may change).")]),
         inspect.Parameter("force", kw, default=False, annotation=Annotated[bool, typer.Option(
             "--force", help="Overwrite a finished run in RUN_DIR.")]),
+        inspect.Parameter("track", kw, default="none", annotation=Annotated[str, typer.Option(
+            metavar="none|mlflow", help="Log the run to MLflow (MLFLOW_TRACKING_URI, else RUN_DIR/mlflow): settings "
+                                        "and their sources, per-epoch metrics, CV, summary. pip install "
+                                        "kaggle-pipeline[mlflow].")]),
         inspect.Parameter("as_json", kw, default=False, annotation=Json),
     ]
 
@@ -104,6 +108,7 @@ def train(**options: Any) -> None:
     """
     from pipeline import distributed as dist
     from pipeline.io import undo_on_failure
+    from pipeline.train import tracking
     from pipeline.train.parallel import others_files, owned_members
     from pipeline.train.stage import train as run
 
@@ -119,6 +124,7 @@ def train(**options: Any) -> None:
             resolved = planned(resolved)
         typer.echo(json.dumps(resolved.to_json(), indent=2) if fixed["as_json"] else resolved.table())
         return
+    tracked = tracking.wanted(fixed["track"])  # a missing MLflow is an error before anything trains
     dist.init(resolved.config.device)  # the backend follows the run's device: gloo for --device cpu
     main_process = dist.is_main()
     if not main_process:
@@ -130,11 +136,14 @@ def train(**options: Any) -> None:
             results = run(resolved, resume=fixed["resume"], force=fixed["force"])
     finally:
         dist.shutdown()
+    if main_process and tracked:
+        tracking.track_training(run_dir, [r.name for r in results if not r.skipped])
     if main_process:
         _print_results(load_competition(fixed["competition"]).metric, run_dir, results, fixed["as_json"])
 
 
-_CONTROL = ("dry_run", "resume", "force", "as_json")
+_CONTROL = ("dry_run", "resume", "force", "as_json", "track")
+
 
 
 def _keeps(run_dir: Path, path: Path) -> bool:
