@@ -26,6 +26,7 @@ from pipeline.cli import report as cli_report
 from pipeline.cli import runs as cli_runs
 
 from pipeline.cli import train as cli_train
+from pipeline.cli import tune as cli_tune
 from pipeline.cli.common import (STATE, Comp, Json, RunDir, WorkDir, all_competitions, check_current_folder,
                                  checked_submission, command, handle_errors, load_competition, print_json, typer_app)
 from pipeline.errors import PipelineError
@@ -221,6 +222,7 @@ command(app, cli_report.report, name="report")
 command(app, cli_blend.blend, name="blend")
 command(app, cli_cv.cv, name="cv")
 command(app, cli_runs.runs, name="runs")
+command(app, cli_tune.tune, name="tune")
 app.add_typer(cli_kernel.kernel_app, name="kernel")
 
 

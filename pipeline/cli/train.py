@@ -14,36 +14,11 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from pipeline.cli.common import Comp, Json, RunDir, WorkDir, handle_errors, load_competition, plain, print_json
-from pipeline.config import cli_fields, flag_of
+from pipeline.cli.common import (Comp, Json, RunDir, WorkDir, handle_errors, load_competition, plain, print_json,
+                                 setting_option)
+from pipeline.config import cli_fields
 from pipeline.errors import PipelineError
 from pipeline.runs import LAST_FILE
-
-_TYPES = {"bool": bool, "int": int, "float": float, "str": str, "Path": Path}
-
-
-def _option(f) -> inspect.Parameter:
-    """A Typer option for one schema field: None when not given, so a recipe's value stays.
-
-    The help shows the schema's default; the competition's recipe may set
-    another (`pipeline recipes`, `--dry-run`).
-    """
-    base = _TYPES[str(f.type).split("|")[0].strip()]
-    flag = flag_of(f)
-    choices = f.metadata.get("choices")
-    help_text = f.metadata["help"] + _default_text(f.default)
-    decls = [f"{flag}/--no-{flag[2:]}"] if base is bool else [flag]
-    metavar = "|".join(choices) if choices else None
-    annotation = Annotated[Optional[base], typer.Option(*decls, help=help_text, show_default=False, metavar=metavar)]
-    return inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=None, annotation=annotation)
-
-
-def _default_text(default: Any) -> str:
-    if default is None or default == "":
-        return ""
-    shown = ("on" if default else "off") if isinstance(default, bool) else default
-    return f"  [default: {shown}]"
-
 
 def _fixed_params() -> list[inspect.Parameter]:
     kw = inspect.Parameter.KEYWORD_ONLY
@@ -53,7 +28,8 @@ def _fixed_params() -> list[inspect.Parameter]:
         inspect.Parameter("work_dir", kw, annotation=WorkDir),
         inspect.Parameter("run_dir", kw, annotation=RunDir),
         inspect.Parameter("recipe", kw, default=None, annotation=Annotated[opt, typer.Option(
-            help="A named recipe of the competition (see `pipeline recipes`); options override it.")]),
+            help="A named recipe of the competition (see `pipeline recipes`) or a recipe file (FILE.toml, "
+                 "as `pipeline tune` writes); options override it.")]),
     ]
 
 
@@ -189,7 +165,7 @@ def result_line(r, metric: str) -> str:
     return line + f"; best epoch {r.best_epoch}: {r.best_metric:.4f}; {r.seconds:.1f}s"
 
 
-train.__signature__ = inspect.Signature(_fixed_params() + [_option(f) for f in cli_fields()] + _control_params())
+train.__signature__ = inspect.Signature(_fixed_params() + [setting_option(f) for f in cli_fields()] + _control_params())
 
 
 @handle_errors
@@ -229,7 +205,7 @@ def _lr_find_params() -> list[inspect.Parameter]:
            ("end_lr", float, 10.0, "Last learning rate (the test stops earlier if the loss blows up).")]
     return fixed + [inspect.Parameter(name, kw, default=default, annotation=Annotated[kind, typer.Option(help=text)])
                     for name, kind, default, text in own] + \
-        [_option(f) for f in cli_fields()] + [inspect.Parameter("as_json", kw, default=False, annotation=Json)]
+        [setting_option(f) for f in cli_fields()] + [inspect.Parameter("as_json", kw, default=False, annotation=Json)]
 
 
 lr_find.__signature__ = inspect.Signature(_lr_find_params())
