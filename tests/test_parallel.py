@@ -157,3 +157,22 @@ def test_a_short_lock_is_waited_for_and_a_held_one_refused_without_waiting(tmp_p
     thread.join()
     assert 0.2 < waited < 5
     assert not path.exists()  # the last holder removed the lock file
+
+
+def test_a_failed_fold_process_removes_only_its_own_files(tmp_path):
+    from pipeline.io import undo_on_failure
+    from pipeline.train.parallel import others_files
+
+    run = tmp_path / "run"
+    with pytest.raises(RuntimeError), undo_on_failure(run, keep=lambda p: others_files(run, ["fold0"], p)):
+        for name in ("fold0/config.json", "fold1/config.json", "config.json"):  # fold1: another process's
+            (run / name).parent.mkdir(parents=True, exist_ok=True)
+            (run / name).write_text("{}")
+        raise RuntimeError
+    assert sorted(str(p.relative_to(run)) for p in run.rglob("*")) == ["config.json", "fold1", "fold1/config.json"]
+    with pytest.raises(RuntimeError), undo_on_failure(tmp_path / "alone",
+                                                      keep=lambda p: others_files(tmp_path / "alone", ["fold0"], p)):
+        (tmp_path / "alone" / "fold0").mkdir(parents=True)
+        (tmp_path / "alone" / "config.json").write_text("{}")
+        raise RuntimeError
+    assert not (tmp_path / "alone").exists()  # nobody else's work there: nothing left

@@ -12,7 +12,7 @@ from pipeline.cli.common import Json, RunDir, handle_errors, load_competition, p
 @handle_errors
 def cv(run_dir: RunDir,
        device: Annotated[Optional[str], typer.Option(help="auto, cpu or cuda (default: the run's).")] = None,
-       force: Annotated[bool, typer.Option("--force", help="Assemble again even if cv.json is current.")] = False,
+       force: Annotated[bool, typer.Option("--force", help="Assemble again even if the CV is current.")] = False,
        as_json: Json = False) -> None:
     """Assemble oof.csv and cv.json of a run whose folds were trained by separate processes.
 

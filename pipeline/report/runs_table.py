@@ -18,7 +18,7 @@ from pathlib import Path
 
 from pipeline.errors import PipelineError
 from pipeline.metrics import check_metric
-from pipeline.runs import CV_FILE, DONE_FILE, FOLD, HOLDOUT, Member, Run, member_name
+from pipeline.runs import DONE_FILE, FOLD, HOLDOUT, Member, Run, member_name
 
 # not "settings" of a run: where it lives, what it trains on, which members (a column of their own)
 _NOT_SETTINGS = {"competition", "work_dir", "run_dir", "model", "folds", "fold", "full", "num_workers", "device"}
@@ -66,20 +66,20 @@ def find_runs(folders: list[Path]) -> list[Path]:
 
 
 def _is_run(path: Path) -> bool:
-    doc = _json(path / "config.json")
+    doc = _json(Run(path).config_path)
     return isinstance(doc, dict) and "sources" in doc and "config" in doc
 
 
 def read_row(run_dir: Path, comp_metric) -> RunRow:
     """One run's row; ``comp_metric(competition) -> metric name`` (loaded once per competition)."""
-    doc = _json(run_dir / "config.json")
-    cfg = doc["config"]
     run = Run(run_dir)
+    doc = _json(run.config_path)
+    cfg = doc["config"]
     members = run.members()
     planned = {m.name for m in members} | set(_expected(cfg))
     finished = [m for m in members if m.is_finished]
     metric = comp_metric(cfg["competition"])
-    cv = _json(run_dir / CV_FILE)
+    cv = _json(run.cv_path)
     score, kind, interval = None, "", None
     if isinstance(cv, dict) and cv.get("cv") is not None:
         score, kind, interval = cv["cv"], "cv", tuple(cv.get("interval") or ()) or None
