@@ -24,6 +24,8 @@ from typing import Any
 from pipeline.errors import PipelineError, check_choice
 
 AUGMENTS = ("pad_crop_flip", "resized_crop_flip_jitter", "letterbox", "light", "none")  # pipeline/data/items.py builds them
+CACHEABLE_AUGMENTS = ("pad_crop_flip", "none")  # what the image cache augments on the device (pipeline/data/loaders.py)
+MAX_CACHE_ON_SIDE = 256  # --cache on above this side would hold too much in memory
 TTAS = ("none", "flip")
 
 
@@ -116,6 +118,11 @@ class TrainConfig:
             raise PipelineError(f"--ema must be in [0, 1) (a decay like 0.999), got {self.ema}")
         if not 0 <= self.label_smoothing < 1:
             raise PipelineError(f"--label-smoothing must be in [0, 1), got {self.label_smoothing}")
+        if self.cache == "on" and self.augment not in CACHEABLE_AUGMENTS:
+            raise PipelineError(f"--cache on needs --augment {' or '.join(CACHEABLE_AUGMENTS)} (got {self.augment}); "
+                                "use --cache off")
+        if self.cache == "on" and self.image_size > MAX_CACHE_ON_SIDE:
+            raise PipelineError(f"--cache on at {self.image_size} px would need too much memory; use --cache off")
         if (self.folds > 0) + (self.fold is not None) + self.full > 1:
             raise PipelineError("choose one of --folds, --fold and --full")
         if self.pretrained and self.weights is not None:

@@ -8,6 +8,7 @@ returns a value, so each rule is checked for a T4, an A100 or a CPU anywhere.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import platform
@@ -268,3 +269,20 @@ def plan_device(acc: Accelerator, *, amp: str, channels_last: bool | None, num_w
         cudnn_benchmark=cudnn_benchmark(acc), workers=workers,
         pin_memory=pin_memory(acc, input_kind), non_blocking=non_blocking(acc),
         backend=ddp_backend(acc), warnings=(warning,) if warning else ())
+
+
+def device_plan(cfg: Any, acc: Accelerator, input_kind: str, *, world_size: int = 1, cpu_count: int = 1,
+                amp: str | None = None) -> DevicePlan:
+    """The device decisions for a run's config (a TrainConfig) on ``acc`` for what it consumes (pure).
+
+    ``amp`` overrides the config's (predict passes the dtype a run was trained with).
+    """
+    return plan_device(acc, amp=amp or cfg.amp, channels_last=cfg.channels_last, num_workers=cfg.num_workers,
+                       world_size=world_size, cpu_count=cpu_count, input_kind=input_kind)
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None):
+    """Mixed precision for ``dtype`` on ``device``; nothing when dtype is None."""
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)

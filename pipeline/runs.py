@@ -40,6 +40,7 @@ OOF_FILE = "oof.csv"
 CV_FILE = "cv.json"
 TEST_PROBS_FILE = "test_probs.csv"  # id + one column per class: what the last predict averaged (blend reads it)
 TEST_PROBS_META_FILE = "test_probs.json"  # beside it: members, TTA, test ids' count, training fingerprint
+PLAN_KEY = "plan"  # the member plan in a member's config.json
 DEVICE_KEY = "device"  # member config.json: the effective device settings (pipeline/devices.py's DevicePlan)
 TENSORBOARD_DIR = "tensorboard"
 SUMMARY_FILE = "summary.txt"  # RUN_DIR: what the last train command set out to do (pipeline/train/summary.py)
@@ -88,9 +89,18 @@ class Member:
         (a second writer of this member gets a clear error; a dead holder's lock is free)."""
         return exclusive_lock(self.dir / LOCK_FILE, f"{self.name} of run {self.run_dir}")
 
-    def write_config(self, config: dict, device: dict) -> None:
-        """The member's settings and the device decisions it trains with (dtype, channels_last, workers...)."""
-        atomic_write_json(self.dir / CONFIG_FILE, {"config": config, DEVICE_KEY: device})
+    def write_config(self, config: dict, device: dict, plan: dict | None = None) -> None:
+        """The member's settings, the device decisions it trains with (dtype, channels_last, workers...) and its
+        plan (data source, batch, steps: pipeline/train/plan.py)."""
+        record = {"config": config, DEVICE_KEY: device}
+        if plan is not None:
+            record[PLAN_KEY] = plan
+        atomic_write_json(self.dir / CONFIG_FILE, record)
+
+    def recorded_plan(self) -> dict | None:
+        """The member's plan as training recorded it (None for runs from before plans were recorded)."""
+        path = self.dir / CONFIG_FILE
+        return _read_json(path, "member config").get(PLAN_KEY) if path.is_file() else None
 
     def recorded_device(self) -> dict | None:
         """The device decisions written at training time (None for runs from before they were recorded)."""

@@ -92,7 +92,7 @@ def train(**options: Any) -> None:
     resolved = resolve_for_command(fixed["competition"], fixed["work_dir"], fixed["run_dir"], fixed["recipe"],
                                    fixed["resume"], options)
     if fixed["dry_run"]:
-        from pipeline.download.reorg import REORG_FILE
+        from pipeline.workdir import REORG_FILE
 
         if (Path(fixed["work_dir"]) / REORG_FILE).is_file():  # the plan as the members will run it
             from pipeline.train.stage import planned
@@ -185,7 +185,7 @@ def lr_find(**options: Any) -> None:
     if png.suffix.lower() != ".png":
         raise PipelineError(f"{png}: the plot is a PNG; give a path ending in .png")
     resolved = resolve_config(comp, work_dir, png.parent, recipe, options)
-    result = find_lr(resolved.config, steps=steps, start=start, end=end)
+    result = find_lr(resolved, steps=steps, start=start, end=end)
     plot_lr_find(result, png)
     if as_json:
         print_json({"png": str(png), **result.to_json()})

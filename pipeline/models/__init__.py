@@ -21,6 +21,22 @@ from pipeline.models.weights import (
     unfreeze,
 )
 
+
+
+def model_from_config(cfg, num_classes: int, *, initial_weights: bool = True):
+    """The model a config (a TrainConfig) describes, backbone frozen when it says so.
+
+    ``initial_weights``: load the pretrained or --weights file weights (train);
+    predict passes False and loads the member's own state dict instead.
+    """
+    model = create_model(cfg.model, num_classes, pretrained=cfg.pretrained and initial_weights,
+                         weights=cfg.weights if initial_weights else None, head=cfg.model_head,
+                         head_hidden=cfg.head_hidden, drop_rate=cfg.drop_rate)
+    if cfg.freeze_backbone:
+        freeze_backbone(model)
+    return model
+
+
 __all__ = [
     "LoadReport",
     "compute_loss",
@@ -29,6 +45,7 @@ __all__ = [
     "list_models",
     "load_weights",
     "model_data_config",
+    "model_from_config",
     "param_groups",
     "register_model",
     "set_train_mode",

@@ -168,7 +168,7 @@ def check_submission_file(comp: Competition, submission_csv: Path, sample: Path 
                           work_dir: Path | None = None) -> tuple[pd.DataFrame, list[str]]:
     """Read a submission CSV and list every problem against the sample (and the work dir's classes)."""
     from pipeline.io import read_csv, read_json
-    from pipeline.download.reorg import REORG_FILE, SAMPLE_FILE  # not pipeline.data.items: checking needs no torch
+    from pipeline.workdir import REORG_FILE, SAMPLE_FILE  # not pipeline.data.items: checking needs no torch
 
     if sample is None and work_dir is None:
         raise PipelineError("give --sample FILE (the competition's sample submission) or --work-dir DIR")
