@@ -121,7 +121,6 @@ def train(**options: Any) -> None:
 _CONTROL = ("dry_run", "resume", "force", "as_json", "track")
 
 
-
 def _keeps(run_dir: Path, path: Path) -> bool:
     """Whether a file a failed train created stays: it belongs to a member with a saved epoch, or the
     run has such a member and the file is the run's own (its config, its summary)."""
