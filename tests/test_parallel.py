@@ -109,6 +109,7 @@ def test_three_fold_processes_at_once_write_the_cv_once_as_a_sequential_run(spec
     assert json.loads(out)["cv"] == pytest.approx(cv["cv"]) and par.cv_path.stat().st_mtime_ns != stamp
 
 
+@pytest.mark.slow  # a training process and a cv process (a minute or two on a loaded machine)
 def test_cv_on_demand_names_the_folds_still_missing(spec_work, tmp_path):
     spec, work = spec_work
     run = Run(tmp_path / "run")
@@ -121,6 +122,7 @@ def test_cv_on_demand_names_the_folds_still_missing(spec_work, tmp_path):
                            "(`pipeline train ... --fold K`) and run this again")
 
 
+@pytest.mark.slow  # trains one fold in-process (about a minute on a loaded machine)
 def test_a_member_being_trained_refuses_a_second_writer_but_not_another_fold(toy_work, tmp_path):
     comp, work = toy_work
     run = Run(tmp_path / "run")

@@ -56,6 +56,8 @@ def tune(**options: Any) -> None:
         return
     settings = "  ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in best["params"].items())
     typer.echo(f"best: trial {best['trial']} CV {comp.metric} {best['cv']:.4f}: {settings}")
+    typer.echo(f"  (picked as the best of {result['complete']} on these folds, so optimistic: judge it on "
+               "new folds or the leaderboard)")
     typer.echo(f"{best['recipe']}: written; the best trial again: pipeline train {own['competition']} "
                f"{own['work_dir']} RUN_DIR --recipe {best['recipe']} --folds K {best['options']}".rstrip())
 

@@ -25,7 +25,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from pipeline.config import Resolved, TrainConfig, cli_fields, flag_of, recipe_text, resolve_config
+from pipeline.config import Resolved, TrainConfig, absolute, cli_fields, flag_of, recipe_text, resolve_config
 from pipeline.errors import PipelineError
 from pipeline.io import atomic_write_text
 from pipeline.runs import Run
@@ -130,6 +130,7 @@ def tune(base: Resolved, study_dir: Path, trials: int, space: list[Dimension], n
     """Run the study until ``trials`` trials are finished (complete or pruned); the best as a recipe file."""
     import optuna
 
+    study_dir = absolute(study_dir)  # the trials' folders and best.toml are named from anywhere
     study_dir.mkdir(parents=True, exist_ok=True)
     study = _study(base, study_dir, space)
     done = _finished(study)
@@ -191,7 +192,7 @@ def _objective(trial, base: Resolved, study_dir: Path, space: list[Dimension], n
             raise PipelineError(f"{run_dir}: fold {k} has no validation score; tune needs validation folds")
         trial.report(sum(scores) / len(scores), step=k)
         if k < n_folds - 1 and trial.should_prune():
-            log.info("trial %d pruned after fold %d: mean fold score %.4f", trial.number, k, scores[-1])
+            log.info("trial %d pruned after fold %d: mean fold score %.4f", trial.number, k, sum(scores) / len(scores))
             raise optuna.TrialPruned()
     cv = Run(run_dir).read_cv()
     log.info("trial %d: CV %.4f with %s", trial.number, cv["cv"], params)
@@ -226,7 +227,8 @@ def _write_best(study, base: Resolved, study_dir: Path) -> dict:
     path = study_dir / BEST_FILE
     flags = given_options(base)
     comment = (f"pipeline tune: the best of {len(complete)} complete trials in {study_dir / STUDY_FILE}\n"
-               f"trial {best.number} ({best.user_attrs.get('run_dir')}): CV {best.value:.6g}\n"
+               f"trial {best.number} ({best.user_attrs.get('run_dir')}): CV {best.value:.6g}, the best of the trials "
+               "on the same folds: optimistic\n"
                "train adapts a recipe's batch and epochs to the data, never an option's: to train exactly the trial,\n"
                f"pipeline train COMPETITION WORK_DIR RUN_DIR --recipe {path} --folds K {flags}".rstrip())
     atomic_write_text(path, recipe_text(settings, comment))
