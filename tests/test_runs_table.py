@@ -103,6 +103,9 @@ def test_sort_by_cv_puts_the_best_first_under_each_metric(five_runs, monkeypatch
     result = CliRunner().invoke(app, ["runs", "runs/digits-a", "runs/digits-b", "runs/digits-c", "--sort", "cv"])
     assert [line.split()[0] for line in result.stdout.splitlines()[1:]] == \
         ["runs/digits-b", "runs/digits-a", "runs/digits-c"]  # accuracy: higher first; holdout 0.80 last
+    result = CliRunner().invoke(app, ["runs", "--sort", "cv"])  # both competitions: each its own ranking
+    assert [line.split()[0] for line in result.stdout.splitlines()[1:]] == \
+        ["runs/digits-b", "runs/digits-a", "runs/digits-c", "runs/dogs/two", "runs/dogs/one"]
 
 
 def test_unfinished_members_count_as_planned(tmp_path, monkeypatch):

@@ -151,13 +151,13 @@ def runs_table(folders: list[Path], indexes: list[Path], comp_metric) -> list[Ru
 
 
 def sort_rows(rows: list[RunRow], by: str) -> list[RunRow]:
-    """``cv``: best score first under each run's own metric direction (no score last); ``time``,
+    """``cv``: per competition, best score first under its metric's direction (no score last); ``time``,
     ``name``: by training time (longest first) or folder."""
     if by == "cv":
         def key(r: RunRow):
             if r.score is None or not math.isfinite(r.score):
-                return (1, 0.0)
-            return (0, -r.score if check_metric(r.metric).greater_is_better else r.score)
+                return (r.competition, 1, 0.0)
+            return (r.competition, 0, -r.score if check_metric(r.metric).greater_is_better else r.score)
         return sorted(rows, key=key)
     if by == "time":
         return sorted(rows, key=lambda r: -r.seconds)
