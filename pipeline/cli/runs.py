@@ -18,9 +18,10 @@ SORTS = ("cv", "time", "name")
 @handle_errors
 def runs(folders: Annotated[Optional[list[Path]], typer.Argument(
              metavar="DIR", show_default=False, help="Folders holding runs (searched below); default: runs/.")] = None,
-         sort: Annotated[str, typer.Option(help="cv (best first, by each run's metric), time or name.")] = "name",
+         sort: Annotated[str, typer.Option(metavar="cv|time|name", help="cv (each competition's runs, best first "
+                                                                         "by its metric), time or name.")] = "name",
          index: Annotated[Optional[list[Path]], typer.Option(
-             help="submissions/index.csv files to match submissions from (repeatable); "
+             metavar="FILE", help="submissions/index.csv files to match submissions from (repeatable); "
                   "default: submissions/index.csv.")] = None,
          as_json: Json = False) -> None:
     """Every run under DIR...: competition, model, recipe, differing settings, members, CV, time, submissions."""
