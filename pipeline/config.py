@@ -309,7 +309,9 @@ def resolve_config(comp, work_dir: Path, run_dir: Path, recipe_name: str | None 
         notes.append("--weights FILE replaces the recipe's download (pretrained off)")
     model = flags.get("model", values.get("model", ""))
     if model and (flags.get("pretrained", values.get("pretrained")) or flags.get("weights")):
-        data = (weights_config or weights_data_config)(model)
+        if weights_config is None:  # the caller holds the model registry (pipeline.models.weights_data_config)
+            raise ValueError(f"resolve_config needs weights_config to read {model}'s pretrained input settings")
+        data = weights_config(model)
         layer("weights", {k: v for k, v in data.items() if k not in flags})
     layer("flag", flags)
     cfg = TrainConfig(competition=comp.slug, work_dir=absolute(work_dir), run_dir=absolute(run_dir), **values)
@@ -359,16 +361,3 @@ def load_resolved(path: Path) -> tuple[TrainConfig, dict]:
         raise PipelineError(f"{path} is not a valid run config ({exc}); retrain into a new RUN_DIR") from None
 
 
-def weights_data_config(model_name: str) -> dict[str, Any]:
-    """Input size and normalisation that a model's pretrained weights expect."""
-    from pipeline.models import create_model, model_data_config
-
-    skeleton = create_model(model_name, num_classes=2)  # random init; only its config is read
-    data = model_data_config(skeleton, pretrained=True)
-    return {"image_size": int(data["input_size"][-1]), "mean": tuple(data["mean"]), "std": tuple(data["std"])}
-
-
-def config_from_recipe(comp, work_dir: Path, run_dir: Path, recipe_name: str | None = None,
-                       **flags: Any) -> Resolved:
-    """:func:`resolve_config` with the flags as keyword arguments (for Python callers)."""
-    return resolve_config(comp, work_dir, run_dir, recipe_name, flags)

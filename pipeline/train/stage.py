@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
 import numpy as np
 import torch
@@ -18,10 +18,11 @@ import torch
 from pipeline import distributed as dist
 from pipeline.competition import Competition, get_competition
 from pipeline.config import Resolved, TrainConfig
-from pipeline.data.items import BAD_TARGET, Item, load_reorg, training_fingerprint, unreadable_message
+from pipeline.workdir import BAD_TARGET
+from pipeline.data.items import Item, load_reorg, training_fingerprint, unreadable_message
 from pipeline.errors import PipelineError
 from pipeline.io import atomic_write_json
-from pipeline.metrics import bootstrap_interval, score
+from pipeline.metrics import bootstrap_interval, reported_metrics, score, valid_key
 from pipeline.models.inference import infer, unreadable_positions
 from pipeline.predict.submission import positive_index, submission_clip
 from pipeline.progress import epoch_line, log_scalars, stage, tensorboard_writer
@@ -63,7 +64,7 @@ def _validate(st: MemberState, cfg: TrainConfig, comp: Competition, n_classes: i
     the scores; their positions come back for the caller to report.
     """
     rt, st.latest, row = st.rt, {}, {}
-    names = tuple(dict.fromkeys(("accuracy", "log_loss", comp.metric)))  # the competition's metric too
+    names = reported_metrics(comp.metric)
     views = {"live": st.net, "ema": st.ema is not None and st.data.view(st.ema.module)}
     for variant, net in views.items():
         if net is False:
@@ -75,9 +76,8 @@ def _validate(st: MemberState, cfg: TrainConfig, comp: Competition, n_classes: i
                                 "lower --lr, add --clip-grad 1, or raise --batch-size")
         keep = t != BAD_TARGET
         st.latest[variant] = (p[keep], t[keep])
-        suffix = "_ema" if variant == "ema" else ""
         scores = score(p[keep], t[keep], n_classes, names, clip=submission_clip(comp), positive=positive_index(comp))
-        row.update({f"valid_{k}{suffix}": v for k, v in scores.items()})
+        row.update({valid_key(k, variant): v for k, v in scores.items()})
     return {"valid_loss": row["valid_log_loss"], **row}, unreadable_positions(t, pos)
 
 
@@ -91,7 +91,7 @@ def _run_epoch(cfg: TrainConfig, comp: Competition, st: MemberState, epoch: int,
     st.data.train.sampler.set_epoch(epoch)
     if cfg.head == "logreg":  # a convex fit on the cached features instead of an epoch of SGD
         from pipeline.train.logreg import fit_feature_head
-        loss, steps, bad = fit_feature_head(st.model, st.data.train, n_classes, cfg.seed), 0, set()
+        (loss, st.head_fit), steps, bad = fit_feature_head(st.model, st.data.train, n_classes, cfg.seed), 0, set()
     else:
         loss, steps, bad = train_one_epoch(st.net, st.data.train, st.optimizer, st.criterion, cfg, st.rt, st.ema, epoch, gen)
     _warn_unreadable(st, "train", bad, train_items, "skipping")
@@ -108,8 +108,7 @@ def _keep(st: MemberState, cfg: TrainConfig, comp: Competition, row: dict) -> st
     """Record the kept weights' epoch and score when this epoch's weights are kept; their variant."""
     variant = kept_variant(cfg, st)
     if variant is not None:
-        suffix = "_ema" if variant == "ema" else ""
-        st.kept = {"epoch": row["epoch"], "variant": variant, "metric": row.get(f"valid_{comp.metric}{suffix}"),
+        st.kept = {"epoch": row["epoch"], "variant": variant, "metric": row.get(valid_key(comp.metric, variant)),
                    "selection": cfg.select, "valid": (st.latest or {}).get(variant)}
     return variant
 
@@ -128,6 +127,8 @@ def _save(member: Member, st: MemberState, cfg: TrainConfig, data: dict, variant
                 "epoch": meta["epoch"], "best": st.best.state_dict(), "kept": st.kept_parts().state_dict()}
     with deferred_interrupt():
         save_epoch(member, st.parts(), meta, kept, st.history)
+        if st.head_fit is not None:
+            member.write_head_fit(st.head_fit)
 
 
 def fit_member(plan: MemberPlan, comp: Competition, data: dict, resume: bool) -> MemberResult:
@@ -199,9 +200,7 @@ def train(resolved: Resolved | TrainConfig, resume: bool = False, force: bool = 
 def _train_locked(resolved: Resolved, resume: bool, force: bool) -> list[MemberResult]:
     cfg = resolved.config
     comp = get_competition(cfg.competition)
-    info = load_reorg(cfg.work_dir)
-    if info["competition"] != comp.slug:
-        raise PipelineError(f"{cfg.work_dir} was reorganised for {info['competition']!r}, not {comp.slug!r}")
+    info = load_reorg(cfg.work_dir, comp.slug)
     data = {"classes": info["classes"], "competition": comp.slug,
             "fingerprint": training_fingerprint(cfg.work_dir, info)}
     resolved, plans = plan_run(resolved, info)
