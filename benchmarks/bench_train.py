@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 from pipeline.config import TrainConfig
-from pipeline.distributed import resolve_device
+from pipeline.devices import resolve_device
 from pipeline.models import create_model, freeze_backbone
 from pipeline.distributed import plan_for
 from pipeline.train.engine import build_optimizer, make_runtime, train_one_epoch

@@ -242,6 +242,35 @@ class Recipe(Mapping):
         return self._settings.get("model")
 
 
+def recipe_of(comp, name: str) -> Recipe:
+    """``--recipe``: a named recipe of the competition, or a recipe file (``NAME.toml``: one ``setting =
+    value`` line per setting it sets, as `pipeline tune` writes them)."""
+    if not (name.endswith(".toml") or Path(name).is_file()):
+        return comp.get_recipe(name)
+    import tomllib
+
+    try:
+        settings = tomllib.loads(Path(name).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise PipelineError(f"recipe file {name} not found; check the path") from None
+    except (OSError, ValueError) as exc:  # tomllib.TOMLDecodeError is a ValueError
+        raise PipelineError(f"recipe file {name} is not readable TOML ({exc}); fix or rewrite it") from None
+    try:
+        return Recipe(**{k: tuple(v) if isinstance(v, list) else v for k, v in settings.items()})
+    except PipelineError as exc:
+        raise PipelineError(f"recipe file {name}: {exc}") from None
+
+
+def recipe_text(settings: Mapping[str, Any], comment: str = "") -> str:
+    """A recipe file's text (TOML): ``comment`` lines, then ``setting = value`` for each setting set."""
+    Recipe(**settings)  # only settings a recipe may set, with valid values
+    lines = [f"# {line}" for line in comment.splitlines()]
+    for name, value in settings.items():
+        if value is not None:
+            lines.append(f"{name} = {json.dumps(_plain(value))}")  # JSON strings, numbers, booleans, lists: TOML
+    return "\n".join(lines) + "\n"
+
+
 # ---------------------------------------------------------------- resolution
 
 
@@ -289,13 +318,15 @@ def resolve_config(comp, work_dir: Path, run_dir: Path, recipe_name: str | None 
     layer("competition", {"image_size": comp.image_size, "mean": tuple(comp.mean), "std": tuple(comp.std),
                           **comp.recipe})
     if recipe_name not in (None, "default"):
-        layer(f"recipe {recipe_name}", comp.get_recipe(recipe_name))
+        layer(f"recipe {recipe_name}", recipe_of(comp, recipe_name))
     if "weights" in flags and values.get("pretrained"):
         layer("flag", {"pretrained": False})
         notes.append("--weights FILE replaces the recipe's download (pretrained off)")
     model = flags.get("model", values.get("model", ""))
     if model and (flags.get("pretrained", values.get("pretrained")) or flags.get("weights")):
-        data = (weights_config or weights_data_config)(model)
+        if weights_config is None:  # the caller holds the model registry (pipeline.models.weights_data_config)
+            raise ValueError(f"resolve_config needs weights_config to read {model}'s pretrained input settings")
+        data = weights_config(model)
         layer("weights", {k: v for k, v in data.items() if k not in flags})
     layer("flag", flags)
     cfg = TrainConfig(competition=comp.slug, work_dir=absolute(work_dir), run_dir=absolute(run_dir), **values)
@@ -345,16 +376,3 @@ def load_resolved(path: Path) -> tuple[TrainConfig, dict]:
         raise PipelineError(f"{path} is not a valid run config ({exc}); retrain into a new RUN_DIR") from None
 
 
-def weights_data_config(model_name: str) -> dict[str, Any]:
-    """Input size and normalisation that a model's pretrained weights expect."""
-    from pipeline.models import create_model, model_data_config
-
-    skeleton = create_model(model_name, num_classes=2)  # random init; only its config is read
-    data = model_data_config(skeleton, pretrained=True)
-    return {"image_size": int(data["input_size"][-1]), "mean": tuple(data["mean"]), "std": tuple(data["std"])}
-
-
-def config_from_recipe(comp, work_dir: Path, run_dir: Path, recipe_name: str | None = None,
-                       **flags: Any) -> Resolved:
-    """:func:`resolve_config` with the flags as keyword arguments (for Python callers)."""
-    return resolve_config(comp, work_dir, run_dir, recipe_name, flags)

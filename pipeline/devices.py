@@ -62,7 +62,7 @@ def probe(device: torch.device) -> Accelerator:
 def resolve_device(requested: str, local_rank: int | None = None) -> torch.device:
     """auto -> cuda when visible, else cpu; under torchrun each rank takes its local GPU.
 
-    Same semantics as ``distributed.resolve_device``; the rank comes from
+    The rank comes from
     ``local_rank`` or, when WORLD_SIZE > 1, the LOCAL_RANK torchrun sets.
     """
     if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", requested):
@@ -197,19 +197,6 @@ def ddp_find_unused(input_kind: str, has_aux_heads: bool) -> bool:
     """
     _check_kind(input_kind)
     return input_kind == "features" and has_aux_heads
-
-
-def gpu_jpeg_decode(acc: Accelerator, input_kind: str, decoder_on_device: bool, workers: int) -> bool:
-    """Whether to decode JPEG batches on the GPU (nvJPEG via ``torchvision.io.decode_jpeg(device="cuda")``).
-
-    Only for CUDA runs reading image files whose torchvision has the device
-    decoder, and only when the CPU cannot feed the GPU: fewer than 4 decoding
-    workers per process. Not wired into the loaders yet: its speed-up is
-    unmeasured here (no GPU), so the CPU decoder stays the path (see
-    benchmarks/bench_data.py).
-    """
-    _check_kind(input_kind)
-    return acc.type == "cuda" and input_kind == "files" and decoder_on_device and workers < 4
 
 
 def available_cpus() -> int:

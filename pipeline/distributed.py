@@ -16,7 +16,7 @@ import torch.distributed as tdist
 from torch import nn
 
 from pipeline.errors import PipelineError
-from pipeline.devices import DevicePlan, available_cpus, ddp_backend, device_plan, probe, resolve_device  # noqa: F401
+from pipeline.devices import DevicePlan, available_cpus, ddp_backend, device_plan, probe, resolve_device
 
 T = TypeVar("T")
 
@@ -93,11 +93,11 @@ def all_true(flag: bool) -> bool:
 def unwrap(model: nn.Module) -> nn.Module:
     """The plain module under DDP and torch.compile wrappers."""
     while True:
-        if isinstance(model, nn.parallel.DistributedDataParallel):
+        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
             model = model.module
         elif hasattr(model, "_orig_mod"):
             model = model._orig_mod
-        elif hasattr(model, "wrapped_model"):  # cache.FeatureHead
+        elif hasattr(model, "wrapped_model"):  # models.heads.FeatureHead
             model = model.wrapped_model
         else:
             return model

@@ -13,3 +13,5 @@ FOLDS_FILE = "folds.csv"  # id, label, fold
 SAMPLE_FILE = "sample_submission.csv"  # a copy of the download's, for predict and check
 CACHE_DIR = "cache"  # decoded images and frozen-backbone features, keyed on what they depend on
 LOCK_FILE = ".reorg.lock"  # held by the one reorg that writes the folder
+
+BAD_TARGET = -100  # the target of an item whose image cannot be decoded: cross_entropy's ignore_index

@@ -100,7 +100,7 @@ def test_whitened_stem_decorrelates_patches():
 
 def test_named_recipes():
     from pipeline.competition import get_competition
-    from pipeline.config import config_from_recipe
+    from conftest import config_from_recipe
 
     comp = get_competition("cifar-10")
     fast = config_from_recipe(comp, "w", "r", recipe_name="fast", epochs=3).config

@@ -19,14 +19,14 @@ import torch
 from typer.testing import CliRunner
 
 from conftest import make_competition, write_raw
-from pipeline.data import plan as dataplan
 from pipeline.predict import stage as predict_module
 from pipeline.train import stage as train_module
 from pipeline.models.heads import FeatureHead
 from pipeline.workdir import CACHE_DIR
 from pipeline.cli.app import app
 from pipeline.competition import _REGISTRY, Recipe, get_competition
-from pipeline.config import TrainConfig, config_from_recipe
+from conftest import config_from_recipe
+from pipeline.config import TrainConfig
 from pipeline.data.items import list_split, load_reorg
 from pipeline.data.loaders import FeatureViews
 from pipeline.data.plan import eval_loader
@@ -196,6 +196,7 @@ def test_cached_features_validation_and_predict_share_the_runs_precision(tmp_pat
     real = features.extract_features
     monkeypatch.setattr(features, "extract_features",
                         lambda *a, **kw: extracted.append((kw.get("amp_dtype"), real(*a, **kw)[0])) or real(*a, **kw))
+    monkeypatch.setattr(predict_module, "cached_views", lambda *a, **kw: None)  # test images: the backbone runs
     pool = list_split(work, load_reorg(work), "train_valid")  # the bank's images, in its order
     member = Run(run).member("holdout")
     _, probs, _ = predict_items([member], pool, device="cpu", batch_size=16)

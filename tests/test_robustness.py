@@ -33,7 +33,8 @@ from pipeline.download import kaggle as kaggle
 from pipeline.checkpoint import load_checkpoint
 from pipeline.cli.app import app
 from pipeline.data.items import read_image
-from pipeline.download.reorg import plan_split, read_labels
+from pipeline.download.layout import read_labels
+from pipeline.download.reorg import plan_split
 from tests.conftest import make_competition, tree_hash, write_raw
 
 runner = CliRunner()

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from pipeline.data.items import BAD_TARGET
+from pipeline.workdir import BAD_TARGET
 from pipeline.data.loaders import make_loader
 from pipeline.models.inference import TTA_VIEWS, forward_batches
 

@@ -20,17 +20,16 @@ import pandas as pd
 import torch
 from albumentations.pytorch import ToTensorV2
 from PIL import Image, ImageOps
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
 from pipeline.config import AUGMENTS
 from pipeline.data import presets
 from pipeline.errors import PipelineError
 from pipeline.io import read_json
-from pipeline.workdir import FOLDS_FILE, REORG_FILE, TEST_CLASS_DIR
+from pipeline.workdir import BAD_TARGET, FOLDS_FILE, REORG_FILE, TEST_CLASS_DIR
 
 log = logging.getLogger("pipeline")
 
-BAD_TARGET = -100  # cross_entropy's default ignore_index: unreadable images drop out of the loss
 # Refuse images over ~180 megapixels outright (PIL's bomb check raises at twice this)
 Image.MAX_IMAGE_PIXELS = 89_478_485
 
@@ -44,10 +43,15 @@ class Item:
     target: int
 
 
-def load_reorg(work_dir: Path) -> dict:
-    """reorg.json of a complete tree, or an error saying to run reorg."""
-    return read_json(Path(work_dir) / REORG_FILE, "WORK_DIR is not a finished reorg; run `pipeline reorg` first",
+def load_reorg(work_dir: Path, competition: str | None = None) -> dict:
+    """reorg.json of a complete tree, or an error saying to run reorg; with ``competition`` (a slug), an error
+    when the folder was reorganised for another one."""
+    info = read_json(Path(work_dir) / REORG_FILE, "WORK_DIR is not a finished reorg; run `pipeline reorg` first",
                      "run `pipeline reorg --force` to rebuild it")
+    if competition is not None and info["competition"] != competition:
+        raise PipelineError(f"{work_dir} was reorganised for {info['competition']!r}, not {competition!r}; "
+                            "pass the WORK_DIR of this competition or reorganise its download there")
+    return info
 
 
 def _id_of(name: str, ext: str) -> str:

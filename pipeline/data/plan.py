@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import os
+from functools import partial
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,7 +33,8 @@ from pipeline.data.features import feature_bank
 from pipeline.data.loaders import FeatureLoader, TensorBatchLoader, make_loader
 from pipeline.config import CACHEABLE_AUGMENTS, TrainConfig
 from pipeline.devices import DevicePlan, ddp_find_unused
-from pipeline.data.items import (BAD_TARGET, ImageDataset, Item, build_transform, list_split, load_reorg,
+from pipeline.workdir import BAD_TARGET
+from pipeline.data.items import (ImageDataset, Item, build_transform, list_split, load_reorg,
                                  unreadable_message)
 from pipeline.errors import PipelineError
 from pipeline.models.heads import FeatureHead
@@ -185,7 +187,7 @@ def _pooled_plan(cfg: TrainConfig, train_items: list[Item], valid_items: list[It
 
 def _cached_plan(cfg: TrainConfig, train_items, valid_items, device, source: Source, dplan: DevicePlan) -> DataPlan:
     pool = list_split(cfg.work_dir, load_reorg(cfg.work_dir), "train_valid")
-    array, bad = dist.main_first(lambda: image_cache(cache_root(cfg), pool, cfg.image_size))
+    array, bad = dist.main_first(partial(image_cache, cache_root(cfg), pool, cfg.image_size))
     images = torch.from_numpy(np.array(array))  # into memory (or on to the GPU) once per member
     common = dict(mean=cfg.mean, std=cfg.std, device=device, rank=dist.rank(), world=dist.world_size(),
                   channels_last=dplan.channels_last)
@@ -206,14 +208,14 @@ def _feature_plan(cfg: TrainConfig, model, train_items, valid_items, device, sou
     files = dist.plan_for(cfg, device, "files")  # the backbone reads image files once: their workers and pinning
     path = cache_path(cache_root(cfg), "features", feature_key(cfg, pool, dplan.dtype))
 
-    def build() -> dict[str, torch.Tensor]:
-        sets = [ImageDataset(pool, build_transform(cfg.augment, cfg.image_size, cfg.mean, cfg.std, train=train,
-                                                   seed=cfg.seed), cfg.image_size, strict=cfg.strict)
-                for train in (False, True)]
-        return feature_bank(model, *sets, cfg.feature_views, batch_size=2 * cfg.batch_size, workers=files.workers,
-                            pin_memory=files.pin_memory, seed=cfg.seed, device=device, amp_dtype=dplan.dtype)
-
-    bank = dist.main_first(lambda: stored_tensors(path, build))
+    sets = [ImageDataset(pool, build_transform(cfg.augment, cfg.image_size, cfg.mean, cfg.std, train=train,
+                                               seed=cfg.seed), cfg.image_size, strict=cfg.strict)
+            for train in (False, True)]  # eval, train transforms: read only when the cache is built
+    # handed over whole: the cache calls the feature extractor, never back into this module
+    build = partial(feature_bank, model, *sets, cfg.feature_views, batch_size=2 * cfg.batch_size,
+                    workers=files.workers, pin_memory=files.pin_memory, seed=cfg.seed, device=device,
+                    amp_dtype=dplan.dtype)
+    bank = dist.main_first(partial(stored_tensors, path, build))
     common = dict(device=device, rank=dist.rank(), world=dist.world_size())
 
     def loader(rows, targets, train: bool):
@@ -227,6 +229,38 @@ def _feature_plan(cfg: TrainConfig, model, train_items, valid_items, device, sou
 
 
 # ---------------------------------------------------------------- inference inputs
+
+
+def cached_views(cfg: TrainConfig, items: list[Item], tta: str,
+                 amp_dtype: torch.dtype | None) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The un-augmented features (1, N, F) of ``items`` and their targets (N,) from the member's feature cache,
+    when it holds them: a frozen backbone, one view (no TTA), every item an image of the cache's pool (the
+    same file) and a cache built at this precision; else None, and the caller runs the backbone.
+
+    These are the features the member trained and validated on, computed once per image (out-of-fold
+    scores, the report); test images are not in the pool.
+    """
+    if tta != "none" or not (cfg.freeze_backbone and cfg.feature_cache):
+        return None
+    try:
+        pool = list_split(cfg.work_dir, load_reorg(cfg.work_dir), "train_valid")
+    except (PipelineError, OSError):
+        return None
+    where = {it.id: i for i, it in enumerate(pool)}
+    if any(it.id not in where or pool[where[it.id]].path != it.path for it in items):
+        return None
+    try:
+        path = cache_path(cache_root(cfg), "features", feature_key(cfg, pool, amp_dtype))
+    except OSError:  # the weights file the key stats has gone
+        return None
+    if not path.is_file():
+        return None
+    bank = stored_tensors(path, dict)
+    rows = torch.tensor([where[it.id] for it in items], dtype=torch.long)
+    targets = cached_targets(pool, set(bank["bad"].tolist()))[rows]
+    log.info("data: features of %d images read from the feature cache %s", len(items), path.name)
+    return bank["eval"][None, rows], targets
+
 
 
 def shared_backbone_groups(configs: list[TrainConfig], dtypes: list | None = None) -> list[list[int]]:

@@ -29,8 +29,8 @@ import pandas as pd
 from pipeline.competition import Competition
 from pipeline.errors import PipelineError
 from pipeline.io import atomic_write_json, exclusive_lock, os_error_message, remove_stale_temps
-from pipeline.download.layout import LAYOUT_FIELDS, Download, Folder, input_files, read_download, scan_download
-from pipeline.download.layout import read_labels  # noqa: F401  (part of this module's API)
+from pipeline.download.layout import LAYOUT_FIELDS, Download, Folder, input_files, read_download
+from pipeline.download.scan import scan_download
 from pipeline.workdir import FOLDS_FILE, LOCK_FILE, REORG_FILE, SAMPLE_FILE, SPLITS, TEST_CLASS_DIR
 
 log = logging.getLogger("pipeline")

@@ -10,16 +10,8 @@ from pipeline.models import fastnet as _fastnet  # noqa: F401  (registers its bu
 from pipeline.models import googlenet as _googlenet  # noqa: F401  (registers its builder)
 from pipeline.models import resnet as _resnet  # noqa: F401  (registers its builders)
 from pipeline.models.registry import create_model, list_models, register_model
-from pipeline.models.weights import (
-    LoadReport,
-    compute_loss,
-    freeze_backbone,
-    load_weights,
-    model_data_config,
-    param_groups,
-    set_train_mode,
-    unfreeze,
-)
+from pipeline.models.training import compute_loss, freeze_backbone, param_groups, set_train_mode, unfreeze
+from pipeline.models.weights import LoadReport, load_weights, model_data_config
 
 
 
@@ -37,6 +29,13 @@ def model_from_config(cfg, num_classes: int, *, initial_weights: bool = True):
     return model
 
 
+def weights_data_config(model_name: str) -> dict:
+    """Input size and normalisation that a model's pretrained weights expect (the config's weights layer)."""
+    skeleton = create_model(model_name, num_classes=2)  # random init; only its config is read
+    data = model_data_config(skeleton, pretrained=True)
+    return {"image_size": int(data["input_size"][-1]), "mean": tuple(data["mean"]), "std": tuple(data["std"])}
+
+
 __all__ = [
     "LoadReport",
     "compute_loss",
@@ -50,4 +49,5 @@ __all__ = [
     "register_model",
     "set_train_mode",
     "unfreeze",
+    "weights_data_config",
 ]

@@ -17,7 +17,7 @@ the timm route can all use it.
 
 from __future__ import annotations
 
-from torch import nn
+from torch import Tensor, nn
 
 from pipeline.errors import PipelineError
 
@@ -96,7 +96,7 @@ class FeatureHead(nn.Module):
         super().__init__()
         self.wrapped_model = model
 
-    def forward(self, feats: torch.Tensor) -> torch.Tensor:
+    def forward(self, feats: Tensor) -> Tensor:
         model = self.wrapped_model
         if hasattr(model, "logits_from_pooled"):  # ours: the same head as the whole model's forward
             return model.logits_from_pooled(feats)

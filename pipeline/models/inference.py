@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from pipeline import distributed as dist
-from pipeline.data.items import BAD_TARGET
+from pipeline.workdir import BAD_TARGET
 from pipeline.devices import autocast, non_blocking, probe
 from pipeline.progress import track
 

@@ -15,17 +15,51 @@ import pandas as pd
 from pipeline.competition import Competition
 from pipeline.config import TrainConfig
 from pipeline.data.items import fold_split, n_folds, read_folds
-from pipeline.metrics import bootstrap_interval, score
+from pipeline.errors import PipelineError
+from pipeline.metrics import bootstrap_interval, reported_metrics, score
 from pipeline.predict.calibrate import calibrate_oof, is_on, paired_change_interval
 from pipeline.predict.stage import predict_items
 from pipeline.runs import FOLD, Member, Run, member_name
-from pipeline.predict.submission import positive_index, submission_clip
+from pipeline.predict.submission import in_class_order, positive_index, submission_clip
 
 log = logging.getLogger("pipeline")
 
 
-def write_cv(cfg: TrainConfig, comp: Competition, info: dict) -> dict | None:
-    """oof.csv and cv.json, once every fold of folds.csv has a finished model.
+LOCK_WAIT = 3600.0  # seconds a finishing fold waits for another process assembling the CV
+
+
+def assemble_cv(cfg: TrainConfig, comp: Competition, info: dict, force: bool = False,
+                required: bool = False) -> dict | None:
+    """oof.csv and cv.json once every fold of folds.csv has a finished model, written exactly once.
+
+    Folds may train in separate processes (``--fold K`` on several GPUs,
+    machines or job-array tasks sharing RUN_DIR): each calls this when its fold
+    is done, under the run's short lock. Whichever finds every fold finished
+    first writes the CV; cv.json records the weights it scored (each fold's
+    best.pt stamp), so later callers find it current and skip it, and a
+    retrained fold makes it stale. ``force``: assemble again anyway;
+    ``required``: a fold still missing is an error, not a wait.
+    """
+    run = Run(cfg.run_dir)
+    with run.lock(wait=LOCK_WAIT):
+        members = [run.member(member_name(FOLD, k)) for k in range(n_folds(cfg.work_dir))]
+        missing = [m.name for m in members if not m.is_finished]
+        if missing and required:
+            raise PipelineError(f"{run.dir}: no CV yet, {', '.join(missing)} not finished; train them "
+                                f"(`pipeline train ... --fold K`) and run this again")
+        if missing:
+            log.info("out-of-fold score waits for %s", ", ".join(missing))
+            return None
+        stamps = {m.name: m.weights_stamp() for m in members}
+        current = run.read_cv()
+        if current is not None and current.get("weights") == stamps and not force:
+            log.info("CV already assembled from these folds' weights: %s", run.cv_path)
+            return current
+        return write_cv(cfg, comp, info, members, stamps)
+
+
+def write_cv(cfg: TrainConfig, comp: Competition, info: dict, members: list[Member], stamps: dict) -> dict:
+    """Score the finished folds out of fold and write oof.csv and cv.json (call :func:`assemble_cv`).
 
     The CV score is computed the way the submission is: the weights predict
     keeps, the run's TTA, the submission's probability floor. With --select
@@ -33,11 +67,6 @@ def write_cv(cfg: TrainConfig, comp: Competition, info: dict) -> dict | None:
     score is optimistic: the last epoch's CV is computed and reported beside it.
     """
     run = Run(cfg.run_dir)
-    members = [run.member(member_name(FOLD, k)) for k in range(n_folds(cfg.work_dir))]
-    missing = [m.name for m in members if not m.is_finished]
-    if missing:
-        log.info("out-of-fold score waits for %s", ", ".join(missing))
-        return None
     calibrate = is_on(cfg.calibrate, comp.metric)
     oof, per_fold = out_of_fold(cfg, comp, info, members, "best")
     calibration, oof = calibrated(cfg, comp, info, oof) if calibrate else (None, oof)
@@ -47,6 +76,7 @@ def write_cv(cfg: TrainConfig, comp: Competition, info: dict) -> dict | None:
     if cfg.select == "best":
         last, _ = out_of_fold(cfg, comp, info, members, "last")
         cv["last_epoch"] = _overall(calibrated(cfg, comp, info, last)[1] if calibrate else last, comp, info["classes"])
+    cv["weights"] = stamps
     run.write_cv(cv, oof)
     log.info("CV %s %.4f out of fold: %s, %s", comp.metric, cv["cv"], run.oof_path, run.cv_path)  # the table: stdout
     return cv
@@ -66,10 +96,10 @@ def out_of_fold(cfg: TrainConfig, comp: Competition, info: dict, members: list[M
         _, valid_items = fold_split(cfg.work_dir, info, member.fold)
         ids, probs, run_classes = predict_items([member], valid_items, tta=cfg.tta, device=cfg.device,
                                                 num_workers=cfg.num_workers, unreadable="drop", weights=weights)
-        probs = pd.DataFrame(probs, columns=run_classes)[classes].to_numpy()  # by name
+        probs = in_class_order(probs, run_classes, classes)
         kept = set(ids)
         targets = np.array([it.target for it in valid_items if it.id in kept])
-        scores = score(probs, targets, len(classes), _names(comp), clip=submission_clip(comp),
+        scores = score(probs, targets, len(classes), reported_metrics(comp.metric), clip=submission_clip(comp),
                        positive=positive_index(comp))
         per_fold.append({"fold": member.fold, **scores, **_fold_meta(member)})
         frame = pd.DataFrame(probs, columns=classes)
@@ -103,15 +133,11 @@ CALIBRATION_NOTE = ("calibrated nested: each fold calibrated with a temperature 
                     "folds; in_sample: fitted on every out-of-fold row, optimistic; the test set gets those values")
 
 
-def _names(comp: Competition) -> tuple[str, ...]:
-    return tuple(dict.fromkeys(("accuracy", "log_loss", comp.metric)))
-
-
 def _overall(oof: pd.DataFrame, comp: Competition, classes: list[str]) -> dict:
     """The CV score of an out-of-fold frame, every metric, and a bootstrap 95% interval."""
     targets = oof["label"].map({c: i for i, c in enumerate(classes)}).to_numpy()
     probs, clip = oof[classes].to_numpy(), submission_clip(comp)
-    overall = score(probs, targets, len(classes), _names(comp), clip=clip, positive=positive_index(comp))
+    overall = score(probs, targets, len(classes), reported_metrics(comp.metric), clip=clip, positive=positive_index(comp))
     interval = bootstrap_interval(probs, targets, len(classes), comp.metric, clip=clip, n=200)
     return {"cv": overall[comp.metric], "interval": list(interval), "overall": overall}
 

@@ -19,10 +19,10 @@ from torch import nn
 
 from pipeline import distributed as dist
 from pipeline.config import TrainConfig
-from pipeline.data.items import BAD_TARGET
+from pipeline.workdir import BAD_TARGET
 from pipeline.devices import DevicePlan, autocast
 from pipeline.errors import PipelineError
-from pipeline.metrics import better
+from pipeline.metrics import better, valid_key
 from pipeline.models import compute_loss, param_groups, set_train_mode
 from pipeline.progress import track
 
@@ -257,10 +257,10 @@ class BestTracker:
 
     def update(self, row: dict, has_ema: bool, validated: bool) -> bool:
         """Record the epoch if it improved (always, without validation); True when it did."""
-        live = row.get(f"valid_{self.metric_name}", math.nan)
+        live = row.get(valid_key(self.metric_name), math.nan)
         variant, metric = "live", live
-        if has_ema and better(self.metric_name, row.get(f"valid_{self.metric_name}_ema", math.nan), live):
-            variant, metric = "ema", row[f"valid_{self.metric_name}_ema"]
+        if has_ema and better(self.metric_name, row.get(valid_key(self.metric_name, "ema"), math.nan), live):
+            variant, metric = "ema", row[valid_key(self.metric_name, "ema")]
         if validated and not better(self.metric_name, metric, self.metric):
             return False
         self.epoch, self.metric, self.variant = row["epoch"], metric, variant

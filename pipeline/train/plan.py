@@ -21,6 +21,7 @@ from pipeline.devices import DevicePlan
 from pipeline.errors import PipelineError
 from pipeline.runs import Member
 from pipeline.train.adapt import adapt_to_data
+from pipeline.train.engine import phase
 from pipeline.train.members import plan_members
 
 log = logging.getLogger("pipeline")
@@ -35,7 +36,7 @@ class MemberPlan:
     valid_items: list[Item] = field(repr=False)
     config: TrainConfig  # adapted to the data, batch capped at the process's share, the fold recorded
     per_process: int  # this process's share of the training images
-    source: Source  # what the model consumes while training, and why
+    source: Source  # what the model consumes while training (in its first phase), and why
     steps_per_epoch: int
     total_steps: int  # optimizer steps over every phase (a fitted logreg phase takes none)
     notes: tuple[str, ...] = ()  # why the recipe's values were adapted
@@ -52,7 +53,9 @@ class MemberPlan:
     def to_json(self) -> dict[str, Any]:
         """The member's plan as its config.json records it (the report reads it back)."""
         cfg = self.config
+        later = choose_source(phase(cfg, cfg.unfreeze_after)) if cfg.unfreeze_after else None
         return {"source": {"kind": self.source.kind, "reason": self.source.reason},
+                "unfrozen_source": later and {"kind": later.kind, "reason": later.reason},
                 "n_train": len(self.train_items), "n_valid": len(self.valid_items),
                 "batch_size": cfg.batch_size, "per_process": self.per_process,
                 "per_process_batch": cfg.batch_size, "steps_per_epoch": self.steps_per_epoch,
@@ -103,8 +106,9 @@ def plan_member(cfg: TrainConfig, sources: dict[str, str], member: Member, train
         adapted = replace(adapted, folds=0, fold=member.fold)
     steps = steps_per_epoch(adapted, share)
     total = steps * (adapted.epochs - fitted_epochs(adapted))
-    return MemberPlan(member, train_items, valid_items, adapted, share, choose_source(adapted), steps, total,
-                      tuple(notes), tuple(warnings))
+    source = choose_source(phase(adapted, 0))  # --unfreeze-after: the frozen phase's source first
+    return MemberPlan(member, train_items, valid_items, adapted, share, source, steps, total, tuple(notes),
+                      tuple(warnings))
 
 
 def plan_run(resolved: Resolved, info: dict) -> tuple[Resolved, list[MemberPlan]]:

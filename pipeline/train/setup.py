@@ -15,8 +15,9 @@ from torch import nn
 from pipeline import distributed as dist
 from pipeline.checkpoint import load_checkpoint
 from pipeline.config import TrainConfig
-from pipeline.data.items import BAD_TARGET
-from pipeline.data.plan import DataPlan, plan_member
+from pipeline.workdir import BAD_TARGET
+from pipeline.data.plan import DataPlan, choose_source, plan_member
+from pipeline.devices import resolve_device
 from pipeline.models import model_from_config, unfreeze
 from pipeline.runs import restore_parts
 from pipeline.train.engine import BestTracker, EarlyStop, Runtime, build_optimizer, make_ema, make_runtime, phase
@@ -45,6 +46,7 @@ class MemberState:
     improved: bool = False  # this epoch beat the best so far
     latest: dict | None = None  # this epoch's validation (probs, targets) per variant: live, ema
     kept: dict | None = None  # what the kept weights scored: epoch, variant, metric, and their validation
+    head_fit: dict | None = None  # --head logreg: the fit's record (C, inner-CV curve), kept in the member
 
     def kept_parts(self):
         """The kept record as checkpoint state (its validation probabilities stay in memory)."""
@@ -77,7 +79,7 @@ def setup_member(plan: MemberPlan, n_classes: int, metric: str, resume: bool = F
     not restored, since that phase's optimizer ends with it.
     """
     cfg, member = plan.config, plan.member
-    device = dist.resolve_device(cfg.device)
+    device = resolve_device(cfg.device)
     dplan = plan.device(device)  # every device decision (pipeline/devices.py), recorded with the member
     torch.backends.cudnn.benchmark = dplan.cudnn_benchmark
     for warning in dplan.warnings:
@@ -139,6 +141,7 @@ def unfreeze_member(st: MemberState, epoch: int) -> None:
              epoch + 1, cfg.epochs - epoch, cfg.backbone_lr_scale)
     pcfg = phase(cfg, epoch)
     unfreeze(st.model)
+    dplan = dist.plan_for(pcfg, st.rt.device, choose_source(pcfg).kind)  # the whole model reads images now
     st.optimizer = build_optimizer(st.model, pcfg)
-    st.rt = make_runtime(pcfg, st.rt.device, st.plan.steps_per_epoch, st.data.device, epoch)
-    plan_data(st, pcfg, st.data.device, initial=False)
+    st.rt = make_runtime(pcfg, st.rt.device, st.plan.steps_per_epoch, dplan, epoch)
+    plan_data(st, pcfg, dplan, initial=False)

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 import time
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
 import numpy as np
 import torch
@@ -18,10 +18,11 @@ import torch
 from pipeline import distributed as dist
 from pipeline.competition import Competition, get_competition
 from pipeline.config import Resolved, TrainConfig
-from pipeline.data.items import BAD_TARGET, Item, load_reorg, training_fingerprint, unreadable_message
+from pipeline.workdir import BAD_TARGET
+from pipeline.data.items import Item, load_reorg, training_fingerprint, unreadable_message
 from pipeline.errors import PipelineError
 from pipeline.io import atomic_write_json
-from pipeline.metrics import bootstrap_interval, score
+from pipeline.metrics import bootstrap_interval, reported_metrics, score, valid_key
 from pipeline.models.inference import infer, unreadable_positions
 from pipeline.predict.submission import positive_index, submission_clip
 from pipeline.progress import epoch_line, log_scalars, stage, tensorboard_writer
@@ -29,6 +30,7 @@ from pipeline.runs import Member, Run, save_epoch
 from pipeline.train.budget import time_is_up
 from pipeline.train.engine import deferred_interrupt, phase, train_one_epoch
 from pipeline.train.members import MemberResult, already_done, check_members
+from pipeline.train.parallel import member_locks
 from pipeline.train.plan import MemberPlan, log_plan_warnings, plan_run
 from pipeline.train.setup import MemberState, setup_member, unfreeze_member
 from pipeline.train.summary import cv_interrupt_note, interrupt_note, log_run_summary
@@ -63,7 +65,7 @@ def _validate(st: MemberState, cfg: TrainConfig, comp: Competition, n_classes: i
     the scores; their positions come back for the caller to report.
     """
     rt, st.latest, row = st.rt, {}, {}
-    names = tuple(dict.fromkeys(("accuracy", "log_loss", comp.metric)))  # the competition's metric too
+    names = reported_metrics(comp.metric)
     views = {"live": st.net, "ema": st.ema is not None and st.data.view(st.ema.module)}
     for variant, net in views.items():
         if net is False:
@@ -75,9 +77,8 @@ def _validate(st: MemberState, cfg: TrainConfig, comp: Competition, n_classes: i
                                 "lower --lr, add --clip-grad 1, or raise --batch-size")
         keep = t != BAD_TARGET
         st.latest[variant] = (p[keep], t[keep])
-        suffix = "_ema" if variant == "ema" else ""
         scores = score(p[keep], t[keep], n_classes, names, clip=submission_clip(comp), positive=positive_index(comp))
-        row.update({f"valid_{k}{suffix}": v for k, v in scores.items()})
+        row.update({valid_key(k, variant): v for k, v in scores.items()})
     return {"valid_loss": row["valid_log_loss"], **row}, unreadable_positions(t, pos)
 
 
@@ -91,7 +92,7 @@ def _run_epoch(cfg: TrainConfig, comp: Competition, st: MemberState, epoch: int,
     st.data.train.sampler.set_epoch(epoch)
     if cfg.head == "logreg":  # a convex fit on the cached features instead of an epoch of SGD
         from pipeline.train.logreg import fit_feature_head
-        loss, steps, bad = fit_feature_head(st.model, st.data.train, n_classes, cfg.seed), 0, set()
+        (loss, st.head_fit), steps, bad = fit_feature_head(st.model, st.data.train, n_classes, cfg.seed), 0, set()
     else:
         loss, steps, bad = train_one_epoch(st.net, st.data.train, st.optimizer, st.criterion, cfg, st.rt, st.ema, epoch, gen)
     _warn_unreadable(st, "train", bad, train_items, "skipping")
@@ -108,8 +109,7 @@ def _keep(st: MemberState, cfg: TrainConfig, comp: Competition, row: dict) -> st
     """Record the kept weights' epoch and score when this epoch's weights are kept; their variant."""
     variant = kept_variant(cfg, st)
     if variant is not None:
-        suffix = "_ema" if variant == "ema" else ""
-        st.kept = {"epoch": row["epoch"], "variant": variant, "metric": row.get(f"valid_{comp.metric}{suffix}"),
+        st.kept = {"epoch": row["epoch"], "variant": variant, "metric": row.get(valid_key(comp.metric, variant)),
                    "selection": cfg.select, "valid": (st.latest or {}).get(variant)}
     return variant
 
@@ -128,6 +128,8 @@ def _save(member: Member, st: MemberState, cfg: TrainConfig, data: dict, variant
                 "epoch": meta["epoch"], "best": st.best.state_dict(), "kept": st.kept_parts().state_dict()}
     with deferred_interrupt():
         save_epoch(member, st.parts(), meta, kept, st.history)
+        if st.head_fit is not None:
+            member.write_head_fit(st.head_fit)
 
 
 def fit_member(plan: MemberPlan, comp: Competition, data: dict, resume: bool) -> MemberResult:
@@ -190,22 +192,21 @@ def finish_kept(st: MemberState, comp: Competition, n_classes: int) -> dict:
 def train(resolved: Resolved | TrainConfig, resume: bool = False, force: bool = False) -> list[MemberResult]:
     """Train every member the config asks for; writes the run's files into cfg.run_dir.
 
-    One writer per run: a second `pipeline train` on the same RUN_DIR is
-    refused while this one holds the run's lock.
+    One writer per member: a second `pipeline train` of the same member is
+    refused while this one holds its lock; other members (``--fold K``) may
+    train at once, and the last to finish assembles the CV.
     """
     if isinstance(resolved, TrainConfig):  # a caller's own config: every value is theirs, none adapted
         resolved = Resolved(resolved, {f: "caller" for f in resolved.to_json()})
     cfg = resolved.config
-    with Run(cfg.run_dir).lock(enabled=dist.is_main()):
+    with member_locks(cfg, enabled=dist.is_main()):  # other members may train at once (train/parallel.py)
         return _train_locked(resolved, resume, force)
 
 
 def _train_locked(resolved: Resolved, resume: bool, force: bool) -> list[MemberResult]:
     cfg = resolved.config
     comp = get_competition(cfg.competition)
-    info = load_reorg(cfg.work_dir)
-    if info["competition"] != comp.slug:
-        raise PipelineError(f"{cfg.work_dir} was reorganised for {info['competition']!r}, not {comp.slug!r}")
+    info = load_reorg(cfg.work_dir, comp.slug)
     data = {"classes": info["classes"], "competition": comp.slug,
             "fingerprint": training_fingerprint(cfg.work_dir, info)}
     resolved, plans = plan_run(resolved, info)
@@ -226,10 +227,10 @@ def _train_locked(resolved: Resolved, resume: bool, force: bool) -> list[MemberR
             results.append(fit_member(plan, comp, data, resume))
         dist.barrier()
     if cfg.mode == "folds" and dist.is_main():
-        from pipeline.predict.cv import write_cv
+        from pipeline.predict.cv import assemble_cv
 
         with stage(lambda: cv_interrupt_note(Run(cfg.run_dir))):
-            write_cv(cfg, comp, info)
+            assemble_cv(cfg, comp, info)  # once, by whichever process finishes the last fold
     if dist.is_main():
         Run(cfg.run_dir).mark_done({"members": [r.name for r in results]})
     return results

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -144,11 +144,12 @@ def gather_facts(resolved: Any, plans: Sequence[Any], info: dict) -> RunFacts:
     """
     import torch
 
-    from pipeline import distributed as dist
 
     first = plans[0]
     cfg = first.config
-    device = dist.resolve_device(cfg.device)
+    from pipeline.devices import resolve_device
+
+    device = resolve_device(cfg.device)
     dplan = first.device(device)  # the decisions the members will take
     dtype = dplan.dtype
     precision = "fp32" if dtype is None else {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, str(dtype))
