@@ -19,8 +19,9 @@ from typing import Annotated, Any, Callable
 import typer
 from typer.core import TyperCommand, TyperGroup
 
-from pipeline import progress
+from pipeline import progress, signals
 from pipeline.errors import PipelineError
+from pipeline.io import disk_error, os_error_message
 
 try:  # typer >= 0.29 carries its own copy of click
     from typer._click import exceptions as click_errors
@@ -85,16 +86,21 @@ def command(app: typer.Typer, fn: Callable | None = None, **kwargs: Any):
 
 
 def handle_errors(fn: Callable) -> Callable:
-    """Turn PipelineError (and surprises) into one line on stderr and exit code 1."""
+    """Turn PipelineError (and surprises) into one line on stderr and exit code 1.
+
+    Ctrl-C, SIGTERM and SIGHUP say what the interrupted stage saved and exit
+    with 128 + the signal's number (see :mod:`pipeline.signals`).
+    """
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
-            return fn(*args, **kwargs)
+            with signals.raising():
+                return fn(*args, **kwargs)
         except (typer.Exit, typer.Abort):
             raise
-        except KeyboardInterrupt:
-            typer.echo(progress.interrupted_message(), err=True)  # what the interrupted stage saved
-            raise typer.Exit(130) from None
+        except KeyboardInterrupt as exc:  # what the interrupted stage saved
+            typer.echo(signals.stopped_by(exc) + progress.interrupted_message(), err=True)
+            raise typer.Exit(signals.exit_status(exc)) from None
         except PipelineError as exc:
             if STATE["debug"]:
                 raise
@@ -103,7 +109,9 @@ def handle_errors(fn: Callable) -> Callable:
         except Exception as exc:  # a bug: still one line, the traceback on request
             if STATE["debug"]:
                 raise
-            typer.echo(f"internal error: {type(exc).__name__}: {exc} (rerun with --debug for the traceback)", err=True)
+            disk = disk_error(exc)  # a writer not yet on io's atomic path: still the disk's one line
+            typer.echo(f"error: {os_error_message(disk, Path(disk.filename or 'a file'), 'write')}" if disk else
+                       f"internal error: {type(exc).__name__}: {exc} (rerun with --debug for the traceback)", err=True)
             raise typer.Exit(1) from None
     return wrapper
 
