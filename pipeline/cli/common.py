@@ -164,12 +164,15 @@ Json = Annotated[bool, typer.Option("--json", help="Print one JSON object with t
 def checked_submission(comp, submission_csv: Path, sample: Path | None, work_dir: Path | None,
                        as_json: bool = False):
     """Say the submission is valid and return its frame; else each problem on stderr and exit 1."""
-    from pipeline.predict.submission import check_submission_file
+    from pipeline.predict.submission import check_submission_file, submission_warnings
 
     frame, found = check_submission_file(comp, submission_csv, sample, work_dir)
+    warned = submission_warnings(comp, frame) if not found else []
+    for warning in warned:
+        typer.echo(f"{submission_csv}: warning: {warning}", err=True)
     if as_json:
         print_json({"path": str(submission_csv), "valid": not found, "rows": len(frame),
-                    "columns": len(frame.columns), "problems": list(found)})
+                    "columns": len(frame.columns), "problems": list(found), "warnings": warned})
     if found:
         for problem in found:
             typer.echo(f"{submission_csv}: {problem}", err=True)
