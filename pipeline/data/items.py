@@ -24,6 +24,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from pipeline.errors import PipelineError
 from pipeline.imagefile import open_image
+from pipeline.shm import loader_workers
 from pipeline.io import read_json
 from pipeline.download.reorg import FOLDS_FILE, REORG_FILE, TEST_CLASS_DIR
 
@@ -318,6 +319,7 @@ def make_loader(dataset: ImageDataset, batch_size: int, shuffle: bool, num_worke
     before each pass.
     """
     sampler = EpochSampler(len(dataset), shuffle, seed, rank, world)
+    num_workers = loader_workers(num_workers, batch_size * 3 * dataset.image_size ** 2 * 4, 4)  # what /dev/shm holds
     return DataLoader(
         dataset,
         batch_size=batch_size,

@@ -18,6 +18,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from pipeline import shm
 from pipeline.data.cache import FeatureHead
 from pipeline.competition import Competition
 from pipeline.config import TTAS, TrainConfig, load_resolved
@@ -208,8 +209,9 @@ def predict(comp: Competition, work_dir: Path, run_dir: Path, out_csv: Path, mem
     sample = read_csv(Path(work_dir) / SAMPLE_FILE, what="sample submission")
     items = list_split(work_dir, info, "test")
     chosen = run.finished(members)
-    ids, probs, classes = predict_items(chosen, items, tta=tta, device=device, num_workers=num_workers,
-                                        batch_size=batch_size, unreadable=unreadable)
+    with shm.guard():  # a worker out of shared memory: the cause and the fixes, not its traceback
+        ids, probs, classes = predict_items(chosen, items, tta=tta, device=device, num_workers=num_workers,
+                                            batch_size=batch_size, unreadable=unreadable)
     frame = write_checked(comp, ids, probs, classes, sample, info["classes"], out_csv, force)
     keep_test_probs(run, chosen, ids, probs, classes, tta, work_dir, info)
     return PredictResult(out_csv, len(frame), [str(m.dir) for m in chosen], time.perf_counter() - start, tta)

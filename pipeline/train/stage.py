@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from pipeline import distributed as dist
+from pipeline import distributed as dist, shm
 from pipeline.train.adapt import adapt_to_data
 from pipeline.checkpoint import load_checkpoint
 from pipeline.competition import Competition, get_competition
@@ -351,7 +351,7 @@ def _train_locked(resolved: Resolved, resume: bool, force: bool) -> list[MemberR
             log.info("%s: finished (%d epochs); skipped", member.dir, done.epochs)
             results.append(done)
             continue
-        with stage(lambda m=member: interrupt_note(m)):  # Ctrl-C says what of this member is saved
+        with stage(lambda m=member: interrupt_note(m)), shm.guard("; then the same command with --resume"):
             results.append(fit_member(member_cfg, comp, data, member, train_items, valid_items, resume))
         dist.barrier()
     if cfg.mode == "folds" and dist.is_main():
