@@ -296,6 +296,26 @@ def _same_file(fh, path: Path) -> bool:
 
 
 @contextlib.contextmanager
+def made_folder(path: Path) -> Iterator[Path]:
+    """Create ``path`` (and its parents) for the block; when the block fails, remove it again if this call
+    made it and nothing is left in it: a refused command leaves no empty folder behind, and never touches
+    a folder that was there before."""
+    path = Path(path)
+    created = not path.exists()
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise PipelineError(os_error_message(exc, path, "create")) from exc
+    try:
+        yield path
+    except BaseException:
+        if created:
+            with contextlib.suppress(OSError):
+                path.rmdir()
+        raise
+
+
+@contextlib.contextmanager
 def undo_on_failure(root: Path, keep: Callable[[Path], bool] = lambda path: False) -> Iterator[None]:
     """When the block fails (an error, a refusal, Ctrl-C), remove what it created under ``root``.
 

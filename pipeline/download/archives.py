@@ -160,7 +160,10 @@ class _Unpacker:
                 raise PipelineError(os_error_message(disk, into, "unpack into")) from exc
             if not unreadable:
                 raise
-            reason = (str(exc).splitlines() or [type(exc).__name__])[0]
+            if type(exc).__name__ == "PasswordRequired":
+                raise PipelineError(f"{archive} is password-protected; unpack it by hand with its password "
+                                    f"(`7z x {archive} -o{into}`) and move the archive out of {archive.parent}") from None
+            reason = _reason(exc)
             raise PipelineError(f"{archive}: cannot unpack it as {kind} ({reason}); download it again, or unpack "
                                 f"it by hand into {into} and move the archive out of {archive.parent}") from None
 
@@ -262,6 +265,13 @@ class _Unpacker:
     def _ours(self, rel: str, target: Path) -> bool:
         """Whether an earlier unpack wrote ``target`` and it has not changed since."""
         return not target.is_symlink() and self.owned.get(rel) == _stat_key(target)
+
+
+def _reason(exc: BaseException) -> str:
+    """The first line of an exception's words: its last text argument (py7zr puts a dict of codec
+    details first), else its type."""
+    texts = [a for a in exc.args if isinstance(a, str) and a.strip()]
+    return texts[-1].strip().splitlines()[0] if texts else type(exc).__name__
 
 
 def _unreadable_errors() -> tuple[type[BaseException], ...]:
