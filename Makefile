@@ -12,7 +12,7 @@ FORCE  ?=
 ALWAYS := $(if $(FORCE),.always)
 FORCE_FLAG := $(if $(FORCE),--force)
 
-.PHONY: setup demo test test-fast cifar10-submit dogs-submit clean .always
+.PHONY: setup browser demo test test-fast cifar10-submit dogs-submit clean .always
 .DELETE_ON_ERROR:
 
 setup: $(VENV)/.installed
@@ -25,11 +25,22 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install -q -e '.[test,kaggle]'
 	touch $@
 
-test: setup
-	$(BIN)/python -m pytest -q
+# both cores (pytest-xdist), each test file on one worker so its module fixtures are built once;
+# the 15 slowest tests are listed at the end
+PYTEST := $(BIN)/python -m pytest -q -n $(or $(JOBS),2) --dist loadfile --durations=15
+
+# the browser for tests/test_report_browser.py (headless Chromium, driven by selenium from the test
+# extra): installed from Debian's packages where apt-get can (root); elsewhere nothing happens and the
+# test says why it skips
+browser:
+	command -v chromium >/dev/null && command -v chromedriver >/dev/null || \
+		(apt-get update && apt-get install -y chromium chromium-driver) || true
+
+test: setup browser
+	$(PYTEST)
 
 test-fast: setup
-	$(BIN)/python -m pytest -q -m "not slow"
+	$(PYTEST) -m "not slow"
 
 # $(call options,FILE,VALUE): FILE holds VALUE and changes only when VALUE does,
 # so a stage that depends on FILE reruns exactly when its options change.

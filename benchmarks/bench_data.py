@@ -34,9 +34,11 @@ from torch.utils.data import DataLoader
 from torchvision.datasets import ImageFolder
 
 import competitions  # noqa: F401
-from pipeline.data.cache import TensorBatchLoader, cached_targets, image_cache
+from pipeline.data.cache import image_cache
+from pipeline.data.loaders import TensorBatchLoader, make_loader
+from pipeline.data.plan import cached_targets
 from pipeline.competition import get_competition
-from pipeline.data.items import ImageDataset, build_transform, list_split, load_reorg, make_loader, read_image
+from pipeline.data.items import ImageDataset, build_transform, list_split, load_reorg, read_image
 from pipeline.devices import CPU, available_cpus, default_workers
 from pipeline.download.reorg import reorg
 

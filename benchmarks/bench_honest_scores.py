@@ -23,7 +23,6 @@ import tempfile
 import textwrap
 from pathlib import Path
 
-import numpy as np
 import pandas as pd
 from sklearn.metrics import log_loss
 
@@ -56,10 +55,9 @@ DRIVER = textwrap.dedent('''
     reorg(comp, raw, out / "work", valid_ratio=0.2, folds=3, seed=0)
     for name, mode in (("holdout", {}), ("folds", {"folds": 3})):
         options = dict(weights=weights, device="cpu", **mode)
-        if hasattr(config, "resolve_config"):
-            cfg = config.resolve_config(comp, out / "work", out / name, None, options)
-        else:
-            cfg = config.config_from_recipe(comp, out / "work", out / name, **options)
+        from pipeline.models import weights_data_config
+
+        cfg = config.resolve_config(comp, out / "work", out / name, None, options, weights_config=weights_data_config)
         train(cfg)
         predict(comp, out / "work", out / name, out / (name + ".csv"), device="cpu")
 ''')

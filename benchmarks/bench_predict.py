@@ -29,7 +29,7 @@ import torch
 from pipeline.checkpoint import save_checkpoint
 from pipeline.config import TrainConfig
 from pipeline.data.items import ImageDataset, build_transform, list_split, load_reorg
-from pipeline.distributed import resolve_device
+from pipeline.devices import resolve_device
 from pipeline.io import atomic_write_json
 from pipeline.models import create_model
 from pipeline.models.inference import infer

@@ -17,8 +17,9 @@ import torch
 from torch import nn
 
 from pipeline.config import TrainConfig
-from pipeline.distributed import resolve_device
+from pipeline.devices import resolve_device
 from pipeline.models import create_model, freeze_backbone
+from pipeline.distributed import plan_for
 from pipeline.train.engine import build_optimizer, make_runtime, train_one_epoch
 
 # (model, input side, batch size, freeze backbone)
@@ -52,9 +53,10 @@ def bench(name: str, side: int, batch: int, frozen: bool, device: torch.device, 
     y = torch.randint(0, 10, (batch,), device=device)
     batches = [(x, y, torch.arange(batch))] * (steps + 2)
     criterion = nn.CrossEntropyLoss()
-    warm = make_runtime(cfg, device, batch * 2)
+    dplan = plan_for(cfg, device, "files")
+    warm = make_runtime(cfg, device, 2, dplan)
     train_one_epoch(model, batches[:2], optimizer, criterion, cfg, warm, None, 0, torch.Generator())
-    rt = make_runtime(cfg, device, batch * steps)
+    rt = make_runtime(cfg, device, steps, dplan)
     if device.type == "cuda":
         torch.cuda.synchronize(device)
     start = time.perf_counter()

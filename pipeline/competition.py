@@ -44,30 +44,40 @@ class Competition:
     ``test_dir`` (one image folder) when ``test_file`` says which are test.
     """
 
-    slug: str  # the Kaggle slug, also the CLI name
-    title: str
-    id_column: str  # the id column of every CSV: labels, test file, sample submission, submission
-    sample_submission: str
-    submission: SubmissionKind  # one class-name column, one probability column per class, or binary (below)
-    metric: Metric
-    image_size: int  # side of the square the model sees by default
-    mean: tuple[float, float, float]
-    std: tuple[float, float, float]
-    recipe: Recipe
-    layout: Layout = "csv"
-    labels_file: str = ""  # layout csv: CSV with one row per training image
-    label_column: str = ""  # layout csv: the class column of labels_file
-    path_column: str = ""  # a column of image paths relative to train_dir / test_dir; "" = <id><image_ext>
-    train_dir: str = "train"
-    valid_dir: str = ""  # layout folders: a given validation split, <valid_dir>/<class>/*
-    test_dir: str = "test"
-    test_file: str = ""  # CSV listing the test ids (may be the sample submission); "" = scan test_dir
-    image_ext: str = ".png"  # how image names end (any case); names the links of CSV-path images too
-    submission_label_column: str = "label"  # for submission == "label"
-    # submission "binary": the sample submission's one non-id column holds the probability of the
-    # class whose label (labels file value or class folder name) is positive_label; "" = "1" or
-    # "true" when the labels are 0/1 or false/true. The classes are then [other, positive].
-    positive_label: str = ""
+    # Each spec-file field with what it means (``help``), in the order a spec file lists them
+    # (pipeline/download/specfile.py writes them with this help).
+    slug: str = field(metadata={"help": "the CLI name; the Kaggle slug, which `pipeline submit` submits to"})
+    title: str = field(metadata={"help": "free text"})
+    layout: Layout = field(default="csv", metadata={
+        "help": "csv: a labels CSV lists the training images; folders: train_dir/<class>/<image>"})
+    labels_file: str = field(default="", metadata={"help": "layout csv: the CSV with one row per training image"})
+    id_column: str = field(metadata={"help": "the id column of every CSV (labels, test file, sample submission)"})
+    label_column: str = field(default="", metadata={"help": "layout csv: the class column of labels_file"})
+    path_column: str = field(default="", metadata={
+        "help": "a column of image paths (x.jpg, images/x.jpg); unset: <id><image_ext>"})
+    train_dir: str = field(default="train", metadata={
+        "help": "the folder of the training images, relative to this download"})
+    valid_dir: str = field(default="", metadata={
+        "help": "layout folders: a given validation split, <valid_dir>/<class>/<image>"})
+    test_dir: str = field(default="test", metadata={"help": "the folder of the test images"})
+    test_file: str = field(default="", metadata={
+        "help": "a CSV listing the test ids (may be the sample submission); unset: every test_dir image"})
+    image_ext: str = field(default=".png", metadata={"help": "how image file names end"})
+    sample_submission: str = field(metadata={
+        "help": "Kaggle's example submission: its ids, columns and order are the submission's"})
+    submission: SubmissionKind = field(metadata={
+        "help": "label: one class-name column; probs: one probability column per class; "
+                "binary: one probability column for the positive class"})
+    submission_label_column: str = field(default="label", metadata={
+        "help": "submission label: the class-name column"})
+    positive_label: str = field(default="", metadata={
+        "help": "submission binary: the label whose probability is submitted (unset: 1 or true)"})
+    metric: Metric = field(metadata={
+        "help": "accuracy, log_loss, roc_auc, qwk or macro_f1 (the competition's Evaluation page)"})
+    image_size: int = field(metadata={"help": "the side of the square the model sees"})
+    mean: tuple[float, float, float] = field(metadata={"help": "normalisation mean (RGB, 0-1)"})
+    std: tuple[float, float, float] = field(metadata={"help": "normalisation std (RGB, 0-1)"})
+    recipe: Recipe  # the default training settings ([recipe] in a spec file)
     # The spec file this competition was read from ("" for a registered module)
     spec_file: str = field(default="", compare=False)
     # Named alternatives to ``recipe`` (`pipeline train --recipe NAME`)

@@ -25,6 +25,8 @@ from pipeline.errors import PipelineError, check_choice
 from pipeline.values import check_kind
 
 AUGMENTS = ("pad_crop_flip", "resized_crop_flip_jitter", "letterbox", "light", "none")  # pipeline/data/items.py builds them
+CACHEABLE_AUGMENTS = ("pad_crop_flip", "none")  # what the image cache augments on the device (pipeline/data/loaders.py)
+MAX_CACHE_ON_SIDE = 256  # --cache on above this side would hold too much in memory
 TTAS = ("none", "flip")
 
 
@@ -117,6 +119,11 @@ class TrainConfig:
             raise PipelineError(f"--ema must be in [0, 1) (a decay like 0.999), got {self.ema}")
         if not 0 <= self.label_smoothing < 1:
             raise PipelineError(f"--label-smoothing must be in [0, 1), got {self.label_smoothing}")
+        if self.cache == "on" and self.augment not in CACHEABLE_AUGMENTS:
+            raise PipelineError(f"--cache on needs --augment {' or '.join(CACHEABLE_AUGMENTS)} (got {self.augment}); "
+                                "use --cache off")
+        if self.cache == "on" and self.image_size > MAX_CACHE_ON_SIDE:
+            raise PipelineError(f"--cache on at {self.image_size} px would need too much memory; use --cache off")
         if (self.folds > 0) + (self.fold is not None) + self.full > 1:
             raise PipelineError("choose one of --folds, --fold and --full")
         if self.pretrained and self.weights is not None:
@@ -281,7 +288,9 @@ def resolve_config(comp, work_dir: Path, run_dir: Path, recipe_name: str | None 
         notes.append("--weights FILE replaces the recipe's download (pretrained off)")
     model = flags.get("model", values.get("model", ""))
     if model and (flags.get("pretrained", values.get("pretrained")) or flags.get("weights")):
-        data = (weights_config or weights_data_config)(model)
+        if weights_config is None:  # the caller holds the model registry (pipeline.models.weights_data_config)
+            raise ValueError(f"resolve_config needs weights_config to read {model}'s pretrained input settings")
+        data = weights_config(model)
         layer("weights", {k: v for k, v in data.items() if k not in flags})
     layer("flag", flags)
     cfg = TrainConfig(competition=comp.slug, work_dir=absolute(work_dir), run_dir=absolute(run_dir), **values)
@@ -331,16 +340,3 @@ def load_resolved(path: Path) -> tuple[TrainConfig, dict]:
         raise PipelineError(f"{path} is not a valid run config ({exc}); retrain into a new RUN_DIR") from None
 
 
-def weights_data_config(model_name: str) -> dict[str, Any]:
-    """Input size and normalisation that a model's pretrained weights expect."""
-    from pipeline.models import create_model, model_data_config
-
-    skeleton = create_model(model_name, num_classes=2)  # random init; only its config is read
-    data = model_data_config(skeleton, pretrained=True)
-    return {"image_size": int(data["input_size"][-1]), "mean": tuple(data["mean"]), "std": tuple(data["std"])}
-
-
-def config_from_recipe(comp, work_dir: Path, run_dir: Path, recipe_name: str | None = None,
-                       **flags: Any) -> Resolved:
-    """:func:`resolve_config` with the flags as keyword arguments (for Python callers)."""
-    return resolve_config(comp, work_dir, run_dir, recipe_name, flags)

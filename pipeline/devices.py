@@ -8,6 +8,7 @@ returns a value, so each rule is checked for a T4, an A100 or a CPU anywhere.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import platform
@@ -61,7 +62,7 @@ def probe(device: torch.device) -> Accelerator:
 def resolve_device(requested: str, local_rank: int | None = None) -> torch.device:
     """auto -> cuda when visible, else cpu; under torchrun each rank takes its local GPU.
 
-    Same semantics as ``distributed.resolve_device``; the rank comes from
+    The rank comes from
     ``local_rank`` or, when WORLD_SIZE > 1, the LOCAL_RANK torchrun sets.
     """
     if not re.fullmatch(r"auto|cpu|mps|cuda(:\d+)?", requested):
@@ -198,19 +199,6 @@ def ddp_find_unused(input_kind: str, has_aux_heads: bool) -> bool:
     return input_kind == "features" and has_aux_heads
 
 
-def gpu_jpeg_decode(acc: Accelerator, input_kind: str, decoder_on_device: bool, workers: int) -> bool:
-    """Whether to decode JPEG batches on the GPU (nvJPEG via ``torchvision.io.decode_jpeg(device="cuda")``).
-
-    Only for CUDA runs reading image files whose torchvision has the device
-    decoder, and only when the CPU cannot feed the GPU: fewer than 4 decoding
-    workers per process. Not wired into the loaders yet: its speed-up is
-    unmeasured here (no GPU), so the CPU decoder stays the path (see
-    benchmarks/bench_data.py).
-    """
-    _check_kind(input_kind)
-    return acc.type == "cuda" and input_kind == "files" and decoder_on_device and workers < 4
-
-
 def available_cpus() -> int:
     """Cores this process may run on (the affinity mask in a container, not the host's count)."""
     try:
@@ -268,3 +256,20 @@ def plan_device(acc: Accelerator, *, amp: str, channels_last: bool | None, num_w
         cudnn_benchmark=cudnn_benchmark(acc), workers=workers,
         pin_memory=pin_memory(acc, input_kind), non_blocking=non_blocking(acc),
         backend=ddp_backend(acc), warnings=(warning,) if warning else ())
+
+
+def device_plan(cfg: Any, acc: Accelerator, input_kind: str, *, world_size: int = 1, cpu_count: int = 1,
+                amp: str | None = None) -> DevicePlan:
+    """The device decisions for a run's config (a TrainConfig) on ``acc`` for what it consumes (pure).
+
+    ``amp`` overrides the config's (predict passes the dtype a run was trained with).
+    """
+    return plan_device(acc, amp=amp or cfg.amp, channels_last=cfg.channels_last, num_workers=cfg.num_workers,
+                       world_size=world_size, cpu_count=cpu_count, input_kind=input_kind)
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None):
+    """Mixed precision for ``dtype`` on ``device``; nothing when dtype is None."""
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=device.type, dtype=dtype)

@@ -7,13 +7,18 @@ gloo otherwise). Only rank 0 writes files.
 from __future__ import annotations
 
 import os
+from collections.abc import Callable
 from datetime import timedelta
+from typing import TypeVar
 
 import torch
 import torch.distributed as tdist
 from torch import nn
 
-from pipeline.devices import ddp_backend, probe, resolve_device  # noqa: F401  (resolve_device: one definition)
+from pipeline.errors import PipelineError
+from pipeline.devices import DevicePlan, available_cpus, ddp_backend, device_plan, probe, resolve_device
+
+T = TypeVar("T")
 
 
 def is_distributed() -> bool:
@@ -88,11 +93,11 @@ def all_true(flag: bool) -> bool:
 def unwrap(model: nn.Module) -> nn.Module:
     """The plain module under DDP and torch.compile wrappers."""
     while True:
-        if isinstance(model, nn.parallel.DistributedDataParallel):
+        if isinstance(model, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
             model = model.module
         elif hasattr(model, "_orig_mod"):
             model = model._orig_mod
-        elif hasattr(model, "wrapped_model"):  # cache.FeatureHead
+        elif hasattr(model, "wrapped_model"):  # models.heads.FeatureHead
             model = model.wrapped_model
         else:
             return model
@@ -118,3 +123,29 @@ def gather_cat(t: torch.Tensor) -> torch.Tensor:
     parts = [torch.zeros_like(padded) for _ in range(world_size())]
     tdist.all_gather(parts, padded)
     return torch.cat([p[: int(s.item())] for p, s in zip(parts, sizes)])
+
+
+def plan_for(cfg, device: torch.device, input_kind: str, amp: str | None = None) -> DevicePlan:
+    """The device decisions of this process: its probed device, the world size and the cores it may use."""
+    return device_plan(cfg, probe(device), input_kind, world_size=world_size(), cpu_count=available_cpus(), amp=amp)
+
+
+def main_first(build: Callable[[], T]) -> T:
+    """Run a cache builder on rank 0 alone; the others wait at a barrier, then read what it built.
+
+    Only rank 0 writes the cache (no two writers, no rank tidying another's
+    temporary file). If rank 0 fails, every rank stops instead of waiting.
+    """
+    if not is_distributed():
+        return build()
+    if is_main():
+        try:
+            result = build()
+        except BaseException:
+            all_true(False)  # release the waiting ranks, then fail here with the real error
+            raise
+        all_true(True)
+        return result
+    if not all_true(True):
+        raise PipelineError("rank 0 failed to build a cache; its error is above")
+    return build()  # finds rank 0's file: reads it

@@ -165,3 +165,12 @@ def small_split_warning(n_images: int, n_classes: int) -> str | None:
     return (f"the validation split has {n_images} images ({per_class:.1f} per class): too few to rank runs by "
             "(fewer than 200, or 5 per class); its score is noisy, see the interval; use --folds K for a CV score")
 
+
+def reported_metrics(metric: str) -> tuple[str, ...]:
+    """The metrics every validation and CV reports: accuracy, log loss and the competition's own."""
+    return tuple(dict.fromkeys(("accuracy", "log_loss", metric)))
+
+
+def valid_key(metric: str, variant: str = "live") -> str:
+    """The metrics.csv column of a validation score: ``valid_<metric>``, ``_ema`` for the averaged weights."""
+    return f"valid_{metric}" + ("_ema" if variant == "ema" else "")

@@ -249,8 +249,10 @@ def tensorboard_writer(log_dir: Path):
 def epoch_line(row: dict, metric: str, epochs: int) -> str:
     """The log line of one finished epoch."""
     parts = [f"epoch {row['epoch']}/{epochs}", f"train_loss {row['train_loss']:.4f}"]
-    scored = () if metric == "log_loss" else (f"valid_{metric}",)  # valid_loss is the log loss
-    for key in dict.fromkeys(("valid_loss", "valid_accuracy", *scored, f"valid_{metric}_ema")):
+    from pipeline.metrics import valid_key
+
+    scored = () if metric == "log_loss" else (valid_key(metric),)  # valid_loss is the log loss
+    for key in dict.fromkeys(("valid_loss", valid_key("accuracy"), *scored, valid_key(metric, "ema"))):
         if key in row:
             parts.append(f"{key} {row[key]:.4f}")
     parts.append(f"lr {row['lr']:.3g}")

@@ -15,6 +15,7 @@ forgotten on resume).
     RUN_DIR/done.json           written when a `train` command finished every member it trained
     RUN_DIR/<member>/config.json, metrics.csv, last.pt, best.pt, done.json
     (a member's config.json: its settings and, under "device", the effective device decisions)
+    RUN_DIR/<member>/head_fit.json  a fitted head's record (--head logreg: C and its inner-CV curve)
 """
 from __future__ import annotations
 
@@ -39,7 +40,9 @@ OOF_FILE = "oof.csv"
 CV_FILE = "cv.json"
 TEST_PROBS_FILE = "test_probs.csv"  # id + one column per class: what the last predict averaged (blend reads it)
 TEST_PROBS_META_FILE = "test_probs.json"  # beside it: members, TTA, test ids' count, training fingerprint
+PLAN_KEY = "plan"  # the member plan in a member's config.json
 DEVICE_KEY = "device"  # member config.json: the effective device settings (pipeline/devices.py's DevicePlan)
+HEAD_FIT_FILE = "head_fit.json"  # a member whose head was fitted, not trained: how (C, inner-CV curve)
 TENSORBOARD_DIR = "tensorboard"
 SUMMARY_FILE = "summary.txt"  # RUN_DIR: what the last train command set out to do (pipeline/train/summary.py)
 RUN_DONE_FILE = "done.json"  # RUN_DIR (not a member's DONE_FILE): the last train command finished
@@ -80,14 +83,32 @@ class Member:
     def config_path(self) -> Path:
         return self.dir / CONFIG_FILE
 
-    def write_config(self, config: dict, device: dict) -> None:
-        """The member's settings and the device decisions it trains with (dtype, channels_last, workers...)."""
-        atomic_write_json(self.dir / CONFIG_FILE, {"config": config, DEVICE_KEY: device})
+    def write_config(self, config: dict, device: dict, plan: dict | None = None) -> None:
+        """The member's settings, the device decisions it trains with (dtype, channels_last, workers...) and its
+        plan (data source, batch, steps: pipeline/train/plan.py)."""
+        record = {"config": config, DEVICE_KEY: device}
+        if plan is not None:
+            record[PLAN_KEY] = plan
+        atomic_write_json(self.dir / CONFIG_FILE, record)
+
+    def recorded_plan(self) -> dict | None:
+        """The member's plan as training recorded it (None for runs from before plans were recorded)."""
+        path = self.dir / CONFIG_FILE
+        return _read_json(path, "member config").get(PLAN_KEY) if path.is_file() else None
 
     def recorded_device(self) -> dict | None:
         """The device decisions written at training time (None for runs from before they were recorded)."""
         path = self.dir / CONFIG_FILE
         return _read_json(path, "member config").get(DEVICE_KEY) if path.is_file() else None
+
+    def write_head_fit(self, record: dict) -> None:
+        """How a fitted head was fitted (pipeline/train/logreg.py's record: C, the inner-CV log loss by C)."""
+        atomic_write_json(self.dir / HEAD_FIT_FILE, record)
+
+    def head_fit(self) -> dict | None:
+        """The fitted head's record, or None for a head trained by SGD (or a run from before it was kept)."""
+        path = self.dir / HEAD_FIT_FILE
+        return _read_json(path, "fitted-head record") if path.is_file() else None
 
     @property
     def best_path(self) -> Path:
@@ -122,12 +143,12 @@ class Member:
 
     def clear(self) -> None:
         """Remove what training writes into the member (for --force); other files stay."""
-        for name in (CONFIG_FILE, METRICS_FILE, LAST_FILE, BEST_FILE, DONE_FILE):
+        for name in (CONFIG_FILE, METRICS_FILE, LAST_FILE, BEST_FILE, DONE_FILE, HEAD_FIT_FILE):
             (self.dir / name).unlink(missing_ok=True)
 
     def files_for_predict(self) -> tuple[Path, ...]:
         """The member's files that inference and the reports read (no last.pt)."""
-        return tuple(self.dir / n for n in (BEST_FILE, CONFIG_FILE, DONE_FILE, METRICS_FILE))
+        return tuple(self.dir / n for n in (BEST_FILE, CONFIG_FILE, DONE_FILE, METRICS_FILE, HEAD_FIT_FILE))
 
     @property
     def last_path(self) -> Path:

@@ -60,6 +60,14 @@ def write_raw(root: Path, comp: Competition, classes=("cat", "dog", "frog"), per
     return root
 
 
+def config_from_recipe(comp, work_dir, run_dir, recipe_name=None, **flags):
+    """resolve_config with the flags as keyword arguments, the model registry reading pretrained settings."""
+    from pipeline.config import resolve_config
+    from pipeline.models import weights_data_config
+
+    return resolve_config(comp, work_dir, run_dir, recipe_name, flags, weights_config=weights_data_config)
+
+
 def tree_hash(root: Path) -> str:
     """A digest of every path, size, mode and content under ``root``."""
     digest = hashlib.sha256()

@@ -120,3 +120,75 @@ def test_train_options_are_the_schema_fields():
     params = set(inspect.signature(train).parameters)
     fixed = {"competition", "work_dir", "run_dir", "recipe", "dry_run", "resume", "force", "as_json"}
     assert params - fixed == {f.name for f in cli_fields()}
+
+
+# ---------------------------------------------------------------- the package by stage
+
+# A module may import its own subpackage and any lower layer; core modules (pipeline/*.py) only core.
+LAYERS = {"core": 0, "models": 1, "download": 1, "data": 2, "predict": 3, "train": 4, "report": 5, "kernel": 5,
+          "cli": 6}
+WORK_FILE_NAMES = ("reorg.json", "folds.csv", "sample_submission.csv", ".reorg.lock")
+
+
+def layer_of(module: str) -> str:
+    if module == "pipeline.__main__":  # `python -m pipeline`: the entry point, above the commands
+        return "cli"
+    parts = module.split(".")
+    return parts[1] if len(parts) > 2 or (len(parts) == 2 and parts[1] in LAYERS) else "core"
+
+
+def wrong_way(graph: dict[str, set[str]]) -> list[str]:
+    """Imports that go up the layers, or sideways between two subpackages of one layer."""
+    bad = []
+    for name, targets in graph.items():
+        own = layer_of(name)
+        for target in sorted(targets):
+            other = layer_of(target)
+            if other != own and LAYERS[other] >= LAYERS[own]:
+                bad.append(f"{name} -> {target}")
+    return bad
+
+
+def test_imports_run_one_way_between_the_stages():
+    trees = modules()
+    graph = {name: imports_of(name, tree, set(trees)) for name, tree in trees.items()}
+    assert wrong_way(graph) == []
+
+
+def test_the_direction_check_sees_a_model_importing_training():
+    graph = {"pipeline.models.registry": {"pipeline.train.stage"}, "pipeline.train.stage": {"pipeline.models"},
+             "pipeline.config": {"pipeline.models"}, "pipeline.report.build": {"pipeline.kernel.build"},
+             "pipeline.cli.app": {"pipeline.io"}}
+    assert wrong_way(graph) == ["pipeline.models.registry -> pipeline.train.stage", "pipeline.config -> pipeline.models",
+                                "pipeline.report.build -> pipeline.kernel.build"]
+
+
+def test_the_top_level_is_the_small_core_and_the_stages():
+    top = sorted(p.stem for p in PACKAGE.glob("*.py") if p.stem not in ("__init__", "__main__"))
+    folders = sorted(p.name for p in PACKAGE.iterdir() if p.is_dir() and (p / "__init__.py").is_file())
+    assert len(top) <= 12, top
+    assert set(folders) == set(LAYERS) - {"core"}
+    prefixed = [p.name for p in PACKAGE.rglob("*.py") if p.name.startswith(("cli_", "report_", "kernel_"))]
+    assert prefixed == []
+
+
+@pytest.mark.parametrize("path", sorted(PACKAGE.rglob("*.py")), ids=lambda p: str(p.relative_to(PACKAGE)))
+def test_every_module_says_what_it_is_in_its_docstring(path):
+    tree = ast.parse(path.read_text(encoding="utf-8"))
+    assert ast.get_docstring(tree), f"{path} has no module docstring"
+
+
+def test_work_folder_file_names_are_spelled_only_in_the_work_folder_module():
+    offenders = []
+    for path in sorted(PACKAGE.rglob("*.py")):
+        if path.name == "workdir.py":
+            continue
+        for line, text in string_literals(ast.parse(path.read_text(encoding="utf-8"))):
+            offenders += [f"{path.name}:{line} {name}" for name in WORK_FILE_NAMES if name == text]
+    assert offenders == []
+
+
+def test_a_members_share_of_the_images_is_computed_in_one_place():
+    calls = [f"{p.relative_to(PACKAGE)}:{i}" for p in sorted(PACKAGE.rglob("*.py"))
+             for i, line in enumerate(p.read_text(encoding="utf-8").splitlines(), 1) if "per_process(" in line]
+    assert len(calls) <= 2, calls  # its definition and the member plan

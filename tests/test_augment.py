@@ -17,7 +17,9 @@ import pytest
 import torch
 from PIL import Image
 
-from pipeline.data.items import AUGMENTS, EpochSampler, ImageDataset, Item, build_transform, read_image, seed_transform
+from pipeline.config import AUGMENTS
+from pipeline.data.items import ImageDataset, Item, build_transform, read_image, seed_transform
+from pipeline.data.loaders import EpochSampler
 
 MEAN, STD = (0.5, 0.4, 0.3), (0.25, 0.25, 0.25)
 UNIT = ((0.0, 0.0, 0.0), (1.0, 1.0, 1.0))  # mean, std that leave pixels / 255

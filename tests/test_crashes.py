@@ -20,7 +20,7 @@ import pandas as pd
 import pytest
 
 from competitions.digits import write_digits
-from pipeline.download.reorg import LOCK_FILE
+from pipeline.workdir import LOCK_FILE
 from tests.conftest import tree_hash
 
 pytestmark = pytest.mark.slow

@@ -5,13 +5,19 @@ import pytest
 import torch
 
 from pipeline.config import TrainConfig
-from pipeline.data.plan import choose_source, device_plan, shared_backbone_groups
+from pipeline.data.plan import choose_source, shared_backbone_groups
+from pipeline.devices import device_plan as plan_with_kind
 from pipeline.devices import A100, CPU, P100, T4
 from pipeline.train.engine import Runtime, make_runtime, train_one_epoch
 
 
 def cfg(**kw) -> TrainConfig:
     return TrainConfig(**{"competition": "c", "work_dir": ".", "run_dir": ".", "model": "fastnet_s", **kw})
+
+
+def device_plan(config, acc, input_kind=None, **kw):
+    """The member's device plan for its training source (or ``input_kind``), as a member plan asks for it."""
+    return plan_with_kind(config, acc, input_kind or choose_source(config).kind, **kw)
 
 
 @pytest.mark.parametrize("settings, kind", [

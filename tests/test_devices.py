@@ -213,15 +213,6 @@ def test_ddp_looks_for_unused_parameters_only_for_aux_heads_under_a_feature_head
     assert devices.ddp_find_unused(kind, aux) is (kind == "features" and aux)
 
 
-@pytest.mark.parametrize("acc", ACCS.values(), ids=ACCS.keys())
-@pytest.mark.parametrize("kind", KINDS)
-def test_gpu_jpeg_decode_only_for_starved_cuda_file_loaders(acc, kind):
-    fits = acc.type == "cuda" and kind == "files"
-    assert devices.gpu_jpeg_decode(acc, kind, decoder_on_device=True, workers=2) is fits
-    assert devices.gpu_jpeg_decode(acc, kind, decoder_on_device=False, workers=2) is False
-    assert devices.gpu_jpeg_decode(acc, kind, decoder_on_device=True, workers=8) is False  # the CPU keeps up
-
-
 def test_available_cpus_is_this_process_share():
     assert 1 <= devices.available_cpus() <= (__import__("os").cpu_count() or 1)
 

@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.data.cache import IndexBatches, TensorBatchLoader, batch_crop_flip, image_cache
-from pipeline.data.items import ImageDataset, build_transform, list_split, load_reorg, make_loader
+from pipeline.data.cache import image_cache
+from pipeline.data.loaders import IndexBatches, TensorBatchLoader, batch_crop_flip, make_loader
+from pipeline.data.items import ImageDataset, build_transform, list_split, load_reorg
 from pipeline.errors import PipelineError
 from pipeline.download.reorg import reorg
 
@@ -99,7 +100,7 @@ def test_whitened_stem_decorrelates_patches():
 
 def test_named_recipes():
     from pipeline.competition import get_competition
-    from pipeline.config import config_from_recipe
+    from conftest import config_from_recipe
 
     comp = get_competition("cifar-10")
     fast = config_from_recipe(comp, "w", "r", recipe_name="fast", epochs=3).config

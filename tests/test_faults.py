@@ -120,14 +120,14 @@ from pathlib import Path
 
 import competitions  # noqa: F401
 from pipeline import distributed as dist
-from pipeline.data import cache as cache
+from pipeline.data import cache as cache, features
 from pipeline.competition import get_competition
-from pipeline.config import config_from_recipe
+from pipeline.config import resolve_config
 from pipeline.train.stage import train
 
 work, out = Path(sys.argv[1]), Path(sys.argv[2])
 builds = collections.Counter()
-real_extract, RealPool = cache.extract_features, cache.ProcessPoolExecutor
+real_extract, RealPool = features.extract_features, cache.ProcessPoolExecutor
 
 
 def counting_extract(*a, **kw):
@@ -141,7 +141,7 @@ class CountingPool(RealPool):  # image_cache decodes through one pool per build
         super().__init__(*a, **kw)
 
 
-cache.extract_features, cache.ProcessPoolExecutor = counting_extract, CountingPool
+features.extract_features, cache.ProcessPoolExecutor = counting_extract, CountingPool
 dist.init("cpu")
 comp = get_competition("digits")
 common = dict(device="cpu", epochs=1, batch_size=32, feature_views=0)
@@ -152,7 +152,7 @@ for head in ("linear", "mlp"):
     cases[f"aux-frozen-{head}"] = dict(googlenet, head=head, freeze_backbone=True, feature_cache=False)
     cases[f"aux-unused-{head}"] = dict(googlenet, head=head, freeze_backbone=True)
 for name, flags in cases.items():
-    train(config_from_recipe(comp, work, out / name, **{**common, **flags}))
+    train(resolve_config(comp, work, out / name, None, {**common, **flags}))
 (out / f"builds-{dist.rank()}.json").write_text(json.dumps(builds))
 '''
 

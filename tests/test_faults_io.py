@@ -36,7 +36,7 @@ import torch
 from PIL import Image
 
 from pipeline.checkpoint import save_checkpoint
-from pipeline.data.cache import image_cache, feature_bank
+from pipeline.data.cache import image_cache, stored_tensors
 from pipeline.data.items import Item
 from pipeline.io import atomic_save, atomic_write_csv, atomic_write_json
 from pipeline.predict.submission_index import record_submission
@@ -58,19 +58,6 @@ with zipfile.ZipFile(zpath, "w") as zf:
 (out / "index.csv").write_text("time,competition\n2026,old\n")
 
 
-class Features(torch.nn.Module):
-    def forward_features(self, x):
-        return torch.randn(len(x), 1024)
-
-    def forward_head(self, x, pre_logits=True):
-        return x
-
-
-def loader(train, view):
-    n = len(images)
-    return [(torch.zeros(n, 3, 2, 2), torch.zeros(n, dtype=torch.long), torch.arange(n))]
-
-
 cases = {
     "checkpoint": lambda p: save_checkpoint(p, {"model": {"w": torch.randn(4 * limit // 4)}}),
     "csv": lambda p: atomic_write_csv(p, pd.DataFrame({"x": np.arange(limit // 2)})),
@@ -78,7 +65,8 @@ cases = {
     "png": lambda p: atomic_save(p, lambda tmp: Image.fromarray(
         np.random.default_rng(1).integers(0, 255, (400, 400, 3), dtype=np.uint8)).save(tmp, format="PNG")),
     "image_cache": lambda p: image_cache(out / "work", images, 32, workers=1),
-    "feature_bank": lambda p: feature_bank(Features(), images, loader, 0, ["k"], out / "work", torch.device("cpu")),
+    "feature_bank": lambda p: stored_tensors(out / "work" / "cache" / "features-k.pt",  # the feature cache's writer
+                                            lambda: {"eval": torch.randn(len(images), 1024)}),
     "index": lambda p: record_submission(p, competition="c" * 2 * limit, file="s.csv", run_dir="r", model="m",
                                          cv_score=None, members=1, tta="none"),
     "unpack": lambda p: unpack_all(outside / "raw", out / "unpacked"),

@@ -15,7 +15,7 @@ from pipeline import progress
 from pipeline.cli.app import app
 from pipeline.io import atomic_write_text, exclusive_lock, undo_on_failure
 from pipeline.runs import Run
-from pipeline.train.summary import MemberPlan, RunFacts, format_summary, interrupt_note, plan_warnings
+from pipeline.train.summary import MemberLine, RunFacts, format_summary, interrupt_note, plan_warnings
 
 runner = CliRunner()
 
@@ -70,8 +70,8 @@ def test_the_summary_states_model_counts_steps_and_warnings(trained):
 
 
 def test_summary_warnings_are_the_plans_own_and_deduplicated():
-    facts = RunFacts("r", "m", 10, 4, "cpu", "fp32", False, 0, "files", "why", 3, {"train": 9},
-                     (MemberPlan("fold0", 900, 20, 300, 3, 9), MemberPlan("fold1", 5000, 5000, 50, 100, 300)))
+    facts = RunFacts("r", "m", 10, 4, "cpu", "fp32", False, 0, "files", "why", {"train": 9},
+                     (MemberLine("fold0", 900, 20, 300, 3, 9, 3), MemberLine("fold1", 5000, 5000, 50, 100, 300, 3)))
     found = plan_warnings(facts)
     assert len(found) == 1 and all(w.startswith("fold0:") for w in found)  # few steps (small splits: train's own)
     text = format_summary("a  1  flag", facts, [*found, found[0], "a split warning"])

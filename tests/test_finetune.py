@@ -5,11 +5,13 @@ import pandas as pd
 import pytest
 import torch
 
-from pipeline.config import TrainConfig, config_from_recipe
+from conftest import config_from_recipe
+from pipeline.config import TrainConfig
 from pipeline.train.engine import phase, phase_span
 from pipeline.errors import PipelineError
 from pipeline.models.weights import head_names, in_head
-from pipeline.train.stage import build_model, train
+from pipeline.models import model_from_config as build_model
+from pipeline.train.stage import train
 
 
 def cfg_for(comp, work, run, **kw):

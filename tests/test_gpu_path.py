@@ -19,15 +19,18 @@ import torch
 from typer.testing import CliRunner
 
 from conftest import make_competition, write_raw
-from pipeline.data import plan as dataplan
 from pipeline.predict import stage as predict_module
 from pipeline.train import stage as train_module
-from pipeline.data.cache import CACHE_DIR, FeatureHead
+from pipeline.models.heads import FeatureHead
+from pipeline.workdir import CACHE_DIR
 from pipeline.cli.app import app
 from pipeline.competition import _REGISTRY, Recipe, get_competition
-from pipeline.config import TrainConfig, config_from_recipe
+from conftest import config_from_recipe
+from pipeline.config import TrainConfig
 from pipeline.data.items import list_split, load_reorg
-from pipeline.data.plan import FeatureViews, eval_loader, plan_for
+from pipeline.data.loaders import FeatureViews
+from pipeline.data.plan import eval_loader
+from pipeline.distributed import plan_for
 from pipeline.models.inference import infer, normalise_rows
 from pipeline.models import create_model
 from pipeline.predict.stage import load_member, predict_items
@@ -81,7 +84,9 @@ def resnet34_weights(tmp_path_factory) -> Path:
 def fed(monkeypatch) -> list[dict]:
     """What each trained model's forward and classifier received during training."""
     seen: list[dict] = []
-    build = train_module.build_model
+    from pipeline.train import setup as setup_module
+
+    build = setup_module.model_from_config
 
     def record(module, args):
         x = args[0]
@@ -90,13 +95,13 @@ def fed(monkeypatch) -> list[dict]:
                          and not x.is_contiguous(), "autocast": torch.is_autocast_enabled("cpu")
                          and torch.get_autocast_dtype("cpu")})
 
-    def spying(cfg, n_classes):
-        model = build(cfg, n_classes)
+    def spying(cfg, n_classes, **kw):
+        model = build(cfg, n_classes, **kw)
         model.register_forward_pre_hook(record)
         model.get_classifier().register_forward_pre_hook(record)
         return model
 
-    monkeypatch.setattr(train_module, "build_model", spying)
+    monkeypatch.setattr(setup_module, "model_from_config", spying)
     return seen
 
 
@@ -186,8 +191,10 @@ def test_cached_features_validation_and_predict_share_the_runs_precision(tmp_pat
     (bank_file,) = (work / CACHE_DIR).glob("features-*.pt")
     bank = torch.load(bank_file, weights_only=True)
     extracted = []
-    real = dataplan.extract_features
-    monkeypatch.setattr(dataplan, "extract_features",
+    from pipeline.data import features
+
+    real = features.extract_features
+    monkeypatch.setattr(features, "extract_features",
                         lambda *a, **kw: extracted.append((kw.get("amp_dtype"), real(*a, **kw)[0])) or real(*a, **kw))
     pool = list_split(work, load_reorg(work), "train_valid")  # the bank's images, in its order
     member = Run(run).member("holdout")

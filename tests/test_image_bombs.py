@@ -17,10 +17,11 @@ import pytest
 from PIL import Image
 
 from pipeline.data.cache import image_cache
-from pipeline.data.items import BAD_TARGET, ImageDataset, Item, build_transform, read_image
+from pipeline.data.items import ImageDataset, Item, build_transform, read_image
 from pipeline.errors import PipelineError
 from pipeline.imagefile import UnreadableImage, open_image
 from pipeline.report.build import decode_image
+from pipeline.workdir import BAD_TARGET
 from tests.test_init import invoke, write_c
 
 

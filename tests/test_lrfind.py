@@ -8,7 +8,7 @@ import pytest
 from typer.testing import CliRunner
 
 from pipeline.cli.app import app
-from pipeline.config import config_from_recipe
+from conftest import config_from_recipe
 from pipeline.errors import PipelineError
 from pipeline.train.lrfind import blown_up, centred, find_lr, lr_schedule, smooth, suggest
 

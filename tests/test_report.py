@@ -1,7 +1,9 @@
 """predict-image, submit, the submission index and the report's figures."""
 from __future__ import annotations
 
+import html
 import json
+import re
 import shutil
 import subprocess
 from pathlib import Path
@@ -10,16 +12,19 @@ from types import SimpleNamespace
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 from PIL import Image
 from typer.testing import CliRunner
 
 from pipeline.cli.app import app
-from pipeline.config import config_from_recipe
+from conftest import config_from_recipe
+from pipeline.config import resolve_config
 from pipeline.data.items import list_split, load_reorg
 from pipeline.report.build import validation_predictions
-from pipeline.report.figures import (confusion_counts, confusion_figure, image_grid, learning_curves_figure,
-                                     top_k)
+from pipeline.report.figures import confusion_counts, confusion_figure, image_grid, top_k
+from pipeline.report.training_figures import learning_curves_figure
 from pipeline.download.reorg import reorg
+from pipeline.models import create_model
 from pipeline.predict.submission_index import COLUMNS, read_index, record_submission, run_summary
 from pipeline.train.stage import train
 from tests.conftest import make_competition, write_raw
@@ -282,3 +287,72 @@ def test_image_grid_says_when_there_is_nothing_to_show():
     assert len(fig.axes) == 0 and "every image is right" in fig.texts[0].get_text()
     grid = image_grid([np.zeros((8, 8, 3), np.uint8)] * 4, ["a", "b", "c", "d"])
     assert [ax.get_title() for ax in grid.axes if ax.images] == ["a", "b", "c", "d"]
+
+
+# ---------------------------------------------------------------- what each member ran
+
+
+def settings_rows(page: str, section: str) -> dict[str, str]:
+    """The th -> td rows of a key-value table of report.html, found by its section's id."""
+    body = page.split(f'<section id="{section}">', 1)[1].split("</section>", 1)[0]
+    return {html.unescape(k): html.unescape(v) for k, v in re.findall(r"<tr><th>(.*?)</th><td>(.*?)</td></tr>", body)}
+
+
+@pytest.fixture(scope="module")
+def three_runs(tmp_path_factory):
+    """A logistic-regression head on cached features from a weights file, a fine-tuned model (head on the
+    frozen backbone, then everything) and plain SGD read from the files, each a holdout run on the toy data
+    and its report (~20 s on a shared CPU)."""
+    root = tmp_path_factory.mktemp("three")
+    comp = make_competition("toy")
+    work = root / "work"
+    reorg(comp, write_raw(root / "raw", comp), work, valid_ratio=0.25, folds=3)
+    weights = root / "fastnet_s.pt"
+    torch.save(create_model("fastnet_s", 3).state_dict(), weights)
+
+    def run(name: str, **flags) -> Path:
+        flags = {"device": "cpu", "num_workers": 0, **flags}
+        train(resolve_config(comp, work, root / name, None, flags, weights_config=lambda model: {}))
+        result = invoke("report", root / name, "--out", root / name / "report", "--device", "cpu")
+        assert result.exit_code == 0, result.output
+        return root / name / "report"
+
+    return SimpleNamespace(
+        weights=weights,
+        logreg=run("logreg", head="logreg", freeze_backbone=True, weights=weights),
+        tuned=run("tuned", unfreeze_after=1, epochs=2, batch_size=8),
+        sgd=run("sgd", epochs=3, optimizer="adamw", cache="off"))
+
+
+@pytest.mark.parametrize("name, expected, curves", [
+    ("logreg", {"epochs": "1", "optimizer": "fit", "training": "fit", "head": "logreg", "data": "features"}, False),
+    ("tuned", {"epochs": "2", "optimizer": "sgd", "head": "linear", "data": "features, then image_cache",
+               "weights": "none", "phases": "epoch 1: the head trained on the frozen backbone; epoch 2: the whole model"},
+     True),
+    ("sgd", {"epochs": "3", "optimizer": "adamw", "schedule": "cosine", "head": "linear", "data": "files",
+             "weights": "none", "batch size": "8", "steps per epoch": "3"}, True),
+])
+def test_the_report_shows_what_each_member_ran(three_runs, name, expected, curves):
+    folder = getattr(three_runs, name)
+    page = (folder / "report.html").read_text(encoding="utf-8")
+    ran = settings_rows(page, "settings")
+    assert {k: ran.get(k) for k in expected} == expected
+    assert ran["device"] == "cpu" and ran["precision"] == "fp32" and ran["training images"] == "27"
+    assert (folder / "learning_curves.png").is_file() == curves  # a one-fit member has no curve to draw
+    assert ("learning_curves.png" in page) == curves
+    if name == "logreg":
+        assert ran["weights"] == f"file: {three_runs.weights}"  # not "pretrained False"
+        assert re.fullmatch(r"logreg: C [\d.]+ \(3-fold inner CV log loss by C: .+\)", ran["head fit"])
+        assert "epochs 2 -> 1: --head logreg fits the head once" in ran["adapted to the data"]
+        assert (folder / "head_fit.png").is_file() and "schedule" not in ran and "lr" not in ran
+        assert "none: no member trained over several epochs" in settings_rows(page, "summary")["learning curves"]
+    if name == "sgd":  # the recipe's batch of 16 adapted to 27 images; the --epochs flag kept
+        assert ran["adapted to the data"].startswith("batch_size 16 -> 8: 27 training images make 1 step(s)")
+        assert "epochs" not in ran["adapted to the data"]
+
+
+def test_a_fitted_head_keeps_its_c_and_inner_cv_curve(three_runs):
+    record = json.loads((three_runs.logreg.parent / "holdout" / "head_fit.json").read_text())
+    assert record["head"] == "logreg" and record["rows"] == 27 and record["inner_folds"] == 3
+    curve = {float(c): loss for c, loss in record["inner_cv_log_loss"].items()}
+    assert set(curve) == {0.1, 1.0, 10.0} and record["C"] == min(curve, key=curve.get)

@@ -1,6 +1,7 @@
 """The report's tables, figures and report.html, on hand-made predictions frames (no training)."""
 from __future__ import annotations
 
+import re
 from html.parser import HTMLParser
 from pathlib import Path
 
@@ -10,15 +11,19 @@ import pytest
 from PIL import Image
 from sklearn.metrics import confusion_matrix, recall_score
 
-from pipeline.config import config_from_recipe
+from conftest import config_from_recipe
+from pipeline.config import TrainConfig
 from pipeline.data.items import list_split, load_reorg
 from pipeline.io import atomic_write_csv, atomic_write_json
 from pipeline.download.reorg import reorg
-from pipeline.report.build import mistakes_figure, write_report
-from pipeline.report.figures import (accuracy_of, confused_pairs_figure, learning_curves_figure, mistake_titles,
-                                     most_wrong, per_class_accuracy, per_class_figure, prediction_figure,
-                                     predictions_figure, shorten_left, top_confused_pairs, validation_figures)
-from pipeline.report.html import cv_frame, report_html, report_summary
+from pipeline.runs import Run
+from pipeline.report.build import mistakes_figure, run_facts, write_report
+from pipeline.report.facts import absent_classes, member_facts, split_facts, weights_of
+from pipeline.report.figures import (accuracy_of, confused_pairs_figure, mistake_titles, most_wrong,
+                                     per_class_accuracy, per_class_figure, prediction_figure, predictions_figure,
+                                     shorten_left, top_confused_pairs, validation_figures)
+from pipeline.report.html import cv_frame, report_html, report_summary, table_html
+from pipeline.report.training_figures import learning_curves_figure
 from tests.conftest import make_competition, write_raw
 
 CLASSES = ["ant", "bee", "cow"]
@@ -271,3 +276,93 @@ def test_write_report_writes_the_pngs_and_an_index_page(tmp_path, n_classes, by_
     assert "&lt;b&gt;&amp;" in page and "<b>&" not in page
     assert "not finished" in page  # fold1 has no done.json
     assert sorted(p.name for p in (tmp_path / "report").iterdir()) == sorted(names)  # no temporary files left
+
+
+# ---------------------------------------------------------------- classes absent from a member's training rows
+
+
+def test_absent_rows_come_after_the_models_mistakes_and_say_so():
+    absent = np.array([False, False, True, False, False, False, False, False, False])  # r3: ant, never trained on
+    wrong = most_wrong(known_mistakes(), CLASSES, k=9, absent=absent)
+    assert wrong["id"].tolist() == ["r7", "r2", "r9", "r5", "r3"] and wrong["absent"].tolist() == [False] * 4 + [True]
+    assert mistake_titles(wrong.tail(1)) == ["r3\nant → bee (0.100)\nclass absent from training"]
+    table = per_class_accuracy(known_mistakes(), CLASSES, absent).set_index("class")
+    assert table["absent"].to_dict() == {"ant": 1, "bee": 0, "cow": 0}
+    figure = per_class_figure(table.reset_index())
+    ax = figure.axes[0]
+    labels = [t.get_text() for t in ax.get_yticklabels()]
+    assert [label for label in labels if label.endswith(" absent")] == ["ant (4) absent"]
+    assert [p.get_hatch() for p in ax.patches[:3]].count("//") == 1 and "1 classes absent" in ax.get_title()
+
+
+def test_absent_classes_of_training_targets():
+    assert absent_classes(["ant", "bee", "cow", "dog"], [0, 2, 2]) == ["bee", "dog"]
+    assert absent_classes(["ant"], []) == ["ant"]
+
+
+def test_a_fold_without_a_class_is_counted_and_marked_in_the_report(tmp_path):
+    run, work = fake_fold_run(tmp_path, ["ant", "bee", "cow"])
+    folds = pd.read_csv(work / "folds.csv", dtype=str)
+    folds.loc[folds["label"] == "cow", "fold"] = "0"  # both cow images validate in fold 0: fold0 never trains on cow
+    folds.to_csv(work / "folds.csv", index=False)
+    info = load_reorg(work)
+    facts = {f["member"]: f for f in run_facts(run, work, info)}
+    assert facts["fold0"]["absent_classes"] == ["cow"] and facts["fold1"]["absent_classes"] == []
+    written = write_report(run, work, tmp_path / "report", device="cpu")
+    page = written[-1].read_text(encoding="utf-8")
+    assert ("<tr><th>images of classes absent from training</th><td>2 of 6 validation images (1 classes): "
+            "their member never trained on their class") in page
+    members = page.split('<section id="members">')[1].split("</section>")[0]
+    assert "<th>classes absent from training</th>" in members
+    assert re.search(r"<td>fold0</td>.*?<td class=\"num\">1</td>", members)  # per member: they differ
+    assert re.search(r"<td>fold1</td>.*?<td class=\"num\">0</td>", members)
+
+
+def test_whole_numbers_print_as_integers_in_the_cv_table():
+    cv = {"metric": "accuracy", "cv": 1.0, "overall": {"accuracy": 1.0},
+          "folds": [{"fold": 0, "accuracy": 1.0, "epochs": 1, "best_epoch": 1},
+                    {"fold": 1, "accuracy": 0.75, "epochs": 12, "best_epoch": 7}]}
+    page = table_html(cv_frame(cv))
+    rows = re.findall(r"<tr>(.*?)</tr>", page)
+    assert rows[1] == ('<td class="num">0</td><td class="num">1.0000</td><td class="num">1</td>'
+                       '<td class="num">1</td>')  # a score stays a score, an epoch count an integer
+    assert rows[3] == '<td>all</td><td class="num">1.0000</td><td></td><td></td>'
+
+
+# ---------------------------------------------------------------- a member's facts
+
+
+def test_member_facts_read_the_recorded_plan_before_the_settings(tmp_path):
+    """A member whose config.json holds a plan: its data source, batch, steps, training and weights win
+    over what the settings would give (they describe what ran); device and precision from "device"."""
+    config = config_from_recipe(make_competition("toy"), tmp_path, tmp_path / "run", epochs=4,
+                                batch_size=32).config.to_json()
+    member = Run(tmp_path / "run").member("holdout")
+    plan = {"source": {"kind": "files", "reason": "test"}, "batch_size": 12, "per_process_batch": 12,
+            "steps_per_epoch": 5, "total_steps": 60, "epochs": 12, "training": "sgd", "weights": "hub",
+            "adapted": ["epochs 4 -> 12: few steps"]}
+    device = {"device_type": "cuda", "device_name": "NVIDIA H200", "amp_dtype": "bf16"}
+    atomic_write_json(member.config_path, {"config": config, "device": device, "plan": plan})
+    facts = member_facts(member)
+    assert {k: facts[k] for k in ("data", "batch_size", "steps_per_epoch", "epochs", "weights", "adapted",
+                                  "device", "precision", "optimizer")} == {
+        "data": "files", "batch_size": 12, "steps_per_epoch": 5, "epochs": 12, "weights": "hub",
+        "adapted": ["epochs 4 -> 12: few steps"], "device": "cuda (NVIDIA H200)", "precision": "bf16",
+        "optimizer": config["optimizer"]}
+    atomic_write_json(member.config_path, {"config": config})  # a run from before plans: its settings
+    older = member_facts(member)
+    assert (older["data"], older["batch_size"], older["epochs"], older["weights"]) == ("image_cache", 32, 4, "none")
+
+
+def test_settings_that_differ_are_shown_per_member():
+    a = {"member": "fold0", "model": "m", "fit": "logreg: C 1", "epochs": 1, "epochs_run": 1, "absent_classes": []}
+    b = {"member": "fold1", "model": "m", "fit": "logreg: C 10", "epochs": 1, "epochs_run": 1,
+         "absent_classes": ["cow"]}
+    shared, differing = split_facts([a, b])
+    assert shared == {"model": "m", "epochs": 1}  # epochs run = epochs: said once
+    assert differing.to_dict("records") == [
+        {"member": "fold0", "head fit": "logreg: C 1", "classes absent from training": 0},
+        {"member": "fold1", "head fit": "logreg: C 10", "classes absent from training": 1}]
+    stored = TrainConfig(competition="x", work_dir=".", run_dir=".", model="m").to_json()
+    assert weights_of({**stored, "weights": "/w/a.safetensors"}) == "file: /w/a.safetensors"
+    assert weights_of({**stored, "pretrained": True}) == "hub" and weights_of(stored) == "none"

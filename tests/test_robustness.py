@@ -34,7 +34,8 @@ from pipeline.checkpoint import load_checkpoint
 from pipeline.cli.app import app
 from pipeline.data.items import read_image
 from pipeline.imagefile import UnreadableImage
-from pipeline.download.reorg import plan_split, read_labels
+from pipeline.download.layout import read_labels
+from pipeline.download.reorg import plan_split
 from tests.conftest import make_competition, tree_hash, write_raw
 
 runner = CliRunner()
@@ -824,14 +825,15 @@ def test_debug_shows_the_traceback_instead_of_the_line(tmp_path):
 
 def test_the_feature_cache_marks_unreadable_images_so_no_black_image_is_trained(toy, tmp_path):
     """Issue 13.6: a frozen backbone's cached features of a broken file are left out of the loss."""
-    from pipeline.data.cache import feature_bank
-    from pipeline.data.items import ImageDataset, build_transform, list_split, load_reorg, make_loader
+    from pipeline.data.features import feature_bank
+    from pipeline.data.items import ImageDataset, build_transform, list_split, load_reorg
     from pipeline.models import create_model
 
     comp, raw, work, ids = broken_toy(toy, tmp_path, "train")
     info = load_reorg(work)
     pool = list_split(work, info, "train_valid")
     transform = build_transform("none", 16, comp.mean, comp.std, train=False)
-    loader_for = lambda train, view: make_loader(ImageDataset(pool, transform, 16), 8, False, 0, 0)  # noqa: E731
-    bank = feature_bank(create_model("fastnet_s", 3).eval(), pool, loader_for, 0, ["k"], work, torch.device("cpu"))
+    images = ImageDataset(pool, transform, 16)
+    bank = feature_bank(create_model("fastnet_s", 3).eval(), images, images, 0, batch_size=8, workers=0,
+                        pin_memory=False, seed=0, device=torch.device("cpu"))
     assert sorted(pool[i].id for i in bank["bad"].tolist()) == sorted(ids)

@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 
 from pipeline import shm
-from pipeline.data.items import ImageDataset, Item, build_transform, make_loader
+from pipeline.data.items import ImageDataset, Item, build_transform
+from pipeline.data.loaders import make_loader
 from pipeline.errors import PipelineError
 from pipeline.shm import SharingPlan, plan_sharing
 

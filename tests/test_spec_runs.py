@@ -16,7 +16,8 @@ import pandas as pd
 import pytest
 from sklearn.metrics import roc_auc_score
 
-from pipeline.report.figures import best_epoch, learning_curves_figure, prediction_frame, validation_scores
+from pipeline.report.figures import best_epoch, prediction_frame, validation_scores
+from pipeline.report.training_figures import learning_curves_figure
 from pipeline.report.html import report_summary
 from tests.test_init import invoke, write_binary
 

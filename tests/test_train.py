@@ -8,7 +8,8 @@ import torch
 import pandas as pd
 import pytest
 
-from pipeline.config import TrainConfig, config_from_recipe
+from conftest import config_from_recipe
+from pipeline.config import TrainConfig
 from pipeline.errors import PipelineError
 from pipeline.metrics import score
 from pipeline.train.engine import lr_multiplier

@@ -3,7 +3,7 @@
 Each command parses its options, builds a config, calls one function of the
 package and prints the outcome. A PipelineError becomes a one-line message and
 exit code 1; ``--debug`` shows the traceback instead. The commands live in
-cli (the stages), cli_train, cli_report and cli_kernel; this module puts them
+app.py (the stages), train.py, report.py, submit.py, blend.py and kernel.py; this module puts them
 on one app, and they share only pipeline/cli/common.py.
 """
 from __future__ import annotations
@@ -22,6 +22,7 @@ from pipeline.cli import blend as cli_blend
 from pipeline.cli import kernel as cli_kernel
 
 from pipeline.cli import report as cli_report
+from pipeline.cli import submit as cli_submit
 
 from pipeline.cli import train as cli_train
 from pipeline.cli.common import (STATE, Comp, Json, RunDir, WorkDir, all_competitions, check_current_folder,
@@ -209,7 +210,7 @@ command(app, cli_train.train, name="train")
 command(app, cli_train.recipes, name="recipes")
 command(app, cli_train.lr_find, name="lr-find")
 command(app, cli_report.predict_image, name="predict-image")
-command(app, cli_report.submit, name="submit")
+command(app, cli_submit.submit, name="submit")
 command(app, cli_report.report, name="report")
 command(app, cli_blend.blend, name="blend")
 app.add_typer(cli_kernel.kernel_app, name="kernel")

@@ -1,4 +1,4 @@
-"""`pipeline report`, `pipeline predict-image`, `pipeline submit`: pipeline/cli/app.py registers them."""
+"""`pipeline report` and `pipeline predict-image`: pipeline/cli/app.py registers them."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -6,7 +6,7 @@ from typing import Annotated, Optional
 
 import typer
 
-from pipeline.cli.common import Comp, RunDir, checked_submission, handle_errors, load_competition
+from pipeline.cli.common import RunDir, handle_errors
 from pipeline.errors import PipelineError
 
 
@@ -40,31 +40,15 @@ def predict_image(
 
 
 @handle_errors
-def submit(
-    competition: Comp,
-    submission_csv: Annotated[Path, typer.Argument(metavar="SUBMISSION_CSV", help="The CSV to check and upload.")],
-    message: Annotated[str, typer.Option("--message", "-m", help="Submission description shown on Kaggle.")],
-    work_dir: Annotated[Optional[Path], typer.Option(help="A reorg folder: its sample and class names.")] = None,
-    sample: Annotated[Optional[Path], typer.Option(help="Sample submission (default: WORK_DIR's copy).")] = None,
-) -> None:
-    """Check a submission CSV like `pipeline check`, then upload it with the kaggle CLI."""
-    from pipeline.download.kaggle import run_kaggle
-
-    comp = load_competition(competition)
-    checked_submission(comp, submission_csv, sample, work_dir)
-    output = run_kaggle(["competitions", "submit", "-c", comp.slug, "-f", str(submission_csv), "-m", message])
-    last = output.strip().splitlines()
-    typer.echo(f"{submission_csv}: submitted to {comp.slug}" + (f" ({last[-1]})" if last else ""))
-
-
-@handle_errors
 def report(
     run_dir: RunDir,
     work_dir: Annotated[Optional[Path], typer.Option(help="The run's reorg folder (default: the one it was trained on).")] = None,
     out: Annotated[Optional[Path], typer.Option(help="Folder for report.html and its PNGs (default: RUN_DIR/report).")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda (a holdout run is predicted afresh).")] = "auto",
 ) -> None:
-    """A run's report: report.html with learning curves, CV table, confusions, training images, mistakes."""
+    """A run's report: report.html with what each member ran (settings after adaptation, head and how it was
+    fitted, weights and data source, device), CV table, learning curves or the fitted head's C, confusions,
+    training images and mistakes (classes a member never trained on marked)."""
     from pipeline.config import load_resolved
     from pipeline.report.build import write_report
     from pipeline.runs import Run

@@ -86,7 +86,9 @@ def resolve_for_command(competition: str, work_dir: Path, run_dir: Path, recipe:
         cfg = resumed_config(saved, flags, work_dir, run_dir)
         given = {k: "flag" for k, v in flags.items() if v is not None}  # e.g. --epochs N: never re-adapted
         return Resolved(cfg, {**doc.get("sources", {}), **given}, tuple(doc.get("notes", ())), doc.get("recipe"))
-    resolved = resolve_config(comp, work_dir, run_dir, recipe, flags)
+    from pipeline.models import weights_data_config
+
+    resolved = resolve_config(comp, work_dir, run_dir, recipe, flags, weights_config=weights_data_config)
     if comp.spec_file:  # the run stores the spec's path: later processes (report, kernel) load it from there
         resolved = replace(resolved, config=replace(resolved.config, competition=comp.spec_file),
                            sources={**resolved.sources, "competition": "spec file"})
@@ -110,7 +112,7 @@ def train(**options: Any) -> None:
     resolved = resolve_for_command(fixed["competition"], fixed["work_dir"], fixed["run_dir"], fixed["recipe"],
                                    fixed["resume"], options)
     if fixed["dry_run"]:
-        from pipeline.download.reorg import REORG_FILE
+        from pipeline.workdir import REORG_FILE
 
         if (Path(fixed["work_dir"]) / REORG_FILE).is_file():  # the plan as the members will run it
             from pipeline.train.stage import planned
@@ -197,8 +199,10 @@ def lr_find(**options: Any) -> None:
     comp, work_dir = load_competition(options.pop("competition")), options.pop("work_dir")
     if png.suffix.lower() != ".png":
         raise PipelineError(f"{png}: the plot is a PNG; give a path ending in .png")
-    resolved = resolve_config(comp, work_dir, png.parent, recipe, options)
-    result = find_lr(resolved.config, steps=steps, start=start, end=end)
+    from pipeline.models import weights_data_config
+
+    resolved = resolve_config(comp, work_dir, png.parent, recipe, options, weights_config=weights_data_config)
+    result = find_lr(resolved, steps=steps, start=start, end=end)
     plot_lr_find(result, png)
     if as_json:
         print_json({"png": str(png), **result.to_json()})

@@ -20,17 +20,16 @@ import pandas as pd
 import torch
 from albumentations.pytorch import ToTensorV2
 from PIL import Image, ImageOps
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 
+from pipeline.config import AUGMENTS
 from pipeline.errors import PipelineError
 from pipeline.imagefile import open_image
-from pipeline.shm import loader_workers
 from pipeline.io import read_json
-from pipeline.download.reorg import FOLDS_FILE, REORG_FILE, TEST_CLASS_DIR
+from pipeline.workdir import BAD_TARGET, FOLDS_FILE, REORG_FILE, TEST_CLASS_DIR
 
 log = logging.getLogger("pipeline")
 
-BAD_TARGET = -100  # cross_entropy's default ignore_index: unreadable images drop out of the loss
 # Refuse images over ~180 megapixels outright (PIL's bomb check raises at twice this)
 Image.MAX_IMAGE_PIXELS = 89_478_485
 
@@ -44,10 +43,15 @@ class Item:
     target: int
 
 
-def load_reorg(work_dir: Path) -> dict:
-    """reorg.json of a complete tree, or an error saying to run reorg."""
-    return read_json(Path(work_dir) / REORG_FILE, "WORK_DIR is not a finished reorg; run `pipeline reorg` first",
+def load_reorg(work_dir: Path, competition: str | None = None) -> dict:
+    """reorg.json of a complete tree, or an error saying to run reorg; with ``competition`` (a slug), an error
+    when the folder was reorganised for another one."""
+    info = read_json(Path(work_dir) / REORG_FILE, "WORK_DIR is not a finished reorg; run `pipeline reorg` first",
                      "run `pipeline reorg --force` to rebuild it")
+    if competition is not None and info["competition"] != competition:
+        raise PipelineError(f"{work_dir} was reorganised for {info['competition']!r}, not {competition!r}; "
+                            "pass the WORK_DIR of this competition or reorganise its download there")
+    return info
 
 
 def _id_of(name: str, ext: str) -> str:
@@ -248,7 +252,6 @@ def _none(s: int, train: bool, fill: tuple[int, ...]) -> list:
 
 _PRESETS = {"pad_crop_flip": _pad_crop_flip, "resized_crop_flip_jitter": _resized_crop_flip_jitter,
             "letterbox": _letterbox, "light": _light, "none": _none}
-AUGMENTS = tuple(_PRESETS)  # the --augment choices
 
 
 def build_transform(augment: str, image_size: int, mean, std, train: bool, seed: int = 0) -> A.Compose:
@@ -276,60 +279,6 @@ def build_transform(augment: str, image_size: int, mean, std, train: bool, seed:
     compose = A.Compose(_PRESETS[augment](image_size, train, fill) + tail, seed=seed)
     seed_transform(compose, seed)
     return compose
-
-
-class EpochSampler(torch.utils.data.Sampler):
-    """Yields (index, seed) pairs: a permutation fixed by (seed, epoch), one seed per sample.
-
-    Per-sample seeds make augmentation independent of the worker count and
-    let workers persist across epochs (call ``set_epoch``). Under DDP each rank
-    takes every world-th index of the permutation, padded to equal length.
-    """
-
-    def __init__(self, n: int, shuffle: bool, seed: int, rank: int = 0, world: int = 1):
-        self.n, self.shuffle, self.seed, self.rank, self.world = n, shuffle, seed, rank, world
-        self.epoch = 0
-
-    def set_epoch(self, epoch: int) -> None:
-        self.epoch = epoch
-
-    def _order(self) -> torch.Tensor:
-        gen = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-        order = torch.randperm(self.n, generator=gen) if self.shuffle else torch.arange(self.n)
-        if self.world > 1:
-            padded = -(-self.n // self.world) * self.world
-            order = torch.cat([order, order[: padded - self.n]])[self.rank :: self.world]
-        return order
-
-    def __iter__(self):
-        order = self._order()
-        gen = torch.Generator().manual_seed(self.seed * 7919 + self.epoch * 104_729 + 1)
-        seeds = torch.randint(0, 2**31 - 1, (self.n,), generator=gen)
-        return iter([(int(i), int(seeds[i])) for i in order])
-
-    def __len__(self) -> int:
-        return -(-self.n // self.world) if self.world > 1 else self.n
-
-
-def make_loader(dataset: ImageDataset, batch_size: int, shuffle: bool, num_workers: int, seed: int,
-                drop_last: bool = False, pin_memory: bool = False, rank: int = 0, world: int = 1) -> DataLoader:
-    """A DataLoader whose order and augmentation are fixed by ``seed`` and the epoch.
-
-    Workers persist across epochs; call ``loader.sampler.set_epoch(epoch)``
-    before each pass.
-    """
-    sampler = EpochSampler(len(dataset), shuffle, seed, rank, world)
-    num_workers = loader_workers(num_workers, batch_size * 3 * dataset.image_size ** 2 * 4, 4)  # what /dev/shm holds
-    return DataLoader(
-        dataset,
-        batch_size=batch_size,
-        sampler=sampler,
-        num_workers=num_workers,
-        drop_last=drop_last,
-        pin_memory=pin_memory,
-        persistent_workers=num_workers > 0,
-        prefetch_factor=4 if num_workers > 0 else None,
-    )
 
 
 def unreadable_message(items: list[Item], positions, what: str) -> str:

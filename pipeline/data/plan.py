@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import os
+from functools import partial
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -27,13 +28,17 @@ import torch
 from torch import nn
 
 from pipeline import distributed as dist
-from pipeline.data.cache import (CACHE_DIR, MAX_CACHED_SIDE, FeatureHead, FeatureLoader, TensorBatchLoader, cached_targets,
-                            check_cacheable, extract_features, feature_bank, image_cache)
-from pipeline.config import TrainConfig
-from pipeline.devices import Accelerator, DevicePlan, available_cpus, ddp_find_unused, plan_device, probe
-from pipeline.data.items import ImageDataset, Item, build_transform, list_split, load_reorg, make_loader, unreadable_message
+from pipeline.data.cache import MAX_CACHED_SIDE, cache_path, image_cache, items_key, stored_tensors
+from pipeline.data.features import feature_bank
+from pipeline.data.loaders import FeatureLoader, TensorBatchLoader, make_loader
+from pipeline.config import CACHEABLE_AUGMENTS, TrainConfig
+from pipeline.devices import DevicePlan, ddp_find_unused
+from pipeline.workdir import BAD_TARGET
+from pipeline.data.items import (ImageDataset, Item, build_transform, list_split, load_reorg,
+                                 unreadable_message)
 from pipeline.errors import PipelineError
-from pipeline.models.inference import TTA_VIEWS
+from pipeline.models.heads import FeatureHead
+from pipeline.workdir import CACHE_DIR
 
 log = logging.getLogger("pipeline")
 
@@ -50,10 +55,9 @@ def choose_source(cfg: TrainConfig) -> Source:
     """Feature cache for frozen backbones, image cache for small images, else files (pure)."""
     if cfg.freeze_backbone and cfg.feature_cache:
         return Source("features", "frozen backbone: its features are computed once and the head trains on them")
-    if cfg.cache == "on":
-        check_cacheable(cfg.augment, cfg.image_size)
+    if cfg.cache == "on":  # the config refused augmentations and sides the cache cannot take
         return Source("image_cache", "--cache on")
-    if cfg.cache == "auto" and cfg.image_size <= MAX_CACHED_SIDE and cfg.augment in ("pad_crop_flip", "none"):
+    if cfg.cache == "auto" and cfg.image_size <= MAX_CACHED_SIDE and cfg.augment in CACHEABLE_AUGMENTS:
         return Source("image_cache", f"images of side {cfg.image_size} <= {MAX_CACHED_SIDE}: decoded once, "
                                      "augmented on the device")
     return Source("files", "images decoded per sample by DataLoader workers")
@@ -77,29 +81,10 @@ class DataPlan:
         return self.device.channels_last
 
 
-def device_plan(cfg: TrainConfig, acc: Accelerator, input_kind: str | None = None, *, world_size: int = 1,
-                cpu_count: int = 1, amp: str | None = None) -> DevicePlan:
-    """The device decisions for ``cfg`` on ``acc`` for what it consumes (default: its training source).
-
-    Pure: :func:`plan_for` feeds it the probed device. ``amp`` overrides the
-    config's (predict passes the dtype a run was trained with).
-    """
-    return plan_device(acc, amp=amp or cfg.amp, channels_last=cfg.channels_last, num_workers=cfg.num_workers,
-                       world_size=world_size, cpu_count=cpu_count, input_kind=input_kind or choose_source(cfg).kind)
-
-
-def plan_for(cfg: TrainConfig, device: torch.device, input_kind: str | None = None,
-             amp: str | None = None) -> DevicePlan:
-    """:func:`device_plan` for this process: its device, the world size and the cores it may use."""
-    return device_plan(cfg, probe(device), input_kind, world_size=dist.world_size(), cpu_count=available_cpus(),
-                       amp=amp)
-
-
 def plan_member(cfg: TrainConfig, model: nn.Module, train_items: list[Item], valid_items: list[Item],
-                device: torch.device, dplan: DevicePlan | None = None) -> DataPlan:
-    """The member's training and validation loaders from the chosen source."""
+                device: torch.device, dplan: DevicePlan) -> DataPlan:
+    """The member's training and validation loaders from the chosen source; ``dplan``: the member's device plan."""
     source = choose_source(cfg)
-    dplan = dplan or plan_for(cfg, device)
     log.info("data: %s (%s)", source.kind, source.reason)
     if source.kind == "features":
         plan = _feature_plan(cfg, model, train_items, valid_items, device, source, dplan)
@@ -131,31 +116,10 @@ def eval_loader(cfg: TrainConfig, items: list[Item], batch_size: int, dplan: Dev
     and memory pinning feed the loader.
     """
     if isinstance(dplan, torch.device):
-        dplan = plan_for(cfg, dplan, "files")
+        dplan = dist.plan_for(cfg, dplan, "files")
     eval_tf = build_transform(cfg.augment, cfg.image_size, cfg.mean, cfg.std, train=False)
     return make_loader(ImageDataset(items, eval_tf, cfg.image_size, strict=strict), batch_size, False, dplan.workers,
                        0, pin_memory=dplan.pin_memory, rank=rank, world=world)
-
-
-def build_once(build: Callable[[], object]) -> object:
-    """Run a cache builder on rank 0 alone; the others wait at a barrier, then read what it built.
-
-    Only rank 0 writes the cache (no two writers, no rank tidying another's
-    temporary file). If rank 0 fails, every rank stops instead of waiting.
-    """
-    if not dist.is_distributed():
-        return build()
-    if dist.is_main():
-        try:
-            result = build()
-        except BaseException:
-            dist.all_true(False)  # release the waiting ranks, then fail here with the real error
-            raise
-        dist.all_true(True)
-        return result
-    if not dist.all_true(True):
-        raise PipelineError("rank 0 failed to build a cache; its error is above")
-    return build()  # finds rank 0's file: reads it
 
 
 def _rows_of(items: list[Item], pool: list[Item]) -> torch.Tensor:
@@ -187,24 +151,12 @@ def cache_root(cfg: TrainConfig) -> Path:
     return Path(cfg.run_dir)
 
 
-def _cached_plan(cfg: TrainConfig, train_items, valid_items, device, source: Source, dplan: DevicePlan) -> DataPlan:
-    info = load_reorg(cfg.work_dir)
-    pool = list_split(cfg.work_dir, info, "train_valid")
-    array, bad = build_once(lambda: image_cache(cache_root(cfg), pool, cfg.image_size))
-    bad_train, _ = _unreadable_rows(cfg, pool, bad, train_items, valid_items)
-    images = torch.from_numpy(np.array(array))  # into memory (or on to the GPU) once per member
-    targets = cached_targets(pool, bad)
-    common = dict(augment=cfg.augment, mean=cfg.mean, std=cfg.std, device=device, rank=dist.rank(),
-                  world=dist.world_size(), channels_last=dplan.channels_last)
-    rows = _rows_of(train_items, pool)
-    train_dl = TensorBatchLoader(images[rows], targets[rows], cfg.batch_size, shuffle=True, seed=cfg.seed,
-                                 drop_last=True, **common)
-    valid_dl = None
-    if valid_items:
-        rows = _rows_of(valid_items, pool)
-        valid_dl = TensorBatchLoader(images[rows], targets[rows], cfg.batch_size * 2, shuffle=False,
-                                     **{**common, "augment": "none"})
-    return DataPlan(source, train_dl, valid_dl, lambda m: m, dplan, bad_train)
+def cached_targets(items: list[Item], bad_rows: set[int]) -> torch.Tensor:
+    """Targets of cached items, unreadable rows marked so the loss and the scores ignore them."""
+    targets = torch.tensor([it.target for it in items], dtype=torch.long)
+    if bad_rows:
+        targets[sorted(bad_rows)] = BAD_TARGET
+    return targets
 
 
 def backbone_key(cfg: TrainConfig) -> list:
@@ -214,36 +166,66 @@ def backbone_key(cfg: TrainConfig) -> list:
             weights and weights.st_mtime_ns, cfg.image_size, cfg.mean, cfg.std, cfg.augment]
 
 
-def _feature_plan(cfg: TrainConfig, model, train_items, valid_items, device, source: Source,
-                  dplan: DevicePlan) -> DataPlan:
-    info = load_reorg(cfg.work_dir)
-    pool = list_split(cfg.work_dir, info, "train_valid")
-    train_tf = build_transform(cfg.augment, cfg.image_size, cfg.mean, cfg.std, train=True, seed=cfg.seed)
-    eval_tf = build_transform(cfg.augment, cfg.image_size, cfg.mean, cfg.std, train=False)
+def feature_key(cfg: TrainConfig, pool: list[Item], amp_dtype: torch.dtype | None) -> str:
+    """The feature cache's key: the pool's files, the backbone, its augmented views and their seed, and
+    the precision (features computed in another dtype differ)."""
+    return items_key(pool, *backbone_key(cfg), cfg.seed, cfg.feature_views, str(amp_dtype), "features-v2")
 
-    files = plan_for(cfg, device, "files")  # the backbone reads image files once: their workers and pinning
 
-    def loader_for(train: bool, view: int):
-        ds = ImageDataset(pool, train_tf if train else eval_tf, cfg.image_size, strict=cfg.strict)
-        dl = make_loader(ds, 2 * cfg.batch_size, False, files.workers, cfg.seed + view, pin_memory=files.pin_memory)
-        dl.sampler.set_epoch(view)
-        return dl
+def _pooled_plan(cfg: TrainConfig, train_items: list[Item], valid_items: list[Item], source: Source,
+                 dplan: DevicePlan, pool: list[Item], bad: set[int], loader, view) -> DataPlan:
+    """Loaders cut from one cache over the pool (train_valid): rows selected by id, unreadable rows marked.
 
-    key = [*backbone_key(cfg), cfg.seed]  # feature_bank adds the dtype: features of another precision differ
-    bank = build_once(lambda: feature_bank(model, pool, loader_for, cfg.feature_views, key, cache_root(cfg), device,
-                                           amp_dtype=dplan.dtype))
-    bad = set(bank["bad"].tolist())
+    ``loader(rows, train)`` makes the loader over the cached rows; ``view`` wraps the model to take it.
+    """
     bad_train, _ = _unreadable_rows(cfg, pool, bad, train_items, valid_items)
     targets = cached_targets(pool, bad)  # unreadable images are left out of the loss and the scores
-    rows = _rows_of(train_items, pool)
+    train_dl = loader(_rows_of(train_items, pool), targets, True)
+    valid_dl = loader(_rows_of(valid_items, pool), targets, False) if valid_items else None
+    return DataPlan(source, train_dl, valid_dl, view, dplan, bad_train)
+
+
+def _cached_plan(cfg: TrainConfig, train_items, valid_items, device, source: Source, dplan: DevicePlan) -> DataPlan:
+    pool = list_split(cfg.work_dir, load_reorg(cfg.work_dir), "train_valid")
+    array, bad = dist.main_first(partial(image_cache, cache_root(cfg), pool, cfg.image_size))
+    images = torch.from_numpy(np.array(array))  # into memory (or on to the GPU) once per member
+    common = dict(mean=cfg.mean, std=cfg.std, device=device, rank=dist.rank(), world=dist.world_size(),
+                  channels_last=dplan.channels_last)
+
+    def loader(rows, targets, train: bool):
+        if train:
+            return TensorBatchLoader(images[rows], targets[rows], cfg.batch_size, shuffle=True, seed=cfg.seed,
+                                     drop_last=True, augment=cfg.augment, **common)
+        return TensorBatchLoader(images[rows], targets[rows], cfg.batch_size * 2, shuffle=False, augment="none",
+                                 **common)
+
+    return _pooled_plan(cfg, train_items, valid_items, source, dplan, pool, bad, loader, lambda m: m)
+
+
+def _feature_plan(cfg: TrainConfig, model, train_items, valid_items, device, source: Source,
+                  dplan: DevicePlan) -> DataPlan:
+    pool = list_split(cfg.work_dir, load_reorg(cfg.work_dir), "train_valid")
+    files = dist.plan_for(cfg, device, "files")  # the backbone reads image files once: their workers and pinning
+    path = cache_path(cache_root(cfg), "features", feature_key(cfg, pool, dplan.dtype))
+
+    sets = [ImageDataset(pool, build_transform(cfg.augment, cfg.image_size, cfg.mean, cfg.std, train=train,
+                                               seed=cfg.seed), cfg.image_size, strict=cfg.strict)
+            for train in (False, True)]  # eval, train transforms: read only when the cache is built
+    # handed over whole: the cache calls the feature extractor, never back into this module
+    build = partial(feature_bank, model, *sets, cfg.feature_views, batch_size=2 * cfg.batch_size,
+                    workers=files.workers, pin_memory=files.pin_memory, seed=cfg.seed, device=device,
+                    amp_dtype=dplan.dtype)
+    bank = dist.main_first(partial(stored_tensors, path, build))
     common = dict(device=device, rank=dist.rank(), world=dist.world_size())
-    train_dl = FeatureLoader(bank["views"][:, rows], targets[rows], cfg.batch_size, shuffle=True, seed=cfg.seed,
-                             drop_last=True, **common)
-    valid_dl = None
-    if valid_items:
-        rows = _rows_of(valid_items, pool)
-        valid_dl = FeatureLoader(bank["eval"][None, rows], targets[rows], cfg.batch_size * 2, shuffle=False, **common)
-    return DataPlan(source, train_dl, valid_dl, FeatureHead, dplan, bad_train)
+
+    def loader(rows, targets, train: bool):
+        if train:
+            return FeatureLoader(bank["views"][:, rows], targets[rows], cfg.batch_size, shuffle=True, seed=cfg.seed,
+                                 drop_last=True, **common)
+        return FeatureLoader(bank["eval"][None, rows], targets[rows], cfg.batch_size * 2, shuffle=False, **common)
+
+    return _pooled_plan(cfg, train_items, valid_items, source, dplan, pool, set(bank["bad"].tolist()), loader,
+                        FeatureHead)
 
 
 # ---------------------------------------------------------------- inference inputs
@@ -264,32 +246,3 @@ def shared_backbone_groups(configs: list[TrainConfig], dtypes: list | None = Non
     return list(groups.values())
 
 
-class FeatureViews:
-    """Batches (features (V, B, F), targets, positions) over features computed once."""
-
-    def __init__(self, views: torch.Tensor, targets: torch.Tensor, batch_size: int):
-        self.views, self.targets, self.batch_size = views, targets, batch_size  # (V, N, F), (N,)
-
-    def __iter__(self):
-        for start in range(0, self.views.shape[1], self.batch_size):
-            idx = torch.arange(start, min(start + self.batch_size, self.views.shape[1]))
-            yield self.views[:, idx], self.targets[idx], idx
-
-    def __len__(self) -> int:
-        return -(-self.views.shape[1] // self.batch_size)
-
-
-def backbone_views(model: nn.Module, loader, device: torch.device, n: int, tta: str,
-                   amp_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Pooled features (V, N, F) of every TTA view of the loader's images, and the targets (N,).
-
-    ``amp_dtype`` is the run's precision: the head then sees features computed
-    exactly as the ones it was trained on.
-    """
-    views, targets = [], torch.zeros(n, dtype=torch.long)
-    for v in range(len(TTA_VIEWS[tta](torch.zeros(1, 1, 1, 1)))):
-        feats, t = extract_features(model, loader, device, n, transform=lambda x, v=v: TTA_VIEWS[tta](x)[v],
-                                    amp_dtype=amp_dtype)
-        views.append(feats)
-        targets = t
-    return torch.stack(views), targets

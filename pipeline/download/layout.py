@@ -21,7 +21,7 @@ import pandas as pd
 from pipeline.competition import Competition
 from pipeline.errors import PipelineError
 from pipeline.io import read_csv
-from pipeline.download.scan import Folder, scan_download  # noqa: F401  (scan_download: part of this module's API)
+from pipeline.download.scan import Folder
 
 log = logging.getLogger("pipeline")
 

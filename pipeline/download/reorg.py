@@ -30,19 +30,14 @@ import pandas as pd
 from pipeline.competition import Competition
 from pipeline.errors import PipelineError
 from pipeline.io import atomic_write_json, exclusive_lock, made_folder, os_error_message, remove_stale_temps
-from pipeline.download.layout import LAYOUT_FIELDS, Download, Folder, input_files, read_download, scan_download
-from pipeline.download.layout import read_labels  # noqa: F401  (part of this module's API)
+from pipeline.download.layout import LAYOUT_FIELDS, Download, Folder, input_files, read_download
+from pipeline.download.scan import scan_download
+from pipeline.workdir import FOLDS_FILE, LOCK_FILE, REORG_FILE, SAMPLE_FILE, SPLITS, TEST_CLASS_DIR
 
 log = logging.getLogger("pipeline")
 
-SPLITS = ("train", "valid", "train_valid")
-TEST_CLASS_DIR = "unknown"
-REORG_FILE = "reorg.json"
-FOLDS_FILE = "folds.csv"
-SAMPLE_FILE = "sample_submission.csv"  # a copy of the download's, for predict and check
 FORMAT_VERSION = 2  # part of the fingerprint: bump when the split algorithm changes
 STAGING_DIR, TRASH_DIR = ".staging", ".trash"  # the next tree, the replaced one (inside WORK_DIR)
-LOCK_FILE = ".reorg.lock"
 MAX_DIR_NAME = 200  # bytes of a class folder name, under every file system's 255
 
 

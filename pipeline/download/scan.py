@@ -32,7 +32,7 @@ class Folder:
     rel: str  # its path relative to RAW_DIR ("." for RAW_DIR itself)
     files: list[str]  # every non-hidden file under it, relative to it, "/"-separated, sorted
     stamp: bytes  # the files' names, sizes and mtimes: what the fingerprint sees
-    links: frozenset[str] = frozenset()  # the files that are links (to files inside the download)
+    links: frozenset[str] = frozenset()  # the files that are links (followed for reading, wherever they lead)
 
 
 def _scan(root: Path, depth: int | None, ext: str) -> tuple[list[str], bytes, frozenset]:

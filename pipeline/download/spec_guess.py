@@ -363,7 +363,8 @@ def init_spec(raw_dir: Path, out: Path, *, slug: str | None = None, force: bool 
 
 def check_spec(spec: Path, raw_dir: Path) -> str:
     """Read the download with the spec as reorg would, writing nothing: counts, or the first problem."""
-    from pipeline.download.layout import read_download, scan_download
+    from pipeline.download.layout import read_download
+    from pipeline.download.scan import scan_download
     from pipeline.download.specfile import load_spec
 
     try:

@@ -178,30 +178,8 @@ def _register(comp: Competition) -> None:
 
 # ---------------------------------------------------------------- writing
 
-# Every top-level field in the order a spec file lists it, with what it means
-FIELD_HELP = (
-    ("slug", "the CLI name; the Kaggle slug, which `pipeline submit` submits to"),
-    ("title", "free text"),
-    ("layout", "csv: a labels CSV lists the training images; folders: train_dir/<class>/<image>"),
-    ("labels_file", "layout csv: the CSV with one row per training image"),
-    ("id_column", "the id column of every CSV (labels, test file, sample submission)"),
-    ("label_column", "layout csv: the class column of labels_file"),
-    ("path_column", "a column of image paths (x.jpg, images/x.jpg); unset: <id><image_ext>"),
-    ("train_dir", "the folder of the training images, relative to this download"),
-    ("valid_dir", "layout folders: a given validation split, <valid_dir>/<class>/<image>"),
-    ("test_dir", "the folder of the test images"),
-    ("test_file", "a CSV listing the test ids (may be the sample submission); unset: every test_dir image"),
-    ("image_ext", "how image file names end"),
-    ("sample_submission", "Kaggle's example submission: its ids, columns and order are the submission's"),
-    ("submission", "label: one class-name column; probs: one probability column per class; "
-                   "binary: one probability column for the positive class"),
-    ("submission_label_column", "submission label: the class-name column"),
-    ("positive_label", "submission binary: the label whose probability is submitted (unset: 1 or true)"),
-    ("metric", "accuracy, log_loss, roc_auc, qwk or macro_f1 (the competition's Evaluation page)"),
-    ("image_size", "the side of the square the model sees"),
-    ("mean", "normalisation mean (RGB, 0-1)"),
-    ("std", "normalisation std (RGB, 0-1)"),
-)
+# Every top-level field in the order a spec file lists it, with what it means (declared with the field)
+FIELD_HELP = tuple((f.name, f.metadata["help"]) for f in dataclasses.fields(Competition) if "help" in f.metadata)
 
 
 def toml_value(value: Any) -> str:

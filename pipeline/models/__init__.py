@@ -10,16 +10,31 @@ from pipeline.models import fastnet as _fastnet  # noqa: F401  (registers its bu
 from pipeline.models import googlenet as _googlenet  # noqa: F401  (registers its builder)
 from pipeline.models import resnet as _resnet  # noqa: F401  (registers its builders)
 from pipeline.models.registry import create_model, list_models, register_model
-from pipeline.models.weights import (
-    LoadReport,
-    compute_loss,
-    freeze_backbone,
-    load_weights,
-    model_data_config,
-    param_groups,
-    set_train_mode,
-    unfreeze,
-)
+from pipeline.models.training import compute_loss, freeze_backbone, param_groups, set_train_mode, unfreeze
+from pipeline.models.weights import LoadReport, load_weights, model_data_config
+
+
+
+def model_from_config(cfg, num_classes: int, *, initial_weights: bool = True):
+    """The model a config (a TrainConfig) describes, backbone frozen when it says so.
+
+    ``initial_weights``: load the pretrained or --weights file weights (train);
+    predict passes False and loads the member's own state dict instead.
+    """
+    model = create_model(cfg.model, num_classes, pretrained=cfg.pretrained and initial_weights,
+                         weights=cfg.weights if initial_weights else None, head=cfg.model_head,
+                         head_hidden=cfg.head_hidden, drop_rate=cfg.drop_rate)
+    if cfg.freeze_backbone:
+        freeze_backbone(model)
+    return model
+
+
+def weights_data_config(model_name: str) -> dict:
+    """Input size and normalisation that a model's pretrained weights expect (the config's weights layer)."""
+    skeleton = create_model(model_name, num_classes=2)  # random init; only its config is read
+    data = model_data_config(skeleton, pretrained=True)
+    return {"image_size": int(data["input_size"][-1]), "mean": tuple(data["mean"]), "std": tuple(data["std"])}
+
 
 __all__ = [
     "LoadReport",
@@ -29,8 +44,10 @@ __all__ = [
     "list_models",
     "load_weights",
     "model_data_config",
+    "model_from_config",
     "param_groups",
     "register_model",
     "set_train_mode",
     "unfreeze",
+    "weights_data_config",
 ]

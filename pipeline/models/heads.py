@@ -17,7 +17,7 @@ the timm route can all use it.
 
 from __future__ import annotations
 
-from torch import nn
+from torch import Tensor, nn
 
 from pipeline.errors import PipelineError
 
@@ -83,3 +83,22 @@ def init_new_heads(model: nn.Module, paths: tuple[str, ...] | list[str]) -> None
     """``init_head_small`` on each of the modules at the dotted ``paths`` of ``model``."""
     for path in paths:
         init_head_small(model.get_submodule(path))
+
+
+class FeatureHead(nn.Module):
+    """Runs only the head of ``wrapped_model`` on pooled feature vectors (B, F).
+
+    The checkpoint is still the whole model (distributed.unwrap returns it),
+    so predict needs nothing special.
+    """
+
+    def __init__(self, model: nn.Module):
+        super().__init__()
+        self.wrapped_model = model
+
+    def forward(self, feats: Tensor) -> Tensor:
+        model = self.wrapped_model
+        if hasattr(model, "logits_from_pooled"):  # ours: the same head as the whole model's forward
+            return model.logits_from_pooled(feats)
+        rate = getattr(model, "drop_rate", 0.0) or 0.0  # timm: pooled (pre-logits) features -> classifier
+        return model.get_classifier()(nn.functional.dropout(feats, rate, self.training))

@@ -9,29 +9,21 @@ arrive stacked as (V, B, F).
 """
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 
 import numpy as np
 import torch
 from torch import nn
 
 from pipeline import distributed as dist
-from pipeline.data.items import BAD_TARGET
-from pipeline.devices import non_blocking, probe
+from pipeline.workdir import BAD_TARGET
+from pipeline.devices import autocast, non_blocking, probe
 from pipeline.progress import track
 
 TTA_VIEWS: dict[str, Callable[[torch.Tensor], list[torch.Tensor]]] = {
     "none": lambda x: [x],
     "flip": lambda x: [x, torch.flip(x, dims=[3])],  # (B, C, H, W): mirror left-right
 }
-
-
-def autocast(device: torch.device, dtype: torch.dtype | None):
-    """Mixed precision for ``dtype`` on ``device``; nothing when dtype is None."""
-    if dtype is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=dtype)
 
 
 def views_of(x: torch.Tensor, tta: str) -> list[torch.Tensor]:
@@ -43,7 +35,25 @@ def views_of(x: torch.Tensor, tta: str) -> list[torch.Tensor]:
     return [x]  # (B, F): one view of features
 
 
-@torch.no_grad()
+def forward_batches(fn: Callable[[torch.Tensor], torch.Tensor], loader: Iterable, device: torch.device, *,
+                    amp_dtype: torch.dtype | None = None, channels_last: bool = False, progress: str = "inference",
+                    total: int | None = None) -> Iterator[tuple[torch.Tensor, object, object]]:
+    """The one inference loop: each batch to the device (in channels_last where asked), ``fn`` under the
+    run's autocast, without gradients; yields (outputs, targets, positions) batch by batch.
+
+    Inference (:func:`infer`) and feature extraction (pipeline/data/features.py)
+    differ only in ``fn`` and in what they keep of its outputs.
+    """
+    copy_async = non_blocking(probe(device))
+    for x, y, idx in track(loader, progress, total, enabled=dist.is_main()):
+        x = x.to(device, non_blocking=copy_async)
+        if channels_last and x.ndim == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with torch.no_grad(), autocast(device, amp_dtype):
+            out = fn(x)
+        yield out, y, idx
+
+
 def infer(net: nn.Module, loader: Iterable, device: torch.device, *, tta: str = "none",
           amp_dtype: torch.dtype | None = None, channels_last: bool = False,
           progress: str | None = None, gather: bool = True) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -57,15 +67,14 @@ def infer(net: nn.Module, loader: Iterable, device: torch.device, *, tta: str = 
     there would wait forever for the other ranks).
     """
     net.eval()  # callers put the model back in training mode (frozen parts stay in eval)
-    probs, targets, positions = [], [], []
-    copy_async = non_blocking(probe(device))
-    for x, y, idx in track(loader, progress or "inference", enabled=dist.is_main()):
-        x = x.to(device, non_blocking=copy_async)
-        if channels_last and x.ndim == 4:
-            x = x.contiguous(memory_format=torch.channels_last)
+
+    def averaged(x: torch.Tensor) -> torch.Tensor:
         views = views_of(x, tta)
-        with autocast(device, amp_dtype):
-            p = sum(torch.softmax(net(v).float(), dim=1) for v in views) / len(views)
+        return sum(torch.softmax(net(v).float(), dim=1) for v in views) / len(views)
+
+    probs, targets, positions = [], [], []
+    for p, y, idx in forward_batches(averaged, loader, device, amp_dtype=amp_dtype, channels_last=channels_last,
+                                     progress=progress or "inference"):
         probs.append(p)
         targets.append(torch.as_tensor(y).to(device))
         positions.append(torch.as_tensor(idx).to(device))

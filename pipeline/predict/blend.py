@@ -27,7 +27,7 @@ from pipeline.data.items import list_split, load_reorg, read_folds
 from pipeline.errors import PipelineError
 from pipeline.io import atomic_write_json, read_csv
 from pipeline.metrics import bootstrap_interval, score
-from pipeline.download.reorg import SAMPLE_FILE
+from pipeline.workdir import SAMPLE_FILE
 from pipeline.runs import Run
 from pipeline.predict.submission import class_difference, positive_index, submission_clip, write_checked
 

@@ -15,10 +15,10 @@ import pandas as pd
 from pipeline.competition import Competition
 from pipeline.config import TrainConfig
 from pipeline.data.items import fold_split, n_folds
-from pipeline.metrics import bootstrap_interval, score
+from pipeline.metrics import bootstrap_interval, reported_metrics, score
 from pipeline.predict.stage import predict_items
 from pipeline.runs import FOLD, Member, Run, member_name
-from pipeline.predict.submission import positive_index, submission_clip
+from pipeline.predict.submission import in_class_order, positive_index, submission_clip
 
 log = logging.getLogger("pipeline")
 
@@ -62,10 +62,10 @@ def out_of_fold(cfg: TrainConfig, comp: Competition, info: dict, members: list[M
         _, valid_items = fold_split(cfg.work_dir, info, member.fold)
         ids, probs, run_classes = predict_items([member], valid_items, tta=cfg.tta, device=cfg.device,
                                                 num_workers=cfg.num_workers, unreadable="drop", weights=weights)
-        probs = pd.DataFrame(probs, columns=run_classes)[classes].to_numpy()  # by name
+        probs = in_class_order(probs, run_classes, classes)
         kept = set(ids)
         targets = np.array([it.target for it in valid_items if it.id in kept])
-        scores = score(probs, targets, len(classes), _names(comp), clip=submission_clip(comp),
+        scores = score(probs, targets, len(classes), reported_metrics(comp.metric), clip=submission_clip(comp),
                        positive=positive_index(comp))
         per_fold.append({"fold": member.fold, **scores, **_fold_meta(member)})
         frame = pd.DataFrame(probs, columns=classes)
@@ -75,15 +75,11 @@ def out_of_fold(cfg: TrainConfig, comp: Competition, info: dict, members: list[M
     return pd.concat(frames, ignore_index=True), per_fold
 
 
-def _names(comp: Competition) -> tuple[str, ...]:
-    return tuple(dict.fromkeys(("accuracy", "log_loss", comp.metric)))
-
-
 def _overall(oof: pd.DataFrame, comp: Competition, classes: list[str]) -> dict:
     """The CV score of an out-of-fold frame, every metric, and a bootstrap 95% interval."""
     targets = oof["label"].map({c: i for i, c in enumerate(classes)}).to_numpy()
     probs, clip = oof[classes].to_numpy(), submission_clip(comp)
-    overall = score(probs, targets, len(classes), _names(comp), clip=clip, positive=positive_index(comp))
+    overall = score(probs, targets, len(classes), reported_metrics(comp.metric), clip=clip, positive=positive_index(comp))
     interval = bootstrap_interval(probs, targets, len(classes), comp.metric, clip=clip, n=200)
     return {"cv": overall[comp.metric], "interval": list(interval), "overall": overall}
 

@@ -19,17 +19,20 @@ import pandas as pd
 import torch
 
 from pipeline import shm
-from pipeline.data.cache import FeatureHead
 from pipeline.competition import Competition
 from pipeline.config import TTAS, TrainConfig, load_resolved
 from pipeline.data.items import Item, list_split, load_reorg, training_fingerprint, unreadable_message
-from pipeline.data.plan import FeatureViews, backbone_views, eval_loader, plan_for, shared_backbone_groups
-from pipeline.distributed import resolve_device
+from pipeline.data.features import backbone_views
+from pipeline.data.loaders import FeatureViews
+from pipeline.data.plan import eval_loader, shared_backbone_groups
+from pipeline.models.heads import FeatureHead
+from pipeline.devices import resolve_device
+from pipeline.distributed import plan_for
 from pipeline.errors import PipelineError, check_choice
 from pipeline.models.inference import infer, normalise_rows, unreadable_positions
 from pipeline.io import read_csv
-from pipeline.models import create_model, set_train_mode
-from pipeline.download.reorg import SAMPLE_FILE
+from pipeline.models import model_from_config, set_train_mode
+from pipeline.workdir import SAMPLE_FILE
 from pipeline.runs import Member, Run, load_best, load_last
 from pipeline.predict.submission import class_difference, write_checked
 
@@ -58,7 +61,7 @@ def load_member(member: Member, device: torch.device, weights: str = "best") -> 
     state = load_best(member) if weights == "best" else load_last(member)
     cfg = TrainConfig.from_json(state["config"])
     classes = list(state["classes"])
-    model = create_model(cfg.model, len(classes), head=cfg.head, head_hidden=cfg.head_hidden, drop_rate=cfg.drop_rate)
+    model = model_from_config(cfg, len(classes), initial_weights=False)
     try:
         model.load_state_dict(state["model"])
     except RuntimeError as exc:
@@ -196,9 +199,7 @@ def predict(comp: Competition, work_dir: Path, run_dir: Path, out_csv: Path, mem
         raise PipelineError(f"{out_csv} already exists; pass --force to overwrite it or choose another name")
     if unreadable == "drop":
         raise PipelineError("--unreadable-test drop would leave ids out of the submission; use error or uniform")
-    info = load_reorg(work_dir)
-    if info["competition"] != comp.slug:
-        raise PipelineError(f"{work_dir} was reorganised for {info['competition']!r}, not {comp.slug!r}")
+    info = load_reorg(work_dir, comp.slug)
     run = Run(run_dir)
     config = match_run(run, comp, work_dir, info)
     if tta is None:

@@ -69,7 +69,7 @@ def build_submission(comp: Competition, ids: list[str], probs: np.ndarray, class
         if differ:
             raise PipelineError(f"the run's classes are not the sample submission's class columns: {differ}; "
                                 "predict with a run trained on this competition's data")
-        frame = pd.DataFrame(clean_probs(probs), columns=classes)[columns]
+        frame = pd.DataFrame(in_class_order(clean_probs(probs), classes, columns), columns=columns)
         frame.insert(0, comp.id_column, ids)
     order = sample[comp.id_column]
     frame = frame.set_index(comp.id_column)
@@ -183,7 +183,7 @@ def check_submission_file(comp: Competition, submission_csv: Path, sample: Path 
                           work_dir: Path | None = None) -> tuple[pd.DataFrame, list[str]]:
     """Read a submission CSV and list every problem against the sample (and the work dir's classes)."""
     from pipeline.io import read_csv, read_json
-    from pipeline.download.reorg import REORG_FILE, SAMPLE_FILE  # not pipeline.data.items: checking needs no torch
+    from pipeline.workdir import REORG_FILE, SAMPLE_FILE  # not pipeline.data.items: checking needs no torch
 
     if sample is None and work_dir is None:
         raise PipelineError("give --sample FILE (the competition's sample submission) or --work-dir DIR")
@@ -194,3 +194,14 @@ def check_submission_file(comp: Competition, submission_csv: Path, sample: Path 
                             "first", "run `pipeline reorg --force` to rebuild it")["classes"]
     frame = read_csv(submission_csv, what="submission")
     return frame, check_submission(comp, frame, read_csv(sample_path, what="sample submission"), classes)
+
+
+def in_class_order(probs: np.ndarray, have: list[str], want: list[str]) -> np.ndarray:
+    """Probability columns named ``have`` put in the order ``want`` names them: classes match by name, never by
+    position (cv, report and the submission all reorder through this)."""
+    index = {c: i for i, c in enumerate(have)}
+    missing = [c for c in want if c not in index]
+    if missing:
+        raise PipelineError(f"the probabilities have no column for {', '.join(map(repr, missing[:5]))}; "
+                            "predict with a run trained on this competition's data")
+    return np.asarray(probs)[:, [index[c] for c in want]]

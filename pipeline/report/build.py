@@ -19,12 +19,15 @@ from pipeline.data.items import Item, fold_split, list_split, load_reorg, read_i
 from pipeline.errors import PipelineError
 from pipeline.io import atomic_save, atomic_write_text, read_csv
 from pipeline.predict.stage import predict_items
-from pipeline.report.figures import (DPI, GRID_SIZE, image_grid, learning_curves_figure, mistake_titles, most_wrong,
-                                     prediction_frame, validation_figures, validation_scores, validation_tables)
-from pipeline.report.html import CAPTIONS, cv_frame, report_html, report_summary
+from pipeline.report.facts import (SINGLE_LABEL, absent_classes, member_facts, split_facts, training_items,
+                                   trains_over_epochs)
+from pipeline.report.figures import (DPI, GRID_SIZE, image_grid, mistake_titles, most_wrong, prediction_frame,
+                                     validation_figures, validation_scores, validation_tables)
+from pipeline.report.html import CAPTIONS, cv_frame, members_frame, report_html, report_summary
+from pipeline.report.training_figures import head_fit_figure, learning_curves_figure
 from pipeline.runs import HOLDOUT, Member, Run
 from pipeline.download.specfile import competition_of
-from pipeline.predict.submission import class_difference
+from pipeline.predict.submission import class_difference, in_class_order
 
 log = logging.getLogger("pipeline")
 
@@ -99,7 +102,7 @@ def validation_predictions(run_dir: Path, work_dir: Path, info: dict, device: st
             if differ:
                 raise PipelineError(f"{member.dir} was trained on other classes than {work_dir} holds ({differ}); "
                                     "pass the --work-dir the run used")
-            probs = pd.DataFrame(probs, columns=run_classes)[classes].to_numpy()  # by name
+            probs = in_class_order(probs, run_classes, classes)
             if probs.shape[1] != len(classes):
                 raise PipelineError(f"{member.dir} predicts {probs.shape[1]} classes, {work_dir} has {len(classes)}; "
                                     "pass the --work-dir the run used")
@@ -134,13 +137,18 @@ def training_images_figure(work_dir: Path, info: dict, seed: int = 0) -> Figure:
                       title=f"training images ({len(shown)} of {len(items)})", empty="no readable images")
 
 
-def mistakes_figure(preds: pd.DataFrame, classes: list[str], paths: dict[str, Path]) -> Figure:
-    """The wrong validation images that gave the true class the least probability."""
-    wrong = most_wrong(preds, classes)
+def mistakes_figure(preds: pd.DataFrame, classes: list[str], paths: dict[str, Path],
+                    absent: np.ndarray | None = None) -> Figure:
+    """The wrong validation images that gave the true class the least probability, the model's
+    mistakes first; an image whose class its member never trained on (``absent``) is marked."""
+    wrong = most_wrong(preds, classes, absent=absent)
     titles = dict(zip(wrong["id"], mistake_titles(wrong)))
     shown = _readable([Item(i, paths[i], -1) for i in wrong["id"] if i in paths])
+    n_absent = int(np.sum(absent)) if absent is not None else 0
+    note = (f"\n{n_absent} images of classes absent from their fold's training rows: after the model's "
+            "mistakes, marked" if n_absent else "")
     return image_grid([image for _, image in shown], [titles[it.id] for it, _ in shown],
-                      title="most wrong (validation): true → predicted (p of the true class)",
+                      title=f"most wrong (validation): true → predicted (p of the true class){note}",
                       empty="every validation image is predicted correctly")
 
 
@@ -170,43 +178,120 @@ def run_metric(config: dict, cv: dict | None) -> str | None:
         return known
 
 
-def _summary(run_dir: Path, metrics: dict[str, pd.DataFrame]) -> tuple[dict, dict | None, str | None]:
-    """The report's summary of a run, its CV score (None without one) and its competition's metric."""
+def run_facts(run_dir: Path, work_dir: Path, info: dict) -> list[dict]:
+    """Every member's facts (pipeline/report/facts.py) with its training images and the classes absent
+    from them; members with neither a config nor metrics (an empty folder) are left out."""
+    run = Run(run_dir)
+    config, document = _or_none(lambda: load_resolved(run.config_path)) or (None, {})
+    run_config = config.to_json() if config is not None else {}
+    found = []
+    for member in run.members():
+        if not (member.config_path.is_file() or member.metrics_path.is_file()):
+            continue
+        facts = member_facts(member, run_config, document.get("notes") or ())
+        items = _or_none(lambda: training_items(member, work_dir, info))
+        if items is not None:
+            facts["train_images"] = facts.get("train_images") or len(items)  # older runs: from the split
+            facts["absent_classes"] = absent_classes(info["classes"], [it.target for it in items])
+        found.append(facts)
+    return found
+
+
+def absent_rows(preds: pd.DataFrame, run_dir: Path, work_dir: Path, info: dict, facts: list[dict]) -> np.ndarray:
+    """(N,) bool over a predictions frame: the row's class is absent from the training rows of the member
+    that predicted it (the fold holding the image, or the holdout member)."""
+    absent = {f["member"]: set(f.get("absent_classes") or ()) for f in facts}
+    of_id: dict[str, set] = {}
+    for member in Run(run_dir).members():
+        if absent.get(member.name):
+            of_id.update({it.id: absent[member.name] for it in _or_none(lambda: _valid_items(member, work_dir, info))
+                          or []})
+    return np.array([label in of_id.get(i, ()) for i, label in zip(preds["id"], preds["label"])], dtype=bool)
+
+
+def single_label_figures(preds: pd.DataFrame, classes: list[str], source: str, metric: str,
+                         absent: np.ndarray, paths: dict[str, Path]) -> tuple[dict, dict, dict]:
+    """(figures by file name, tables by heading, summary lines) of a single-label run's validation predictions."""
+    scores = validation_scores(preds, classes, metric)
+    summary = {f"{source} {name}": f"{value:.4f} ({len(preds)} images)" for name, value in scores.items()}
+    if absent.any():
+        summary["images of classes absent from training"] = (
+            f"{int(absent.sum())} of {len(preds)} validation images ({preds['label'][absent].nunique()} classes): "
+            "their member never trained on their class; marked in the figures and tables")
+    figures = validation_figures(preds, classes, source, scores, absent)
+    figures["most_wrong.png"] = mistakes_figure(preds, classes, paths, absent)
+    return figures, validation_tables(preds, classes, absent), summary
+
+
+# a task kind's figures of the validation predictions; a new kind (multi-label, regression) adds its function
+TASK_FIGURES = {SINGLE_LABEL: single_label_figures}
+
+
+def training_figures(metrics: dict[str, pd.DataFrame], facts: list[dict], metric: str) -> tuple[dict, dict]:
+    """(figures by file name, summary lines) of how the members trained, as each member's facts allow:
+    learning curves of members trained over several epochs, the inner-CV curve of fitted heads."""
+    by_name = {f["member"]: f for f in facts}
+    curves = {n: m for n, m in metrics.items() if trains_over_epochs(by_name.get(n, {"epochs_run": len(m)}))}
+    figures, summary = {}, {}
+    if curves:
+        phases = {n: by_name[n]["unfreeze_after"] for n in curves if n in by_name}
+        figures["learning_curves.png"] = learning_curves_figure(curves, metric, phases)
+    else:
+        summary["learning curves"] = "none: no member trained over several epochs (a fitted head has no curve)"
+    fits = {f["member"]: f["fit_record"] for f in facts if f.get("fit_record")}
+    if fits:
+        figures["head_fit.png"] = head_fit_figure(fits)
+    return figures, summary
+
+
+def _summary(run_dir: Path, metrics: dict[str, pd.DataFrame], facts: list[dict]
+             ) -> tuple[dict, dict, pd.DataFrame, dict | None, str | None]:
+    """The report's summary of a run, the settings its members share, its members table (what differs
+    between them), its CV score (None without one) and its competition's metric."""
     run = Run(run_dir)
     cv = _or_none(run.read_cv)
     done = {name: _or_none(run.member(name).done) for name in metrics}
     config = _or_none(lambda: load_resolved(run.config_path)[0].to_json()) or {}
     metric = run_metric(config, cv)
-    return report_summary(config, cv, done, metric), cv, metric
+    shared, differing = split_facts(facts)
+    return (report_summary(config, cv, done, metric, with_facts=True), shared,
+            members_frame(differing, done, metric), cv, metric)
 
 
 def write_report(run_dir: Path, work_dir: Path, out_dir: Path, device: str = "auto") -> list[Path]:
     """The run's PNGs and report.html, the page that shows them, in ``out_dir``.
 
-    PNGs: learning curves (with the learning rate), training images and, from
-    the validation predictions, the confusion matrix (up to 25 classes; above,
-    the most confused pairs and per-class accuracy) and the most wrong images.
+    What each member ran comes from its facts (pipeline/report/facts.py):
+    they fill the summary and the members table and choose the figures
+    (learning curves with the learning rate only for members trained over
+    several epochs, the inner-CV curve for fitted heads). Then training
+    images and, from the validation predictions, the task kind's figures:
+    the confusion matrix (up to 25 classes; above, the most confused pairs
+    and per-class accuracy) and the most wrong images, classes absent from
+    a member's training rows marked.
     """
     run_dir, work_dir, out_dir = Path(run_dir), Path(work_dir), Path(out_dir)
     info = load_reorg(work_dir)
     classes = info["classes"]
     metrics = read_metrics(run_dir)
-    summary, cv, metric = _summary(run_dir, metrics)
-    figures = {"learning_curves.png": learning_curves_figure(metrics, metric or "accuracy"),
-               "train_images.png": training_images_figure(work_dir, info)}
+    facts = run_facts(run_dir, work_dir, info)
+    summary, settings, members, cv, metric = _summary(run_dir, metrics, facts)
+    figures, notes = training_figures(metrics, facts, metric or "accuracy")
+    summary.update(notes)
+    figures["train_images.png"] = training_images_figure(work_dir, info)
     preds, tables = validation_predictions(run_dir, work_dir, info, device), {}
     if len(preds):
         source = "out-of-fold" if Run(run_dir).oof_path.is_file() else "validation"
-        scores = validation_scores(preds, classes, metric or "accuracy")
-        summary.update({f"{source} {name}": f"{value:.4f} ({len(preds)} images)" for name, value in scores.items()})
-        figures.update(validation_figures(preds, classes, source, scores))
         paths = {it.id: it.path for it in list_split(work_dir, info, "train_valid")}
-        figures["most_wrong.png"] = mistakes_figure(preds, classes, paths)
-        tables = validation_tables(preds, classes)
+        absent = absent_rows(preds, run_dir, work_dir, info, facts)
+        task = facts[0]["task"] if facts else SINGLE_LABEL
+        task_figures, tables, lines = TASK_FIGURES[task](preds, classes, source, metric or "accuracy", absent, paths)
+        figures.update(task_figures)
+        summary.update(lines)
     else:
         log.warning("%s has no validation predictions (a --full run?): no confusion matrix or mistakes", run_dir)
     written = [save_figure(fig, out_dir / name) for name, fig in figures.items()]
     images = [(CAPTIONS.get(p.name, p.stem), p.name) for p in written]
-    page = report_html(f"Report of {run_dir}", summary, cv_frame(cv), images, tables)
+    page = report_html(f"Report of {run_dir}", summary, cv_frame(cv), images, tables, members, settings)
     atomic_write_text(out_dir / REPORT_PAGE, page)
     return [*written, out_dir / REPORT_PAGE]

@@ -16,7 +16,6 @@ import numpy as np
 import pandas as pd
 from matplotlib import colormaps
 from matplotlib.figure import Figure
-from matplotlib.lines import Line2D
 from matplotlib.ticker import MaxNLocator
 
 from pipeline.errors import PipelineError
@@ -75,36 +74,49 @@ def top_confused_pairs(preds: pd.DataFrame, classes: list[str], k: int = PAIRS_S
     return frame.sort_values(["count", "share"], ascending=False, kind="stable").head(k).reset_index(drop=True)
 
 
-def per_class_accuracy(preds: pd.DataFrame, classes: list[str]) -> pd.DataFrame:
-    """Accuracy of each true class, worst first: columns class, n, accuracy, mean_p_true.
+def per_class_accuracy(preds: pd.DataFrame, classes: list[str], absent: np.ndarray | None = None) -> pd.DataFrame:
+    """Accuracy of each true class, worst first: columns class, n, accuracy, mean_p_true, absent.
 
     mean_p_true is the mean probability given to the true class (ties in
     accuracy go to the lower one). A class without images has n 0 and NaN, last.
+    ``absent`` (N,) marks the rows whose class was absent from the training rows of
+    the member that predicted them; the column ``absent`` counts them per class.
     """
     true, probs = _targets_and_probs(preds, classes)
     c = len(classes)
     n = np.bincount(true, minlength=c)
     right = np.bincount(true, weights=(probs.argmax(axis=1) == true).astype(np.float64), minlength=c)
     p_true = np.bincount(true, weights=probs[np.arange(len(true)), true], minlength=c)
+    missing = np.bincount(true, weights=_absent(absent, len(true)), minlength=c).astype(np.int64)
     with np.errstate(invalid="ignore", divide="ignore"):
-        frame = pd.DataFrame({"class": classes, "n": n, "accuracy": right / n, "mean_p_true": p_true / n})
+        frame = pd.DataFrame({"class": classes, "n": n, "accuracy": right / n, "mean_p_true": p_true / n,
+                              "absent": missing})
     return frame.sort_values(["accuracy", "mean_p_true"], kind="stable", na_position="last").reset_index(drop=True)
 
 
-def most_wrong(preds: pd.DataFrame, classes: list[str], k: int = GRID_SIZE) -> pd.DataFrame:
+def _absent(absent: np.ndarray | None, n: int) -> np.ndarray:
+    """(N,) bool: the rows whose class the predicting member never trained on (none when unknown)."""
+    return np.zeros(n, dtype=bool) if absent is None else np.asarray(absent, dtype=bool)
+
+
+def most_wrong(preds: pd.DataFrame, classes: list[str], k: int = GRID_SIZE,
+               absent: np.ndarray | None = None) -> pd.DataFrame:
     """The ``k`` wrong predictions that gave the true class the least probability.
 
-    Columns id, label, predicted, p_true, p_predicted; lowest p_true first
-    (ties keep the frame's order).
+    Columns id, label, predicted, p_true, p_predicted, absent; lowest p_true
+    first (ties keep the frame's order). ``absent`` (N,) marks rows whose class
+    the predicting member never trained on: missing data, not a model mistake,
+    so they come after the model's mistakes (and their column says so).
     """
     true, probs = _targets_and_probs(preds, classes)
     predicted = probs.argmax(axis=1)
     rows = np.arange(len(true))
     frame = pd.DataFrame({"id": preds["id"].to_numpy(), "label": preds["label"].to_numpy(),
                           "predicted": np.asarray(classes, dtype=object)[predicted],
-                          "p_true": probs[rows, true], "p_predicted": probs[rows, predicted]})
+                          "p_true": probs[rows, true], "p_predicted": probs[rows, predicted],
+                          "absent": _absent(absent, len(true))})
     wrong = frame[predicted != true]
-    return wrong.sort_values("p_true", kind="stable").head(k).reset_index(drop=True)
+    return wrong.sort_values(["absent", "p_true"], kind="stable").head(k).reset_index(drop=True)
 
 
 def accuracy_of(preds: pd.DataFrame, classes: list[str]) -> float:
@@ -121,7 +133,9 @@ def validation_scores(preds: pd.DataFrame, classes: list[str], metric: str = "ac
     from pipeline.metrics import score  # sklearn loads only when the report scores
 
     true, probs = _targets_and_probs(preds, classes)
-    names = tuple(dict.fromkeys((metric, "accuracy", "log_loss")))  # the competition's first, once
+    from pipeline.metrics import reported_metrics
+
+    names = tuple(dict.fromkeys((metric, *reported_metrics(metric))))  # the competition's first, once
     return score(probs, true, len(classes), names)
 
 
@@ -141,17 +155,25 @@ def best_epoch(frame: pd.DataFrame, metric: str) -> int | None:
     return int(frame.loc[at, "epoch"])
 
 
-def validation_tables(preds: pd.DataFrame, classes: list[str]) -> dict[str, pd.DataFrame]:
-    """The report's tables of a predictions frame, by heading."""
-    wrong = most_wrong(preds, classes, PAIRS_SHOWN).rename(columns={"label": "true"})
+ABSENT_COLUMN = "class absent from training"  # the tables' name for the ``absent`` column
+
+
+def validation_tables(preds: pd.DataFrame, classes: list[str],
+                      absent: np.ndarray | None = None) -> dict[str, pd.DataFrame]:
+    """The report's tables of a predictions frame, by heading (``absent``: see :func:`most_wrong`)."""
+    wrong = most_wrong(preds, classes, PAIRS_SHOWN, absent).rename(columns={"label": "true", "absent": ABSENT_COLUMN})
+    per_class = per_class_accuracy(preds, classes, absent).rename(columns={"absent": f"{ABSENT_COLUMN} (images)"})
     return {"most confused pairs": top_confused_pairs(preds, classes),
-            "most wrong (lowest probability on the true class)": wrong,
-            "per-class accuracy (worst first)": per_class_accuracy(preds, classes)}
+            "most wrong (lowest probability on the true class; the model's mistakes first)": wrong,
+            "per-class accuracy (worst first)": per_class}
 
 
 def mistake_titles(wrong: pd.DataFrame) -> list[str]:
-    """'id' over 'true → predicted (p_true)' for each row of :func:`most_wrong`."""
-    return [f"{r.id}\n{r.label} → {r.predicted} ({_probability(r.p_true)})" for r in wrong.itertuples(index=False)]
+    """'id' over 'true → predicted (p_true)' for each row of :func:`most_wrong`; a row whose class its
+    member never trained on says so."""
+    return [f"{r.id}\n{r.label} → {r.predicted} ({_probability(r.p_true)})"
+            + ("\nclass absent from training" if getattr(r, "absent", False) else "")
+            for r in wrong.itertuples(index=False)]
 
 
 def _probability(p: float) -> str:
@@ -173,52 +195,6 @@ def prediction_frame(ids: list[str], targets: list[int], probs: np.ndarray, clas
 
 
 # ---------------------------------------------------------------- figures
-
-
-def learning_curves_figure(metrics: dict[str, pd.DataFrame], metric: str = "accuracy") -> Figure:
-    """Loss per epoch (train solid, valid dashed), the competition's validation metric and the learning
-    rate, one colour per member; a star marks each member's best epoch under the metric's direction.
-
-    The metric panel plots metrics.csv's ``valid_<metric>`` (``valid_accuracy`` when no frame has it).
-    The learning-rate panel (metrics.csv's ``lr``: the head's rate at the end of each epoch) is drawn
-    when the frames have that column.
-    """
-    if not any(f"valid_{metric}" in m for m in metrics.values()):
-        metric = "accuracy"
-    column = f"valid_{metric}"
-    has_valid = any(column in m for m in metrics.values())
-    has_lr = any("lr" in m for m in metrics.values())
-    panels = 1 + has_valid + has_lr
-    fig = Figure(figsize=(1 + 5 * panels, 4.2), layout="constrained")
-    axes = fig.subplots(1, panels, squeeze=False)[0]
-    colours = colormaps["tab10"]
-    for i, (name, m) in enumerate(metrics.items()):
-        style = dict(color=colours(i % 10), marker="o" if len(m) <= 30 else None, markersize=3)
-        axes[0].plot(m["epoch"], m["train_loss"], label=name, **style)
-        if "valid_loss" in m:
-            axes[0].plot(m["epoch"], m["valid_loss"], linestyle="--", **style)
-        if has_valid and column in m:
-            axes[1].plot(m["epoch"], m[column], label=name, **style)
-            best = best_epoch(m, metric)
-            if best is not None:  # a scatter, not a line: the panel's lines stay one per member
-                axes[1].scatter([best], m.loc[m["epoch"] == best, column].iloc[:1], marker="*", s=120,
-                                color=style["color"], edgecolors="black", zorder=3)
-        if has_lr and "lr" in m:
-            axes[-1].plot(m["epoch"], m["lr"], **style)
-    axes[0].set(title="loss", xlabel="epoch", ylabel="cross-entropy")
-    kinds = [Line2D([], [], color="black", label="train loss"),
-             Line2D([], [], color="black", linestyle="--", label="valid loss")]
-    members, _ = axes[0].get_legend_handles_labels()
-    fig.legend(handles=members + (kinds if has_valid else kinds[:1]), loc="outside right upper", fontsize=8)
-    if has_valid:
-        axes[1].set(title=f"valid {metric} (★ best epoch)", xlabel="epoch", ylabel=metric)
-    if has_lr:
-        axes[-1].set(title="learning rate (end of epoch)", xlabel="epoch", ylabel="lr")
-        axes[-1].ticklabel_format(axis="y", style="sci", scilimits=(-3, 3))
-    for ax in axes:
-        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-        ax.grid(alpha=0.3)
-    return fig
 
 
 def confusion_figure(matrix: np.ndarray, classes: list[str], title: str = "") -> Figure:
@@ -296,14 +272,22 @@ def per_class_figure(table: pd.DataFrame, worst: int = WORST_SHOWN, best: int = 
     fig = Figure(figsize=(8, 1.6 + 0.24 * len(shown)), layout="constrained")
     ax = fig.subplots()
     accuracy = shown["accuracy"].to_numpy()
-    _ranked_bars(ax, [f"{c} ({k})" for c, k in zip(shown["class"], shown["n"])], accuracy,
-                 [f"{a:.2f}" for a in accuracy], colormaps["RdYlGn"](accuracy))
+    missing = shown["absent"].to_numpy() if "absent" in shown else np.zeros(len(shown), dtype=int)
+    labels = [f"{c} ({k})" + (" absent" if m else "") for c, k, m in zip(shown["class"], shown["n"], missing)]
+    _ranked_bars(ax, labels, accuracy, [f"{a:.2f}" for a in accuracy], colormaps["RdYlGn"](accuracy))
+    for row, (bar, m) in enumerate(zip(ax.patches, missing)):
+        if m:  # missing data, not a model mistake: a shaded row (a 0-accuracy bar has no width to hatch)
+            bar.set_hatch("//")
+            ax.axhspan(row - 0.45, row + 0.45, color="0.88", zorder=0)
     ax.plot(shown["mean_p_true"], range(len(shown)), "k|", markersize=9, label="mean p(true class)")
     if cut:
         ax.axhline(worst - 0.5, color="black", linestyle=":")
     which = f"; the worst {worst} and best {best} shown" if cut else ""
+    n_absent = int((scored["absent"] > 0).sum()) if "absent" in scored else 0
+    note = (f"\nshaded, 'absent': {n_absent} classes absent from the training rows\nof the member that "
+            "predicted them (missing data, not mistakes)" if n_absent else "")
     ax.set(xlim=(0, 1.12), xlabel="accuracy (validation images of the class in brackets)",
-           title=f"per-class accuracy, worst first ({len(scored)} classes{which})")
+           title=f"per-class accuracy, worst first\n({len(scored)} classes{which}){note}")
     ax.legend(loc="lower right", fontsize=8)
     return fig
 
@@ -330,16 +314,21 @@ def predictions_figure(entries: list[tuple[np.ndarray, str, list[tuple[str, floa
 
 
 def validation_figures(preds: pd.DataFrame, classes: list[str], source: str,
-                       scores: dict[str, float] | None = None) -> dict[str, Figure]:
+                       scores: dict[str, float] | None = None, absent: np.ndarray | None = None
+                       ) -> dict[str, Figure]:
     """Figures of a predictions frame by file name: the confusion matrix up to
     CONFUSION_MAX_CLASSES classes, else the most confused pairs and per-class accuracy.
-    Titled with ``scores`` (:func:`validation_scores`; default: the accuracy)."""
+    Titled with ``scores`` (:func:`validation_scores`; default: the accuracy); ``absent``
+    (see :func:`most_wrong`) marks classes a member never trained on."""
     scores = scores if scores is not None else {"accuracy": accuracy_of(preds, classes)}
     title = f"{source}: {len(preds)} images, " + ", ".join(f"{k} {v:.4f}" for k, v in scores.items())
+    table = per_class_accuracy(preds, classes, absent)
     if len(classes) <= CONFUSION_MAX_CLASSES:
-        return {"confusion_matrix.png": confusion_figure(confusion_counts(preds, classes), classes, title)}
+        marked = set(table.loc[table["absent"] > 0, "class"])
+        names = [f"{c} (absent)" if c in marked else c for c in classes]
+        return {"confusion_matrix.png": confusion_figure(confusion_counts(preds, classes), names, title)}
     return {"confused_pairs.png": confused_pairs_figure(top_confused_pairs(preds, classes), title),
-            "per_class_accuracy.png": per_class_figure(per_class_accuracy(preds, classes))}
+            "per_class_accuracy.png": per_class_figure(table)}
 
 
 def image_grid(images: list[np.ndarray], titles: list[str], title: str = "", empty: str = "no images",
@@ -357,6 +346,6 @@ def image_grid(images: list[np.ndarray], titles: list[str], title: str = "", emp
         _show(ax, image)
         lines = [part for line in text.splitlines() for part in textwrap.wrap(line, 32, break_on_hyphens=False)]
         ax.set_title("\n".join(lines), fontsize=9)
-    if title:
-        fig.suptitle(title)
+    if title:  # wrapped to the grid's width
+        fig.suptitle("\n".join(textwrap.fill(line, 24 * cols + 4) for line in title.splitlines()))
     return fig

@@ -14,7 +14,9 @@ from urllib.parse import quote
 import numpy as np
 import pandas as pd
 
-# config.json keys worth a line in the summary, in the order shown
+# the run's config.json keys worth a line in the summary (what each member ran comes from its facts)
+RUN_KEYS = ("competition", "folds", "fold", "full", "tta", "seed")
+# without member facts (a caller's own summary): the config's keys, in the order shown
 SUMMARY_KEYS = ("competition", "model", "pretrained", "image_size", "augment", "epochs", "batch_size",
                 "optimizer", "lr", "schedule", "weight_decay", "label_smoothing", "mixup", "cutmix", "ema",
                 "folds", "fold", "full", "tta", "seed")
@@ -22,12 +24,20 @@ SUMMARY_KEYS = ("competition", "model", "pretrained", "image_size", "augment", "
 # under each figure of the page, by file name
 CAPTIONS = {
     "learning_curves.png": "Loss, the competition's metric on validation (★ each member's best epoch) and "
-                           "learning rate per epoch, one colour per member.",
+                           "learning rate per epoch, one colour per member; only members trained over several "
+                           "epochs (a fitted head has no curve). With --unfreeze-after a dotted line marks where "
+                           "the whole model starts training; a fitted epoch has no learning rate.",
+    "head_fit.png": "Fitted heads: the inner-CV log loss of each regularisation strength C tried on the member's "
+                    "training rows (★ the chosen C), one colour per member.",
     "train_images.png": "Random training images under their class names.",
     "confusion_matrix.png": "Confusion matrix of the validation predictions, coloured by share of the true class.",
     "confused_pairs.png": "The most frequent mistakes: true class → predicted class.",
-    "per_class_accuracy.png": "Accuracy per class, worst first; the tick is the mean probability of the true class.",
-    "most_wrong.png": "Wrong validation images that gave their true class the least probability.",
+    "per_class_accuracy.png": "Accuracy per class, worst first; the tick is the mean probability of the true class. "
+                              "Shaded rows, marked 'absent': classes absent from the training rows of the member "
+                              "that predicted them (missing data, not a model mistake).",
+    "most_wrong.png": "Wrong validation images that gave their true class the least probability, classes the "
+                      "member trained on first; an image whose class was absent from its fold's training rows "
+                      "is marked 'class absent from training'.",
 }
 
 STYLE = """
@@ -36,6 +46,8 @@ nav a { margin-right: 1em; }
 table { border-collapse: collapse; margin: 0.5em 0 1.5em; font-size: 0.9em; }
 th, td { border: 1px solid #ccc; padding: 0.2em 0.6em; text-align: left; }
 td.num { text-align: right; font-variant-numeric: tabular-nums; }
+.scroll { overflow-x: auto; max-width: 100%; }
+table.summary td { overflow-wrap: anywhere; }
 thead th { background: #f0f0f0; position: sticky; top: 0; }
 figure { margin: 1em 0 2em; }
 figure img { max-width: 100%; border: 1px solid #ddd; }
@@ -77,38 +89,58 @@ def _best_epoch(done: dict | None, metric: str | None = None) -> str:
 
 
 def report_summary(config: dict, cv: dict | None, members: dict[str, dict | None],
-                   metric: str | None = None) -> dict[str, str]:
+                   metric: str | None = None, with_facts: bool = False) -> dict[str, str]:
     """Key values of a run: its config, the competition's metric, number of members, CV score, each
     member's best epoch.
 
     ``config`` is config.json's content, ``cv`` cv.json's (None without one),
     ``members`` each member's done.json by name (None while it trains) and
-    ``metric`` the competition's (pipeline/metrics.py; None: unknown).
+    ``metric`` the competition's (pipeline/metrics.py; None: unknown). ``with_facts``:
+    what the members ran is shown from their facts (pipeline/report/facts.py) in
+    the settings and members tables, so the summary keeps the run's own keys
+    (competition, folds, tta, seed) and each member's best epoch goes to the
+    members table (:func:`members_frame`); without, the recipe's settings are listed.
     """
     from pipeline.metrics import check_metric
 
     summary = {"mode": _mode(config)}
-    summary.update({key: _text(config[key]) for key in SUMMARY_KEYS if key in config})
+    if with_facts:  # a fold run's "fold: None, full: False" says nothing
+        summary.update({key: _text(config[key]) for key in RUN_KEYS
+                        if key in config and (key == "seed" or config[key] not in (None, False, 0))})
+    else:
+        summary.update({key: _text(config[key]) for key in SUMMARY_KEYS if key in config})
     if metric:
         summary["metric"] = f"{metric} ({'higher' if check_metric(metric).greater_is_better else 'lower'} is better)"
     summary["members"] = str(len(members))
     if cv and cv.get("cv") is not None:
         summary[f"CV {cv.get('metric', 'score')}"] = _text(float(cv["cv"]))
-    for name, done in members.items():
-        summary[f"best epoch, {name}"] = _best_epoch(done, metric)
+    if not with_facts:
+        for name, done in members.items():
+            summary[f"best epoch, {name}"] = _best_epoch(done, metric)
     return summary
+
+
+def members_frame(differing: pd.DataFrame, members: dict[str, dict | None], metric: str | None = None
+                  ) -> pd.DataFrame:
+    """One row per member: its name, the facts that differ between members, its kept/best epoch."""
+    frame = differing.copy()
+    frame["best epoch"] = [_best_epoch(members.get(name), metric) for name in frame["member"]]
+    return frame
 
 
 def cv_frame(cv: dict | None) -> pd.DataFrame | None:
     """cv.json's per-fold rows and an 'all' row of the out-of-fold scores; None without folds."""
     if not cv or not cv.get("folds"):
         return None
-    frame = pd.DataFrame(cv["folds"])
-    overall = pd.DataFrame([{"fold": "all", **cv.get("overall", {})}])
-    return pd.concat([frame, overall], ignore_index=True)
+    rows = [*cv["folds"], {"fold": "all", **cv.get("overall", {})}]
+    columns = list(dict.fromkeys(k for row in rows for k in row))
+    # object columns: a whole number stays an int (a float column would print epoch 7 as 7.0000)
+    return pd.DataFrame([[row.get(c) for c in columns] for row in rows], columns=columns, dtype=object)
 
 
 def _cell(value: object) -> str:
+    if value is None:
+        return "<td></td>"
     if isinstance(value, (bool, np.bool_)):
         return f"<td>{_esc(value)}</td>"
     if isinstance(value, (float, np.floating)):
@@ -123,12 +155,12 @@ def table_html(frame: pd.DataFrame) -> str:
     head = "".join(f"<th>{_esc(c)}</th>" for c in frame.columns)
     body = "\n".join("<tr>" + "".join(_cell(v) for v in row) + "</tr>"
                      for row in frame.itertuples(index=False, name=None))
-    return f"<table>\n<thead><tr>{head}</tr></thead>\n<tbody>\n{body}\n</tbody>\n</table>"
+    return f'<div class="scroll"><table>\n<thead><tr>{head}</tr></thead>\n<tbody>\n{body}\n</tbody>\n</table></div>'
 
 
 def _summary_html(summary: dict) -> str:
     rows = "\n".join(f"<tr><th>{_esc(k)}</th><td>{_esc(v)}</td></tr>" for k, v in summary.items())
-    return f"<table>\n{rows}\n</table>"
+    return f'<table class="summary">\n{rows}\n</table>'
 
 
 def _figure_html(caption: str, filename: str) -> str:
@@ -138,12 +170,18 @@ def _figure_html(caption: str, filename: str) -> str:
 
 
 def report_html(title: str, summary: dict, cv_table: pd.DataFrame | None, images: list[tuple[str, str]],
-                tables: dict[str, pd.DataFrame]) -> str:
-    """The whole report.html: summary, CV table, every image (caption, file name) and table.
-
-    A navigation line at the top links each section.
+                tables: dict[str, pd.DataFrame], members: pd.DataFrame | None = None,
+                settings: dict | None = None) -> str:
+    """The whole report.html: summary, the settings every member ran (``settings``), the members
+    (one row each: what differs between them, ``members``), CV table, every image (caption, file
+    name) and table. A navigation line at the top links each section.
     """
     sections = [("summary", "Summary", _summary_html(summary))]
+    if settings:
+        shown = {key: _text(value) for key, value in settings.items()}
+        sections.append(("settings", "What every member ran", _summary_html(shown)))
+    if members is not None and len(members):
+        sections.append(("members", "Members", table_html(members)))
     if cv_table is not None and len(cv_table):
         sections.append(("cv", "Cross-validation", table_html(cv_table)))
     if images:

@@ -16,12 +16,10 @@ from torch import nn
 
 from pipeline import distributed as dist, signals
 from pipeline.config import TrainConfig
-from pipeline.data.items import BAD_TARGET
-from pipeline.data.plan import plan_for
-from pipeline.devices import DevicePlan
+from pipeline.workdir import BAD_TARGET
+from pipeline.devices import DevicePlan, autocast
 from pipeline.errors import PipelineError
-from pipeline.models.inference import autocast
-from pipeline.metrics import better
+from pipeline.metrics import better, valid_key
 from pipeline.models import compute_loss, param_groups, set_train_mode
 from pipeline.progress import track
 
@@ -190,16 +188,10 @@ def backward_step(loss: torch.Tensor, optimizer, model: nn.Module, cfg: TrainCon
         optimizer.step()
 
 
-def make_runtime(cfg: TrainConfig, device: torch.device, n_train: int, plan: DevicePlan | None = None,
-                 epoch: int = 0) -> Runtime:
-    """Precision, memory format and step counts of the phase holding ``epoch``; ``plan`` (the member's,
-    from pipeline/devices.py; default: planned here for ``cfg``) decided the first two."""
-    plan = plan or plan_for(cfg, device)
+def make_runtime(cfg: TrainConfig, device: torch.device, steps: int, plan: DevicePlan, epoch: int = 0) -> Runtime:
+    """The runtime of the phase holding ``epoch``: ``steps`` per epoch (the member plan's), precision and
+    memory format as the member's device plan (pipeline/devices.py) decided."""
     scaler = torch.amp.GradScaler(device.type) if plan.grad_scaler else None
-    per_rank = dist.per_process(n_train)
-    steps = max(1, per_rank // cfg.batch_size)  # drop_last: every step a full batch
-    if cfg.steps_per_epoch:
-        steps = min(steps, cfg.steps_per_epoch)
     first, epochs = phase_span(cfg, epoch)
     return Runtime(device, plan.dtype, scaler, steps, steps * epochs, first_epoch=first,
                    channels_last=plan.channels_last, non_blocking=plan.non_blocking)
@@ -230,10 +222,10 @@ class BestTracker:
 
     def update(self, row: dict, has_ema: bool, validated: bool) -> bool:
         """Record the epoch if it improved (always, without validation); True when it did."""
-        live = row.get(f"valid_{self.metric_name}", math.nan)
+        live = row.get(valid_key(self.metric_name), math.nan)
         variant, metric = "live", live
-        if has_ema and better(self.metric_name, row.get(f"valid_{self.metric_name}_ema", math.nan), live):
-            variant, metric = "ema", row[f"valid_{self.metric_name}_ema"]
+        if has_ema and better(self.metric_name, row.get(valid_key(self.metric_name, "ema"), math.nan), live):
+            variant, metric = "ema", row[valid_key(self.metric_name, "ema")]
         if validated and not better(self.metric_name, metric, self.metric):
             return False
         self.epoch, self.metric, self.variant = row["epoch"], metric, variant

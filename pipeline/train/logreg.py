@@ -18,7 +18,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import KFold
 from torch import nn
 
-from pipeline.data.items import BAD_TARGET
+from pipeline.workdir import BAD_TARGET
 from pipeline.errors import PipelineError
 
 log = logging.getLogger("pipeline")
@@ -84,8 +84,9 @@ def _log_loss(logits: np.ndarray, y: np.ndarray) -> float:
     return float(-logp[np.arange(len(y)), y].mean())
 
 
-def fit_feature_head(model: nn.Module, loader, n_classes: int, seed: int = 0) -> float:
-    """Fit the classifier of ``model`` on a feature loader's views and targets; the training log loss.
+def fit_feature_head(model: nn.Module, loader, n_classes: int, seed: int = 0) -> tuple[float, dict]:
+    """Fit the classifier of ``model`` on a feature loader's views and targets; the training log loss and
+    the fit's record (C, the inner-CV log loss by C, rows and views fitted on: the run keeps it).
 
     ``loader`` is the data plan's FeatureLoader ((V, N, F) views, (N,) targets);
     unreadable images (BAD_TARGET) are left out.
@@ -101,7 +102,8 @@ def fit_feature_head(model: nn.Module, loader, n_classes: int, seed: int = 0) ->
     load_linear_head(model, weight, bias)
     log.info("logistic regression head: C %g chosen by inner CV on the training images (log loss by C: %s)",
              info["C"], info["inner_cv_log_loss"])
-    return _log_loss(x[keep] @ weight.T + bias, y[keep])
+    record = {"head": "logreg", **info, "inner_folds": INNER_FOLDS, "rows": int(keep.sum()), "views": int(n_views)}
+    return _log_loss(x[keep] @ weight.T + bias, y[keep]), record
 
 
 def load_linear_head(model: nn.Module, weight: np.ndarray, bias: np.ndarray) -> None:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.config import TrainConfig
+from pipeline.config import Resolved, TrainConfig
 from pipeline.errors import PipelineError
 
 log = logging.getLogger("pipeline")
@@ -100,37 +100,31 @@ def blown_up(smoothed: float, best: float, step: int, steps: int) -> bool:
     return not math.isfinite(smoothed) or (step > steps * SKIP and smoothed > DIVERGED * best)
 
 
-def find_lr(cfg: TrainConfig, steps: int = 100, start: float = 1e-7, end: float = 10.0) -> LRFind:
-    """Run the range test on the training images of the config's first member (see module docstring)."""
+def find_lr(resolved: Resolved | TrainConfig, steps: int = 100, start: float = 1e-7, end: float = 10.0) -> LRFind:
+    """Run the range test on the config's first member, set up exactly as train sets it up (its plan: the
+    batch adapted to the data, the data source; the model, optimizer, memory format and --data-init)."""
     import torch
 
-    from pipeline import distributed as dist
-    from pipeline.data.items import BAD_TARGET, load_reorg
-    from pipeline.data.plan import plan_for, plan_member
-    from pipeline.train.engine import backward_step, build_optimizer, make_runtime, phase
-    from pipeline.train.members import plan_members
+    from pipeline.competition import get_competition
+    from pipeline.data.items import load_reorg
     from pipeline.models import compute_loss, set_train_mode
-    from pipeline.train.stage import build_model, initialise_from_data
+    from pipeline.train.engine import backward_step, phase
+    from pipeline.train.plan import plan_run
+    from pipeline.train.setup import setup_member
 
-    cfg = phase(cfg, 0)  # with --unfreeze-after: the first phase (the head on the frozen backbone)
-    if cfg.head == "logreg":
+    if isinstance(resolved, TrainConfig):  # a caller's own config: every value is theirs, none adapted
+        resolved = Resolved(resolved, {f: "caller" for f in resolved.to_json()})
+    if phase(resolved.config, 0).head == "logreg":  # with --unfreeze-after: the first phase's head
         raise PipelineError("--head logreg is fitted, not stepped: lr-find needs --head linear or mlp")
     lrs = lr_schedule(start, end, steps)
-    info = load_reorg(cfg.work_dir)
-    _, train_items, _ = plan_members(cfg, info)[0]
-    device = dist.resolve_device(cfg.device)
-    dplan = plan_for(cfg, device)
-    torch.manual_seed(cfg.seed)
-    model = build_model(cfg, len(info["classes"])).to(device)
-    optimizer = build_optimizer(model, cfg)
+    info = load_reorg(resolved.config.work_dir)
+    _, plans = plan_run(resolved, info)
+    plan = plans[0]
+    st = setup_member(plan, len(info["classes"]), get_competition(plan.config.competition).metric)
+    cfg, model, net, optimizer, rt, criterion = phase(plan.config, 0), st.model, st.net, st.optimizer, st.rt, st.criterion
+    device = rt.device
     scales = [g["base_lr"] / cfg.lr for g in optimizer.param_groups]  # the backbone keeps its lr scale
-    rt = make_runtime(cfg, device, len(train_items), dplan)
-    data = plan_member(cfg, model, train_items, [], device, dplan)
-    initialise_from_data(model, cfg, data)  # as train does (--data-init)
-    if rt.channels_last:
-        model.to(memory_format=torch.channels_last)
-    net = data.view(model)
-    criterion = torch.nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing, ignore_index=BAD_TARGET)
+    data = st.data
     aux_weights = getattr(model, "aux_loss_weights", ())
     set_train_mode(net, True)
     losses: list[float] = []

@@ -11,7 +11,6 @@ import logging
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline import distributed as dist
 from pipeline.config import TrainConfig
 from pipeline.data.items import Item, fold_split, list_split, n_folds
 from pipeline.errors import PipelineError
@@ -74,16 +73,17 @@ def already_done(member: Member, cfg: TrainConfig) -> MemberResult | None:
     return MemberResult(member.name, member.dir, done["epochs"], best["epoch"], best["metric"], 0.0, skipped=True)
 
 
-def check_members(cfg: TrainConfig, members: list, n_classes: int, resume: bool, force: bool) -> None:
-    """Refuse overwrites before anything is written; warn of tiny batches and validation splits."""
-    for member, train_items, valid_items in members:
+def check_members(cfg: TrainConfig, plans: list, n_classes: int, resume: bool, force: bool) -> None:
+    """Refuse overwrites before anything is written; warn of small validation splits.
+
+    ``plans`` are the members' plans (pipeline/train/plan.py), which warn of
+    their own batches.
+    """
+    for plan in plans:
+        member = plan.member
         guard_member(member, resume, force)
-        if not train_items:
+        if not plan.train_items:
             raise PipelineError(f"{member.name} has no training images in {cfg.work_dir}; check the labels file "
                                 "and rerun reorg")
-        share = dist.per_process(len(train_items))
-        if share < cfg.batch_size:
-            log.warning("%s: %d training images per process is less than one batch of %d; using batch size %d",
-                        member.dir, share, cfg.batch_size, share)
-        if member.kind == HOLDOUT and (warning := small_split_warning(len(valid_items), n_classes)):
+        if member.kind == HOLDOUT and (warning := small_split_warning(len(plan.valid_items), n_classes)):
             log.warning("warning: %s", warning)

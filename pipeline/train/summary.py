@@ -14,8 +14,8 @@ stage logs before the summary is in it.
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
-from dataclasses import dataclass, replace
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -25,8 +25,8 @@ FEW_STEPS = 100  # below this many optimizer steps a schedule (warm-up, decay) b
 
 
 @dataclass(frozen=True)
-class MemberPlan:
-    """One member's share of the run: its images, batch and steps."""
+class MemberLine:
+    """One member's line of the summary: its images, batch, steps and epochs (from its plan)."""
 
     name: str
     n_train: int
@@ -34,6 +34,7 @@ class MemberPlan:
     batch_size: int
     steps_per_epoch: int
     total_steps: int
+    epochs: int
 
 
 @dataclass(frozen=True)
@@ -50,9 +51,8 @@ class RunFacts:
     workers: int
     source_kind: str
     source_reason: str
-    epochs: int
     split_counts: dict[str, int]
-    members: tuple[MemberPlan, ...]
+    members: tuple[MemberLine, ...]
     training: str = ""  # how the epochs train when it is not plain SGD on every epoch (logreg, fine-tuning)
 
 
@@ -94,7 +94,7 @@ def format_summary(table: str, facts: RunFacts, warnings: Sequence[str]) -> str:
         head = "  members    " if i == 0 else " " * 13
         valid = f", {m.n_valid} valid" if m.n_valid else ", no validation"
         lines.append(f"{head}{m.name}: {m.n_train} train{valid}; batch {m.batch_size}, "
-                     f"{m.steps_per_epoch} steps/epoch, {m.total_steps} steps in {facts.epochs} epochs")
+                     f"{m.steps_per_epoch} steps/epoch, {m.total_steps} steps in {m.epochs} epochs")
     if facts.training:
         lines.append(f"  training   {facts.training}")
     unique = list(dict.fromkeys(w.removeprefix("warning: ") for w in warnings))
@@ -137,34 +137,28 @@ def warnings_so_far() -> list[str]:
 # ---------------------------------------------------------------- gathering and storing
 
 
-def gather_facts(resolved: Any, plans: Sequence[tuple[Any, list, list]], info: dict,
-                 build: Callable[[Any], Any]) -> RunFacts:
-    """The facts as training will compute them: device, precision and steps through the engine's functions.
+def gather_facts(resolved: Any, plans: Sequence[Any], info: dict) -> RunFacts:
+    """The facts of the members' plans (pipeline/train/plan.py) and of this process's device plan for them.
 
-    ``plans`` are (member, train items, valid items); ``build(cfg)`` makes the
-    model (called with downloads and weights files off: only its shape counts).
+    The model is built only for its parameter counts (no download, no weights file).
     """
-    from pipeline import distributed as dist
-    from pipeline.data.plan import choose_source, plan_for
-    from pipeline.train.engine import make_runtime
+    import torch
 
-    cfg = resolved.config
-    device = dist.resolve_device(cfg.device)
-    source = choose_source(cfg)
-    dplan = plan_for(cfg, device, source.kind)  # the decisions the members will take
-    members, precision = [], "fp32"
-    fitted = 1 if cfg.head == "logreg" else 0  # a logreg head is fitted once: that epoch takes no SGD step
-    for member, train_items, valid_items in plans:
-        member_cfg = replace(cfg, batch_size=max(1, min(cfg.batch_size, dist.per_process(len(train_items)))))
-        rt = make_runtime(member_cfg, device, len(train_items), dplan)
-        precision = str(rt.amp_dtype).replace("torch.", "").replace("bfloat16", "bf16").replace("float16", "fp16")
-        precision = "fp32" if rt.amp_dtype is None else precision
-        members.append(MemberPlan(member.name, len(train_items), len(valid_items), member_cfg.batch_size,
-                                  rt.steps_per_epoch, rt.steps_per_epoch * (cfg.epochs - fitted)))
-    total, trainable = count_parameters(_shape_only(build, cfg))
+
+    first = plans[0]
+    cfg = first.config
+    from pipeline.devices import resolve_device
+
+    device = resolve_device(cfg.device)
+    dplan = first.device(device)  # the decisions the members will take
+    dtype = dplan.dtype
+    precision = "fp32" if dtype is None else {torch.bfloat16: "bf16", torch.float16: "fp16"}.get(dtype, str(dtype))
+    members = tuple(MemberLine(p.name, len(p.train_items), len(p.valid_items), p.config.batch_size,
+                               p.steps_per_epoch, p.total_steps, p.config.epochs) for p in plans)
+    total, trainable = count_parameters(_shape_only(cfg, len(info["classes"])))
     return RunFacts(str(cfg.run_dir), cfg.model, total, trainable, str(device), precision,
-                    dplan.channels_last, dplan.workers, source.kind, source.reason, cfg.epochs,
-                    dict(info.get("counts", {})), tuple(members), training_plan(cfg))
+                    dplan.channels_last, dplan.workers, first.source.kind, first.source.reason,
+                    dict(info.get("counts", {})), members, training_plan(cfg))
 
 
 def training_plan(cfg: Any) -> str:
@@ -178,20 +172,20 @@ def training_plan(cfg: Any) -> str:
     return f"the head is {fit}: no SGD steps" if cfg.head == "logreg" else ""
 
 
-def _shape_only(build: Callable[[Any], Any], cfg: Any) -> Any:
+def _shape_only(cfg: Any, num_classes: int) -> Any:
     """The model without downloading or reading weights; on the meta device when it builds there."""
     import torch
 
-    bare = replace(cfg, pretrained=False, weights=None)
+    from pipeline.models import model_from_config
+
     try:
         with torch.device("meta"):
-            return build(bare)
+            return model_from_config(cfg, num_classes, initial_weights=False)
     except Exception:  # noqa: BLE001 - some models initialise with real tensors; build them on the CPU
-        return build(bare)
+        return model_from_config(cfg, num_classes, initial_weights=False)
 
 
-def log_run_summary(resolved: Any, plans: Sequence[tuple[Any, list, list]], info: dict,
-                    build: Callable[[Any], Any]) -> str:
+def log_run_summary(resolved: Any, plans: Sequence[Any], info: dict) -> str:
     """Log the summary (stderr, at info level), store it in the run; returns the text.
 
     The plan's own warnings are part of the summary, not separate log
@@ -199,10 +193,12 @@ def log_run_summary(resolved: Any, plans: Sequence[tuple[Any, list, list]], info
     """
     from pipeline.runs import Run
 
-    facts = gather_facts(resolved, plans, info, build)
-    cfg = resolved.config
+    facts = gather_facts(resolved, plans, info)
+    cfg = plans[0].config
     few_steps = [] if cfg.head == "logreg" and not cfg.unfreeze_after else plan_warnings(facts)  # a fit: no steps
-    text = format_summary(resolved.table(), facts, [*warnings_so_far(), *few_steps])
+    from pipeline.train.plan import planned
+
+    text = format_summary(planned(resolved, plans).table(), facts, [*warnings_so_far(), *few_steps])
     log.info(text)
     Run(resolved.config.run_dir).write_summary(text)
     return text

@@ -1,0 +1,79 @@
+"""Frozen-backbone features: pooled (pre-logits) vectors of every image and view, through the one inference loop.
+
+Computed once per image and view and kept by the data plan in the feature
+cache (pipeline/data/plan.py decides the key, pipeline/data/cache.py stores
+it); the head then trains, validates and predicts on the vectors.
+"""
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+
+import torch
+from torch import nn
+from torch.utils.data import Dataset
+
+from pipeline.workdir import BAD_TARGET
+from pipeline.data.loaders import make_loader
+from pipeline.models.inference import TTA_VIEWS, forward_batches
+
+
+def extract_features(model: nn.Module, loader: Iterable, device: torch.device, n: int,
+                     transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                     amp_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pooled features (n, F) of the loader's images (after ``transform``, e.g. a TTA view) and targets (n,).
+
+    ``amp_dtype`` is the run's autocast dtype (None: fp32): the cache, training,
+    validation and predict all compute features at the one precision of the run.
+    """
+    def pooled(x: torch.Tensor) -> torch.Tensor:
+        x = transform(x) if transform is not None else x
+        return model.forward_head(model.forward_features(x), pre_logits=True)
+
+    out, targets = None, torch.zeros(n, dtype=torch.long)
+    for f, y, idx in forward_batches(pooled, loader, device, amp_dtype=amp_dtype, progress="backbone features",
+                                     total=n):
+        f = f.float().cpu()
+        if out is None:
+            out = torch.empty((n, f.shape[1]))
+        out[idx] = f
+        targets[idx] = torch.as_tensor(y)
+    return out, targets
+
+
+def feature_bank(model: nn.Module, eval_set: Dataset, train_set: Dataset, views: int, *, batch_size: int,
+                 workers: int, pin_memory: bool, seed: int, device: torch.device,
+                 amp_dtype: torch.dtype | None = None) -> dict[str, torch.Tensor]:
+    """Pooled features of a pool of images, given as two datasets over it in one order (the eval transform
+    and the training one): 'eval' (N, F), 'views' (V, N, F) of ``views`` augmented passes (pass v draws its
+    augmentation from seed + v; the eval features when there are none), and 'bad', the positions of images
+    that could not be decoded (their rows are zeros)."""
+    def loader(dataset: Dataset, view: int):
+        dl = make_loader(dataset, batch_size, False, workers, seed + view, pin_memory=pin_memory)
+        dl.sampler.set_epoch(view)
+        return dl
+
+    n = len(eval_set)
+    was_training = model.training
+    model.eval()
+    feats, targets = extract_features(model, loader(eval_set, 0), device, n, amp_dtype=amp_dtype)
+    bank = {"eval": feats, "bad": torch.nonzero(targets == BAD_TARGET).flatten()}  # unreadable images
+    bank["views"] = torch.stack([extract_features(model, loader(train_set, v), device, n, amp_dtype=amp_dtype)[0]
+                                 for v in range(views)]) if views else bank["eval"][None]
+    model.train(was_training)
+    return bank
+
+
+def backbone_views(model: nn.Module, loader: Iterable, device: torch.device, n: int, tta: str,
+                   amp_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Pooled features (V, N, F) of every TTA view of the loader's images, and the targets (N,).
+
+    ``amp_dtype`` is the run's precision: the head then sees features computed
+    exactly as the ones it was trained on.
+    """
+    views, targets = [], torch.zeros(n, dtype=torch.long)
+    for v in range(len(TTA_VIEWS[tta](torch.zeros(1, 1, 1, 1)))):
+        feats, t = extract_features(model, loader, device, n, transform=lambda x, v=v: TTA_VIEWS[tta](x)[v],
+                                    amp_dtype=amp_dtype)
+        views.append(feats)
+        targets = t
+    return torch.stack(views), targets

@@ -1,0 +1,129 @@
+"""One plan per member: what it trains on, with which settings, in how many steps, from which data source.
+
+:func:`plan_run` is the only place that works these out. Training, the run
+summary, ``--dry-run``, the warnings, lr-find and each member's config.json
+read the :class:`MemberPlan`; nothing recomputes a batch, a step count or a
+data source afterwards.
+"""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import torch
+
+from pipeline import distributed as dist
+from pipeline.config import Resolved, TrainConfig
+from pipeline.data.items import Item
+from pipeline.data.plan import Source, choose_source
+from pipeline.devices import DevicePlan
+from pipeline.runs import Member
+from pipeline.train.adapt import adapt_to_data
+from pipeline.train.engine import phase
+from pipeline.train.members import plan_members
+
+log = logging.getLogger("pipeline")
+
+
+@dataclass(frozen=True)
+class MemberPlan:
+    """A member, its items and everything derived from them and the resolved config."""
+
+    member: Member
+    train_items: list[Item] = field(repr=False)
+    valid_items: list[Item] = field(repr=False)
+    config: TrainConfig  # adapted to the data, batch capped at the process's share, the fold recorded
+    per_process: int  # this process's share of the training images
+    source: Source  # what the model consumes while training (in its first phase), and why
+    steps_per_epoch: int
+    total_steps: int  # optimizer steps over every phase (a fitted logreg phase takes none)
+    notes: tuple[str, ...] = ()  # why the recipe's values were adapted
+    warnings: tuple[str, ...] = ()  # what the plan itself warns about
+
+    @property
+    def name(self) -> str:
+        return self.member.name
+
+    def device(self, device: torch.device) -> DevicePlan:
+        """The device decisions for this member's training source on ``device`` (this process's)."""
+        return dist.plan_for(self.config, device, self.source.kind)
+
+    def to_json(self) -> dict[str, Any]:
+        """The member's plan as its config.json records it (the report reads it back)."""
+        cfg = self.config
+        later = choose_source(phase(cfg, cfg.unfreeze_after)) if cfg.unfreeze_after else None
+        return {"source": {"kind": self.source.kind, "reason": self.source.reason},
+                "unfrozen_source": later and {"kind": later.kind, "reason": later.reason},
+                "n_train": len(self.train_items), "n_valid": len(self.valid_items),
+                "batch_size": cfg.batch_size, "per_process": self.per_process,
+                "per_process_batch": cfg.batch_size, "steps_per_epoch": self.steps_per_epoch,
+                "total_steps": self.total_steps, "epochs": cfg.epochs, "training": training_kind(cfg),
+                "weights": weights_source(cfg), "adapted": list(self.notes), "warnings": list(self.warnings)}
+
+
+def steps_per_epoch(cfg: TrainConfig, per_process: int) -> int:
+    """Optimizer steps per epoch for a process's share of images (drop_last: every step a full batch)."""
+    steps = max(1, per_process // cfg.batch_size)
+    return min(steps, cfg.steps_per_epoch) if cfg.steps_per_epoch else steps
+
+
+def fitted_epochs(cfg: TrainConfig) -> int:
+    """Epochs whose head is fitted (logreg), not stepped: the whole run, or the frozen phase."""
+    return min(cfg.epochs, cfg.unfreeze_after or cfg.epochs) if cfg.head == "logreg" else 0
+
+
+def training_kind(cfg: TrainConfig) -> str:
+    """fit (a logreg head, no SGD), sgd, or "fit, then sgd" (--unfreeze-after after a logreg phase)."""
+    if cfg.head != "logreg":
+        return "sgd"
+    return "fit, then sgd" if cfg.unfreeze_after and cfg.unfreeze_after < cfg.epochs else "fit"
+
+
+def weights_source(cfg: TrainConfig) -> str:
+    """Where the initial weights come from: a file, the hub (pretrained), or none (from scratch)."""
+    if cfg.weights:
+        return f"file: {cfg.weights}"
+    return "hub" if cfg.pretrained else "none"
+
+
+def plan_member(cfg: TrainConfig, sources: dict[str, str], member: Member, train_items: list[Item],
+                valid_items: list[Item]) -> MemberPlan:
+    """One member's plan: the recipe adapted to its images, the batch capped, steps and source."""
+    share = dist.per_process(len(train_items))
+    adapted, notes = adapt_to_data(cfg, share, sources)
+    warnings = []
+    if 0 < share < adapted.batch_size:
+        warnings.append(f"{member.name}: {share} training images per process is less than one batch of "
+                        f"{adapted.batch_size}; using batch size {share}")
+        adapted = replace(adapted, batch_size=share)
+    if member.fold is not None:  # each member records the one fold it trains on
+        adapted = replace(adapted, folds=0, fold=member.fold)
+    steps = steps_per_epoch(adapted, share)
+    total = steps * (adapted.epochs - fitted_epochs(adapted))
+    source = choose_source(phase(adapted, 0))  # --unfreeze-after: the frozen phase's source first
+    return MemberPlan(member, train_items, valid_items, adapted, share, source, steps, total, tuple(notes),
+                      tuple(warnings))
+
+
+def plan_run(resolved: Resolved, info: dict) -> tuple[Resolved, list[MemberPlan]]:
+    """Every member's plan; the resolved config gains the adaptation notes (logged once each)."""
+    plans = [plan_member(resolved.config, resolved.sources, *m) for m in plan_members(resolved.config, info)]
+    notes = tuple(dict.fromkeys(n for p in plans for n in p.notes))
+    return replace(resolved, notes=tuple(dict.fromkeys((*resolved.notes, *notes)))), plans
+
+
+def log_plan_warnings(resolved: Resolved, plans: list[MemberPlan]) -> None:
+    """The adaptation notes and the plans' warnings, once each, through the logger (the summary lists them)."""
+    for note in dict.fromkeys(n for p in plans for n in p.notes):
+        log.warning("recipe adapted to the data: %s", note)
+    for warning in dict.fromkeys(w for p in plans for w in p.warnings):
+        log.warning(warning)
+
+
+def planned(resolved: Resolved, plans: list[MemberPlan]) -> Resolved:
+    """What --dry-run shows: the first member's settings, values the plan changed marked "adapted"."""
+    first, given = plans[0].config.to_json(), resolved.config.to_json()
+    changed = {k: "adapted" for k, v in first.items() if v != given[k] and k not in ("fold", "folds")}
+    shown = replace(plans[0].config, folds=resolved.config.folds, fold=resolved.config.fold)
+    return replace(resolved, config=shown, sources={**resolved.sources, **changed})
