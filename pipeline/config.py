@@ -21,8 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipeline.errors import PipelineError, check_choice
-from pipeline.values import check_kind
+from pipeline.errors import PipelineError, check_choice, check_kind
 
 AUGMENTS = ("pad_crop_flip", "resized_crop_flip_jitter", "letterbox", "light", "none")  # pipeline/data/items.py builds them
 CACHEABLE_AUGMENTS = ("pad_crop_flip", "none")  # what the image cache augments on the device (pipeline/data/loaders.py)

@@ -10,11 +10,11 @@ from pathlib import Path
 
 import pytest
 
-from pipeline import shm
+from pipeline.data import shm
 from pipeline.data.items import ImageDataset, Item, build_transform
 from pipeline.data.loaders import make_loader
 from pipeline.errors import PipelineError
-from pipeline.shm import SharingPlan, plan_sharing
+from pipeline.data.shm import SharingPlan, plan_sharing
 
 ROOT = Path(__file__).resolve().parents[1]
 MB = 2**20
@@ -74,7 +74,7 @@ import sys
 sys.path.insert(0, sys.argv[2])
 from pathlib import Path
 from conftest import make_competition, write_raw
-from pipeline import shm
+from pipeline.data import shm
 from pipeline.cli.app import app
 
 root = Path(sys.argv[1])

@@ -1,4 +1,4 @@
-"""SIGTERM and SIGHUP stop a command the way Ctrl-C does (pipeline.signals).
+"""SIGTERM and SIGHUP stop a command the way Ctrl-C does (pipeline.progress.raising).
 
 The signal is sent by the process to itself from inside training (a step of
 epoch 2, or between writing best.pt's temporary file and renaming it), so it
@@ -15,7 +15,7 @@ import pandas as pd
 import pytest
 from typer.testing import CliRunner
 
-from pipeline import progress, signals
+from pipeline import progress
 from pipeline.checkpoint import load_checkpoint
 from pipeline.cli.app import app
 from pipeline.cli.common import handle_errors
@@ -127,16 +127,16 @@ def test_sighup_exits_129_and_an_ignored_sighup_stays_ignored():
             raise SystemExit(exc.exit_code) from None
     assert stop.value.code == 129
     signal.signal(signal.SIGHUP, signal.SIG_IGN)  # as under nohup
-    with signals.raising():
+    with progress.raising():
         os.kill(os.getpid(), signal.SIGHUP)  # ignored: nothing raised
     assert signal.getsignal(signal.SIGHUP) is signal.SIG_IGN
 
 
 def test_deferred_holds_the_signal_until_the_block_ends():
     done = []
-    with pytest.raises(signals.Stopped) as stopped, signals.raising():
-        with signals.deferred():
+    with pytest.raises(progress.Stopped) as stopped, progress.raising():
+        with progress.deferred():
             os.kill(os.getpid(), signal.SIGTERM)
             done.append("the block finished")
     assert done == ["the block finished"] and stopped.value.signum == signal.SIGTERM
-    assert signals.exit_status(stopped.value) == 143 and signals.exit_status(KeyboardInterrupt()) == 130
+    assert progress.exit_status(stopped.value) == 143 and progress.exit_status(KeyboardInterrupt()) == 130

@@ -19,7 +19,7 @@ from typing import Annotated, Any, Callable
 import typer
 from typer.core import TyperCommand, TyperGroup
 
-from pipeline import progress, signals
+from pipeline import progress
 from pipeline.errors import PipelineError
 from pipeline.io import disk_error, os_error_message
 
@@ -89,18 +89,18 @@ def handle_errors(fn: Callable) -> Callable:
     """Turn PipelineError (and surprises) into one line on stderr and exit code 1.
 
     Ctrl-C, SIGTERM and SIGHUP say what the interrupted stage saved and exit
-    with 128 + the signal's number (see :mod:`pipeline.signals`).
+    with 128 + the signal's number (see :func:`pipeline.progress.raising`).
     """
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
-            with signals.raising():
+            with progress.raising():
                 return fn(*args, **kwargs)
         except (typer.Exit, typer.Abort):
             raise
         except KeyboardInterrupt as exc:  # what the interrupted stage saved
-            typer.echo(signals.stopped_by(exc) + progress.interrupted_message(), err=True)
-            raise typer.Exit(signals.exit_status(exc)) from None
+            typer.echo(progress.stopped_by(exc) + progress.interrupted_message(), err=True)
+            raise typer.Exit(progress.exit_status(exc)) from None
         except PipelineError as exc:
             if STATE["debug"]:
                 raise

@@ -10,7 +10,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from pipeline.data.items import ImageDataset
-from pipeline.shm import loader_workers
+from pipeline.data.shm import loader_workers
 
 
 def epoch_order(n: int, shuffle: bool, seed: int, epoch: int, rank: int = 0,

@@ -18,7 +18,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from pipeline import shm
+from pipeline.data import shm
 from pipeline.competition import Competition
 from pipeline.config import TTAS, TrainConfig, load_resolved
 from pipeline.data.items import Item, list_split, load_reorg, training_fingerprint, unreadable_message

@@ -14,14 +14,14 @@ from dataclasses import dataclass, replace
 import torch
 from torch import nn
 
-from pipeline import distributed as dist, signals
+from pipeline import distributed as dist
 from pipeline.config import TrainConfig
 from pipeline.workdir import BAD_TARGET
 from pipeline.devices import DevicePlan, autocast
 from pipeline.errors import PipelineError
 from pipeline.metrics import better, valid_key
 from pipeline.models import compute_loss, param_groups, set_train_mode
-from pipeline.progress import track
+from pipeline.progress import deferred, track
 
 
 def lr_multiplier(step: int, total_steps: int, steps_per_epoch: int, cfg: TrainConfig) -> float:
@@ -208,7 +208,7 @@ def make_ema(model: nn.Module, decay: float):
 
 def deferred_interrupt():
     """Hold Ctrl-C, SIGTERM and SIGHUP back until the block ends, then raise: an epoch's files are all or none."""
-    return signals.deferred()
+    return deferred()
 
 
 @dataclass

@@ -15,7 +15,8 @@ from dataclasses import replace
 import numpy as np
 import torch
 
-from pipeline import distributed as dist, shm
+from pipeline import distributed as dist
+from pipeline.data import shm
 from pipeline.competition import Competition, get_competition
 from pipeline.config import Resolved, TrainConfig
 from pipeline.workdir import BAD_TARGET
