@@ -234,6 +234,35 @@ class Recipe(Mapping):
         return self._settings.get("model")
 
 
+def recipe_of(comp, name: str) -> Recipe:
+    """``--recipe``: a named recipe of the competition, or a recipe file (``NAME.toml``: one ``setting =
+    value`` line per setting it sets, as `pipeline tune` writes them)."""
+    if not (name.endswith(".toml") or Path(name).is_file()):
+        return comp.get_recipe(name)
+    import tomllib
+
+    try:
+        settings = tomllib.loads(Path(name).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise PipelineError(f"recipe file {name} not found; check the path") from None
+    except (OSError, ValueError) as exc:  # tomllib.TOMLDecodeError is a ValueError
+        raise PipelineError(f"recipe file {name} is not readable TOML ({exc}); fix or rewrite it") from None
+    try:
+        return Recipe(**{k: tuple(v) if isinstance(v, list) else v for k, v in settings.items()})
+    except PipelineError as exc:
+        raise PipelineError(f"recipe file {name}: {exc}") from None
+
+
+def recipe_text(settings: Mapping[str, Any], comment: str = "") -> str:
+    """A recipe file's text (TOML): ``comment`` lines, then ``setting = value`` for each setting set."""
+    Recipe(**settings)  # only settings a recipe may set, with valid values
+    lines = [f"# {line}" for line in comment.splitlines()]
+    for name, value in settings.items():
+        if value is not None:
+            lines.append(f"{name} = {json.dumps(_plain(value))}")  # JSON strings, numbers, booleans, lists: TOML
+    return "\n".join(lines) + "\n"
+
+
 # ---------------------------------------------------------------- resolution
 
 
@@ -281,7 +310,7 @@ def resolve_config(comp, work_dir: Path, run_dir: Path, recipe_name: str | None 
     layer("competition", {"image_size": comp.image_size, "mean": tuple(comp.mean), "std": tuple(comp.std),
                           **comp.recipe})
     if recipe_name not in (None, "default"):
-        layer(f"recipe {recipe_name}", comp.get_recipe(recipe_name))
+        layer(f"recipe {recipe_name}", recipe_of(comp, recipe_name))
     if "weights" in flags and values.get("pretrained"):
         layer("flag", {"pretrained": False})
         notes.append("--weights FILE replaces the recipe's download (pretrained off)")

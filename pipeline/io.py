@@ -12,10 +12,12 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import itertools
 import json
 import os
 import resource
 import tempfile
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -238,18 +240,19 @@ def csv_encoding(path: Path) -> str:
 
 
 @contextlib.contextmanager
-def exclusive_lock(path: Path, what: str) -> Iterator[None]:
-    """Hold an advisory lock on ``path``; a second holder gets a clear error at once.
+def exclusive_lock(path: Path, what: str, wait: float = 0.0) -> Iterator[None]:
+    """Hold an advisory lock on ``path``; a second holder gets a clear error at once, or after ``wait``
+    seconds of waiting for it (short locks, e.g. around a run's shared files).
 
     The kernel releases the lock when its holder exits, killed or not, so a
     leftover lock file never blocks anyone; a holder that exits normally (even
-    with an error) removes the file, and the folder when this lock created it
-    and nothing else was written there, so no command leaves it behind.
+    with an error) removes the file, and the folders this lock created when
+    nothing else was written there, so no command leaves them behind.
     """
     path = Path(path)
-    created = not path.parent.exists()
+    created = [p for p in path.parents if not p.exists()]  # deepest first
     try:
-        fh = _open_lock(path, what)
+        fh = _open_lock(path, what, wait)
         with fh:
             fh.seek(0)
             fh.truncate()
@@ -262,14 +265,18 @@ def exclusive_lock(path: Path, what: str) -> Iterator[None]:
                     os.unlink(path)
                 fcntl.flock(fh.fileno(), fcntl.LOCK_UN)
     finally:
-        if created:
-            with contextlib.suppress(OSError):
-                path.parent.rmdir()  # only when empty: a command that wrote nothing leaves nothing
+        for folder in created:
+            try:
+                folder.rmdir()  # only when empty: a command that wrote nothing leaves nothing
+            except OSError:
+                break
 
 
-def _open_lock(path: Path, what: str):
-    """The locked file object of ``path``; retried when a releasing holder removed the file meanwhile."""
-    for _ in range(100):
+def _open_lock(path: Path, what: str, wait: float = 0.0):
+    """The locked file object of ``path``; retried when a releasing holder removed the file meanwhile,
+    and while another holds it, for up to ``wait`` seconds."""
+    deadline = time.monotonic() + wait
+    for attempt in itertools.count():
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             fh = open(path, "a+")
@@ -281,11 +288,15 @@ def _open_lock(path: Path, what: str):
             fh.seek(0)
             holder = fh.read().strip() or "another process"
             fh.close()
+            if time.monotonic() < deadline:
+                time.sleep(0.05)
+                continue
             raise PipelineError(f"{what} is busy: {holder} holds {path}; wait for it to finish") from None
         if _same_file(fh, path):
             return fh
         fh.close()  # we locked a file its last holder had just removed: lock the current one
-    raise PipelineError(f"{what} is busy: {path} keeps changing; wait for the other process to finish")
+        if attempt > 100 and time.monotonic() >= deadline:
+            raise PipelineError(f"{what} is busy: {path} keeps changing; wait for the other process to finish")
 
 
 def _same_file(fh, path: Path) -> bool:

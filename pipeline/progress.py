@@ -86,6 +86,15 @@ class Progress:
         self.fields: dict[str, Any] = {}
         self.done, self.start, self.printed, self.closed = 0, time.perf_counter(), 0, False
         self.last = self.start
+        self._timer = None
+        if self.enabled and not self.tty:  # a stage still on its first batch after one interval says so
+            self._timer = threading.Timer(self.interval, self._started)
+            self._timer.daemon = True
+            self._timer.start()
+
+    def _started(self) -> None:
+        if not self.closed and not self.printed:
+            self._emit(end=False)
 
     def set_postfix(self, **fields: Any) -> None:
         """Extra fields of the line; a callable is evaluated only when a line is drawn (no needless syncs)."""
@@ -105,6 +114,8 @@ class Progress:
         if self.closed:
             return
         self.closed = True
+        if self._timer is not None:
+            self._timer.cancel()
         if not self.enabled:
             return
         if self.tty:
@@ -169,8 +180,11 @@ def _batch_size(batch: Any) -> int:
 class track:  # noqa: N801 - used like a function: `for batch in track(loader, "predict")`
     """Iterate ``iterable`` while counting samples (``count(item)``, default: a batch's size).
 
-    ``total`` defaults to :func:`images_in`; the bar is closed when the count
-    reaches it, when the iterable ends, or on :meth:`close`.
+    An item counts when the caller comes back for the next one, so the count
+    is of work done, not of batches fetched. ``total`` defaults to
+    :func:`images_in`; the bar is closed when the count reaches it, when the
+    iterable ends, or on :meth:`close`. Without a terminal a stage prints a
+    line after its first interval even while its first batch is in work.
     """
 
     def __init__(self, iterable: Iterable, desc: str, total: int | None = None, unit: str = "img",
@@ -191,8 +205,9 @@ class track:  # noqa: N801 - used like a function: `for batch in track(loader, "
     def __iter__(self) -> Iterator:
         try:
             for item in self.iterable:
-                self.bar.update(self.count(item))
+                n = self.count(item)
                 yield item
+                self.bar.update(n)  # counted once the caller asks for the next: its work on this one is done
         finally:
             self.bar.close()
 

@@ -13,6 +13,7 @@ forgotten on resume).
     RUN_DIR/cache               the data caches, when WORK_DIR is read-only
     RUN_DIR/summary.txt         the start-of-run summary of the last `train` command
     RUN_DIR/done.json           written when a `train` command finished every member it trained
+    RUN_DIR/tracking.json, mlflow/   --track mlflow: the MLflow run per store, and the default local store
     RUN_DIR/<member>/config.json, metrics.csv, last.pt, best.pt, done.json
     (a member's config.json: its settings and, under "device", the effective device decisions)
     RUN_DIR/<member>/head_fit.json  a fitted head's record (--head logreg: C and its inner-CV curve)
@@ -47,7 +48,9 @@ TENSORBOARD_DIR = "tensorboard"
 SUMMARY_FILE = "summary.txt"  # RUN_DIR: what the last train command set out to do (pipeline/train/summary.py)
 RUN_DONE_FILE = "done.json"  # RUN_DIR (not a member's DONE_FILE): the last train command finished
 REPORT_DIR = "report"  # where `pipeline report` writes by default
-LOCK_FILE = ".lock"  # held by the one process that writes the run
+TRACKING_FILE = "tracking.json"  # RUN_DIR: the experiment tracker's run of this run, per tracking store
+TRACKING_DIR = "mlflow"  # RUN_DIR: the default local MLflow store (--track mlflow without MLFLOW_TRACKING_URI)
+LOCK_FILE = ".lock"  # RUN_DIR: the short lock of the run's own files; <member>/: held by the process training it
 HOLDOUT, FULL, FOLD = "holdout", "full", "fold"
 _FOLD_NAME = re.compile(r"fold(\d+)")
 MEMBER_CHOICES = ("auto", "folds", "full", "holdout", "all")
@@ -82,6 +85,11 @@ class Member:
     @property
     def config_path(self) -> Path:
         return self.dir / CONFIG_FILE
+
+    def lock(self):
+        """Hold the member's writer lock: one process trains a member, other members may train at once
+        (a second writer of this member gets a clear error; a dead holder's lock is free)."""
+        return exclusive_lock(self.dir / LOCK_FILE, f"{self.name} of run {self.run_dir}")
 
     def write_config(self, config: dict, device: dict, plan: dict | None = None) -> None:
         """The member's settings, the device decisions it trains with (dtype, channels_last, workers...) and its
@@ -199,15 +207,24 @@ class Run:
     def is_run(self) -> bool:
         return self.config_path.is_file()
 
-    def lock(self, enabled: bool = True):
-        """Hold the run's writer lock (a second writer gets a clear error; a dead holder's lock is free)."""
+    def lock(self, enabled: bool = True, wait: float = 0.0):
+        """Hold the short lock on the run's own files (cv.json, oof.csv): held while they are assembled,
+        waited for up to ``wait`` seconds. Training holds each member's lock instead (:meth:`Member.lock`)."""
         if not enabled:
             return contextlib.nullcontext()
-        return exclusive_lock(self.dir / LOCK_FILE, f"run {self.dir}")
+        return exclusive_lock(self.dir / LOCK_FILE, f"run {self.dir}", wait=wait)
 
     @property
     def summary_path(self) -> Path:
         return self.dir / SUMMARY_FILE
+
+    @property
+    def tracking_path(self) -> Path:
+        return self.dir / TRACKING_FILE
+
+    @property
+    def tracking_dir(self) -> Path:
+        return self.dir / TRACKING_DIR
 
     def write_summary(self, text: str) -> None:
         atomic_write_text(self.summary_path, text + "\n")

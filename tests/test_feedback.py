@@ -85,7 +85,8 @@ def test_a_progress_line_with_rate_and_eta_comes_before_the_first_epoch_ends(tra
     lines = trained[3].stderr.splitlines()
     first_epoch = next(i for i, line in enumerate(lines) if line.startswith("epoch 1/2  train_loss"))
     bars = [line for line in lines[:first_epoch] if line.startswith("epoch 1/2") and "img/s" in line]
-    assert bars and all("ETA" in line and "loss" in line for line in bars[:-1])
+    working = [line for line in bars[:-1] if not re.search(r" 0/\d+ img", line)]  # the start line counts none yet
+    assert working and all("ETA" in line and "loss" in line for line in working)
     assert bars[-1].endswith("(done)")
     assert "\r" not in trained[3].stderr  # no terminal: plain lines, no redraws
 
@@ -259,3 +260,39 @@ def test_the_kaggle_cli_is_found_beside_python(tmp_path, monkeypatch):
     monkeypatch.setattr(sys, "executable", str(tmp_path / "bin" / "python"))
     monkeypatch.setenv("PATH", str(tmp_path / "elsewhere"))
     assert kaggle.find_kaggle() == str(kaggle_exe)
+
+
+def test_a_one_batch_stage_prints_a_line_and_counts_its_batch_once_it_is_done(monkeypatch):
+    """The only batch of a stage: a line while it is in work, the count reaching the total only after it."""
+    import threading
+
+    lines, printed = [], threading.Event()
+
+    def write(text):
+        lines.append(text)
+        printed.set()
+
+    monkeypatch.setattr(progress, "_write", write)
+    progress.configure(quiet=False, interval=0.05, tty=False)
+    try:
+        bar = progress.track([(None, None, list(range(8)))], "out-of-fold scores", total=8)
+        seen = []
+        for _ in bar:
+            assert printed.wait(5), "no line while the only batch was in work"
+            seen.append(bar.bar.done)  # the batch being worked on is not counted yet
+        assert seen == [0] and bar.bar.done == 8
+        assert lines[0].startswith("out-of-fold scores") and " 0/8 " in lines[0]
+        assert lines[-1].rstrip().endswith("(done)") and " 8/8 " in lines[-1]
+    finally:
+        progress.configure(interval=None, tty=None)
+
+
+def test_a_quick_stage_prints_nothing(monkeypatch):
+    lines = []
+    monkeypatch.setattr(progress, "_write", lines.append)
+    progress.configure(quiet=False, interval=5.0, tty=False)
+    try:
+        assert sum(len(b[2]) for b in progress.track([(None, None, [1, 2])] * 3, "quick", total=6)) == 6
+        assert lines == []
+    finally:
+        progress.configure(interval=None, tty=None)

@@ -196,6 +196,7 @@ def test_cached_features_validation_and_predict_share_the_runs_precision(tmp_pat
     real = features.extract_features
     monkeypatch.setattr(features, "extract_features",
                         lambda *a, **kw: extracted.append((kw.get("amp_dtype"), real(*a, **kw)[0])) or real(*a, **kw))
+    monkeypatch.setattr(predict_module, "cached_views", lambda *a, **kw: None)  # test images: the backbone runs
     pool = list_split(work, load_reorg(work), "train_valid")  # the bank's images, in its order
     member = Run(run).member("holdout")
     _, probs, _ = predict_items([member], pool, device="cpu", batch_size=16)

@@ -139,15 +139,15 @@ def test_a_second_writer_is_refused_and_a_dead_holders_lock_is_taken_over(tmp_pa
     reorg(comp, write_raw(tmp_path / "raw", comp), tmp_path / "work", folds=0)
     run = Run(tmp_path / "run")
     args = ("train", comp.slug, tmp_path / "work", run.dir, "--epochs", "1", "--batch-size", "8", "--device", "cpu")
-    with run.lock():
+    with run.member("holdout").lock():  # a writer of the member holds its lock
         busy = invoke(*args)
-    assert busy.exit_code == 1 and f"run {run.dir} is busy" in busy.output
+    assert busy.exit_code == 1 and f"holdout of run {run.dir} is busy" in busy.output
     assert not run.member("holdout").dir.exists()  # the refused writer wrote nothing
     assert not run.dir.exists()  # the lock of a run that wrote nothing leaves nothing
-    run.dir.mkdir()
-    (run.dir / ".lock").write_text("pid 999999")  # left by a killed process: flock is free
+    run.member("holdout").dir.mkdir(parents=True)
+    (run.member("holdout").dir / ".lock").write_text("pid 999999")  # left by a killed process: flock is free
     ok(*args)
-    assert not (run.dir / ".lock").exists()
+    assert not list(run.dir.rglob(".lock"))
 
 
 def test_check_without_a_work_dir_says_what_it_could_not_check(tmp_path):

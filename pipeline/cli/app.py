@@ -18,13 +18,16 @@ import typer
 from pipeline import progress
 
 from pipeline.cli import blend as cli_blend
+from pipeline.cli import cv as cli_cv
 
 from pipeline.cli import kernel as cli_kernel
 
 from pipeline.cli import report as cli_report
+from pipeline.cli import runs as cli_runs
 from pipeline.cli import submit as cli_submit
 
 from pipeline.cli import train as cli_train
+from pipeline.cli import tune as cli_tune
 from pipeline.cli.common import (STATE, Comp, Json, RunDir, WorkDir, all_competitions, check_current_folder,
                                  checked_submission, command, handle_errors, load_competition, print_json, typer_app)
 from pipeline.errors import PipelineError
@@ -154,10 +157,15 @@ def predict(
     num_workers: Annotated[Optional[int], typer.Option(help="DataLoader worker processes (default: from the CPU count and device).")] = None,
     unreadable_test: Annotated[str, typer.Option(help="A test image that cannot be decoded: error (default), or uniform (1/C for every class, with a warning).")] = "error",
     force: Annotated[bool, typer.Option("--force", help="Overwrite SUBMISSION_CSV if it exists.")] = False,
+    track: Annotated[str, typer.Option(metavar="none|mlflow", help="Add the submission to the run's MLflow run "
+                                                                   "(see train --track).")] = "none",
     as_json: Json = False,
 ) -> None:
     """Softmax over the test set (members averaged) and a checked submission CSV."""
     from pipeline.predict.stage import predict as run
+    from pipeline.train.tracking import wanted
+
+    tracked = wanted(track)
 
     with progress.stage(f"interrupted while predicting: {submission_csv} is written only when complete, so nothing "
                         "was written; run the same command again"):
@@ -166,6 +174,10 @@ def predict(
                      unreadable=unreadable_test)
     indexed = submission_csv.resolve().parent.name == "submissions" and _index_submission(competition, result,
                                                                                           run_dir, result.tta)
+    if tracked:
+        from pipeline.train.tracking import track_outputs
+
+        track_outputs(run_dir, [result.path], "submissions")
     if as_json:
         print_json({"path": str(result.path), "rows": result.rows, "members": result.members,
                     "seconds": round(result.seconds, 3), "index": str(indexed) if indexed else None})
@@ -213,6 +225,9 @@ command(app, cli_report.predict_image, name="predict-image")
 command(app, cli_submit.submit, name="submit")
 command(app, cli_report.report, name="report")
 command(app, cli_blend.blend, name="blend")
+command(app, cli_cv.cv, name="cv")
+command(app, cli_runs.runs, name="runs")
+command(app, cli_tune.tune, name="tune")
 app.add_typer(cli_kernel.kernel_app, name="kernel")
 
 

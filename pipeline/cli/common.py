@@ -10,11 +10,12 @@ plus the usage. This module imports neither torch nor pandas: ``pipeline
 from __future__ import annotations
 
 import functools
+import inspect
 import json
 import re
 import sys
 from pathlib import Path
-from typing import Annotated, Any, Callable
+from typing import Annotated, Any, Callable, Optional
 
 import typer
 from typer.core import TyperCommand, TyperGroup
@@ -182,3 +183,31 @@ def checked_submission(comp, submission_csv: Path, sample: Path | None, work_dir
             "; class names not checked: give --work-dir WORK_DIR to check them"
         typer.echo(f"{submission_csv}: valid ({len(frame)} rows, {len(frame.columns)} columns){unchecked}")
     return frame
+
+
+_TYPES = {"bool": bool, "int": int, "float": float, "str": str, "Path": Path}
+
+
+def setting_option(f) -> inspect.Parameter:  # f: a pipeline.config.TrainConfig field
+    """A Typer option for one schema field: None when not given, so a recipe's value stays.
+
+    The help shows the schema's default; the competition's recipe may set
+    another (`pipeline recipes`, `--dry-run`).
+    """
+    from pipeline.config import flag_of
+
+    base = _TYPES[str(f.type).split("|")[0].strip()]
+    flag = flag_of(f)
+    choices = f.metadata.get("choices")
+    help_text = f.metadata["help"] + _default_text(f.default)
+    decls = [f"{flag}/--no-{flag[2:]}"] if base is bool else [flag]
+    metavar = "|".join(choices) if choices else None
+    annotation = Annotated[Optional[base], typer.Option(*decls, help=help_text, show_default=False, metavar=metavar)]
+    return inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=None, annotation=annotation)
+
+
+def _default_text(default: Any) -> str:
+    if default is None or default == "":
+        return ""
+    shown = ("on" if default else "off") if isinstance(default, bool) else default
+    return f"  [default: {shown}]"

@@ -45,15 +45,24 @@ def report(
     work_dir: Annotated[Optional[Path], typer.Option(help="The run's reorg folder (default: the one it was trained on).")] = None,
     out: Annotated[Optional[Path], typer.Option(help="Folder for report.html and its PNGs (default: RUN_DIR/report).")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda (a holdout run is predicted afresh).")] = "auto",
+    track: Annotated[str, typer.Option(metavar="none|mlflow", help="Add the report to the run's MLflow run "
+                                                                   "(see train --track).")] = "none",
 ) -> None:
     """A run's report: report.html with what each member ran (settings after adaptation, head and how it was
     fitted, weights and data source, device), CV table, learning curves or the fitted head's C, confusions,
     training images and mistakes (classes a member never trained on marked)."""
+    from pipeline.train.tracking import wanted
     from pipeline.config import load_resolved
     from pipeline.report.build import write_report
     from pipeline.runs import Run
 
+    tracked = wanted(track)
     run = Run(run_dir)
     work_dir = work_dir if work_dir is not None else load_resolved(run.config_path)[0].work_dir
-    for path in write_report(run_dir, work_dir, out if out is not None else run.report_dir, device):
+    folder = out if out is not None else run.report_dir
+    for path in write_report(run_dir, work_dir, folder, device):
         typer.echo(str(path))
+    if tracked:
+        from pipeline.train.tracking import track_outputs
+
+        track_outputs(run_dir, [folder], "report")

@@ -14,36 +14,11 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from pipeline.cli.common import Comp, Json, RunDir, WorkDir, handle_errors, load_competition, plain, print_json
-from pipeline.config import cli_fields, flag_of
+from pipeline.cli.common import (Comp, Json, RunDir, WorkDir, handle_errors, load_competition, plain, print_json,
+                                 setting_option)
+from pipeline.config import cli_fields
 from pipeline.errors import PipelineError
 from pipeline.runs import LAST_FILE
-
-_TYPES = {"bool": bool, "int": int, "float": float, "str": str, "Path": Path}
-
-
-def _option(f) -> inspect.Parameter:
-    """A Typer option for one schema field: None when not given, so a recipe's value stays.
-
-    The help shows the schema's default; the competition's recipe may set
-    another (`pipeline recipes`, `--dry-run`).
-    """
-    base = _TYPES[str(f.type).split("|")[0].strip()]
-    flag = flag_of(f)
-    choices = f.metadata.get("choices")
-    help_text = f.metadata["help"] + _default_text(f.default)
-    decls = [f"{flag}/--no-{flag[2:]}"] if base is bool else [flag]
-    metavar = "|".join(choices) if choices else None
-    annotation = Annotated[Optional[base], typer.Option(*decls, help=help_text, show_default=False, metavar=metavar)]
-    return inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=None, annotation=annotation)
-
-
-def _default_text(default: Any) -> str:
-    if default is None or default == "":
-        return ""
-    shown = ("on" if default else "off") if isinstance(default, bool) else default
-    return f"  [default: {shown}]"
-
 
 def _fixed_params() -> list[inspect.Parameter]:
     kw = inspect.Parameter.KEYWORD_ONLY
@@ -53,7 +28,8 @@ def _fixed_params() -> list[inspect.Parameter]:
         inspect.Parameter("work_dir", kw, annotation=WorkDir),
         inspect.Parameter("run_dir", kw, annotation=RunDir),
         inspect.Parameter("recipe", kw, default=None, annotation=Annotated[opt, typer.Option(
-            help="A named recipe of the competition (see `pipeline recipes`); options override it.")]),
+            help="A named recipe of the competition (see `pipeline recipes`) or a recipe file (FILE.toml, "
+                 "as `pipeline tune` writes); options override it.")]),
     ]
 
 
@@ -66,6 +42,10 @@ def _control_params() -> list[inspect.Parameter]:
             "--resume", help=f"Continue an interrupted run from {LAST_FILE} (epochs, early stop, workers may change).")]),
         inspect.Parameter("force", kw, default=False, annotation=Annotated[bool, typer.Option(
             "--force", help="Overwrite a finished run in RUN_DIR.")]),
+        inspect.Parameter("track", kw, default="none", annotation=Annotated[str, typer.Option(
+            metavar="none|mlflow", help="Log the run to MLflow (MLFLOW_TRACKING_URI, else RUN_DIR/mlflow): settings "
+                                        "and their sources, per-epoch metrics, CV, summary. pip install "
+                                        "kaggle-pipeline[mlflow].")]),
         inspect.Parameter("as_json", kw, default=False, annotation=Json),
     ]
 
@@ -106,6 +86,8 @@ def train(**options: Any) -> None:
     """
     from pipeline import distributed as dist
     from pipeline.io import undo_on_failure
+    from pipeline.train import tracking
+    from pipeline.train.parallel import others_files, owned_members
     from pipeline.train.stage import train as run
 
     fixed = {k: options.pop(k) for k in (*_CONTROL, "competition", "work_dir", "run_dir", "recipe")}
@@ -120,21 +102,25 @@ def train(**options: Any) -> None:
             resolved = planned(resolved)
         typer.echo(json.dumps(resolved.to_json(), indent=2) if fixed["as_json"] else resolved.table())
         return
+    tracked = tracking.wanted(fixed["track"])  # a missing MLflow is an error before anything trains
     dist.init(resolved.config.device)  # the backend follows the run's device: gloo for --device cpu
     main_process = dist.is_main()
     if not main_process:
         logging.getLogger("pipeline").setLevel(logging.WARNING)  # rank 0 speaks for all
     run_dir = resolved.config.run_dir
     try:
-        with undo_on_failure(run_dir, keep=lambda path: _keeps(run_dir, path)):  # a failed start leaves nothing
+        owned = owned_members(resolved.config)  # other processes may be training the run's other members
+        with undo_on_failure(run_dir, keep=lambda path: _keeps(run_dir, path) or others_files(run_dir, owned, path)):
             results = run(resolved, resume=fixed["resume"], force=fixed["force"])
     finally:
         dist.shutdown()
+    if main_process and tracked:
+        tracking.track_training(run_dir, [r.name for r in results if not r.skipped])
     if main_process:
         _print_results(load_competition(fixed["competition"]).metric, run_dir, results, fixed["as_json"])
 
 
-_CONTROL = ("dry_run", "resume", "force", "as_json")
+_CONTROL = ("dry_run", "resume", "force", "as_json", "track")
 
 
 def _keeps(run_dir: Path, path: Path) -> bool:
@@ -180,7 +166,7 @@ def result_line(r, metric: str) -> str:
     return line + f"; best epoch {r.best_epoch}: {r.best_metric:.4f}; {r.seconds:.1f}s"
 
 
-train.__signature__ = inspect.Signature(_fixed_params() + [_option(f) for f in cli_fields()] + _control_params())
+train.__signature__ = inspect.Signature(_fixed_params() + [setting_option(f) for f in cli_fields()] + _control_params())
 
 
 @handle_errors
@@ -222,7 +208,7 @@ def _lr_find_params() -> list[inspect.Parameter]:
            ("end_lr", float, 10.0, "Last learning rate (the test stops earlier if the loss blows up).")]
     return fixed + [inspect.Parameter(name, kw, default=default, annotation=Annotated[kind, typer.Option(help=text)])
                     for name, kind, default, text in own] + \
-        [_option(f) for f in cli_fields()] + [inspect.Parameter("as_json", kw, default=False, annotation=Json)]
+        [setting_option(f) for f in cli_fields()] + [inspect.Parameter("as_json", kw, default=False, annotation=Json)]
 
 
 lr_find.__signature__ = inspect.Signature(_lr_find_params())

@@ -231,6 +231,38 @@ def _feature_plan(cfg: TrainConfig, model, train_items, valid_items, device, sou
 # ---------------------------------------------------------------- inference inputs
 
 
+def cached_views(cfg: TrainConfig, items: list[Item], tta: str,
+                 amp_dtype: torch.dtype | None) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The un-augmented features (1, N, F) of ``items`` and their targets (N,) from the member's feature cache,
+    when it holds them: a frozen backbone, one view (no TTA), every item an image of the cache's pool (the
+    same file) and a cache built at this precision; else None, and the caller runs the backbone.
+
+    These are the features the member trained and validated on, computed once per image (out-of-fold
+    scores, the report); test images are not in the pool.
+    """
+    if tta != "none" or not (cfg.freeze_backbone and cfg.feature_cache):
+        return None
+    try:
+        pool = list_split(cfg.work_dir, load_reorg(cfg.work_dir), "train_valid")
+    except (PipelineError, OSError):
+        return None
+    where = {it.id: i for i, it in enumerate(pool)}
+    if any(it.id not in where or pool[where[it.id]].path != it.path for it in items):
+        return None
+    try:
+        path = cache_path(cache_root(cfg), "features", feature_key(cfg, pool, amp_dtype))
+    except OSError:  # the weights file the key stats has gone
+        return None
+    if not path.is_file():
+        return None
+    bank = stored_tensors(path, dict)
+    rows = torch.tensor([where[it.id] for it in items], dtype=torch.long)
+    targets = cached_targets(pool, set(bank["bad"].tolist()))[rows]
+    log.info("data: features of %d images read from the feature cache %s", len(items), path.name)
+    return bank["eval"][None, rows], targets
+
+
+
 def shared_backbone_groups(configs: list[TrainConfig], dtypes: list | None = None) -> list[list[int]]:
     """Indices of members grouped so that each group's frozen backbone is run once.
 

@@ -15,6 +15,7 @@ import pandas as pd
 from pipeline.competition import Competition
 from pipeline.config import TrainConfig
 from pipeline.data.items import fold_split, n_folds
+from pipeline.errors import PipelineError
 from pipeline.metrics import bootstrap_interval, reported_metrics, score
 from pipeline.predict.stage import predict_items
 from pipeline.runs import FOLD, Member, Run, member_name
@@ -23,8 +24,41 @@ from pipeline.predict.submission import in_class_order, positive_index, submissi
 log = logging.getLogger("pipeline")
 
 
-def write_cv(cfg: TrainConfig, comp: Competition, info: dict) -> dict | None:
-    """oof.csv and cv.json, once every fold of folds.csv has a finished model.
+LOCK_WAIT = 3600.0  # seconds a finishing fold waits for another process assembling the CV
+
+
+def assemble_cv(cfg: TrainConfig, comp: Competition, info: dict, force: bool = False,
+                required: bool = False) -> dict | None:
+    """oof.csv and cv.json once every fold of folds.csv has a finished model, written exactly once.
+
+    Folds may train in separate processes (``--fold K`` on several GPUs,
+    machines or job-array tasks sharing RUN_DIR): each calls this when its fold
+    is done, under the run's short lock. Whichever finds every fold finished
+    first writes the CV; cv.json records the weights it scored (each fold's
+    best.pt stamp), so later callers find it current and skip it, and a
+    retrained fold makes it stale. ``force``: assemble again anyway;
+    ``required``: a fold still missing is an error, not a wait.
+    """
+    run = Run(cfg.run_dir)
+    with run.lock(wait=LOCK_WAIT):
+        members = [run.member(member_name(FOLD, k)) for k in range(n_folds(cfg.work_dir))]
+        missing = [m.name for m in members if not m.is_finished]
+        if missing and required:
+            raise PipelineError(f"{run.dir}: no CV yet, {', '.join(missing)} not finished; train them "
+                                f"(`pipeline train ... --fold K`) and run this again")
+        if missing:
+            log.info("out-of-fold score waits for %s", ", ".join(missing))
+            return None
+        stamps = {m.name: m.weights_stamp() for m in members}
+        current = run.read_cv()
+        if current is not None and current.get("weights") == stamps and not force:
+            log.info("CV already assembled from these folds' weights: %s", run.cv_path)
+            return current
+        return write_cv(cfg, comp, info, members, stamps)
+
+
+def write_cv(cfg: TrainConfig, comp: Competition, info: dict, members: list[Member], stamps: dict) -> dict:
+    """Score the finished folds out of fold and write oof.csv and cv.json (call :func:`assemble_cv`).
 
     The CV score is computed the way the submission is: the weights predict
     keeps, the run's TTA, the submission's probability floor. With --select
@@ -32,17 +66,13 @@ def write_cv(cfg: TrainConfig, comp: Competition, info: dict) -> dict | None:
     score is optimistic: the last epoch's CV is computed and reported beside it.
     """
     run = Run(cfg.run_dir)
-    members = [run.member(member_name(FOLD, k)) for k in range(n_folds(cfg.work_dir))]
-    missing = [m.name for m in members if not m.is_finished]
-    if missing:
-        log.info("out-of-fold score waits for %s", ", ".join(missing))
-        return None
     oof, per_fold = out_of_fold(cfg, comp, info, members, "best")
     cv = {"metric": comp.metric, **_overall(oof, comp, info["classes"]), "folds": per_fold, "tta": cfg.tta,
           "clip": submission_clip(comp), "selection": cfg.select, "note": SELECTION_NOTES[cfg.select]}
     if cfg.select == "best":
         last, _ = out_of_fold(cfg, comp, info, members, "last")
         cv["last_epoch"] = _overall(last, comp, info["classes"])
+    cv["weights"] = stamps
     run.write_cv(cv, oof)
     log.info("CV %s %.4f out of fold: %s, %s", comp.metric, cv["cv"], run.oof_path, run.cv_path)  # the table: stdout
     return cv

@@ -24,7 +24,7 @@ from pipeline.config import TTAS, TrainConfig, load_resolved
 from pipeline.data.items import Item, list_split, load_reorg, training_fingerprint, unreadable_message
 from pipeline.data.features import backbone_views
 from pipeline.data.loaders import FeatureViews
-from pipeline.data.plan import eval_loader, shared_backbone_groups
+from pipeline.data.plan import cached_views, eval_loader, shared_backbone_groups
 from pipeline.models.heads import FeatureHead
 from pipeline.devices import resolve_device
 from pipeline.distributed import plan_for
@@ -87,7 +87,8 @@ def _group_probs(group: list[LoadedMember], items: list[Item], tta: str, device:
         p, t, pos = infer(first.model, loader, device, tta=tta, amp_dtype=plan.dtype,
                           channels_last=plan.channels_last, progress="predict", gather=False)
         return [p], unreadable_positions(t, pos)
-    views, targets = backbone_views(first.model, loader, device, len(items), tta, amp_dtype=plan.dtype)
+    cached = cached_views(first.config, items, tta, plan.dtype)  # out-of-fold rows: the cache holds them
+    views, targets = cached or backbone_views(first.model, loader, device, len(items), tta, amp_dtype=plan.dtype)
     out = []
     for lm in group:  # each head on the shared (V, N, F) features
         p, t, pos = infer(FeatureHead(lm.model), FeatureViews(views, targets, batch_size), device,

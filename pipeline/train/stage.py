@@ -30,6 +30,7 @@ from pipeline.progress import epoch_line, log_scalars, stage, tensorboard_writer
 from pipeline.runs import Member, Run, save_epoch
 from pipeline.train.engine import deferred_interrupt, phase, train_one_epoch
 from pipeline.train.members import MemberResult, already_done, check_members
+from pipeline.train.parallel import member_locks
 from pipeline.train.plan import MemberPlan, log_plan_warnings, plan_run
 from pipeline.train.setup import MemberState, setup_member, unfreeze_member
 from pipeline.train.summary import cv_interrupt_note, interrupt_note, log_run_summary
@@ -186,13 +187,14 @@ def finish_kept(st: MemberState, comp: Competition, n_classes: int) -> dict:
 def train(resolved: Resolved | TrainConfig, resume: bool = False, force: bool = False) -> list[MemberResult]:
     """Train every member the config asks for; writes the run's files into cfg.run_dir.
 
-    One writer per run: a second `pipeline train` on the same RUN_DIR is
-    refused while this one holds the run's lock.
+    One writer per member: a second `pipeline train` of the same member is
+    refused while this one holds its lock; other members (``--fold K``) may
+    train at once, and the last to finish assembles the CV.
     """
     if isinstance(resolved, TrainConfig):  # a caller's own config: every value is theirs, none adapted
         resolved = Resolved(resolved, {f: "caller" for f in resolved.to_json()})
     cfg = resolved.config
-    with Run(cfg.run_dir).lock(enabled=dist.is_main()):
+    with member_locks(cfg, enabled=dist.is_main()):  # other members may train at once (train/parallel.py)
         return _train_locked(resolved, resume, force)
 
 
@@ -221,10 +223,10 @@ def _train_locked(resolved: Resolved, resume: bool, force: bool) -> list[MemberR
             results.append(fit_member(plan, comp, data, resume))
         dist.barrier()
     if cfg.mode == "folds" and dist.is_main():
-        from pipeline.predict.cv import write_cv
+        from pipeline.predict.cv import assemble_cv
 
         with stage(lambda: cv_interrupt_note(Run(cfg.run_dir))):
-            write_cv(cfg, comp, info)
+            assemble_cv(cfg, comp, info)  # once, by whichever process finishes the last fold
     if dist.is_main():
         Run(cfg.run_dir).mark_done({"members": [r.name for r in results]})
     return results
