@@ -141,13 +141,19 @@ def write_failure(exc: BaseException, tmp: Path) -> OSError | None:
 
 
 def disk_error(exc: BaseException) -> OSError | None:
-    """The full-disk or file-size-limit OSError in ``exc``'s chain of causes, if any."""
+    """The full-disk or file-size-limit OSError in ``exc``'s chain of causes, if any.
+
+    SQLite (an Optuna study, an MLflow database) says SQLITE_FULL as an
+    OperationalError "database or disk is full", not an OSError: it counts too.
+    """
     seen: BaseException | None = exc
     for _ in range(8):
         if seen is None:
             break
         if isinstance(seen, OSError) and seen.errno in DISK_ERRNOS:
             return seen
+        if type(seen).__name__ == "OperationalError" and "database or disk is full" in str(seen):
+            return OSError(errno.ENOSPC, "No space left on device (database or disk is full)")
         seen = seen.__cause__ or seen.__context__
     return None
 

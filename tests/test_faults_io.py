@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.errors import PipelineError
-from pipeline.io import atomic_path, write_failure
+from pipeline.io import atomic_path, disk_error, write_failure
 
 ROOT = Path(__file__).resolve().parents[1]
 LIMIT = 256 * 1024  # bytes a file may grow to in the child
@@ -169,6 +169,27 @@ def test_a_write_failure_is_the_disks_only_when_the_disk_says_so(tmp_path, monke
     with pytest.raises(RuntimeError, match="a bug"), atomic_path(tmp_path / "target.pt"):
         raise RuntimeError("a bug")  # a real bug stays a bug
     assert list(tmp_path.iterdir()) == [tmp]
+
+
+def test_a_full_sqlite_store_is_the_disks_line_too(capsys):
+    """An Optuna or MLflow SQLite store reports a full disk as sqlite3.OperationalError, wrapped by SQLAlchemy."""
+    import sqlite3
+
+    from pipeline.cli.common import handle_errors
+
+    def optimize():
+        try:
+            raise sqlite3.OperationalError("database or disk is full")
+        except sqlite3.OperationalError as exc:
+            raise RuntimeError("(sqlite3.OperationalError) database or disk is full") from exc
+
+    with pytest.raises(Exception) as stop:
+        handle_errors(optimize)()
+    assert stop.value.exit_code == 1
+    line = capsys.readouterr().err.strip()
+    assert line.startswith("error: cannot write ") and "database or disk is full" in line, line
+    assert "free some disk space" in line and "internal error" not in line
+    assert disk_error(RuntimeError("unrelated")) is None
 
 
 TRAIN_UNDER_LIMIT = r'''
