@@ -72,8 +72,6 @@ def test_usage_errors_are_one_line(toy, tmp_path, args, message):
 
 
 def test_submissions_are_indexed_and_never_rewritten(toy, tmp_path):
-    from pipeline.predict.submission_index import read_index
-
     comp, raw = toy
     work, run, subs = tmp_path / "work", tmp_path / "run", tmp_path / "submissions"
     invoke("reorg", comp.slug, raw, work)
@@ -82,6 +80,6 @@ def test_submissions_are_indexed_and_never_rewritten(toy, tmp_path):
     first = (subs / "index.csv").read_bytes()
     assert invoke("predict", comp.slug, work, run, subs / "b.csv", "--tta", "flip").exit_code == 0
     assert (subs / "index.csv").read_bytes().startswith(first)
-    index = read_index(subs / "index.csv")
+    index = pd.read_csv(subs / "index.csv")
     assert index["file"].tolist() == ["a.csv", "b.csv"] and index["tta"].tolist() == ["none", "flip"]
     assert (index["model"] == "fastnet_s").all() and index["cv_score"].between(0, 1).all()

@@ -25,7 +25,7 @@ from pipeline.report.figures import confusion_counts, confusion_figure, image_gr
 from pipeline.report.training_figures import learning_curves_figure
 from pipeline.download.reorg import reorg
 from pipeline.models import create_model
-from pipeline.predict.submission_index import COLUMNS, read_index, record_submission, run_summary
+from pipeline.predict.submission_index import COLUMNS, record_submission, run_summary
 from pipeline.train.stage import train
 from tests.conftest import make_competition, write_raw
 
@@ -188,17 +188,12 @@ def test_index_only_ever_appends(tmp_path):
     lines = index.read_bytes().splitlines(keepends=True)
     assert len(lines) == 3 and index.read_bytes().startswith(first)
     assert lines[0].decode().strip() == ",".join(COLUMNS)
-    frame = read_index(index)
+    frame = pd.read_csv(index, keep_default_na=False, na_values=[""], parse_dates=["time"])
     assert list(frame.columns) == list(COLUMNS) and len(frame) == 2
     assert frame["file"].tolist() == ["submissions/a.csv", "submissions/b, final.csv"]
     assert frame["cv_score"].iloc[0] == pytest.approx(0.912346) and np.isnan(frame["cv_score"].iloc[1])
     assert frame["members"].tolist() == ["runs/r1/fold0;runs/r1/fold1", "1"]
     assert frame["time"].notna().all() and str(frame["time"].dt.tz) == "UTC"
-
-
-def test_read_index_of_a_missing_file_is_empty(tmp_path):
-    frame = read_index(tmp_path / "index.csv")
-    assert frame.empty and list(frame.columns) == list(COLUMNS)
 
 
 def test_run_summary_prefers_cv_then_the_best_holdout_score(runs, tmp_path):

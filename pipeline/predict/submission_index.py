@@ -15,11 +15,10 @@ from collections.abc import Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 
-import pandas as pd
 
 from pipeline.config import load_resolved
 from pipeline.errors import PipelineError
-from pipeline.io import exclusive_lock, os_error_message, read_csv
+from pipeline.io import exclusive_lock, os_error_message
 from pipeline.runs import HOLDOUT, Member, Run
 
 COLUMNS = ("time", "competition", "file", "run_dir", "model", "cv_score", "members", "tta")
@@ -87,21 +86,6 @@ def _ends_with_newline(path: Path) -> bool:
     with open(path, "rb") as fh:
         fh.seek(-1, io.SEEK_END)
         return fh.read(1) == b"\n"
-
-
-def read_index(path: Path) -> pd.DataFrame:
-    """The index as a frame (cv_score numeric, time a UTC timestamp); empty when absent."""
-    path = Path(path)
-    if not path.is_file():
-        return pd.DataFrame(columns=list(COLUMNS))
-    frame = read_csv(path, what="submission index")
-    missing = [c for c in COLUMNS if c not in frame.columns]
-    if missing:
-        raise PipelineError(f"submission index {path} lacks columns {missing}; "
-                            "move it aside and the next submission starts a new one")
-    frame["cv_score"] = pd.to_numeric(frame["cv_score"], errors="coerce")
-    frame["time"] = pd.to_datetime(frame["time"], utc=True, errors="coerce")
-    return frame
 
 
 def run_summary(run_dir: Path) -> dict:
