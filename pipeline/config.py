@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipeline.errors import PipelineError, check_choice
+from pipeline.errors import PipelineError, check_choice, check_kind
 
 AUGMENTS = ("pad_crop_flip", "resized_crop_flip_jitter", "letterbox", "light", "none", "trivialaugment",
             "randaugment", "d4", "erasing")  # pipeline/data/items.py and pipeline/data/presets.py build them
@@ -122,7 +122,7 @@ class TrainConfig:
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):
-            _check_value(f, getattr(self, f.name))
+            check_setting(f, getattr(self, f.name))
         if not self.model:
             raise PipelineError("no model: give --model NAME (the competition's recipe names none)")
         if self.lr <= 0:
@@ -175,6 +175,9 @@ class TrainConfig:
         """From ``to_json``'s dict, or a run's config.json ({"config": ..., "sources": ...})."""
         data = data.get("config", data)
         known = {f.name: f for f in dataclasses.fields(cls)}
+        for k, v in data.items():
+            if k in known:
+                check_setting(known[k], v, f"config.{k}")
         return cls(**{k: _typed(known[k], v) for k, v in data.items() if k in known})
 
 
@@ -187,12 +190,16 @@ def cli_fields() -> list[dataclasses.Field]:
     return [f for f in dataclasses.fields(TrainConfig) if f.metadata.get("cli")]
 
 
-def _check_value(f: dataclasses.Field, value: Any) -> None:
+def check_setting(f: dataclasses.Field, value: Any, name: str | None = None) -> None:
+    """The one check of a setting, whatever its source: its kind, choices and minimum (``name``: as written
+    there, default the CLI flag)."""
+    name = name or flag_of(f)
+    check_kind(f.type, name, value)
     if f.metadata.get("choices"):
-        check_choice(flag_of(f), value, f.metadata["choices"])
+        check_choice(name, value, f.metadata["choices"])
     minimum = f.metadata.get("minimum")
     if minimum is not None and value is not None and value < minimum:
-        raise PipelineError(f"{flag_of(f)} must be >= {minimum}, got {value}")
+        raise PipelineError(f"{name} must be >= {minimum}, got {value}")
 
 
 def _plain(value: Any) -> Any:
@@ -222,7 +229,7 @@ class Recipe(Mapping):
         if unknown:
             raise PipelineError(f"recipe setting(s) {', '.join(unknown)} unknown; valid: {', '.join(sorted(fields))}")
         for name, value in settings.items():
-            _check_value(fields[name], value)
+            check_setting(fields[name], value, name)
         self._settings = dict(settings)
 
     def __getitem__(self, key: str) -> Any:
@@ -372,7 +379,7 @@ def load_resolved(path: Path) -> tuple[TrainConfig, dict]:
         return TrainConfig.from_json(data), data
     except FileNotFoundError:
         raise PipelineError(f"{path} not found: RUN_DIR is not a training run; run `pipeline train` first") from None
-    except (ValueError, TypeError, KeyError, AttributeError) as exc:
+    except (ValueError, TypeError, KeyError, AttributeError, PipelineError) as exc:
         raise PipelineError(f"{path} is not a valid run config ({exc}); retrain into a new RUN_DIR") from None
 
 

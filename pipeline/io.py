@@ -15,6 +15,7 @@ import fcntl
 import itertools
 import json
 import os
+import resource
 import tempfile
 import time
 from collections.abc import Callable, Iterator
@@ -31,6 +32,8 @@ def os_error_message(exc: OSError, path: Path, doing: str) -> str:
     """One line for an OSError, with what to do for the usual causes."""
     hint = {
         errno.ENOSPC: "free some disk space and run again",
+        errno.EDQUOT: "free some disk space (the disk quota is full) and run again",
+        errno.EFBIG: "free some disk space or raise the file-size limit (ulimit -f) and run again",
         errno.EACCES: "check the folder's permissions",
         errno.EPERM: "check the folder's permissions",
         errno.EROFS: "the file system is read-only; choose another folder",
@@ -94,10 +97,81 @@ def atomic_path(path: Path) -> Iterator[Path]:
         with open(tmp_path, "rb+") as fh:  # flush to disk before the rename makes it visible
             os.fsync(fh.fileno())
         os.replace(tmp_path, path)
-    except OSError as exc:
-        raise PipelineError(os_error_message(exc, path, "write")) from exc
+    except PipelineError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - any writer (torch, numpy, PIL) may word a full disk its own way
+        cause = write_failure(exc, tmp_path)
+        if cause is None:
+            raise
+        raise PipelineError(os_error_message(cause, path, "write")) from exc
     finally:
         tmp_path.unlink(missing_ok=True)
+
+
+DISK_ERRNOS = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+_NEARLY_FULL = 1 << 20  # bytes: less than this left after a failed write means the write filled the disk
+
+
+def write_failure(exc: BaseException, tmp: Path) -> OSError | None:
+    """The OSError behind a failed write of ``tmp`` (a file, or a folder being filled), or None when the
+    failure is not the file system's.
+
+    Writers word a full disk or a file-size limit their own way: ``open``
+    raises ``OSError(ENOSPC)``, ``torch.save`` a ``RuntimeError`` ("unexpected
+    pos ..."), others wrap it. The answer comes from the exception chain, else
+    from the evidence on disk: the partial file at the process's file-size
+    limit (``ulimit -f``), or its file system (nearly) out of space.
+    """
+    if isinstance(exc, OSError):
+        return exc
+    chained = disk_error(exc)
+    if chained is not None:
+        return chained
+    try:
+        limit = resource.getrlimit(resource.RLIMIT_FSIZE)[0]
+        if tmp.is_file() and limit != resource.RLIM_INFINITY and tmp.stat().st_size >= limit:
+            return OSError(errno.EFBIG, "File too large")
+        fs = os.statvfs(tmp if tmp.is_dir() else tmp.parent)
+        free = (fs.f_bfree if os.geteuid() == 0 else fs.f_bavail) * fs.f_frsize
+    except OSError:
+        return None
+    if free < _NEARLY_FULL:
+        return OSError(errno.ENOSPC, "No space left on device")
+    return None
+
+
+def disk_error(exc: BaseException) -> OSError | None:
+    """The full-disk or file-size-limit OSError in ``exc``'s chain of causes, if any.
+
+    SQLite (an Optuna study, an MLflow database) says SQLITE_FULL as an
+    OperationalError "database or disk is full", not an OSError: it counts too.
+    """
+    seen: BaseException | None = exc
+    for _ in range(8):
+        if seen is None:
+            break
+        if isinstance(seen, OSError) and seen.errno in DISK_ERRNOS:
+            return seen
+        if type(seen).__name__ == "OperationalError" and "database or disk is full" in str(seen):
+            return OSError(errno.ENOSPC, "No space left on device (database or disk is full)")
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
+def allocate(path: Path, size: int) -> None:
+    """Reserve ``size`` bytes for ``path`` now, so a memory map written later cannot hit a full disk.
+
+    Writing a memory-mapped page the disk has no room for kills the process
+    with SIGBUS; reserved up front, a full disk is an ordinary ``OSError``.
+    """
+    fd = os.open(path, os.O_RDWR)
+    try:
+        os.posix_fallocate(fd, 0, size)
+    except OSError as exc:
+        if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL):  # a file system that cannot reserve: write as before
+            raise
+    finally:
+        os.close(fd)
 
 
 def current_umask() -> int:
@@ -236,6 +310,26 @@ def _same_file(fh, path: Path) -> bool:
         return os.path.samestat(os.fstat(fh.fileno()), os.stat(path))
     except OSError:
         return False
+
+
+@contextlib.contextmanager
+def made_folder(path: Path) -> Iterator[Path]:
+    """Create ``path`` (and its parents) for the block; when the block fails, remove it again if this call
+    made it and nothing is left in it: a refused command leaves no empty folder behind, and never touches
+    a folder that was there before."""
+    path = Path(path)
+    created = not path.exists()
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise PipelineError(os_error_message(exc, path, "create")) from exc
+    try:
+        yield path
+    except BaseException:
+        if created:
+            with contextlib.suppress(OSError):
+                path.rmdir()
+        raise
 
 
 @contextlib.contextmanager

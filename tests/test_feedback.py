@@ -134,7 +134,8 @@ def test_json_results_parse_and_logs_stay_on_stderr(trained, tmp_path):
     assert predicted.exit_code == 0, predicted.output
     assert json.loads(predicted.stdout)["rows"] == 10 and json.loads(predicted.stdout)["path"] == str(sub)
     checked = invoke("check", comp.slug, sub, "--work-dir", work, "--json")
-    assert json.loads(checked.stdout) == {"path": str(sub), "valid": True, "rows": 10, "columns": 2, "problems": []}
+    assert json.loads(checked.stdout) == {"path": str(sub), "valid": True, "rows": 10, "columns": 2, "problems": [],
+                                           "warnings": []}
     sub.write_text("id,label\nt000,unicorn\n")
     bad = invoke("check", comp.slug, sub, "--work-dir", work, "--json")
     assert bad.exit_code == 1 and json.loads(bad.stdout)["valid"] is False and json.loads(bad.stdout)["problems"]

@@ -188,7 +188,7 @@ def test_index_only_ever_appends(tmp_path):
     lines = index.read_bytes().splitlines(keepends=True)
     assert len(lines) == 3 and index.read_bytes().startswith(first)
     assert lines[0].decode().strip() == ",".join(COLUMNS)
-    frame = pd.read_csv(index, keep_default_na=False, na_values=[""])
+    frame = pd.read_csv(index, keep_default_na=False, na_values=[""], parse_dates=["time"])
     assert list(frame.columns) == list(COLUMNS) and len(frame) == 2
     assert frame["file"].tolist() == ["submissions/a.csv", "submissions/b, final.csv"]
     assert frame["cv_score"].iloc[0] == pytest.approx(0.912346) and np.isnan(frame["cv_score"].iloc[1])

@@ -214,7 +214,11 @@ def check(
     work_dir: Annotated[Optional[Path], typer.Option(help="A reorg folder: its sample and class names.")] = None,
     as_json: Json = False,
 ) -> None:
-    """Validate a submission CSV the way Kaggle would and name every problem."""
+    """Validate a submission CSV the way Kaggle would and name every problem.
+
+    Probability submissions: rows whose sums are 1 up to rounding pass; Kaggle rescales every row by its
+    sum, so other rows pass with a warning that states the tolerance; a row summing to 0 is refused.
+    """
     checked_submission(load_competition(competition), submission_csv, sample, work_dir, as_json)
 
 

@@ -22,6 +22,7 @@ from typer.core import TyperCommand, TyperGroup
 
 from pipeline import progress
 from pipeline.errors import PipelineError
+from pipeline.io import disk_error, os_error_message
 
 try:  # typer >= 0.29 carries its own copy of click
     from typer._click import exceptions as click_errors
@@ -86,16 +87,21 @@ def command(app: typer.Typer, fn: Callable | None = None, **kwargs: Any):
 
 
 def handle_errors(fn: Callable) -> Callable:
-    """Turn PipelineError (and surprises) into one line on stderr and exit code 1."""
+    """Turn PipelineError (and surprises) into one line on stderr and exit code 1.
+
+    Ctrl-C, SIGTERM and SIGHUP say what the interrupted stage saved and exit
+    with 128 + the signal's number (see :func:`pipeline.progress.raising`).
+    """
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         try:
-            return fn(*args, **kwargs)
+            with progress.raising():
+                return fn(*args, **kwargs)
         except (typer.Exit, typer.Abort):
             raise
-        except KeyboardInterrupt:
-            typer.echo(progress.interrupted_message(), err=True)  # what the interrupted stage saved
-            raise typer.Exit(130) from None
+        except KeyboardInterrupt as exc:  # what the interrupted stage saved
+            typer.echo(progress.stopped_by(exc) + progress.interrupted_message(), err=True)
+            raise typer.Exit(progress.exit_status(exc)) from None
         except PipelineError as exc:
             if STATE["debug"]:
                 raise
@@ -104,7 +110,9 @@ def handle_errors(fn: Callable) -> Callable:
         except Exception as exc:  # a bug: still one line, the traceback on request
             if STATE["debug"]:
                 raise
-            typer.echo(f"internal error: {type(exc).__name__}: {exc} (rerun with --debug for the traceback)", err=True)
+            disk = disk_error(exc)  # a writer not yet on io's atomic path: still the disk's one line
+            typer.echo(f"error: {os_error_message(disk, Path(disk.filename or 'a file'), 'write')}" if disk else
+                       f"internal error: {type(exc).__name__}: {exc} (rerun with --debug for the traceback)", err=True)
             raise typer.Exit(1) from None
     return wrapper
 
@@ -157,12 +165,15 @@ Json = Annotated[bool, typer.Option("--json", help="Print one JSON object with t
 def checked_submission(comp, submission_csv: Path, sample: Path | None, work_dir: Path | None,
                        as_json: bool = False):
     """Say the submission is valid and return its frame; else each problem on stderr and exit 1."""
-    from pipeline.predict.submission import check_submission_file
+    from pipeline.predict.submission import check_submission_file, submission_warnings
 
     frame, found = check_submission_file(comp, submission_csv, sample, work_dir)
+    warned = submission_warnings(comp, frame) if not found else []
+    for warning in warned:
+        typer.echo(f"{submission_csv}: warning: {warning}", err=True)
     if as_json:
         print_json({"path": str(submission_csv), "valid": not found, "rows": len(frame),
-                    "columns": len(frame.columns), "problems": list(found)})
+                    "columns": len(frame.columns), "problems": list(found), "warnings": warned})
     if found:
         for problem in found:
             typer.echo(f"{submission_csv}: {problem}", err=True)

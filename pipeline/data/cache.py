@@ -24,7 +24,7 @@ import numpy as np
 import torch
 
 from pipeline.data.items import Item, read_image
-from pipeline.io import atomic_path
+from pipeline.io import allocate, atomic_path, atomic_write_json
 from pipeline.progress import track
 from pipeline.workdir import CACHE_DIR
 
@@ -73,6 +73,7 @@ def image_cache(work_dir: Path, items: list[Item], side: int, workers: int = 0) 
         folder.mkdir(parents=True, exist_ok=True)
         with atomic_path(path) as tmp:
             np.lib.format.open_memmap(tmp, mode="w+", dtype=np.uint8, shape=(len(items), side, side, 3)).flush()
+            allocate(tmp, tmp.stat().st_size)  # a full disk is an error now, not a SIGBUS in a decoding process
             chunk = 2048
             jobs = [([str(it.path) for it in items[i:i + chunk]], side, str(tmp), i) for i in range(0, len(items), chunk)]
             workers = workers or min(8, os.cpu_count() or 1)
@@ -80,7 +81,7 @@ def image_cache(work_dir: Path, items: list[Item], side: int, workers: int = 0) 
                 done = track(zip(jobs, pool.map(_decode_chunk, jobs)), "caching images", len(items),
                              count=lambda job_bad: len(job_bad[0][0]))
                 bad = [p for _, part in done for p in part]
-            bad_path.write_text(json.dumps(bad))
+            atomic_write_json(bad_path, bad)
         log.info("cached %d images at %dx%d in %s", len(items), side, side, path)
     bad = set(json.loads(bad_path.read_text())) if bad_path.is_file() else set()
     rows = {i for i, it in enumerate(items) if str(it.path) in bad}

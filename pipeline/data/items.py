@@ -25,6 +25,7 @@ from torch.utils.data import Dataset
 from pipeline.config import AUGMENTS
 from pipeline.data import presets
 from pipeline.errors import PipelineError
+from pipeline.imagefile import open_image
 from pipeline.io import read_json
 from pipeline.workdir import BAD_TARGET, FOLDS_FILE, REORG_FILE, TEST_CLASS_DIR
 
@@ -122,22 +123,20 @@ def read_image(path: Path, min_side: int | None = None, fast: bool = True) -> np
     that draft cannot shrink (a 224-px model on a 500x375 photo) is decoded by
     libjpeg-turbo through torchvision (``fast``; False: PIL, for comparison).
     """
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", Image.DecompressionBombWarning)
-        with Image.open(path) as img:  # reads the header only: size and bomb checks
-            if img.format == "JPEG":
-                if fast and (not min_side or 2 * min_side > min(img.size)):  # draft cannot shrink it
-                    decoded = _decode_jpeg_fast(path)
-                    if decoded is not None:
-                        return decoded
-                img.draft("RGB", (min_side, min_side) if min_side else img.size)
-            img = ImageOps.exif_transpose(img)
-            if img.mode in ("I;16", "I;16B", "I;16L", "I"):
-                arr = np.asarray(img, dtype=np.float64)
-                scale = 65535.0 if arr.max() > 255 else 255.0
-                gray = np.clip(arr / scale * 255.0 + 0.5, 0, 255).astype(np.uint8)
-                return np.repeat(gray[..., None], 3, axis=2)
-            return np.asarray(img.convert("RGB"))
+    with open_image(path) as img:  # reads the header only: size and bomb checks, any failure one error
+        if img.format == "JPEG":
+            if fast and (not min_side or 2 * min_side > min(img.size)):  # draft cannot shrink it
+                decoded = _decode_jpeg_fast(path)
+                if decoded is not None:
+                    return decoded
+            img.draft("RGB", (min_side, min_side) if min_side else img.size)
+        img = ImageOps.exif_transpose(img)
+        if img.mode in ("I;16", "I;16B", "I;16L", "I"):
+            arr = np.asarray(img, dtype=np.float64)
+            scale = 65535.0 if arr.max() > 255 else 255.0
+            gray = np.clip(arr / scale * 255.0 + 0.5, 0, 255).astype(np.uint8)
+            return np.repeat(gray[..., None], 3, axis=2)
+        return np.asarray(img.convert("RGB"))
 
 
 def _decode_jpeg_fast(path: Path) -> np.ndarray | None:

@@ -10,6 +10,7 @@ import torch
 from torch.utils.data import DataLoader
 
 from pipeline.data.items import ImageDataset
+from pipeline.data.shm import loader_workers
 
 
 def epoch_order(n: int, shuffle: bool, seed: int, epoch: int, rank: int = 0,
@@ -61,6 +62,7 @@ def make_loader(dataset: ImageDataset, batch_size: int, shuffle: bool, num_worke
     before each pass.
     """
     sampler = EpochSampler(len(dataset), shuffle, seed, rank, world)
+    num_workers = loader_workers(num_workers, batch_size * 3 * dataset.image_size ** 2 * 4, 4)  # what /dev/shm holds
     return DataLoader(
         dataset,
         batch_size=batch_size,

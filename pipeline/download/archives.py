@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import IO
 
 from pipeline.errors import PipelineError
+from pipeline.io import DISK_ERRNOS, atomic_path, os_error_message, write_failure
 
 MANIFEST_NAME = ".unpacked.json"
 # longest suffix first, so "x.tar.gz" is a tar and not an unknown ".gz"
@@ -150,8 +151,19 @@ class _Unpacker:
         unpack = {"zip": self._unpack_zip, "tar": self._unpack_tar, "7z": self._unpack_7z}[kind]
         try:
             unpack(archive, into)
-        except _unreadable_errors() as exc:  # evaluated once raised, when py7zr may be loaded
-            reason = (str(exc).splitlines() or [type(exc).__name__])[0]
+        except PipelineError:
+            raise
+        except Exception as exc:  # noqa: BLE001 - sorted below: the disk's fault, the archive's, or a bug
+            unreadable = isinstance(exc, _unreadable_errors())  # evaluated once raised, when py7zr may be loaded
+            disk = write_failure(exc, into)  # py7zr and zlib word a full disk their own way
+            if disk is not None and (not unreadable or disk.errno in DISK_ERRNOS):
+                raise PipelineError(os_error_message(disk, into, "unpack into")) from exc
+            if not unreadable:
+                raise
+            if type(exc).__name__ == "PasswordRequired":
+                raise PipelineError(f"{archive} is password-protected; unpack it by hand with its password "
+                                    f"(`7z x {archive} -o{into}`) and move the archive out of {archive.parent}") from None
+            reason = _reason(exc)
             raise PipelineError(f"{archive}: cannot unpack it as {kind} ({reason}); download it again, or unpack "
                                 f"it by hand into {into} and move the archive out of {archive.parent}") from None
 
@@ -255,6 +267,13 @@ class _Unpacker:
         return not target.is_symlink() and self.owned.get(rel) == _stat_key(target)
 
 
+def _reason(exc: BaseException) -> str:
+    """The first line of an exception's words: its last text argument (py7zr puts a dict of codec
+    details first), else its type."""
+    texts = [a for a in exc.args if isinstance(a, str) and a.strip()]
+    return texts[-1].strip().splitlines()[0] if texts else type(exc).__name__
+
+
 def _unreadable_errors() -> tuple[type[BaseException], ...]:
     """The errors of an unreadable archive, py7zr's among them once it is loaded."""
     py7zr = sys.modules.get("py7zr")
@@ -306,12 +325,8 @@ def _new_temp(target: Path) -> Path:
 
 
 def _atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = _new_temp(path)
-    try:
+    with atomic_path(path) as tmp:
         tmp.write_bytes(data)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 @functools.cache

@@ -12,6 +12,7 @@ and the next run removes what a killed one left behind.
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import logging
@@ -28,7 +29,7 @@ import pandas as pd
 
 from pipeline.competition import Competition
 from pipeline.errors import PipelineError
-from pipeline.io import atomic_write_json, exclusive_lock, os_error_message, remove_stale_temps
+from pipeline.io import atomic_write_json, exclusive_lock, made_folder, os_error_message, remove_stale_temps
 from pipeline.download.layout import LAYOUT_FIELDS, Download, Folder, input_files, read_download
 from pipeline.download.scan import scan_download
 from pipeline.workdir import FOLDS_FILE, LOCK_FILE, REORG_FILE, SAMPLE_FILE, SPLITS, TEST_CLASS_DIR
@@ -210,7 +211,12 @@ def _link_mode(src: str, probe_dir: Path) -> str:
 
 def _place(mode: str, src: str, dst: str) -> None:
     if mode == "hardlink":
-        os.link(src, dst)
+        try:
+            os.link(src, dst)
+        except OSError as exc:
+            if exc.errno != errno.EXDEV:
+                raise
+            os.symlink(os.path.realpath(src), dst)  # a user's link to another disk: read there, never copied
     elif mode == "symlink":
         os.symlink(src, dst)
     else:
@@ -324,11 +330,7 @@ def reorg(comp: Competition, raw_dir: Path, work_dir: Path, valid_ratio: float =
     start = time.perf_counter()
     raw_dir, work_dir = Path(raw_dir), Path(work_dir)
     check_work_dir(raw_dir, work_dir)
-    try:
-        work_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise PipelineError(os_error_message(exc, work_dir, "create")) from exc
-    with exclusive_lock(work_dir / LOCK_FILE, f"WORK_DIR {work_dir}"):
+    with made_folder(work_dir), exclusive_lock(work_dir / LOCK_FILE, f"WORK_DIR {work_dir}"):
         _remove_leftovers(work_dir)
         scans = scan_download(comp, raw_dir)
         params = {"valid_ratio": valid_ratio, "folds": folds, "seed": seed}

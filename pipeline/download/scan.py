@@ -1,8 +1,12 @@
 """Scanning a download's image folders: which regular image files are there, their sizes and mtimes.
 
-Only regular files (or links to them inside the download) count; pipes,
-sockets, devices, broken links and folders named like images are skipped
-with one warning per folder. pipeline/download/layout.py reads the scans.
+Only regular files (or links to them) count; pipes, sockets, devices,
+broken links, links to a folder above themselves and folders named like
+images are skipped with one warning per folder. A link may lead anywhere,
+another disk included (a common way to keep data on a big drive): it is
+followed for reading and never written through. Archives cannot bring links
+in: pipeline/download/archives.py refuses those that lead out of the folder
+they unpack into. pipeline/download/layout.py reads the scans.
 """
 from __future__ import annotations
 
@@ -28,13 +32,13 @@ class Folder:
     rel: str  # its path relative to RAW_DIR ("." for RAW_DIR itself)
     files: list[str]  # every non-hidden file under it, relative to it, "/"-separated, sorted
     stamp: bytes  # the files' names, sizes and mtimes: what the fingerprint sees
-    links: frozenset[str] = frozenset()  # the files that are links (to files inside the download)
+    links: frozenset[str] = frozenset()  # the files that are links (followed for reading, wherever they lead)
 
 
-def _scan(root: Path, depth: int | None, ext: str, inside: tuple[str, ...]) -> tuple[list[str], bytes, frozenset]:
+def _scan(root: Path, depth: int | None, ext: str) -> tuple[list[str], bytes, frozenset]:
     """(sorted regular files, stamp, links) under ``root`` to ``depth`` levels; anything else skipped, with a warning."""
     fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
-    seen = _Seen(os.path.realpath(root), ext.lower(), inside, [], [])
+    seen = _Seen(os.path.realpath(root), ext.lower(), [], [])
     try:
         files = sorted(_list_files(fd, depth, seen))
         stamp = _sizes_and_mtimes(fd, files)
@@ -50,7 +54,6 @@ def _scan(root: Path, depth: int | None, ext: str, inside: tuple[str, ...]) -> t
 class _Seen:  # what a scan needs to judge an entry, what it skipped, which files are links
     real_root: str
     ext: str  # lower-case image_ext: a folder with such a name is reported, not silently passed over
-    inside: tuple[str, ...]  # real paths of the download: a link must lead into one of them
     skipped: list[str]
     links: list[str]
 
@@ -77,11 +80,8 @@ def _within(path: str, root: str) -> bool:
 
 
 def _link_loops(rel: str, seen: _Seen) -> bool:
-    """Whether a link leads inside the download (else an error naming it) and loops back above itself."""
+    """Whether a link loops back to a folder above itself (a link to another disk is the user's: followed)."""
     target = os.path.realpath(os.path.join(seen.real_root, rel))
-    if not any(_within(target, root) for root in seen.inside):
-        raise PipelineError(f"{os.path.join(seen.real_root, rel)} links to {target}, outside the download; "
-                            "copy the file into the download or remove the link")
     return _within(os.path.realpath(os.path.join(seen.real_root, posixpath.dirname(rel))), target)
 
 
@@ -156,7 +156,5 @@ def scan_download(comp: Competition, raw_dir: Path) -> dict[str, Folder]:
                 raise PipelineError(f"image folder {root} not found, and {raw_dir} holds archives not unpacked "
                                     f"({', '.join(pending[:4])}): {UNPACK_HINT}")
             raise PipelineError(f"image folder {root} not found; point RAW_DIR at the unzipped Kaggle download")
-        # links may lead anywhere in the download, and into an image folder that is itself a link
-        inside = (os.path.realpath(raw_dir), os.path.realpath(root))
-        scans[rel] = Folder(posixpath.normpath(rel), *_scan(root, depth, comp.image_ext, inside))
+        scans[rel] = Folder(posixpath.normpath(rel), *_scan(root, depth, comp.image_ext))
     return {role: scans[rel] for role, rel in roles.items()}

@@ -97,17 +97,18 @@ def _head(path: Path) -> pd.DataFrame:
 
 
 def image_sides(raw_dir: Path, folder: str, limit: int = 5) -> list[int]:
-    """The longer side of up to ``limit`` images under ``folder`` (header reads only)."""
-    from PIL import Image
+    """The longer side of up to ``limit`` images under ``folder`` (header reads only; an unreadable
+    image, a decompression bomb among them, is skipped)."""
+    from pipeline.imagefile import UnreadableImage, open_image
 
     sides = []
     for root, _, files in os.walk(raw_dir / folder):
         for name in sorted(files):
             if os.path.splitext(name)[1].lower() in IMAGE_EXTS:
                 try:
-                    with Image.open(Path(root) / name) as im:
+                    with open_image(Path(root) / name) as im:
                         sides.append(max(im.size))
-                except OSError:
+                except UnreadableImage:
                     continue
                 if len(sides) >= limit:
                     return sides

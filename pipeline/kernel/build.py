@@ -21,6 +21,7 @@ from pathlib import Path
 
 from pipeline.kernel import script as kernel_script_module
 from pipeline.competition import Competition
+from pipeline.config import check_setting, cli_fields, flag_of
 from pipeline.errors import PipelineError
 from pipeline.io import atomic_write_json, atomic_write_text
 from pipeline.download.kaggle import CREDENTIALS_HELP, credentials_present, run_kaggle
@@ -94,6 +95,34 @@ class KernelSpec:
             raise PipelineError("--train-args needs --train (a predict-only kernel uses the dataset's run)")
         if "--force" in (*self.train_args, *self.predict_args):
             raise PipelineError("leave --force out of --train-args/--predict-args: the kernel passes it itself")
+        check_train_args(self.train_args)
+
+
+def check_train_args(args: tuple[str, ...] | list[str]) -> None:
+    """Each ``--flag VALUE`` of the kernel's train options checked as `pipeline train` checks it: here,
+    not in the kernel an hour later. Options that are not settings (``--recipe``) are left to train."""
+    fields = {flag_of(f): f for f in cli_fields()}
+    i = 0
+    while i < len(args):
+        flag, eq, value = args[i].partition("=")
+        f = fields.get(flag)
+        i += 1
+        if f is None or "bool" in str(f.type):  # a switch takes no value
+            continue
+        if not eq:
+            value, i = (args[i], i + 1) if i < len(args) else (None, i)
+        check_setting(f, _parsed(f, value), f"--train-args {flag}")
+
+
+def _parsed(f, text: str | None):
+    """A command-line value as `pipeline train` would parse it (text left as is when it is not a number)."""
+    for kind, parse in (("int", int), ("float", float)):
+        if kind in str(f.type).split(" | ")[0]:
+            try:
+                return parse(text)
+            except (TypeError, ValueError):
+                return text
+    return text
 
 
 def portable_train_args(args: list[str]) -> tuple[list[str], list[Path]]:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from pipeline.competition import Competition
 from pipeline.errors import PipelineError
-from pipeline.io import atomic_write_json
+from pipeline.io import atomic_write_json, os_error_message
 from pipeline.runs import BEST_FILE, Run
 
 DATASET_METADATA_FILE = "dataset-metadata.json"
@@ -208,6 +208,8 @@ def write_dataset(plan: DatasetPlan, out_dir: Path, comps: Iterable[Competition]
         check_folder(staging, comps)
         shutil.rmtree(out_dir, ignore_errors=True)
         staging.rename(out_dir)
+    except OSError as exc:  # a full disk while copying: the previous dataset folder is untouched
+        raise PipelineError(os_error_message(exc, out_dir, "write the dataset")) from exc
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     return sorted(p.relative_to(out_dir) for p in out_dir.rglob("*") if p.is_file())

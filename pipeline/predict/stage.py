@@ -18,6 +18,7 @@ import numpy as np
 import pandas as pd
 import torch
 
+from pipeline.data import shm
 from pipeline.competition import Competition
 from pipeline.config import TTAS, TrainConfig, load_resolved
 from pipeline.data.items import Item, list_split, load_reorg, training_fingerprint, unreadable_message
@@ -215,8 +216,9 @@ def predict(comp: Competition, work_dir: Path, run_dir: Path, out_csv: Path, mem
     items = list_split(work_dir, info, "test")
     chosen = run.finished(members)
     started = time.perf_counter()
-    ids, probs, classes = predict_items(chosen, items, tta=tta, device=device, num_workers=num_workers,
-                                        batch_size=batch_size, unreadable=unreadable)
+    with shm.guard():  # a worker out of shared memory: the cause and the fixes, not its traceback
+        ids, probs, classes = predict_items(chosen, items, tta=tta, device=device, num_workers=num_workers,
+                                            batch_size=batch_size, unreadable=unreadable)
     views = len(TTA_VIEWS[tta](torch.zeros(1, 1, 1, 1)))
     view_seconds = (time.perf_counter() - started) * (views - 1) / views  # the model's time grows with the views
     probs = calibrate.apply_stored(calibrate.stored(run), probs, classes)  # the values the CV was scored with

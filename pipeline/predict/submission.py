@@ -17,6 +17,9 @@ from pipeline.io import atomic_write_csv
 from pipeline.metrics import clip_probs
 
 PROB_FLOOR = 1e-6  # probability submissions: no class below this before renormalising (bounds the log loss)
+SUM_TOLERANCE = 1e-3  # Kaggle rescales each probability row by its sum: rows this close to 1 are rounding
+SUM_RULE = (f"rows summing to within {SUM_TOLERANCE:g} of 1 pass (rounding); Kaggle rescales every row by its sum, "
+            "so others are scored rescaled, with a warning; a row summing to 0 cannot be rescaled and is refused")
 
 
 def clean_probs(probs: np.ndarray) -> np.ndarray:
@@ -73,7 +76,8 @@ def build_submission(comp: Competition, ids: list[str], probs: np.ndarray, class
     missing = order[~order.isin(frame.index)]
     if len(missing):
         raise PipelineError(f"no prediction for test id {missing.iloc[0]!r} ({len(missing)} missing); rerun reorg")
-    return frame.loc[order.to_numpy()].reset_index()
+    frame = frame.loc[order.to_numpy()].reset_index()
+    return frame[[c for c in sample.columns if c in frame.columns]]  # the sample's column order, by name
 
 
 def check_submission(comp: Competition, frame: pd.DataFrame, sample: pd.DataFrame,
@@ -126,7 +130,7 @@ def _value_problems(comp: Competition, frame: pd.DataFrame, sample: pd.DataFrame
             row = int(bad.index[0]) + 2
             return [f"row {row}: {bad.iloc[0]!r} is not a class name ({len(bad)} such rows)"]
         return []
-    cols = [c for c in sample.columns[1:] if c in frame.columns]
+    cols = [c for c in sample.columns if c != comp.id_column and c in frame.columns]  # by name, wherever the id is
     values = frame[cols].apply(pd.to_numeric, errors="coerce")
     found = []
     if values.isna().any().any():
@@ -137,11 +141,22 @@ def _value_problems(comp: Competition, frame: pd.DataFrame, sample: pd.DataFrame
     if out_of_range.any():
         r, c = np.argwhere(out_of_range)[0]
         found.append(f"row {r + 2}, column {cols[c]!r}: {arr[r, c]} is outside [0, 1]")
-    sums = np.nansum(arr, axis=1)
-    off = np.flatnonzero(np.abs(sums - 1) > 1e-6)
-    if len(off) and len(cols) == len(sample.columns) - 1 and comp.submission == "probs":
-        found.append(f"row {off[0] + 2}: probabilities sum to {sums[off[0]]:.6f}, not 1 ({len(off)} such rows)")
+    zero = np.flatnonzero(np.nansum(arr, axis=1) <= 0)
+    if len(zero) and comp.submission == "probs":
+        found.append(f"row {zero[0] + 2}: probabilities sum to 0, which Kaggle cannot rescale ({len(zero)} such rows)")
     return found
+
+
+def submission_warnings(comp: Competition, frame: pd.DataFrame) -> list[str]:
+    """What Kaggle accepts but a user should know: probability rows off 1 by more than rounding (SUM_RULE)."""
+    if comp.submission != "probs":
+        return []
+    cols = [c for c in frame.columns if c != comp.id_column]
+    sums = frame[cols].apply(pd.to_numeric, errors="coerce").to_numpy(dtype=np.float64).sum(axis=1)
+    off = np.flatnonzero((np.abs(sums - 1) > SUM_TOLERANCE) & (sums > 0))
+    if not len(off):
+        return []
+    return [f"row {off[0] + 2}: probabilities sum to {sums[off[0]]:.6f} ({len(off)} such rows): {SUM_RULE}"]
 
 
 def write_submission(frame: pd.DataFrame, path: Path, force: bool) -> None:

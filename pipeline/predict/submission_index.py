@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import io
 import math
+import os
 from collections.abc import Sequence
 from datetime import datetime, timezone
 from pathlib import Path
@@ -62,10 +63,23 @@ def record_submission(index_path: Path, *, competition: str, file: Path | str, r
                 line = _csv_line(COLUMNS) + line
             elif not _ends_with_newline(index_path):
                 line = "\n" + line  # a hand-edited file without its last newline
-            with open(index_path, "a", encoding="utf-8", newline="") as fh:
-                fh.write(line)
+            _append(index_path, line.encode("utf-8"), size)
         except OSError as exc:
             raise PipelineError(os_error_message(exc, index_path, "append to")) from exc
+
+
+def _append(path: Path, data: bytes, size: int) -> None:
+    """Append ``data`` to ``path`` (``size`` bytes long): all of it, or, when the disk is full, none."""
+    fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+    try:
+        view = memoryview(data)
+        while view:
+            view = view[os.write(fd, view):]
+    except OSError:
+        os.ftruncate(fd, size)  # the index as it was, not half a line longer
+        raise
+    finally:
+        os.close(fd)
 
 
 def _ends_with_newline(path: Path) -> bool:

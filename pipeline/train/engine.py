@@ -8,10 +8,7 @@ what an uninterrupted one does.
 """
 from __future__ import annotations
 
-import contextlib
 import math
-import signal
-import threading
 from dataclasses import dataclass, replace
 
 import torch
@@ -24,7 +21,7 @@ from pipeline.devices import DevicePlan, autocast
 from pipeline.errors import PipelineError
 from pipeline.metrics import better, valid_key
 from pipeline.models import compute_loss, param_groups, set_train_mode
-from pipeline.progress import track
+from pipeline.progress import deferred, track
 
 
 def lr_multiplier(step: int, total_steps: int, steps_per_epoch: int, cfg: TrainConfig) -> float:
@@ -230,20 +227,9 @@ def make_ema(model: nn.Module, decay: float):
     return AveragedModel(model, multi_avg_fn=get_ema_multi_avg_fn(decay), use_buffers=True)
 
 
-@contextlib.contextmanager
 def deferred_interrupt():
-    """Hold Ctrl-C back until the block ends, then raise it: an epoch's files are all or none."""
-    if threading.current_thread() is not threading.main_thread() or signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
-        yield  # not ours to catch, or ignored by the process (nohup, a background job): stays ignored
-        return
-    caught = []
-    previous = signal.signal(signal.SIGINT, lambda signum, frame: caught.append(signum))
-    try:
-        yield
-    finally:
-        signal.signal(signal.SIGINT, previous)
-    if caught:
-        raise KeyboardInterrupt
+    """Hold Ctrl-C, SIGTERM and SIGHUP back until the block ends, then raise: an epoch's files are all or none."""
+    return deferred()
 
 
 @dataclass

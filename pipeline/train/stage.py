@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 from pipeline import distributed as dist
+from pipeline.data import shm
 from pipeline.competition import Competition, get_competition
 from pipeline.config import Resolved, TrainConfig
 from pipeline.workdir import BAD_TARGET
@@ -223,7 +224,8 @@ def _train_locked(resolved: Resolved, resume: bool, force: bool) -> list[MemberR
             log.info("%s: finished (%d epochs); skipped", plan.member.dir, done.epochs)
             results.append(done)
             continue
-        with stage(lambda m=plan.member: interrupt_note(m)):  # Ctrl-C says what of this member is saved
+        # Ctrl-C says what of this member is saved; a worker out of shared memory, how to go on
+        with stage(lambda m=plan.member: interrupt_note(m)), shm.guard("; then the same command with --resume"):
             results.append(fit_member(plan, comp, data, resume))
         dist.barrier()
     if cfg.mode == "folds" and dist.is_main():
