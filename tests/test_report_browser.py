@@ -17,7 +17,7 @@ from urllib.parse import unquote, urlparse
 
 import pytest
 
-from pipeline.config import config_from_recipe
+from conftest import config_from_recipe
 from pipeline.report.build import write_report
 from pipeline.train.stage import train
 
