@@ -25,9 +25,9 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install -q -e '.[test,kaggle]'
 	touch $@
 
-# both cores (pytest-xdist), each test file on one worker so its module fixtures are built once;
-# the 15 slowest tests are listed at the end
-PYTEST := $(BIN)/python -m pytest -q -n $(or $(JOBS),2) --dist loadfile --durations=15
+# both cores (pytest-xdist): tests sharing a module fixture on one worker (tests/conftest.py groups them),
+# the others wherever a worker is free; the 15 slowest tests are listed at the end
+PYTEST := $(BIN)/python -m pytest -q -n $(or $(JOBS),2) --dist loadgroup --durations=15
 
 # the browser for tests/test_report_browser.py (headless Chromium, driven by selenium from the test
 # extra): installed from Debian's packages where apt-get can (root); elsewhere nothing happens and the

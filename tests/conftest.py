@@ -113,3 +113,18 @@ def toy_probs(tmp_path):
     comp = make_competition("toy-probs", submission="probs")
     raw = write_raw(tmp_path / "raw", comp)
     return comp, raw
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_collection_modifyitems(config, items):
+    """On both cores (pytest-xdist's loadgroup): the tests of a module that share one of its module-scoped
+    fixtures (a trained run, a browser) run on one worker, so the fixture is built once; every other test
+    goes to whichever worker is free, so the slow independent ones spread over both."""
+    for item in items:
+        info = getattr(item, "_fixtureinfo", None)
+        if info is None:
+            continue
+        shared = [d for name in info.names_closure for d in info.name2fixturedefs.get(name, ())
+                  if d.scope == "module"]
+        if shared:
+            item.add_marker(pytest.mark.xdist_group(item.module.__name__))

@@ -118,7 +118,8 @@ def test_train_options_are_the_schema_fields():
     from pipeline.cli.train import train
 
     params = set(inspect.signature(train).parameters)
-    fixed = {"competition", "work_dir", "run_dir", "recipe", "dry_run", "resume", "force", "track", "as_json"}
+    fixed = {"competition", "work_dir", "run_dir", "recipe", "dry_run", "resume", "force", "track", "predict_csv",
+             "as_json"}
     assert params - fixed == {f.name for f in cli_fields()}
 
 

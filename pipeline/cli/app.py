@@ -29,8 +29,7 @@ from pipeline.cli import submit as cli_submit
 from pipeline.cli import train as cli_train
 from pipeline.cli import tune as cli_tune
 from pipeline.cli.common import (STATE, Comp, Json, RunDir, WorkDir, all_competitions, check_current_folder,
-                                 checked_submission, command, handle_errors, load_competition, print_json, typer_app)
-from pipeline.errors import PipelineError
+                                 checked_submission, command, handle_errors, load_competition, typer_app)
 from pipeline.train.summary import collect_warnings
 
 app = typer_app(help="From a Kaggle image-classification download to a checked submission CSV. "
@@ -162,47 +161,12 @@ def predict(
     as_json: Json = False,
 ) -> None:
     """Softmax over the test set (members averaged) and a checked submission CSV."""
-    from pipeline.predict.stage import predict as run
+    from pipeline.cli.predicting import write_submission
     from pipeline.train.tracking import wanted
 
-    tracked = wanted(track)
-
-    with progress.stage(f"interrupted while predicting: {submission_csv} is written only when complete, so nothing "
-                        "was written; run the same command again"):
-        result = run(load_competition(competition), work_dir, run_dir, submission_csv, members=members, tta=tta,
-                     device=device, force=force, num_workers=num_workers, batch_size=batch_size,
-                     unreadable=unreadable_test)
-    indexed = submission_csv.resolve().parent.name == "submissions" and _index_submission(competition, result,
-                                                                                          run_dir, result.tta)
-    if tracked:
-        from pipeline.train.tracking import track_outputs
-
-        track_outputs(run_dir, [result.path], "submissions")
-    if as_json:
-        print_json({"path": str(result.path), "rows": result.rows, "members": result.members,
-                    "seconds": round(result.seconds, 3),
-                    "view_seconds": round(result.view_seconds, 3), "index": str(indexed) if indexed else None})
-    else:
-        typer.echo(f"{result.path}: {result.rows} rows from {len(result.members)} model(s) in {result.seconds:.1f}s")
-        if result.tta != "none":
-            typer.echo(f"tta {result.tta}: about {result.view_seconds:.1f}s of that went to the views beyond the "
-                       "first (predicting time x (views - 1) / views)")
-
-
-def _index_submission(competition: str, result, run_dir: Path, tta: str) -> Path | None:
-    """One line in submissions/index.csv for every submission written there; the index, or None."""
-    from pipeline.predict.submission_index import record_submission, run_summary
-
-    index = result.path.resolve().parent / "index.csv"
-    try:
-        summary = run_summary(run_dir)
-        record_submission(index, competition=competition, file=result.path.name, run_dir=str(run_dir),
-                          model=summary["model"], cv_score=summary["cv_score"],
-                          members=[Path(m).name for m in result.members], tta=tta)
-    except PipelineError as exc:  # the submission itself is written; say what was not recorded
-        log.warning("%s written, but not recorded in %s: %s", result.path, index, exc)
-        return None
-    return index
+    write_submission(competition, work_dir, run_dir, submission_csv, members=members, tta=tta, device=device,
+                     force=force, num_workers=num_workers, batch_size=batch_size, unreadable=unreadable_test,
+                     tracked=wanted(track), as_json=as_json)
 
 
 @command(app)

@@ -188,6 +188,9 @@ def checked_submission(comp, submission_csv: Path, sample: Path | None, work_dir
 _TYPES = {"bool": bool, "int": int, "float": float, "str": str, "Path": Path}
 
 
+MAX_METAVAR_LINE = 60  # flag and its choices on one help line of 80 columns, indented
+
+
 def setting_option(f) -> inspect.Parameter:  # f: a pipeline.config.TrainConfig field
     """A Typer option for one schema field: None when not given, so a recipe's value stays.
 
@@ -202,6 +205,9 @@ def setting_option(f) -> inspect.Parameter:  # f: a pipeline.config.TrainConfig 
     help_text = f.metadata["help"] + _default_text(f.default)
     decls = [f"{flag}/--no-{flag[2:]}"] if base is bool else [flag]
     metavar = "|".join(choices) if choices else None
+    if metavar and len(flag) + len(metavar) > MAX_METAVAR_LINE:  # too long for an 80-column help: list them below
+        metavar = "<choice>"
+        help_text = f.metadata["help"] + f" One of: {', '.join(choices)}." + _default_text(f.default)
     annotation = Annotated[Optional[base], typer.Option(*decls, help=help_text, show_default=False, metavar=metavar)]
     return inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=None, annotation=annotation)
 

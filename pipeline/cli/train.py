@@ -46,6 +46,10 @@ def _control_params() -> list[inspect.Parameter]:
             metavar="none|mlflow", help="Log the run to MLflow (MLFLOW_TRACKING_URI, else RUN_DIR/mlflow): settings "
                                         "and their sources, per-epoch metrics, CV, summary. pip install "
                                         "kaggle-pipeline[mlflow].")]),
+        inspect.Parameter("predict_csv", kw, default=None, annotation=Annotated[Optional[Path], typer.Option(
+            "--predict", metavar="SUBMISSION_CSV", help="After training, predict the test set in this process and "
+                                                        "write the checked submission (as `pipeline predict` with "
+                                                        "the run's TTA; --force overwrites it).")]),
         inspect.Parameter("as_json", kw, default=False, annotation=Json),
     ]
 
@@ -103,6 +107,9 @@ def train(**options: Any) -> None:
         typer.echo(json.dumps(resolved.to_json(), indent=2) if fixed["as_json"] else resolved.table())
         return
     tracked = tracking.wanted(fixed["track"])  # a missing MLflow is an error before anything trains
+    out_csv = fixed["predict_csv"]
+    if out_csv is not None and Path(out_csv).exists() and not fixed["force"]:  # refused before the compute
+        raise PipelineError(f"{out_csv} already exists; pass --force to overwrite it or choose another name")
     dist.init(resolved.config.device)  # the backend follows the run's device: gloo for --device cpu
     main_process = dist.is_main()
     if not main_process:
@@ -118,9 +125,15 @@ def train(**options: Any) -> None:
         tracking.track_training(run_dir, [r.name for r in results if not r.skipped])
     if main_process:
         _print_results(load_competition(fixed["competition"]).metric, run_dir, results, fixed["as_json"])
+    if main_process and out_csv is not None:  # the members just saved, reloaded as `pipeline predict` loads them
+        from pipeline.cli.predicting import write_submission
+
+        write_submission(fixed["competition"], fixed["work_dir"], run_dir, Path(out_csv),
+                         device=resolved.config.device, force=fixed["force"], num_workers=resolved.config.num_workers,
+                         tracked=tracked, to_stderr=fixed["as_json"])
 
 
-_CONTROL = ("dry_run", "resume", "force", "as_json", "track")
+_CONTROL = ("dry_run", "resume", "force", "as_json", "track", "predict_csv")
 
 
 def _keeps(run_dir: Path, path: Path) -> bool:
