@@ -20,9 +20,7 @@ setup: $(VENV)/.installed
 # everything the targets below use: the package, its tests and the kaggle CLI
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -q --upgrade pip
-	$(BIN)/pip install -q $(TORCH)
-	$(BIN)/pip install -q -e '.[test,kaggle]'
+	$(BIN)/pip install -q $(TORCH) -e '.[test,kaggle]'
 	touch $@
 
 # both cores (pytest-xdist): tests sharing a module fixture on one worker (tests/conftest.py groups them),

@@ -115,11 +115,21 @@ def toy_probs(tmp_path):
     return comp, raw
 
 
+if os.environ.get("PYTEST_XDIST_WORKER"):  # one worker per core: torch threads would oversubscribe them
+    os.environ.setdefault("OMP_NUM_THREADS", "1")  # and the training processes the tests start
+    import torch
+
+    torch.set_num_threads(int(os.environ["OMP_NUM_THREADS"]))
+
+
 @pytest.hookimpl(tryfirst=True)
 def pytest_collection_modifyitems(config, items):
     """On both cores (pytest-xdist's loadgroup): the tests of a module that share one of its module-scoped
     fixtures (a trained run, a browser) run on one worker, so the fixture is built once; every other test
-    goes to whichever worker is free, so the slow independent ones spread over both."""
+    goes to whichever worker is free, so the slow independent ones spread over both. Slow tests start
+    first, so no worker is left alone with a long one at the end."""
+    slow = {item.module.__name__ for item in items if item.get_closest_marker("slow")}
+    items.sort(key=lambda item: item.module.__name__ not in slow)  # stable: a module's tests stay together
     for item in items:
         info = getattr(item, "_fixtureinfo", None)
         if info is None:
