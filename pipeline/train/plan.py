@@ -118,7 +118,7 @@ def plan_run(resolved: Resolved, info: dict) -> tuple[Resolved, list[MemberPlan]
     return replace(resolved, notes=tuple(dict.fromkeys((*resolved.notes, *notes)))), plans
 
 
-def log_plan_warnings(resolved: Resolved, plans: list[MemberPlan]) -> None:
+def log_plan_warnings(plans: list[MemberPlan]) -> None:
     """The adaptation notes and the plans' warnings, once each, through the logger (the summary lists them)."""
     for note in dict.fromkeys(n for p in plans for n in p.notes):
         log.warning("recipe adapted to the data: %s", note)

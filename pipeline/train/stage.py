@@ -211,7 +211,7 @@ def _train_locked(resolved: Resolved, resume: bool, force: bool) -> list[MemberR
     data = {"classes": info["classes"], "competition": comp.slug,
             "fingerprint": training_fingerprint(cfg.work_dir, info)}
     resolved, plans = plan_run(resolved, info)
-    log_plan_warnings(resolved, plans)
+    log_plan_warnings(plans)
     check_members(cfg, plans, len(info["classes"]), resume, force)
     if dist.is_main():
         Run(cfg.run_dir).unmark_done()
@@ -243,5 +243,5 @@ def planned(resolved: Resolved) -> Resolved:
     from pipeline.train.plan import planned as shown
 
     adapted, plans = plan_run(resolved, load_reorg(resolved.config.work_dir))
-    log_plan_warnings(adapted, plans)
+    log_plan_warnings(plans)
     return shown(adapted, plans)
