@@ -15,9 +15,14 @@ from pipeline.errors import PipelineError
 
 __all__ = ["Competition", "Recipe", "register", "get_competition", "list_competitions"]
 
-SubmissionKind = Literal["label", "probs", "binary"]
-Metric = Literal["accuracy", "log_loss", "roc_auc", "qwk", "macro_f1"]  # pipeline/metrics.py METRICS
-Layout = Literal["csv", "folders"]
+SubmissionKind = Literal["label", "probs", "binary", "tags", "value", "grade"]
+SUBMISSIONS = ("label", "probs", "binary", "tags", "value", "grade")
+Metric = str  # a name of pipeline/metrics.py METRICS
+Layout = Literal["csv", "folders", "names"]
+TASKS = ("single", "multilabel", "regression", "ordinal")  # pipeline/task.py: what each implies
+# which submissions each task can write (pipeline/predict/submission.py)
+TASK_SUBMISSIONS = {"single": ("label", "probs", "binary"), "multilabel": ("tags", "probs"),
+                    "regression": ("value",), "ordinal": ("grade", "value")}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -48,11 +53,27 @@ class Competition:
     # (pipeline/download/specfile.py writes them with this help).
     slug: str = field(metadata={"help": "the CLI name; the Kaggle slug, which `pipeline submit` submits to"})
     title: str = field(metadata={"help": "free text"})
+    task: str = field(default="single", metadata={
+        "help": "single: one class per image (softmax); multilabel: any set of labels per image (one sigmoid each); "
+                "regression: a number per image; ordinal: an integer grade, predicted as a number cut by thresholds"})
     layout: Layout = field(default="csv", metadata={
-        "help": "csv: a labels CSV lists the training images; folders: train_dir/<class>/<image>"})
+        "help": "csv: a labels CSV lists the training images; folders: train_dir/<class>/<image>; "
+                "names: the label is in each training file's name (label_pattern)"})
     labels_file: str = field(default="", metadata={"help": "layout csv: the CSV with one row per training image"})
     id_column: str = field(metadata={"help": "the id column of every CSV (labels, test file, sample submission)"})
-    label_column: str = field(default="", metadata={"help": "layout csv: the class column of labels_file"})
+    label_column: str = field(default="", metadata={
+        "help": "layout csv: the target column of labels_file (a class, tags, a number or a grade)"})
+    label_columns: tuple[str, ...] = field(default=(), metadata={
+        "help": "layout csv: one 0/1 column per class or label (one-hot or multi-hot), instead of label_column"})
+    label_separator: str = field(default="", metadata={
+        "help": "task multilabel with label_column: what separates the labels of one row (e.g. \" \")"})
+    label_pattern: str = field(default="", metadata={
+        "help": "layout names: a regex matched against each training file's name, whose group (?P<label>...) is "
+                "the label"})
+    metadata: tuple[str, ...] = field(default=(), metadata={
+        "help": "numeric or categorical columns of labels_file (and test_file) fed to the model beside the image"})
+    group_column: str = field(default="", metadata={
+        "help": "a column of labels_file naming a group (patient, scene): a group never spans train and valid"})
     path_column: str = field(default="", metadata={
         "help": "a column of image paths (x.jpg, images/x.jpg); unset: <id><image_ext>"})
     train_dir: str = field(default="train", metadata={
@@ -73,7 +94,9 @@ class Competition:
     positive_label: str = field(default="", metadata={
         "help": "submission binary: the label whose probability is submitted (unset: 1 or true)"})
     metric: Metric = field(metadata={
-        "help": "accuracy, log_loss, roc_auc, qwk or macro_f1 (the competition's Evaluation page)"})
+        "help": "the competition's Evaluation page: accuracy, log_loss, roc_auc, qwk, macro_f1, f_beta_samples, "
+                "f_beta_micro, f_beta_macro, mean_auc, rmse or mae"})
+    beta: float = field(default=1.0, metadata={"help": "metric f_beta_*: the beta (2 for F2)"})
     image_size: int = field(metadata={"help": "the side of the square the model sees"})
     mean: tuple[float, float, float] = field(metadata={"help": "normalisation mean (RGB, 0-1)"})
     std: tuple[float, float, float] = field(metadata={"help": "normalisation std (RGB, 0-1)"})
@@ -89,13 +112,18 @@ class Competition:
     def __post_init__(self) -> None:
         if not self.image_ext.startswith(".") or len(self.image_ext) < 2:
             raise PipelineError(f"competition {self.slug}: image_ext must start with '.', got {self.image_ext!r}")
-        if self.submission not in ("label", "probs", "binary"):
-            raise PipelineError(f"competition {self.slug}: submission must be 'label', 'probs' or 'binary'")
+        if self.task not in TASKS:
+            raise PipelineError(f"competition {self.slug}: task must be one of {', '.join(TASKS)}, got {self.task!r}")
+        if self.submission not in TASK_SUBMISSIONS[self.task]:
+            raise PipelineError(f"competition {self.slug}: task {self.task!r} submits "
+                                f"{' or '.join(map(repr, TASK_SUBMISSIONS[self.task]))}, not {self.submission!r}")
         if self.positive_label and self.submission != "binary":
             raise PipelineError(f"competition {self.slug}: positive_label needs submission 'binary'")
         from pipeline.metrics import check_metric  # sklearn loads only when a competition is built
 
-        check_metric(self.metric)
+        check_metric(self.metric, self.task)
+        if not self.beta > 0:
+            raise PipelineError(f"competition {self.slug}: beta must be > 0, got {self.beta}")
         self._check_layout()
 
     def _check_layout(self) -> None:
@@ -103,14 +131,35 @@ class Competition:
         def fail(what: str) -> None:
             raise PipelineError(f"competition {self.slug}: {what}")
 
-        if self.layout not in ("csv", "folders"):
-            fail(f"layout must be 'csv' or 'folders', got {self.layout!r}")
+        if self.layout not in ("csv", "folders", "names"):
+            fail(f"layout must be 'csv', 'folders' or 'names', got {self.layout!r}")
         if not self.id_column:
             fail("id_column is empty; name the id column of the CSV files")
-        if self.layout == "csv" and not (self.labels_file and self.label_column):
-            fail("layout 'csv' needs labels_file and label_column")
-        if self.layout == "folders" and (self.labels_file or self.label_column):
-            fail("layout 'folders' reads classes from folder names; leave labels_file and label_column empty")
+        if self.layout == "csv" and not (self.labels_file and (self.label_column or self.label_columns)):
+            fail("layout 'csv' needs labels_file and label_column (or label_columns)")
+        if self.label_column and self.label_columns:
+            fail("set label_column (one target column) or label_columns (one 0/1 column each), not both")
+        if self.label_columns and self.task not in ("single", "multilabel"):
+            fail("label_columns (0/1 columns) need task 'single' (one-hot) or 'multilabel' (multi-hot)")
+        if self.label_separator and self.task != "multilabel":
+            fail("label_separator needs task 'multilabel'")
+        if self.layout != "csv" and (self.labels_file or self.label_column or self.label_columns):
+            fail(f"layout {self.layout!r} reads labels from the files' folders or names; "
+                 "leave labels_file, label_column and label_columns empty")
+        if self.layout == "names":
+            self._check_pattern(fail)
+        elif self.label_pattern:
+            fail("label_pattern needs layout 'names'")
+        if self.layout != "csv" and self.task != "single":
+            fail(f"task {self.task!r} reads its targets from a labels CSV: layout 'csv'")
+        if (self.metadata or self.group_column) and self.layout != "csv":
+            fail("metadata and group_column are columns of labels_file: layout 'csv'")
+        if self.metadata and not self.test_file:
+            fail("metadata needs test_file: the CSV giving the test images' metadata columns")
+        named = {self.id_column, self.label_column, *self.label_columns, self.path_column, self.group_column} - {""}
+        clash = [c for c in self.metadata if c in named]
+        if clash:
+            fail(f"metadata column {clash[0]!r} is the id, target, path or group column; leave it out of metadata")
         if self.valid_dir and self.layout != "folders":
             fail("valid_dir needs layout 'folders'")
         if self.train_dir == self.test_dir and not self.test_file:
@@ -121,6 +170,18 @@ class Competition:
             value = getattr(self, name)
             if value.startswith("/") or ".." in value.split("/") or "\\" in value:
                 fail(f"{name} {value!r} must be a relative '/' path inside the download")
+
+    def _check_pattern(self, fail) -> None:
+        import re
+
+        if not self.label_pattern:
+            fail("layout 'names' needs label_pattern: a regex with a group (?P<label>...) matched on file names")
+        try:
+            compiled = re.compile(self.label_pattern)
+        except re.error as exc:
+            fail(f"label_pattern {self.label_pattern!r} is not a valid regex ({exc})")
+        if "label" not in compiled.groupindex:
+            fail(f"label_pattern {self.label_pattern!r} has no group (?P<label>...) for the label")
 
     def get_recipe(self, name: str | None) -> Recipe:
         """The default recipe (None or "default"), or a named one; an unknown name lists the choices."""

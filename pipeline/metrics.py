@@ -16,18 +16,23 @@ import numpy as np
 
 from pipeline.errors import check_choice
 
-# fn(targets (N,), probs (N, C) or labels (N,), num_classes, positive class or None) -> score
+# fn(targets, outputs or decisions, num_classes, positive class or None) -> score. By task (pipeline/task.py):
+# single: targets (N,) class indices, outputs (N, C) probabilities, decisions (N,) argmax labels;
+# multilabel: targets (N, L) 0/1, outputs (N, L) probabilities, decisions (N, L) 0/1 (thresholded);
+# regression: targets (N, 1) numbers, outputs (N, 1) numbers, decisions the outputs;
+# ordinal: targets (N, 1) grade indices, outputs (N, 1) numbers, decisions (N, 1) grade indices (thresholds).
 MetricFn = Callable[[np.ndarray, np.ndarray, int, "int | None"], float]
 
 
 @dataclass(frozen=True)
 class Metric:
-    """One scoring rule: its name, direction, input kind and function."""
+    """One scoring rule: its name, direction, input kind, function and the tasks it scores."""
 
     name: str
     greater_is_better: bool
-    uses: Literal["probs", "labels"]  # probabilities, or their argmax labels
+    uses: Literal["probs", "labels"]  # the model's outputs, or the decisions made from them
     fn: MetricFn
+    tasks: tuple[str, ...] = ("single",)
 
 
 def _accuracy(targets: np.ndarray, labels: np.ndarray, num_classes: int, positive: int | None) -> float:
@@ -82,19 +87,84 @@ def _macro_f1(targets: np.ndarray, labels: np.ndarray, num_classes: int, positiv
     return float(f1_score(targets, labels, average="macro", labels=list(range(num_classes)), zero_division=0))
 
 
+def _f_beta(average: str) -> MetricFn:
+    def fn(targets: np.ndarray, decided: np.ndarray, num_classes: int, positive: int | None, beta: float = 1.0) -> float:
+        from sklearn.metrics import fbeta_score  # lazily: sklearn takes seconds to import
+
+        # a label never true nor predicted scores 0 (zero_division), as Kaggle's F-beta does
+        return float(fbeta_score(targets.astype(int), decided.astype(int), beta=beta, average=average,
+                                 zero_division=0))
+    return fn
+
+
+def _mean_auc(targets: np.ndarray, probs: np.ndarray, num_classes: int, positive: int | None) -> float:
+    """The mean of the per-column ROC AUCs over the columns with both 0s and 1s among the targets."""
+    aucs = [_auc_one(targets[:, k] > 0.5, probs[:, k]) for k in range(targets.shape[1])]
+    aucs = [a for a in aucs if not math.isnan(a)]
+    return float(np.mean(aucs)) if aucs else math.nan
+
+
+def _rmse(targets: np.ndarray, values: np.ndarray, num_classes: int, positive: int | None) -> float:
+    from sklearn.metrics import mean_squared_error  # lazily: sklearn takes seconds to import
+
+    return float(math.sqrt(mean_squared_error(targets.reshape(-1), values.reshape(-1))))
+
+
+def _mae(targets: np.ndarray, values: np.ndarray, num_classes: int, positive: int | None) -> float:
+    from sklearn.metrics import mean_absolute_error  # lazily: sklearn takes seconds to import
+
+    return float(mean_absolute_error(targets.reshape(-1), values.reshape(-1)))
+
+
+def _grade_qwk(targets: np.ndarray, grades: np.ndarray, num_classes: int, positive: int | None) -> float:
+    return _qwk(targets.reshape(-1).astype(int), grades.reshape(-1).astype(int), num_classes, positive)
+
+
+def _grade_accuracy(targets: np.ndarray, grades: np.ndarray, num_classes: int, positive: int | None) -> float:
+    return _accuracy(targets.reshape(-1).astype(int), grades.reshape(-1).astype(int), num_classes, positive)
+
+
+def _bce(targets: np.ndarray, probs: np.ndarray, num_classes: int, positive: int | None) -> float:
+    """Mean binary cross-entropy over every (image, label) pair: multi-label's log loss."""
+    p = np.clip(probs, 1e-15, 1 - 1e-15)
+    return float(-np.mean(targets * np.log(p) + (1 - targets) * np.log(1 - p)))
+
+
 METRICS: dict[str, Metric] = {m.name: m for m in (
     Metric("accuracy", True, "labels", _accuracy),
     Metric("log_loss", False, "probs", _log_loss),
     Metric("roc_auc", True, "probs", _roc_auc),
     Metric("qwk", True, "labels", _qwk),  # quadratic weighted kappa; class order is the grade order
     Metric("macro_f1", True, "labels", _macro_f1),
+    Metric("f_beta_samples", True, "labels", _f_beta("samples"), ("multilabel",)),
+    Metric("f_beta_micro", True, "labels", _f_beta("micro"), ("multilabel",)),
+    Metric("f_beta_macro", True, "labels", _f_beta("macro"), ("multilabel",)),
+    Metric("mean_auc", True, "probs", _mean_auc, ("multilabel",)),
+    Metric("bce", False, "probs", _bce, ("multilabel",)),
+    Metric("rmse", False, "probs", _rmse, ("regression", "ordinal")),
+    Metric("mae", False, "probs", _mae, ("regression", "ordinal")),
+    Metric("grade_qwk", True, "labels", _grade_qwk, ("ordinal",)),
+    Metric("grade_accuracy", True, "labels", _grade_accuracy, ("ordinal",)),
 )}
+# the name a spec gives -> the metric that scores it for a task (ordinal's qwk is on grades, not class argmax)
+_FOR_TASK = {("ordinal", "qwk"): "grade_qwk", ("ordinal", "accuracy"): "grade_accuracy"}
 
 
-def check_metric(name: str) -> Metric:
-    """The metric called ``name``, or an error listing the valid names."""
-    check_choice("metric", name, tuple(METRICS))
-    return METRICS[name]
+def metric_for(name: str, task: str = "single") -> str:
+    """The METRICS name that scores ``name`` (a spec's metric) for ``task``."""
+    return _FOR_TASK.get((task, name), name)
+
+
+def check_metric(name: str, task: str | None = None) -> Metric:
+    """The metric called ``name``, or an error listing the valid names (for ``task`` when given)."""
+    if task is None:
+        check_choice("metric", name, tuple(METRICS))
+        return METRICS[name]
+    valid = tuple(dict.fromkeys(n for n, m in METRICS.items() if task in m.tasks) |
+                  {k[1]: None for k in _FOR_TASK if k[0] == task})
+    valid = tuple(n for n in valid if not n.startswith("grade_"))
+    check_choice(f"metric of task {task!r}", name, valid)
+    return METRICS[metric_for(name, task)]
 
 
 def clip_probs(probs: np.ndarray, eps: float = 1e-6) -> np.ndarray:

@@ -78,10 +78,11 @@ def test_macro_f1_by_hand_counts_every_class():
 
 
 def test_directions():
-    assert {n: m.greater_is_better for n, m in METRICS.items()} == {
-        "accuracy": True, "log_loss": False, "roc_auc": True, "qwk": True, "macro_f1": True}
-    assert {n: m.uses for n, m in METRICS.items()} == {
-        "accuracy": "labels", "log_loss": "probs", "roc_auc": "probs", "qwk": "labels", "macro_f1": "labels"}
+    lower = {"log_loss", "bce", "rmse", "mae"}
+    assert {n for n, m in METRICS.items() if not m.greater_is_better} == lower
+    decided = {"accuracy", "qwk", "macro_f1", "f_beta_samples", "f_beta_micro", "f_beta_macro", "grade_qwk",
+               "grade_accuracy"}
+    assert {n for n, m in METRICS.items() if m.uses == "labels"} == decided
     assert better("log_loss", 0.1, 0.2) and not better("log_loss", 0.3, 0.2)
     assert better("roc_auc", 0.9, 0.8) and not better("accuracy", 0.5, 0.5)
     assert not better("accuracy", math.nan, 0.1) and not better("accuracy", math.nan, None)

@@ -148,9 +148,21 @@ def _checked(where: str, name: str, value: Any) -> Any:
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise PipelineError(f"{where}: image_size must be a whole number of pixels >= 1, got {value!r}")
         return value
+    if name in _LISTS:
+        if not isinstance(value, list) or not all(isinstance(v, str) and v for v in value):
+            raise PipelineError(f"{where}: {name} must be a list of column names, e.g. [\"a\", \"b\"]; got {value!r}")
+        return tuple(value)
+    if name in _NUMBERS:
+        if not isinstance(value, (int, float)) or isinstance(value, bool):
+            raise PipelineError(f"{where}: {name} must be a number, got {value!r}")
+        return float(value)
     if not isinstance(value, str):
         raise PipelineError(f"{where}: {name} must be a string in quotes, got {value!r}")
     return value
+
+
+_LISTS = frozenset(f.name for f in dataclasses.fields(Competition) if str(f.type).startswith("tuple[str"))
+_NUMBERS = frozenset(f.name for f in dataclasses.fields(Competition) if str(f.type) == "float")
 
 
 def _recipe(where: str, name: str, body: Any) -> Recipe:
