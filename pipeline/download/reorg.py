@@ -30,9 +30,11 @@ import pandas as pd
 from pipeline.competition import Competition
 from pipeline.errors import PipelineError
 from pipeline.io import atomic_write_json, exclusive_lock, made_folder, os_error_message, remove_stale_temps
-from pipeline.download.layout import LAYOUT_FIELDS, Download, Folder, input_files, read_download
+from pipeline.download.layout import Download, Folder, input_files, layout_spec, read_download
+from pipeline.download.items_table import split_frame, write_items
 from pipeline.download.scan import scan_download
-from pipeline.workdir import FOLDS_FILE, LOCK_FILE, REORG_FILE, SAMPLE_FILE, SPLITS, TEST_CLASS_DIR
+from pipeline.workdir import (FOLDS_FILE, IMAGES_DIR, LOCK_FILE, REORG_FILE, SAMPLE_FILE, SPLITS, TEST_CLASS_DIR,
+                              TEST_ITEMS_FILE)
 
 log = logging.getLogger("pipeline")
 
@@ -173,7 +175,7 @@ def fingerprint(comp: Competition, raw_dir: Path, params: dict, scans: dict[str,
 
     Needs no parsing: on an unchanged download the no-op costs one scan.
     """
-    spec = {name: getattr(comp, name) for name in LAYOUT_FIELDS}
+    spec = layout_spec(comp)
     digest = hashlib.sha256(json.dumps([spec, params, FORMAT_VERSION], sort_keys=True).encode())
     for name in input_files(comp):
         try:
@@ -240,11 +242,14 @@ def materialize(plan: SplitPlan, download: Download, raw_dir: Path, image_ext: s
 
     Paths are plain strings: building 110,000 pathlib objects took longer than the links.
     """
-    class_dirs = {c: class_dir_name(c) for c in download.classes}
+    single = download.task.kind == "single"  # the others: every labelled image in images/, items.csv says what
+    class_dirs = {c: class_dir_name(c) for c in download.classes} if single else {}
     for split in SPLITS:
         for folder in class_dirs.values():
             (staging / split / folder).mkdir(parents=True)
     (staging / "test" / TEST_CLASS_DIR).mkdir(parents=True)
+    if not single:
+        (staging / IMAGES_DIR).mkdir()
     first = next(iter(download.train_paths.values()))
     mode = _link_mode(f"{raw_dir}/{first}", staging)
     src = f"{raw_dir.resolve() if mode == 'symlink' else raw_dir}/"
@@ -257,6 +262,9 @@ def materialize(plan: SplitPlan, download: Download, raw_dir: Path, image_ext: s
     both: list[tuple[str, str]] = []
     for image_id, label in zip(plan.labels["id"].tolist(), plan.labels["label"].tolist()):
         path = paths[image_id]
+        if not single:
+            jobs.append((source(path), f"{out}{IMAGES_DIR}/{link_name(image_id, path, image_ext)}"))
+            continue
         tail = f"/{class_dirs[label]}/{link_name(image_id, path, image_ext)}"
         jobs.append((source(path), out + ("valid" if image_id in held_out else "train") + tail))
         both.append((source(path), out + "train_valid" + tail))
@@ -307,7 +315,8 @@ def _is_current(work_dir: Path, digest: str) -> dict | None:
         info = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
-    complete = all((work_dir / s).is_dir() for s in (*SPLITS, "test"))
+    trees = SPLITS if info.get("task", "single") == "single" else (IMAGES_DIR,)
+    complete = all((work_dir / s).is_dir() for s in (*trees, "test"))
     return info if complete and info.get("fingerprint") == digest else None
 
 
@@ -339,7 +348,7 @@ def reorg(comp: Competition, raw_dir: Path, work_dir: Path, valid_ratio: float =
         if current is not None:
             return ReorgResult(work_dir, current, skipped=True, seconds=time.perf_counter() - start)
         download = read_download(comp, raw_dir, scans)
-        plan = plan_split(download.labels, valid_ratio, folds, seed, download.given_valid)
+        plan = plan_split(split_frame(download), valid_ratio, folds, seed, download.given_valid)
         info = _build(comp, raw_dir, work_dir, plan, download, params, digest)
     return ReorgResult(work_dir, info, skipped=False, seconds=time.perf_counter() - start)
 
@@ -359,7 +368,8 @@ def _stage(comp: Competition, raw_dir: Path, plan: SplitPlan, download: Download
     """The whole new tree in ``staging``; returns the link mode and the names to swap in."""
     mode = materialize(plan, download, raw_dir, comp.image_ext, staging)
     shutil.copyfile(raw_dir / comp.sample_submission, staging / SAMPLE_FILE)
-    names = [*SPLITS, "test", SAMPLE_FILE]
+    trees = [*SPLITS] if download.task.kind == "single" else [IMAGES_DIR]
+    names = [*trees, "test", SAMPLE_FILE, *write_items(plan, download, comp.image_ext, staging)]
     if plan.folds is not None:
         frame = pd.DataFrame({"id": plan.labels["id"], "label": plan.labels["label"],
                               "fold": plan.folds.to_numpy()})
@@ -381,6 +391,10 @@ def _build(comp: Competition, raw_dir: Path, work_dir: Path, plan: SplitPlan, do
         if plan.folds is None:
             (work_dir / FOLDS_FILE).unlink(missing_ok=True)
         _swap_in(staging, work_dir, names)
+        for stale in sorted({*SPLITS, IMAGES_DIR} - set(names)):  # the trees of another task kind
+            shutil.rmtree(work_dir / stale, ignore_errors=True)
+        if TEST_ITEMS_FILE not in names:
+            (work_dir / TEST_ITEMS_FILE).unlink(missing_ok=True)
     except OSError as exc:
         shutil.rmtree(staging, ignore_errors=True)
         state = "WORK_DIR is incomplete until a reorg succeeds" if swapping else "the previous tree is unchanged"
@@ -396,7 +410,8 @@ def _info(comp: Competition, plan: SplitPlan, download: Download, params: dict, 
     return {
         "competition": comp.slug,
         "classes": download.classes,
-        "class_dirs": [class_dir_name(c) for c in download.classes],
+        **download.task.to_json(),
+        "class_dirs": [class_dir_name(c) for c in download.classes] if download.task.kind == "single" else [],
         "image_ext": comp.image_ext,
         "counts": {"train": len(plan.labels) - n_valid, "valid": n_valid,
                    "train_valid": len(plan.labels), "test": len(download.test_paths)},
