@@ -17,26 +17,20 @@ import numpy as np
 import pandas as pd
 
 from pipeline.download.layout import Download
+from pipeline.download.splits import strata_for
 from pipeline.download.targets import META_PREFIX, TARGET_PREFIX
 from pipeline.workdir import IMAGES_DIR, ITEMS_FILE, TEST_CLASS_DIR, TEST_ITEMS_FILE
 
 
-def split_frame(download: Download) -> pd.DataFrame:
-    """id, label: what the holdout and the folds are stratified on (class, rarest label, target bin, grade)."""
+def split_frame(download: Download, folds: int) -> pd.DataFrame:
+    """id, label: what the holdout and the folds are stratified on (pipeline/download/splits.py's strata_for:
+    the class, the grade, the rarest label of the row, a bin of the target)."""
     labels, kind = download.labels, download.task.kind
     if kind in ("single", "ordinal"):
         return labels[["id", "label"]]
     targets = np.asarray(labels["target"].tolist(), dtype=np.float64)
-    if kind == "multilabel":
-        counts = targets.sum(axis=0)
-        rarest = np.where(targets > 0, counts[None, :], np.inf).argmin(axis=1)
-        strata = np.where(targets.any(axis=1), np.asarray(download.classes)[rarest], "")
-    else:  # regression: quantile bins, at most 10, each of several rows
-        values = targets[:, 0]
-        bins = max(1, min(10, len(values) // 20))
-        edges = np.unique(np.quantile(values, np.linspace(0, 1, bins + 1)[1:-1]))
-        strata = np.searchsorted(edges, values, side="right").astype(str)
-    return pd.DataFrame({"id": labels["id"], "label": strata})
+    targets = targets if kind == "multilabel" else targets[:, 0]
+    return pd.DataFrame({"id": labels["id"], "label": strata_for(kind, targets, max(folds, 2), download.classes)})
 
 
 def write_items(plan, download: Download, image_ext: str, staging: Path) -> list[str]:
