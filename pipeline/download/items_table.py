@@ -18,8 +18,7 @@ import pandas as pd
 
 from pipeline.download.layout import Download
 from pipeline.download.splits import strata_for
-from pipeline.download.targets import META_PREFIX, TARGET_PREFIX
-from pipeline.workdir import IMAGES_DIR, ITEMS_FILE, TEST_CLASS_DIR, TEST_ITEMS_FILE
+from pipeline.workdir import IMAGES_DIR, ITEMS_FILE, META_PREFIX, TARGET_PREFIX, TEST_CLASS_DIR, TEST_ITEMS_FILE
 
 
 def split_frame(download: Download, folds: int) -> pd.DataFrame:

@@ -21,7 +21,6 @@ import pandas as pd
 from pipeline.competition import Competition
 from pipeline.errors import PipelineError
 
-TARGET_PREFIX, META_PREFIX = "y:", "m:"  # items.csv columns: one per output, one per metadata column
 
 
 @dataclass(frozen=True)

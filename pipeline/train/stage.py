@@ -144,6 +144,8 @@ def fit_member(plan: MemberPlan, comp: Competition, data: dict, resume: bool) ->
     start, n_classes = time.perf_counter(), plan.task.n_outputs
     if plan.task.kind != "single":  # the member's own standardisation and range travel with its weights
         data = {**data, "task": plan.task.to_json()}
+    if plan.metadata is not None:  # and the encoding of its metadata columns
+        data = {**data, "metadata": plan.metadata.to_json()}
     st = setup_member(plan, comp.metric, resume)
     if dist.is_main():
         member.write_config(replace(cfg, head=cfg.model_head).to_json(), st.data.device.to_json(), plan.to_json())
