@@ -68,12 +68,12 @@ def write_pets(raw: Path) -> list[str]:
 
 def test_label_in_file_name_pets(tmp_path):
     write_pets(tmp_path / "raw")
-    table, guess, check = init(tmp_path / "raw", tmp_path)
+    table, guess, _ = init(tmp_path / "raw", tmp_path)
     assert (table["layout"], table["label_pattern"]) == ("names", r"(?P<label>.+)_\d+")
     assert (table["train_dir"], table["test_dir"], table["image_ext"]) == ("train", "test", ".jpg")
     assert (table["submission"], table["metric"], table["submission_label_column"]) == ("label", "accuracy", "label")
     unset(table, "labels_file", "label_column", "test_file", "task")
-    assert "15 training names match it, giving 3 labels" in guess.why["label_pattern"]
+    assert "15 training names seen match it, giving 3 labels" in guess.why["label_pattern"]
 
 
 def test_label_in_file_name_cats_and_dogs_with_a_probability(tmp_path):
@@ -105,7 +105,7 @@ def test_no_label_pattern_leaves_the_labels_file_to_set(tmp_path):
     images(raw / "train", [f"{i:03d}" for i in range(6)])
     images(raw / "test", ["a", "b"])
     csv(raw / "sample_submission.csv", {"id": ["a", "b"], "label": "x"})
-    table, guess, _ = init(raw, tmp_path, todo=("labels_file", "label_column"), loads=False)
+    table, _, _ = init(raw, tmp_path, todo=("labels_file", "label_column"), loads=False)
     assert table["layout"] == "csv" and "label_pattern" not in table
 
 
@@ -309,7 +309,7 @@ def write_petfinder(raw: Path) -> list[str]:
 
 def test_regression_with_metadata(tmp_path):
     flags = write_petfinder(tmp_path / "raw")
-    table, guess, _ = init(tmp_path / "raw", tmp_path)
+    table, _, _ = init(tmp_path / "raw", tmp_path)
     assert (table["task"], table["label_column"], table["submission"], table["metric"]) == \
         ("regression", "Pawpularity", "value", "rmse")
     assert table["metadata"] == flags and table["test_file"] == "test.csv"
@@ -320,9 +320,10 @@ def test_group_and_metadata_rules():
     """A group repeats and has many values; a column missing from the test CSV is never metadata."""
     from pipeline.download.spec_guess import Guess
 
-    labels = pd.DataFrame({"id": [f"i{k}" for k in range(30)], "StudyInstanceUID": [f"s{k // 3}" for k in range(30)],
-                           "scanner_id": [f"m{k % 2}" for k in range(30)], "width": [str(0.5 + 1.3 * k) for k in range(30)],
-                           "counter": [str(k) for k in range(30)], "label": ["a", "b", "c"] * 10})
+    rows = range(30)
+    labels = pd.DataFrame({"id": [f"i{k}" for k in rows], "StudyInstanceUID": [f"s{k // 3}" for k in rows],
+                           "scanner_id": [f"m{k % 2}" for k in rows], "width": [str(0.5 + 1.3 * k) for k in rows],
+                           "counter": [str(k) for k in rows], "label": ["a", "b", "c"] * 10})
     g = Guess()
     kinds.group_column(g, labels, {"id", "label"})
     assert g.fields["group_column"] == "StudyInstanceUID"
@@ -344,8 +345,23 @@ def test_nested_image_folders_are_found_from_the_ids(tmp_path):
     table, guess, check = init(raw, tmp_path)
     assert (table["layout"], table["train_dir"], table["test_dir"]) == ("csv", "images/train", "images/test")
     assert "12 training images, 4 test images, 3 classes" in check
-    assert "of train.csv" in guess.why["train_dir"]
+    assert guess.why["train_dir"] == "the folder of training images"  # by its name, and the ids agree
     unset(table, "test_file")
+
+
+def test_folders_holding_the_ids_are_never_classes(tmp_path):
+    """images/part1 and images/part2: no name says train or test, the CSVs' ids do (once two classes)."""
+    raw = tmp_path / "raw"
+    train, test = [f"x{i}" for i in range(12)], [f"y{i}" for i in range(4)]
+    images(raw / "images" / "part1", train)
+    images(raw / "images" / "part2", test)
+    csv(raw / "train.csv", {"id": train, "label": ["cat", "dog", "frog"] * 4})
+    csv(raw / "sample_submission.csv", {"id": test, "label": "cat"})
+    table, guess, check = init(raw, tmp_path)
+    assert (table["layout"], table["train_dir"], table["test_dir"]) == ("csv", "images/part1", "images/part2")
+    assert guess.why["train_dir"].endswith("it holds the images of the first 12 ids of train.csv")
+    assert guess.why["test_dir"].endswith("it holds the images of the first 4 ids")
+    assert "12 training images, 4 test images, 3 classes" in check
 
 
 def test_nested_split_folders_without_a_labels_csv_are_not_classes(tmp_path):
@@ -354,7 +370,7 @@ def test_nested_split_folders_without_a_labels_csv_are_not_classes(tmp_path):
     images(raw / "images" / "test", ["c"])
     csv(raw / "sample_submission.csv", {"id": ["c"], "label": "x"})
     table, _, _ = init(raw, tmp_path, todo=("labels_file", "label_column"), loads=False)
-    assert table["layout"] == "csv" and table["test_dir"] == "images/test"
+    assert (table["layout"], table["train_dir"], table["test_dir"]) == ("csv", "images/train", "images/test")
 
 
 # ---------------------------------------------------------------- 10. rare classes and labels
@@ -376,6 +392,15 @@ def test_rare_classes_and_labels_are_noted(tmp_path):
     _, guess, _ = init(planet, tmp_path / "p")
     rare = next(n for n in guess.notes if n.startswith("rare labels"))
     assert "'blooming' (1, 1.7%)" in rare and "'primary'" not in rare
+
+
+def test_rare_label_of_a_file_name_is_noted(tmp_path):
+    raw = tmp_path / "raw"
+    images(raw / "train", [f"cat.{n}" for n in range(40)] + [f"dog.{n}" for n in range(19)] + ["bird.1"])
+    images(raw / "test", range(3))
+    csv(raw / "sample_submission.csv", {"id": range(3), "label": "cat"})
+    _, guess, _ = init(raw, tmp_path)
+    assert any(n.startswith("rare classes: 1 under 2% of the 60 rows: 'bird' (1, 1.7%)") for n in guess.notes)
 
 
 def test_even_classes_are_not_noted(tmp_path):

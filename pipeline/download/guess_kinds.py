@@ -70,7 +70,9 @@ def folder_of(s: Survey, values: list[str], named: str) -> tuple[str, str]:
             return rel, f"it holds the images of the first {len(probe)} ids"
         scores.append((hits, rel))
     hits, rel = max(scores, key=lambda x: x[0], default=(0, ""))  # the first of the most, in the order above
-    return (rel, f"it holds the images of {hits} of the first {len(probe)} ids") if hits >= 0.9 * len(probe) else ("", "")
+    if hits < 0.9 * len(probe):
+        return "", ""
+    return rel, f"it holds the images of {hits} of the first {len(probe)} ids"
 
 
 def locate(s: Survey, id_column: str, named: tuple[str, str], sample: str, test: str,
@@ -121,14 +123,20 @@ def propose_pattern(stems: list[str]) -> tuple[str, list[str]] | None:
     giving at least 2 labels, each on 2 images on average (a pattern capturing ids would fail that)."""
     trailing = {m.group(1) for m in (re.fullmatch(r".+([._ -])\d+", x) for x in stems) if m}
     leading = {m.group(1) for m in (re.fullmatch(r"\d+([._ -]).+", x) for x in stems) if m}
-    sep = lambda chars: re.escape(min(chars)) if len(chars) == 1 else "[" + "".join(sorted(chars, key="._ -".index)) + "]"  # noqa: E731
-    candidates = ([r"(?P<label>.+)" + sep(trailing) + r"\d+"] if trailing else []) + \
-                 ([r"\d+" + sep(leading) + r"(?P<label>.+)"] if leading else []) + [r"(?P<label>[^._ -]+)[._ -].*"]
+    candidates = ([r"(?P<label>.+)" + _one_of(trailing) + r"\d+"] if trailing else []) + \
+                 ([r"\d+" + _one_of(leading) + r"(?P<label>.+)"] if leading else []) + [r"(?P<label>[^._ -]+)[._ -].*"]
     for pattern in candidates:
         labels = name_labels(pattern, stems)
         if labels is not None and 2 <= len(set(labels)) <= len(labels) / 2:
             return pattern, labels
     return None
+
+
+def _one_of(separators: set[str]) -> str:
+    """A regex matching any of these separator characters ("-" last in a class: a literal)."""
+    if len(separators) == 1:
+        return re.escape(next(iter(separators)))
+    return "[" + "".join(sorted(separators, key="._ -".index)) + "]"
 
 
 def names_layout(s: Survey, g: Guess) -> bool:
@@ -143,10 +151,10 @@ def names_layout(s: Survey, g: Guess) -> bool:
     pattern, labels = found
     s.train_stems = stems
     counts = Counter(labels)
-    shown = ", ".join(f"{label!r}" for label, _ in counts.most_common(3))
+    shown = ", ".join(f"{label!r}" for label, _ in counts.most_common(3)) + (", ..." if len(counts) > 3 else "")
     g.set("layout", "names", f"no labels CSV; the names of {train}/ carry the label (e.g. {stems[0]}{ext})")
-    g.set("label_pattern", pattern, f"matched on the name without {ext}: all {len(stems)} training names match it, "
-                                    f"giving {len(counts)} labels ({shown}, ...)")
+    g.set("label_pattern", pattern, f"matched on the name without {ext}: all {len(stems)} training names seen "
+                                    f"match it, giving {len(counts)} labels ({shown})")
     return True
 
 

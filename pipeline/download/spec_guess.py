@@ -190,6 +190,8 @@ def _folders(s: Survey, g: Guess, id_column: str, sample: str) -> None:
     nested under a common folder (images/train, images/test) are found so, and never class folders.
     """
     tops = sorted({rel.split("/")[0] for rel in s.direct if rel != "."} | set(s.nested))
+    if len(tops) == 1 and _named(sorted(s.nested.get(tops[0], {})), "train"):  # images/train, images/test
+        tops = [f"{tops[0]}/{sub}" for sub in sorted(s.nested[tops[0]])]
     train, test = _named(tops, "train"), _named(tops, "test")
     valid = _named(tops, "val")
     if not train and not test and len(tops) == 1:  # one shared image folder: the CSVs say which is which
@@ -208,8 +210,7 @@ def _folders(s: Survey, g: Guess, id_column: str, sample: str) -> None:
     else:
         g.ask("test_dir", "test", "the folder of the test images, relative to RAW_DIR")
     classes = s.nested.get(train, {})
-    split_named = any(_named([c], "train", "test", "val") for c in classes)  # images/train, images/test
-    if train and not by_ids and not split_named and len(classes) >= 2 and not s.direct.get(train):
+    if train and not by_ids and len(classes) >= 2 and not s.direct.get(train):
         g.set("layout", "folders", f"{train}/ holds {len(classes)} class folders of images")
         if valid and len(s.nested.get(valid, {})) >= 2:
             g.set("valid_dir", valid, "a validation split in class folders, used instead of a random one")
@@ -408,5 +409,6 @@ def check_spec(spec: Path, raw_dir: Path) -> str:
         found = read_download(comp, raw_dir, scan_download(comp, raw_dir))
     except PipelineError as exc:
         return f"the spec does not read the download yet: {exc}"
+    targets = {"single": "classes", "multilabel": "labels", "ordinal": "grades"}.get(comp.task)
     return (f"the spec reads the download: {len(found.train_paths)} training images, {len(found.test_paths)} "
-            f"test images, {len(found.classes)} classes")
+            f"test images" + (f", {len(found.classes)} {targets}" if targets else ""))
