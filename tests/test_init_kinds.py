@@ -2,7 +2,8 @@
 
 Each test writes a small download shaped like a real Kaggle one (tiny images, tens of rows) and
 checks the spec init writes: no field left to set (unless the test says which, and why), every
-value as a competition of that kind needs it, and the file loads as a Competition.
+value as a competition of that kind needs it, the file loads as a Competition, and init's dry read
+of the download with it (pipeline/download/layout.py, as reorg reads it) succeeds.
 """
 from __future__ import annotations
 
@@ -37,15 +38,16 @@ def images(folder: Path, ids, ext: str = ".jpg") -> None:
 
 def init(raw: Path, tmp_path: Path, todo: tuple[str, ...] = (), loads: bool = True):
     """init on ``raw``: (the written table, the Guess, the check line); only ``todo`` is left, and the spec
-    loads (unless ``loads`` is False: a missing labels file is no valid Competition)."""
+    loads and reads the download (unless ``loads`` is False: a missing labels file is no valid Competition)."""
     out = tmp_path / "spec.toml"
     result = init_spec(raw, out, slug="toy")
     text = out.read_text()
     assert sorted(result.guess.undecided) == sorted(todo), result.guess.undecided
     assert ("# TODO check:" in text) == bool(todo)
     table = tomllib.loads(text)
-    if loads:
+    if loads:  # a valid Competition, which reads the download as reorg would
         spec_from_table(table, str(out))
+        assert result.check.startswith("the spec reads the download"), result.check
     return table, result.guess, result.check
 
 
@@ -392,6 +394,14 @@ def test_rare_classes_and_labels_are_noted(tmp_path):
     _, guess, _ = init(planet, tmp_path / "p")
     rare = next(n for n in guess.notes if n.startswith("rare labels"))
     assert "'blooming' (1, 1.7%)" in rare and "'primary'" not in rare
+    assert rare.endswith("`pipeline train --balance loss` weighs them in the loss")  # F-beta scores no probability
+
+    binary = tmp_path / "binary"
+    write_numeric(binary, "target", [0] * 59 + [1], 0.5)
+    (tmp_path / "b").mkdir()
+    _, guess, _ = init(binary, tmp_path / "b")
+    rare = next(n for n in guess.notes if n.startswith("rare classes"))
+    assert "'1' (1, 1.7%)" in rare and rare.endswith("skews the probabilities that roc_auc scores: off by default")
 
 
 def test_rare_label_of_a_file_name_is_noted(tmp_path):

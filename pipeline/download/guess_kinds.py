@@ -30,6 +30,7 @@ NAMES_SEEN = 20000  # training file names read for a label pattern
 IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".gif", ".webp")
 MANY_VALUES = 20  # an integer column with more distinct values is a number, not classes or grades
 RARE = 0.02  # a class or label under this share of the rows is noted
+PROBABILITY_METRICS = ("log_loss", "roc_auc", "mean_auc")  # balancing the loss would skew what they score
 
 
 def words(name: str) -> list[str]:
@@ -343,8 +344,10 @@ def rare_note(g: Guess, counts: Counter, rows: int, truncated: bool) -> None:
     kind = "labels" if multilabel else "classes"
     shown = ", ".join(f"{c!r} ({n}, {100 * n / rows:.1f}%)" for n, c in rare[:5]) + (" ..." if len(rare) > 5 else "")
     seen = f"the first {rows} rows" if truncated else f"the {rows} rows"
-    g.notes.append(f"rare {kind}: {len(rare)} under {100 * share:.2g}% of {seen}: {shown}; "
-                   "`pipeline train --balance` weighs them")
+    metric = g.fields.get("metric", "")
+    advice = (f"`--balance loss` would weigh them but skews the probabilities that {metric} scores: off by default"
+              if metric in PROBABILITY_METRICS else "`pipeline train --balance loss` weighs them in the loss")
+    g.notes.append(f"rare {kind}: {len(rare)} under {100 * share:.2g}% of {seen}: {shown}; {advice}")
 
 
 def target_counts(s: Survey, g: Guess, labels: pd.DataFrame) -> tuple[Counter, int]:
