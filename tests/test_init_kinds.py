@@ -191,6 +191,20 @@ def test_tag_separators_and_class_names_with_spaces():
     assert kinds._tag_column(pd.DataFrame({"attribute_ids": rle}), "attribute_ids")[:2] == ("attribute_ids", " ")
 
 
+def test_tags_of_numbers_under_a_target_name(tmp_path):
+    """Human-Protein-Atlas-like: 'Target' holds label numbers ("16 0"); the sample's column is 'Predicted'."""
+    raw = tmp_path / "raw"
+    train, test = [f"p{i}" for i in range(20)], ["q0", "q1"]
+    images(raw / "train", train, ".png")
+    images(raw / "test", test, ".png")
+    combos = ["0", "16 0", "25", "0 25", "2", "16 2", "25 2 0"]
+    csv(raw / "train.csv", {"Id": train, "Target": [combos[i % len(combos)] for i in range(20)]})
+    csv(raw / "sample_submission.csv", {"Id": test, "Predicted": "0 1"})
+    table, _, _ = init(raw, tmp_path)
+    assert (table["task"], table["label_column"], table["label_separator"]) == ("multilabel", "Target", " ")
+    assert (table["submission"], table["submission_label_column"]) == ("tags", "Predicted")
+
+
 def test_tags_submitted_as_one_probability_column_per_label(tmp_path):
     raw = tmp_path / "raw"
     write_planet(raw)

@@ -210,7 +210,7 @@ def _tag_column(labels: pd.DataFrame, sample_column: str) -> tuple[str, str, lis
         for sep in SEPARATORS:
             sets = tag_split(labels[col], sep)
             numeric_only = sets and all(re.fullmatch(r"[\d.]+", t) for x in sets for t in x)
-            if sets and not (numeric_only and not _says(col, ("label", "tag", "attribute", "class"))):
+            if sets and not (numeric_only and col not in named):
                 return col, sep, sets  # a list of numbers is a mask or a box, unless its name says labels
     return None
 
