@@ -350,7 +350,7 @@ def test_group_and_metadata_rules():
 # ---------------------------------------------------------------- 9. image folders nested under one folder
 
 
-def test_nested_image_folders_are_found_from_the_ids(tmp_path):
+def test_images_train_and_images_test_beside_a_labels_csv(tmp_path):
     """images/train and images/test beside train.csv: the CSV's folders, never two classes 'train' and 'test'."""
     raw = tmp_path / "raw"
     train, test = [f"x{i}" for i in range(12)], [f"y{i}" for i in range(4)]
