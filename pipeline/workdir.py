@@ -13,6 +13,7 @@ FOLDS_FILE = "folds.csv"  # id, label, fold
 IMAGES_DIR = "images"  # the labelled images of a task other than single (no class folders): items.csv says what
 ITEMS_FILE = "items.csv"  # one row per labelled image: id, file, split, fold, group, label, targets, metadata
 TEST_ITEMS_FILE = "test_items.csv"  # one row per test image: id, file, metadata (when the spec has metadata)
+LABEL_JOIN = "|"  # a label set as text (items.csv's and oof.csv's label): labels may hold spaces
 TARGET_PREFIX, META_PREFIX = "y:", "m:"  # items.csv's columns: one per model output, one per metadata column
 SAMPLE_FILE = "sample_submission.csv"  # a copy of the download's, for predict and check
 CACHE_DIR = "cache"  # decoded images and frozen-backbone features, keyed on what they depend on

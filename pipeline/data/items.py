@@ -28,7 +28,7 @@ from pipeline.data import presets
 from pipeline.errors import PipelineError
 from pipeline.imagefile import open_image
 from pipeline.io import read_json
-from pipeline.task import bad_target
+from pipeline.models.task import bad_target
 from pipeline.workdir import FOLDS_FILE, ITEMS_FILE, REORG_FILE, TARGET_PREFIX, TEST_CLASS_DIR
 
 log = logging.getLogger("pipeline")
@@ -40,7 +40,7 @@ Image.MAX_IMAGE_PIXELS = 89_478_485
 @dataclass(frozen=True)
 class Item:
     """One image: its id, its file and its target: a class index (-1 when unknown), or for the other task
-    kinds (pipeline/task.py) a tuple of floats (inf when unknown: a test image)."""
+    kinds (pipeline/models/task.py) a tuple of floats (inf when unknown: a test image)."""
 
     id: str
     path: Path

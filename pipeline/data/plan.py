@@ -34,7 +34,7 @@ from pipeline.data.features import feature_bank
 from pipeline.data.loaders import FeatureLoader, TensorBatchLoader, make_loader
 from pipeline.config import CACHEABLE_AUGMENTS, TrainConfig
 from pipeline.devices import DevicePlan, ddp_find_unused
-from pipeline.task import target_tensor
+from pipeline.models.task import target_tensor
 from pipeline.workdir import BAD_TARGET
 from pipeline.data.items import (ImageDataset, Item, build_transform, list_split, load_reorg,
                                  unreadable_message)

@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from pipeline import distributed as dist
-from pipeline.task import bad_mask
+from pipeline.models.task import bad_mask
 from pipeline.devices import autocast, non_blocking, probe
 from pipeline.models.fusion import batch_meta, call
 from pipeline.progress import track
@@ -65,7 +65,7 @@ def infer(net: nn.Module, loader: Iterable, device: torch.device, *, tta: str = 
     """Predictions (N, K) float64, targets (N,) or (N, K) and dataset positions (N,) over ``loader``.
 
     ``activation`` maps the model's raw outputs to predictions (the task's:
-    pipeline/task.py); by default a softmax, giving class probabilities.
+    pipeline/models/task.py); by default a softmax, giving class probabilities.
 
     The probabilities of the views are averaged in float32 and not
     renormalised (callers that write them use :func:`normalise_rows`). Under

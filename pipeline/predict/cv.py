@@ -21,7 +21,7 @@ from pipeline.predict.decide import decision_interval, needs_decision, nested_de
 from pipeline.predict.calibrate import calibrate_oof, is_on, paired_change_interval
 from pipeline.predict.stage import predict_items
 from pipeline.runs import FOLD, Member, Run, member_name
-from pipeline.task import Task
+from pipeline.models.task import Task
 from pipeline.predict.submission import in_class_order, positive_index, submission_clip
 
 log = logging.getLogger("pipeline")

@@ -18,7 +18,7 @@ from __future__ import annotations
 import numpy as np
 
 from pipeline.metrics import check_metric, compute
-from pipeline.task import Task
+from pipeline.models.task import Task
 
 PASSES = 2
 LABEL_GRID = np.round(np.arange(0.05, 0.951, 0.05), 2)  # a label's probability threshold

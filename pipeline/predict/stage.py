@@ -34,7 +34,7 @@ from pipeline.io import read_csv
 from pipeline.models import model_from_config, set_train_mode
 from pipeline.workdir import SAMPLE_FILE
 from pipeline.runs import Member, Run, load_best, load_last
-from pipeline.task import Task
+from pipeline.models.task import Task
 from pipeline.data.metadata import MetaEncoder, meta_tensor
 from pipeline.predict import calibrate
 from pipeline.predict.submission import class_difference, write_checked

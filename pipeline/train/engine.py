@@ -16,7 +16,7 @@ from torch import nn
 
 from pipeline import distributed as dist
 from pipeline.config import TrainConfig
-from pipeline.task import bad_mask
+from pipeline.models.task import bad_mask
 from pipeline.devices import DevicePlan, autocast
 from pipeline.errors import PipelineError
 from pipeline.metrics import better, valid_key

@@ -18,7 +18,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import KFold
 from torch import nn
 
-from pipeline.task import bad_mask
+from pipeline.models.task import bad_mask
 from pipeline.errors import PipelineError
 
 log = logging.getLogger("pipeline")
@@ -89,7 +89,7 @@ def fit_feature_head(model: nn.Module, loader, task, seed: int = 0) -> tuple[flo
     the fit's record (C, the inner-CV log loss by C, rows and views fitted on: the run keeps it).
 
     ``loader`` is the data plan's FeatureLoader ((V, N, F) views, (N,) targets);
-    unreadable images (pipeline/task.py's bad_mask) are left out. ``task`` (pipeline/task.py) says what is
+    unreadable images (pipeline/models/task.py's bad_mask) are left out. ``task`` (pipeline/models/task.py) says what is
     fitted: a softmax over its classes (single), or the fit of pipeline/train/linear_fits.py (the others).
     """
     views, targets = loader.views.float().cpu(), loader.targets.cpu()

@@ -21,7 +21,7 @@ from pipeline.devices import DevicePlan
 from pipeline.errors import PipelineError
 from pipeline.data.metadata import MetaEncoder, item_metadata, meta_tensor
 from pipeline.runs import Member
-from pipeline.task import Task, target_tensor
+from pipeline.models.task import Task, target_tensor
 from pipeline.train.adapt import adapt_to_data
 from pipeline.train.engine import phase
 from pipeline.train.members import plan_members

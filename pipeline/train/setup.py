@@ -15,7 +15,7 @@ from torch import nn
 from pipeline import distributed as dist
 from pipeline.checkpoint import load_checkpoint
 from pipeline.config import TrainConfig
-from pipeline.task import target_tensor
+from pipeline.models.task import target_tensor
 from pipeline.data.plan import DataPlan, choose_source, plan_member
 from pipeline.devices import resolve_device
 from pipeline.models import model_from_config, unfreeze

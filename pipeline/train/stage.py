@@ -19,7 +19,7 @@ from pipeline import distributed as dist
 from pipeline.data import shm
 from pipeline.competition import Competition, get_competition
 from pipeline.config import Resolved, TrainConfig
-from pipeline.task import bad_mask
+from pipeline.models.task import bad_mask
 from pipeline.data.items import Item, load_reorg, training_fingerprint, unreadable_message
 from pipeline.errors import PipelineError
 from pipeline.io import atomic_write_json
