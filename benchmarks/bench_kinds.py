@@ -1,13 +1,14 @@
 """Every task kind end to end on CIFAR-10 images: the pipeline's CV beside a constant baseline and a pixel reference.
 
     python benchmarks/bench_kinds.py [--images 1500] [--test-images 300] [--epochs E] [--kinds names,tags,...]
-                                     [--folds 3] [--device cpu] [--out DIR]
+                                     [--folds 3] [--device cpu] [--out DIR] [other `pipeline train` options]
 
 For each kind, builds a Kaggle-shaped download from ../shared/data/cifar-10-jpeg (the same --images training
 images, drawn once with a fixed seed, and --test-images of CIFAR's test images), relabelled so the target follows
 from the CIFAR class (see KINDS), then runs the chain through the CLI in subprocesses: `pipeline init RAW --out
 SPEC`, reorg --folds K, train --folds K with the recipe init wrote (--epochs E caps it, when given), predict,
-check. Where init reads the download as something else than the kind built (another task, target columns,
+check; options this script does not know go to `pipeline train` (e.g. --model fastnet_s: not init's recipe).
+Where init reads the download as something else than the kind built (another task, target columns,
 layout, group or metadata), the spec is written from the fields below with init's [recipe] and the line says so;
 the metric (and beta) come from the "Evaluation page", i.e. are set here, as a user would.
 
@@ -28,12 +29,12 @@ import subprocess
 import sys
 import tempfile
 import time
-import tomllib
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
+import tomllib
 from PIL import Image
 from threadpoolctl import threadpool_limits
 
@@ -257,6 +258,7 @@ KINDS = {"names": build_names, "onehot": build_onehot, "multihot": build_multiho
 KIND_FIELDS = ("task", "layout", "labels_file", "label_column", "label_columns", "label_separator", "id_column",
                "group_column", "metadata", "train_dir", "test_dir", "submission")
 EVALUATION_PAGE = ("metric", "beta")  # what no download tells: set here, as a user reading Kaggle's page would
+ASKED = ("submission",)  # ... and what it decides where init says it could not (0/1 targets: class or probability)
 
 
 def _norm(name: str, value):
@@ -271,23 +273,31 @@ def _norm(name: str, value):
 
 def write_spec(raw: Path, spec: Path, built: Built, log: Path) -> tuple[str, float]:
     """SPEC from `pipeline init` when it reads the download as built, else from the built fields with init's
-    recipe; what happened, and init's seconds."""
+    recipe; what happened, and init's seconds.
+
+    What a user sets from the competition's Evaluation page is set here in init's spec: the metric and beta,
+    and the submission kind where init marked it 'TODO check' (a 0/1 target: the class or its probability).
+    """
     start = time.perf_counter()
     ok = _cli(["init", str(raw), "--out", str(spec)], log, check=False)
     seconds = time.perf_counter() - start
-    table = tomllib.loads(spec.read_text(encoding="utf-8")) if spec.is_file() else {}
+    text = spec.read_text(encoding="utf-8") if spec.is_file() else ""
+    table = tomllib.loads(text) if text else {}
+    undecided = set(re.findall(r"^# TODO check:.*\n(?:#\s*)?(\w+) =", text, re.MULTILINE))
+    by_hand = [n for n in EVALUATION_PAGE + tuple(undecided & set(ASKED)) if n in built.fields
+               and _norm(n, table.get(n)) != _norm(n, built.fields[n])]
     if not ok:
         why = f"init failed ({_last_line(log)})"
     else:
-        differs = [n for n in KIND_FIELDS if _norm(n, table.get(n)) != _norm(n, built.fields.get(n))]
+        differs = [n for n in KIND_FIELDS if n not in by_hand
+                   and _norm(n, table.get(n)) != _norm(n, built.fields.get(n))]
         why = "init read it as " + ", ".join(f"{n}={table.get(n)!r}" for n in differs) if differs else ""
-    text = spec.read_text(encoding="utf-8") if spec.is_file() else ""
-    if not why:  # init's spec, with the Evaluation page's metric
-        for name in EVALUATION_PAGE:
-            if name in built.fields:
-                text = _set_field(text, name, built.fields[name])
+    if not why:
+        for name in by_hand:
+            text = _set_field(text, name, built.fields[name])
         spec.write_text(text, encoding="utf-8")
-        return "init", seconds
+        asked = sorted(set(by_hand) & undecided)
+        return "init" + (f" ({', '.join(asked)} set by hand: init marked it TODO)" if asked else ""), seconds
     from pipeline.download.specfile import toml_value
 
     fields = {"slug": raw.name, "title": raw.name, "image_size": table.get("image_size", 32),
@@ -309,7 +319,7 @@ def _set_field(text: str, name: str, value) -> str:
     from pipeline.download.specfile import toml_value
 
     line = f"{name} = {toml_value(value)}  # set from the competition's Evaluation page (bench_kinds)"
-    pattern = re.compile(rf"^#? ?{name} = .*$", re.M)
+    pattern = re.compile(rf"^#? ?{name} = .*$", re.MULTILINE)
     if pattern.search(text):
         return pattern.sub(lambda _: line, text, count=1)
     head, sep, tail = text.partition("\n[")
@@ -323,7 +333,8 @@ def _cli(args: list[str], log: Path, check: bool = True) -> bool:
     with log.open("a", encoding="utf-8") as out:
         out.write(f"\n$ pipeline {' '.join(args)}\n")
         out.flush()
-        done = subprocess.run([sys.executable, "-m", "pipeline", *args], env=env, stdout=out, stderr=out)
+        done = subprocess.run([sys.executable, "-m", "pipeline", *args], env=env, stdout=out, stderr=out,
+                              check=False)
     if check and done.returncode:
         raise RuntimeError(f"pipeline {args[0]} failed ({_last_line(log)}); see {log}")
     return done.returncode == 0
@@ -339,7 +350,8 @@ def run_chain(spec: Path, raw: Path, tmp: Path, args, log: Path) -> dict[str, fl
     times = {}
     for name, cmd in (("reorg", ["reorg", str(spec), str(raw), str(work), "--folds", str(args.folds)]),
                       ("train", ["train", str(spec), str(work), str(run), "--folds", str(args.folds), "--device",
-                                 args.device, *(["--epochs", str(args.epochs)] if args.epochs else [])]),
+                                 args.device, *(["--epochs", str(args.epochs)] if args.epochs else []),
+                                 *args.train_options]),
                       ("predict", ["predict", str(spec), str(work), str(run), str(sub), "--device", args.device]),
                       ("check", ["check", str(spec), str(sub), "--work-dir", str(work)])):
         start = time.perf_counter()
@@ -472,7 +484,7 @@ def bench_kind(kind: str, sample: Sample, args, tmp: Path) -> dict:
     times = {"init": init_s, **run_chain(spec, raw, tmp / kind, args, log)}
     run = tmp / kind / "run"
     cv = json.loads((run / "cv.json").read_text(encoding="utf-8"))
-    cfg = json.loads((run / "config.json").read_text(encoding="utf-8"))["config"]
+    cfg = json.loads((run / "fold0" / "config.json").read_text(encoding="utf-8"))["config"]  # adapted to the data
     metric, beta = built.fields["metric"], float(built.fields.get("beta", 1.0))
     if cv["metric"] != metric:
         raise RuntimeError(f"{kind}: the run scored {cv['metric']}, the bench built {metric}")
@@ -494,7 +506,7 @@ def bench_kind(kind: str, sample: Sample, args, tmp: Path) -> dict:
         ref = score(metric, y, reference(metric, x, y, fold, beta), beta)
     times["reference"] = time.perf_counter() - start
     row = {"kind": kind, "task": built.fields["task"], "metric": metric + (f" (beta {beta:g})" if beta != 1 else ""),
-           "spec": source, "epochs": cfg["epochs"], "batch": cfg["batch_size"], "model": cfg["model"],
+           "spec": source, "epochs": cfg["epochs"], "batch": cfg["batch_size"], "lr": cfg["lr"], "model": cfg["model"],
            "cv": float(cv["cv"]), "baseline": base, "reference": ref, "decision": cv.get("decision"),
            "clear": clearly_better(metric, float(cv["cv"]), base), "times": times, "log": str(log)}
     print_kind(row, len(sample.ids), len(sample.test_files))
@@ -503,7 +515,8 @@ def bench_kind(kind: str, sample: Sample, args, tmp: Path) -> dict:
 
 def print_kind(r: dict, n: int, n_test: int) -> None:
     print(f"== {r['kind']}: task {r['task']}, metric {r['metric']}; spec from {r['spec']}")
-    print(f"   {n} training images, {n_test} test; {r['model']}, {r['epochs']} epochs at batch {r['batch']}")
+    print(f"   {n} training images, {n_test} test; {r['model']}, {r['epochs']} epochs at batch {r['batch']}, "
+          f"lr {r['lr']:.4g}")
     line = f"   CV {r['cv']:.4f}   baseline {r['baseline']:.4f}   reference {r['reference']:.4f}"
     if r["decision"]:
         d = r["decision"]
@@ -519,7 +532,7 @@ def print_table(rows: list[dict]) -> None:
     print("\n" + head + "\n" + "-" * len(head))
     for r in rows:
         chain = sum(v for k, v in r["times"].items() if k != "reference")
-        spec = "init" if r["spec"] == "init" else "fields"
+        spec = ("init" if r["spec"] == "init" else "init*") if r["spec"].startswith("init") else "fields"
         print(f"{r['kind']:<11}{r['task']:<11}{r['metric']:<24}{spec:<7}{r['epochs']:>7}{r['cv']:>9.4f}"
               f"{r['baseline']:>10.4f}{r['reference']:>11.4f}{'yes' if r['clear'] else 'NO':>7}{chain:>9.1f}"
               f"{r['times']['reference']:>7.1f}")
@@ -535,7 +548,7 @@ def main() -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--out", type=Path, help="keep the downloads, work folders and runs here (default: a "
                                                   "temporary folder, removed)")
-    args = parser.parse_args()
+    args, args.train_options = parser.parse_known_args()  # the rest goes to `pipeline train` (e.g. --model)
     kinds = [k.strip() for k in args.kinds.split(",") if k.strip()]
     unknown = [k for k in kinds if k not in KINDS]
     if unknown:
@@ -558,6 +571,8 @@ def main() -> None:
         if args.out is None:
             shutil.rmtree(tmp, ignore_errors=True)
     print_table(rows)
+    if args.train_options:
+        print(f"train options beyond the recipe: {' '.join(args.train_options)}")
     print(f"\n{len(rows)} of {len(kinds)} kinds ran in {time.perf_counter() - start:.0f} s; "
           f"{sum(r['clear'] for r in rows)} beat the constant baseline clearly")
 
