@@ -416,4 +416,4 @@ def check_spec(spec: Path, raw_dir: Path) -> str:
         return f"the spec does not read the download yet: {exc}"
     targets = {"single": "classes", "multilabel": "labels", "ordinal": "grades"}.get(comp.task)
     return (f"the spec reads the download: {len(found.train_paths)} training images, {len(found.test_paths)} "
-            f"test images" + (f", {len(found.classes)} {targets}" if targets else ""))
+            f"test images" + (f", {len(found.task.grades if comp.task == 'ordinal' else found.classes)} {targets}" if targets else ""))
