@@ -243,3 +243,14 @@ def test_balanced_sampler_draws_each_class_about_equally():
     assert sorted(plain.tolist()) == list(range(100))  # without weights: a permutation, as before
     rows = torch.tensor([[1.0, 0.0], [1.0, 0.0], [1.0, 1.0], [0.0, 0.0]])
     assert Task("multilabel", ("a", "b")).sample_weights(rows).tolist() == pytest.approx([0.5, 0.5, 1.0, 1.0])
+
+
+def test_the_spec_chooses_huber_for_a_regression():
+    info = {"task": "regression", "classes": ["y"]}
+    huber = Task.of(info, "huber").fitted(torch.tensor([[0.0], [2.0]]))  # center 1, scale sqrt(2)
+    mse = Task.of(info).fitted(torch.tensor([[0.0], [2.0]]))
+    out, target = torch.tensor([[3.0]]), torch.tensor([[1.0]])  # 3 standard units from the target (0)
+    assert float(mse.criterion()(out, target)) == pytest.approx(9.0)
+    assert float(huber.criterion()(out, target)) == pytest.approx(2.5)  # delta 1: 3 - 0.5
+    with pytest.raises(PipelineError, match="loss is for task 'regression' or 'ordinal'"):
+        comp(loss="huber")

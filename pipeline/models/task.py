@@ -93,11 +93,12 @@ class Task:
     # ------------------------------------------------------------ from the work folder, to a checkpoint
 
     @classmethod
-    def of(cls, info: dict) -> Task:
-        """The task of a work folder (reorg.json): kind and output names; not yet fitted to training rows."""
+    def of(cls, info: dict, loss: str = "") -> Task:
+        """The task of a work folder (reorg.json): kind and output names; not yet fitted to training rows.
+        ``loss``: the spec's (regression, ordinal), mse when unset."""
         kind = info.get("task", "single")
         grades = tuple(info.get("grades", ())) if kind == "ordinal" else ()
-        return cls(kind, tuple(info["classes"]), grades, loss=info.get("loss", "mse"))
+        return cls(kind, tuple(info["classes"]), grades, loss=loss or "mse")
 
     def fitted(self, targets: Tensor) -> Task:
         """This task with the standardisation and range of ``targets`` (a member's training rows)."""
