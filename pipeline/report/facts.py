@@ -200,15 +200,27 @@ def _sgd_steps(metrics: pd.DataFrame | None) -> int | None:
     return int(steps.iloc[-1]) if len(steps) else None
 
 
+def fit_curve(record: dict) -> tuple[str, float, dict[float, float], str]:
+    """(parameter name, chosen value, inner-CV loss by value, loss name) of a head_fit.json: the softmax
+    logreg's C and log loss, a per-label logistic fit's C and mean BCE, a ridge fit's alpha and squared error
+    on the standardised target (pipeline/train/linear_fits.py)."""
+    name = "alpha" if "alpha" in record else "C"
+    if "inner_cv_log_loss" in record:
+        curve, loss = record["inner_cv_log_loss"], "log loss"
+    else:
+        curve, loss = record.get("inner_cv_loss") or {}, "BCE" if name == "C" else "squared error"
+    return name, float(record[name]), {float(v): float(s) for v, s in curve.items()}, loss
+
+
 def fit_text(record: dict | None) -> str | None:
     """'logreg: C 1 (3-fold inner CV log loss by C: 0.1 0.52, 1 0.41, 10 0.47)' from head_fit.json."""
     if not record:
         return None
-    curve = record.get("inner_cv_log_loss") or {}
-    by_c = ", ".join(f"{float(c):g} {float(loss):.3g}" for c, loss in curve.items())
+    name, chosen, curve, loss = fit_curve(record)
+    by_value = ", ".join(f"{v:g} {s:.3g}" for v, s in curve.items())
     inner = f"{record['inner_folds']}-fold " if record.get("inner_folds") else ""
-    return f"{record.get('head', 'fit')}: C {float(record['C']):g}" + (
-        f" ({inner}inner CV log loss by C: {by_c})" if len(curve) > 1 else "")
+    return f"{record.get('head', 'fit')}: {name} {chosen:g}" + (
+        f" ({inner}inner CV {loss} by {name}: {by_value})" if len(curve) > 1 else "")
 
 
 def _device(device: dict, cfg: dict) -> str:

@@ -27,8 +27,9 @@ CAPTIONS = {
                            "learning rate per epoch, one colour per member; only members trained over several "
                            "epochs (a fitted head has no curve). With --unfreeze-after a dotted line marks where "
                            "the whole model starts training; a fitted epoch has no learning rate.",
-    "head_fit.png": "Fitted heads: the inner-CV log loss of each regularisation strength C tried on the member's "
-                    "training rows (★ the chosen C), one colour per member.",
+    "head_fit.png": "Fitted heads: the inner-CV loss of each regularisation strength tried on the member's training "
+                    "rows (C: log loss, or per-label BCE for multi-label; ridge alpha: squared error of the "
+                    "standardised target), ★ the chosen one, one colour per member.",
     "train_images.png": "Random training images under their targets (class, labels, number or grade).",
     "label_auc.png": "Multi-label: each label's ROC AUC out of fold (dotted: chance), its prevalence (diamond) and "
                      "the threshold the test set gets (fitted on every out-of-fold row).",
