@@ -18,7 +18,8 @@ from pipeline.cli.app import app
 from pipeline.data.items import load_reorg
 from pipeline.report.facts import absent_labels, shown_facts, target_range
 from pipeline.report.facts import fit_text
-from pipeline.report.kinds import KindInputs, decided, group_text, metadata_text, regression_figures
+from pipeline.report.kinds import (KindInputs, decided, group_text, metadata_text, multilabel_figures, ordinal_figures,
+                                   regression_figures)
 from pipeline.runs import Run
 from pipeline.task import Task
 from pipeline.train.summary import task_line
@@ -253,6 +254,24 @@ def test_the_decisions_shown_are_each_folds_own_thresholds_not_the_in_sample_one
     probs = np.array([[0.3, 0.9], [0.3, 0.9]])
     two = {"per_fold": {"0": [0.2, 0.95], "1": [0.4, 0.5]}}
     assert decided(labels, probs, ["a", "c"], two, folds).tolist() == [[1, 0], [0, 1]]
+
+
+def test_the_image_grids_show_the_most_wrong_rows_first():
+    asked = []
+
+    def read(ids):
+        asked.append(list(ids))
+        return [(i, np.zeros((4, 4, 3), dtype=np.uint8)) for i in ids]
+
+    labels = Task("multilabel", ("p", "q"))
+    preds = pd.DataFrame({"id": ["a", "b", "c"], "label": ["p q", "p", ""], "p": [0.9, 0.2, 0.9], "q": [0.1, 0.2, 0.8]})
+    figures, _, _ = multilabel_figures(KindInputs(preds, labels, "validation", "mean_auc", read=read))
+    assert asked[-1] == ["c", "a", "b"]  # c: both labels wrong; a: one (q 0.1, off by 0.9); b: one (p 0.2, off by 0.8)
+    grades = Task("ordinal", ("y",), ("0", "1", "2"))
+    preds = pd.DataFrame({"id": ["a", "b", "c"], "label": ["0", "2", "1"], "y": [1.7, 0.2, 1.2]})
+    figures, _, _ = ordinal_figures(KindInputs(preds, grades, "validation", "qwk", read=read))
+    assert asked[-1] == ["b", "a"]  # b: 2 grades off, a: 2 grades off by less, c right
+    assert "most_wrong_grades.png" in figures
 
 
 def test_fit_text_reads_ridge_and_per_label_records():

@@ -316,7 +316,8 @@ def write_report(run_dir: Path, work_dir: Path, out_dir: Path, device: str = "au
         absent = absent_rows(preds, run_dir, work_dir, info, facts) if task.kind == SINGLE_LABEL else None
         ranges = {f["member"]: tuple(f["target_range"]) for f in facts if f.get("target_range") and f["member"] != FULL}
         inputs = KindInputs(preds, task, source, metric or "accuracy", (cv or {}).get("decision"),
-                            _or_none(lambda: read_folds(work_dir)), ranges, comp.beta if comp else 1.0, absent, paths)
+                            _or_none(lambda: read_folds(work_dir)), ranges, comp.beta if comp else 1.0, absent, paths,
+                            lambda ids: [(it.id, im) for it, im in _readable([Item(i, paths[i], -1) for i in ids])])
         task_figures, tables, lines = TASK_FIGURES[task.kind](inputs)
         figures.update(task_figures)
         summary.update(lines)

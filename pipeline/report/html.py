@@ -38,6 +38,11 @@ CAPTIONS = {
                              "number before it is cut into grades, dotted the fitted cuts.",
     "residuals.png": "Regression: residual (predicted - true) of each out-of-fold prediction against the "
                      "prediction, and their histogram.",
+    "most_wrong_labels.png": "Multi-label: the validation images with the most labels decided wrong (the decisions "
+                             "the CV scored), true labels above decided ones.",
+    "largest_residuals.png": "Regression: the validation images whose prediction is furthest from the truth.",
+    "most_wrong_grades.png": "Ordinal: the validation images whose decided grade is furthest from the true grade; "
+                             "the number the model gave in brackets.",
     "grade_confusion.png": "Ordinal: true grade against the grade decided out of fold, each fold cut with the cuts "
                            "fitted on the other folds (the decisions the nested CV scores); colour: share of the "
                            "true grade.",

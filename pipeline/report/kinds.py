@@ -21,6 +21,7 @@ that made them; without a fitted decision the task's thresholds (default) decide
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -28,7 +29,7 @@ import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
 
-from pipeline.report.figures import confusion_figure, message_figure
+from pipeline.report.figures import GRID_SIZE, confusion_figure, image_grid, message_figure
 from pipeline.task import Task
 
 DECISION_ROWS = (("nested", "fitted on the other folds of each row's fold (the CV reported)"),
@@ -53,6 +54,7 @@ class KindInputs:
     beta: float = 1.0
     absent: np.ndarray | None = None  # single-label: rows whose class their member never trained on
     paths: dict[str, Path] = field(default_factory=dict)  # image file by id
+    read: Callable[[list[str]], list[tuple[str, np.ndarray]]] | None = None  # ids -> their readable images
 
 
 # ---------------------------------------------------------------- every kind
@@ -290,6 +292,15 @@ def grade_figure(matrix: np.ndarray, grades, title: str = "") -> Figure:
 # ---------------------------------------------------------------- each kind's figures, tables and summary lines
 
 
+def worst_grid(k: KindInputs, ids, titles, heading: str, empty: str) -> Figure:
+    """The images of ``ids`` (worst first) under their ``titles``; a broken file is left out."""
+    if k.read is None:
+        return message_figure(heading, "images not available")
+    by_id = dict(zip(ids, titles))
+    shown = k.read(list(ids))
+    return image_grid([image for _, image in shown], [by_id[i] for i, _ in shown], title=heading, empty=empty)
+
+
 def _title(k: KindInputs, scores: dict[str, float]) -> str:
     return f"{k.source}: {len(k.preds)} images, " + ", ".join(f"{n} {v:.4f}" for n, v in scores.items())
 
@@ -305,7 +316,18 @@ def multilabel_figures(k: KindInputs) -> tuple[dict, dict, dict]:
     if k.decision:
         summary["fitted thresholds"] = decision_line(k.decision, k.metric)
         tables["the thresholds' scores: nested, in-sample, default"] = decision_table(k.decision, k.metric, "multilabel")
-    return {"label_auc.png": label_figure(table, _title(k, {"mean AUC": mean_auc}))}, tables, summary
+    outputs, targets = outputs_and_targets(k.preds, k.task)
+    made = decided(k.task, outputs, k.preds["id"], k.decision, k.folds)
+    wrong = (made != (targets > 0.5)).sum(axis=1)
+    order = np.lexsort((-np.abs(outputs - targets).sum(axis=1), -wrong))  # most wrong labels, then furthest
+    order = [i for i in order[:GRID_SIZE] if wrong[i] > 0]
+    names = np.asarray(k.task.names, dtype=object)
+    titles = [f"{k.preds['id'].iloc[i]}\ntrue: {k.preds['label'].iloc[i] or '(none)'}\n"
+              f"decided: {' '.join(names[made[i] > 0.5]) or '(none)'}" for i in order]
+    return {"label_auc.png": label_figure(table, _title(k, {"mean AUC": mean_auc})),
+            "most_wrong_labels.png": worst_grid(k, [k.preds["id"].iloc[i] for i in order], titles,
+                                                f"{k.source}: the images with the most wrong labels (decisions as "
+                                                "scored)", "every image's labels decided right")}, tables, summary
 
 
 def regression_figures(k: KindInputs) -> tuple[dict, dict, dict]:
@@ -320,6 +342,10 @@ def regression_figures(k: KindInputs) -> tuple[dict, dict, dict]:
     largest = frame.reindex(frame["residual"].abs().sort_values(ascending=False, kind="stable").index)
     figures = {"predicted_vs_true.png": scatter_figure(frame, target, span, title=_title(k, scores)),
                "residuals.png": residuals_figure(frame, target, _title(k, scores))}
+    worst = largest.head(GRID_SIZE)
+    figures["largest_residuals.png"] = worst_grid(
+        k, list(worst["id"]), [f"{r.id}\ntrue {r.true:g} → predicted {r.predicted:.4g}" for r in worst.itertuples()],
+        f"{k.source}: the largest residuals", "no images")
     return figures, {"largest residuals (out of fold)": largest.head(LARGEST_SHOWN).reset_index(drop=True)}, summary
 
 
@@ -349,4 +375,12 @@ def ordinal_figures(k: KindInputs) -> tuple[dict, dict, dict]:
                "predicted_vs_true.png": scatter_figure(frame, f"{k.task.names[0]} (grade index)",
                                                        cuts["fitted (test set)"].to_numpy(), "fitted cuts",
                                                        _title(k, regression_scores(frame)))}
+    off = np.abs(grades.reshape(-1) - targets.reshape(-1))
+    order = [i for i in np.lexsort((-np.abs(frame["residual"].to_numpy()), -off))[:GRID_SIZE] if off[i] > 0]
+    g = np.asarray(k.task.grades, dtype=object)
+    titles = [f"{frame['id'].iloc[i]}\ntrue {g[int(targets[i, 0])]} → {g[int(grades[i, 0])]} "
+              f"({frame['predicted'].iloc[i]:.2f})" for i in order]
+    figures["most_wrong_grades.png"] = worst_grid(k, [frame["id"].iloc[i] for i in order], titles,
+                                                  f"{k.source}: the grades furthest off (true → decided (number))",
+                                                  "every grade decided right")
     return figures, tables, summary
