@@ -16,7 +16,7 @@ import numpy as np
 
 from pipeline.errors import check_choice
 
-# fn(targets, outputs or decisions, num_classes, positive class or None) -> score. By task (pipeline/task.py):
+# fn(targets, outputs or decisions, num_classes, positive class or None) -> score. By task (pipeline/models/task.py):
 # single: targets (N,) class indices, outputs (N, C) probabilities, decisions (N,) argmax labels;
 # multilabel: targets (N, L) 0/1, outputs (N, L) probabilities, decisions (N, L) 0/1 (thresholded);
 # regression: targets (N, 1) numbers, outputs (N, 1) numbers, decisions the outputs;
@@ -180,7 +180,7 @@ def score(probs: np.ndarray, targets: np.ndarray, num_classes: int,
 
     ``positive``: the positive class index for roc_auc (see :func:`_roc_auc`).
     ``clip``: floor probabilities at this value first (:func:`clip_probs`).
-    ``task`` (pipeline/task.py), for the kinds other than single: the outputs and targets are as its kind has
+    ``task`` (pipeline/models/task.py), for the kinds other than single: the outputs and targets are as its kind has
     them, and the task makes the decisions (thresholds) the decision metrics score; ``beta`` for f_beta_*.
     """
     if task is not None and task.kind != "single":

@@ -32,7 +32,7 @@ import torch
 from torch import Tensor, nn
 
 from pipeline.errors import PipelineError
-from pipeline.workdir import BAD_TARGET
+from pipeline.workdir import BAD_TARGET, LABEL_JOIN
 
 KINDS = ("single", "multilabel", "regression", "ordinal")
 LOSSES = ("mse", "huber")
@@ -190,11 +190,11 @@ class Task:
     # ------------------------------------------------------------ targets as text (oof.csv's label column)
 
     def target_text(self, target) -> str:
-        """One target as oof.csv's ``label`` cell: a class name, labels joined by spaces, a number, a grade."""
+        """One target as oof.csv's ``label`` cell: a class name, labels joined by LABEL_JOIN, a number, a grade."""
         if self.kind == "single":
             return self.names[int(target)]
         if self.kind == "multilabel":
-            return " ".join(n for n, v in zip(self.names, target) if v > 0.5)
+            return LABEL_JOIN.join(n for n, v in zip(self.names, target) if v > 0.5)
         if self.kind == "ordinal":
             return self.grades[int(round(float(target[0])))]
         return repr(float(target[0]))
@@ -209,7 +209,7 @@ class Task:
             index = {c: i for i, c in enumerate(self.names)}
             out = np.zeros((len(cells), len(self.names)))
             for r, cell in enumerate(cells):
-                for name in cell.split():
+                for name in filter(None, cell.split(LABEL_JOIN)):
                     out[r, index[name]] = 1.0
             return out
         if self.kind == "ordinal":
