@@ -18,10 +18,10 @@ from pipeline.cli.app import app
 from pipeline.data.items import load_reorg
 from pipeline.report.facts import absent_labels, shown_facts, target_range
 from pipeline.report.facts import fit_text
-from pipeline.report.kinds import (KindInputs, decided, group_text, metadata_text, multilabel_figures, ordinal_figures,
-                                   regression_figures)
+from pipeline.report.kinds import (KindInputs, decided, group_text, metadata_table, metadata_text,
+                                   multilabel_figures, ordinal_figures, regression_figures)
 from pipeline.runs import Run
-from pipeline.task import Task
+from pipeline.models.task import LABEL_JOIN, Task
 from pipeline.train.summary import task_line
 from tests.kinds import WRITERS, spec_text
 
@@ -127,7 +127,7 @@ def test_multilabel_report_shows_each_labels_oof_auc_prevalence_and_the_cv_thres
     labels = tags.info["classes"]
     table = tags.page.frame("per-label ROC AUC").set_index("label")
     assert list(table.index) == labels
-    truth = np.array([[name in cell.split() for name in labels] for cell in tags.oof["label"]])
+    truth = np.array([[name in cell.split(LABEL_JOIN) for name in labels] for cell in tags.oof["label"]])
     decision = tags.cv["decision"]  # F2 on label sets: thresholds fitted out of fold
     for k, name in enumerate(labels):
         scores = tags.oof[name].astype(float).to_numpy()
@@ -169,7 +169,12 @@ def test_regression_report_scores_and_ranges_match_the_oof_rows_and_each_folds_t
     expected = ", ".join(f"fold{k} {train[folds.index[folds != k]].min():g} to {train[folds.index[folds != k]].max():g}"
                          for k in (0, 1))
     assert summary["training range (predictions clipped to it)"] == expected
-    assert summary["metadata columns"] == "Eyes, Group (the spec's list)"
+    assert summary["metadata columns"] == "Eyes (standardised), Group (one-hot: a, b)"
+    encoding = regression.page.frame("metadata encoding").set_index("member")
+    eyes = pd.read_csv(regression.raw / "train.csv", dtype={"Id": str}).set_index("Id")["Eyes"]
+    for k in (0, 1):  # each member standardised Eyes with the mean and std of its own training rows
+        rows = eyes[folds.index[folds != k]]
+        assert encoding.loc[f"fold{k}", "Eyes"] == f"mean {rows.mean():.4g}, std {rows.std(ddof=0):.4g}"
     assert (regression.out / "predicted_vs_true.png").is_file() and (regression.out / "residuals.png").is_file()
     largest = regression.page.frame("largest residuals")
     assert _num(largest["residual"].iloc[0]) == pytest.approx(np.abs(predicted - true).max() * np.sign(
@@ -233,7 +238,7 @@ def test_a_single_label_run_with_groups_reports_the_group_column_and_keeps_its_c
     summary = patients.page.summary
     assert summary["group column"] == (f"patient_id: {train['patient_id'].nunique()} groups over {len(train)} images; "
                                        "no group in two folds")
-    assert summary["metadata columns"] == "sex, age_approx (the spec's list)"
+    assert summary["metadata columns"] == "sex (one-hot: female, male), age_approx (standardised)"
     assert "task" not in summary  # single-label says nothing new
     assert (patients.out / "confusion_matrix.png").is_file() and (patients.out / "most_wrong.png").is_file()
     run_summary = Run(patients.run).summary_path.read_text(encoding="utf-8")
@@ -264,7 +269,7 @@ def test_the_image_grids_show_the_most_wrong_rows_first():
         return [(i, np.zeros((4, 4, 3), dtype=np.uint8)) for i in ids]
 
     labels = Task("multilabel", ("p", "q"))
-    preds = pd.DataFrame({"id": ["a", "b", "c"], "label": ["p q", "p", ""], "p": [0.9, 0.2, 0.9], "q": [0.1, 0.2, 0.8]})
+    preds = pd.DataFrame({"id": ["a", "b", "c"], "label": [LABEL_JOIN.join("pq"), "p", ""], "p": [0.9, 0.2, 0.9], "q": [0.1, 0.2, 0.8]})
     figures, _, _ = multilabel_figures(KindInputs(preds, labels, "validation", "mean_auc", read=read))
     assert asked[-1] == ["c", "a", "b"]  # c: both labels wrong; a: one (q 0.1, off by 0.9); b: one (p 0.2, off by 0.8)
     grades = Task("ordinal", ("y",), ("0", "1", "2"))
@@ -288,11 +293,12 @@ def test_group_text_counts_groups_that_straddle_folds():
     assert group_text("", groups, folds).startswith("none")
 
 
-def test_metadata_text_describes_a_recorded_encoding_else_the_specs_list():
-    assert metadata_text(("Eyes", "Group")) == "Eyes, Group (the spec's list)"
-    encoding = {"numeric": [["Eyes", 0.5, 0.25]], "categorical": [["Group", ["a", "b"]]], "columns": ["Eyes", "Group"]}
-    assert metadata_text(("Eyes", "Group"), encoding) == ("Eyes: standardised (mean 0.5, std 0.25); "
-                                                          "Group: one-hot over 2 categories (a, b)")
+def test_metadata_text_describes_a_recorded_encoding_else_the_work_folders_list():
+    assert metadata_text(("Eyes", "Group")) == "Eyes, Group (not encoded by any member)"
+    encoding = {"numeric": [["Eyes", 0.5, 0.25]], "categorical": [["Group", ["a", "b"]]], "columns": ["Group", "Eyes"]}
+    assert metadata_text(("Eyes", "Group"), encoding) == "Group (one-hot: a, b), Eyes (standardised)"
+    table = metadata_table({"fold0": encoding})
+    assert table.to_dict("records") == [{"member": "fold0", "Eyes": "mean 0.5, std 0.25", "Group": "2 categories"}]
 
 
 def test_absent_labels_and_training_range_facts():

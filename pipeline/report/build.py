@@ -24,12 +24,12 @@ from pipeline.report.facts import (SINGLE_LABEL, absent_classes, absent_labels, 
 from pipeline.report.figures import (DPI, GRID_SIZE, image_grid, mistake_titles, most_wrong, prediction_frame,
                                      validation_figures, validation_scores, validation_tables)
 from pipeline.report.html import CAPTIONS, cv_frame, members_frame, report_html, report_summary
-from pipeline.report.kinds import (KindInputs, group_text, metadata_text, multilabel_figures, ordinal_figures,
-                                   regression_figures, task_text)
+from pipeline.report.kinds import (KindInputs, group_text, metadata_table, metadata_text, multilabel_figures,
+                                   ordinal_figures, regression_figures, task_text)
 from pipeline.report.training_figures import head_fit_figure, learning_curves_figure
 from pipeline.competition import Competition
 from pipeline.runs import FULL, HOLDOUT, Member, Run
-from pipeline.task import Task
+from pipeline.models.task import Task
 from pipeline.download.specfile import competition_of
 from pipeline.predict.submission import class_difference, in_class_order
 
@@ -101,7 +101,7 @@ def validation_predictions(run_dir: Path, work_dir: Path, info: dict, device: st
         items = _valid_items(member, work_dir, info)
         if items:
             ids, probs, run_classes = predict_items([member], items, tta=tta, device=device,
-                                                    unreadable="drop")
+                                                    unreadable="drop", work_dir=work_dir)
             differ = class_difference(run_classes, classes)
             if differ:
                 raise PipelineError(f"{member.dir} was trained on other classes than {work_dir} holds ({differ}); "
@@ -240,18 +240,21 @@ TASK_FIGURES = {SINGLE_LABEL: lambda k: single_label_figures(k.preds, list(k.tas
                 "multilabel": multilabel_figures, "regression": regression_figures, "ordinal": ordinal_figures}
 
 
-def data_lines(work_dir: Path, comp: Competition | None, task: Task, facts: list[dict]) -> dict[str, str]:
+def data_lines(work_dir: Path, info: dict, comp: Competition | None, facts: list[dict]) -> dict[str, str]:
     """Summary lines of what a run learned from besides the images: the task (kinds other than single), the
-    metadata columns (the fitted encoding when the members record one, else the spec's list) and the group
+    metadata columns (the encoding a member fitted, from its plan, else the work folder's list) and the group
     column with how the folds keep its groups, each when there is one."""
+    task = Task.of(info)
     lines = {} if task.kind == SINGLE_LABEL else {"task": task_text(task)}
     encoding = next((f["metadata"] for f in facts if f.get("metadata")), None)
-    if encoding or (comp and comp.metadata):
-        lines["metadata columns"] = metadata_text(comp.metadata if comp else (), encoding)
-    if comp and comp.group_column:
+    columns = info.get("metadata") or (comp.metadata if comp else ())
+    if encoding or columns:
+        lines["metadata columns"] = metadata_text(columns, encoding)  # per member: metadata_table
+    group_column = info.get("group_column") or (comp.group_column if comp else "")
+    if group_column:
         items = _or_none(lambda: read_items(work_dir))
         groups = items.set_index("id")["group"] if items is not None and "group" in items else None
-        lines["group column"] = group_text(comp.group_column, groups, _or_none(lambda: read_folds(work_dir)))
+        lines["group column"] = group_text(group_column, groups, _or_none(lambda: read_folds(work_dir)))
     return lines
 
 
@@ -305,7 +308,7 @@ def write_report(run_dir: Path, work_dir: Path, out_dir: Path, device: str = "au
     facts = run_facts(run_dir, work_dir, info)
     summary, settings, members, cv, metric, comp = _summary(run_dir, metrics, facts)
     task = Task.of(info)
-    summary.update(data_lines(work_dir, comp, task, facts))
+    summary.update(data_lines(work_dir, info, comp, facts))
     figures, notes = training_figures(metrics, facts, metric or "accuracy")
     summary.update(notes)
     figures["train_images.png"] = training_images_figure(work_dir, info)
@@ -319,6 +322,9 @@ def write_report(run_dir: Path, work_dir: Path, out_dir: Path, device: str = "au
                             _or_none(lambda: read_folds(work_dir)), ranges, comp.beta if comp else 1.0, absent, paths,
                             lambda ids: [(it.id, im) for it, im in _readable([Item(i, paths[i], -1) for i in ids])])
         task_figures, tables, lines = TASK_FIGURES[task.kind](inputs)
+        encodings = {f["member"]: f["metadata"] for f in facts if f.get("metadata")}
+        if encodings:
+            tables["metadata encoding (each member's, fitted on its training rows)"] = metadata_table(encodings)
         figures.update(task_figures)
         summary.update(lines)
     else:

@@ -32,7 +32,7 @@ from pipeline.runs import DEVICE_KEY, FULL, HOLDOUT, PLAN_KEY, Member
 
 log = logging.getLogger("pipeline")
 
-SINGLE_LABEL = "single"  # pipeline/task.py's kinds: single, multilabel, regression, ordinal
+SINGLE_LABEL = "single"  # pipeline/models/task.py's kinds: single, multilabel, regression, ordinal
 FIT, SGD, FIT_THEN_SGD = "fit", "sgd", "fit, then sgd"  # how a member's epochs train (the plan's "training")
 
 # the facts the report shows, in order, with their row names; a member lacking one leaves it out
@@ -90,7 +90,7 @@ def member_facts(member: Member, run_config: dict | None = None, run_notes: tupl
 
 def target_range(task: dict | None) -> list[float] | None:
     """[low, high] of a numeric member's training targets (its predictions are clipped to them), from the
-    plan's task (pipeline/task.py's to_json); None for the other kinds or when not recorded."""
+    plan's task (pipeline/models/task.py's to_json); None for the other kinds or when not recorded."""
     if not task or task.get("kind") not in ("regression", "ordinal") or task.get("low") is None:
         return None
     return [float(task["low"]), float(task["high"])]

@@ -189,7 +189,7 @@ def shorten_left(text: str, width: int = PATH_TITLE_CHARS) -> str:
 def prediction_frame(ids: list[str], targets: list[int], probs: np.ndarray, classes: list[str],
                      labels: list[str] | None = None) -> pd.DataFrame:
     """A predictions frame from ids, class indices and (N, C) probabilities; ``labels``: the targets as text
-    already (the other task kinds: pipeline/task.py's target_text), else the class names of ``targets``."""
+    already (the other task kinds: pipeline/models/task.py's target_text), else the class names of ``targets``."""
     frame = pd.DataFrame(probs, columns=classes)
     frame.insert(0, "label", labels if labels is not None else [classes[t] for t in targets])
     frame.insert(0, "id", ids)

@@ -1,7 +1,7 @@
 """The report's tables and figures for the task kinds other than single-label (pure, like figures.py).
 
 A predictions frame here has oof.csv's layout for every kind: id, label (the
-target as text: labels joined by spaces, a number, a grade; pipeline/task.py's
+target as text: labels joined by LABEL_JOIN, a number, a grade; pipeline/models/task.py's
 ``target_text``), then one column per output name. What each kind shows:
 
 - multilabel: per label its prevalence, out-of-fold ROC AUC, the threshold the
@@ -30,7 +30,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from pipeline.report.figures import GRID_SIZE, confusion_figure, image_grid, message_figure
-from pipeline.task import Task
+from pipeline.models.task import LABEL_JOIN, Task
 
 DECISION_ROWS = (("nested", "fitted on the other folds of each row's fold (the CV reported)"),
                  ("in_sample", "fitted on every out-of-fold row: optimistic (the test set gets these)"),
@@ -45,7 +45,7 @@ class KindInputs:
     """What a kind's figures read: the validation predictions and what the run recorded about them."""
 
     preds: pd.DataFrame  # id, label, one column per output name
-    task: Task  # the work folder's (pipeline/task.py)
+    task: Task  # the work folder's (pipeline/models/task.py)
     source: str  # "out-of-fold" or "validation"
     metric: str  # the competition's
     decision: dict | None = None  # cv.json's fitted decision
@@ -110,16 +110,32 @@ def task_text(task: Task) -> str:
 
 
 def metadata_text(columns, encoding: dict | None = None) -> str:
-    """The metadata columns a run used: the spec's list, or with the fitted encoding when the run records one
-    (numeric columns standardised on the training fold, others one-hot over its categories)."""
-    if not columns and not encoding:
-        return "none"
+    """The metadata columns a run used: the work folder's list, or how a member encoded each (its plan's
+    MetaEncoder record: numeric columns standardised on its training rows, others one-hot over their categories)."""
     if not encoding:
-        return ", ".join(columns) + " (the spec's list)"
-    parts = [f"{c}: standardised (mean {float(m):.4g}, std {float(s):.4g})" for c, m, s in encoding.get("numeric", ())]
-    parts += [f"{c}: one-hot over {len(v)} categories ({', '.join(map(str, v[:6]))}{', ...' if len(v) > 6 else ''})"
-              for c, v in encoding.get("categorical", ())]
-    return "; ".join(parts) or "none"
+        return ", ".join(columns) + " (not encoded by any member)" if columns else "none"
+    numeric = {c for c, _, _ in encoding.get("numeric", ())}
+    categories = {c: list(v) for c, v in encoding.get("categorical", ())}
+    shown = []
+    for c in encoding.get("columns") or [*numeric, *categories]:
+        if c in numeric:
+            shown.append(f"{c} (standardised)")
+        else:
+            v = categories.get(c, [])
+            shown.append(f"{c} (one-hot: {', '.join(map(str, v[:6]))}{', ...' if len(v) > 6 else ''})")
+    return ", ".join(shown)
+
+
+def metadata_table(encodings: dict[str, dict]) -> pd.DataFrame:
+    """One row per member, one column per metadata column: the mean and std it standardised with, or the
+    categories it one-hot encoded (each member fits its own on its training rows)."""
+    rows = []
+    for member, enc in encodings.items():
+        row = {"member": member}
+        row.update({c: f"mean {float(m):.4g}, std {float(s):.4g}" for c, m, s in enc.get("numeric", ())})
+        row.update({c: f"{len(v)} categories" for c, v in enc.get("categorical", ())})
+        rows.append(row)
+    return pd.DataFrame(rows)
 
 
 def group_text(column: str, groups: pd.Series | None, folds: pd.Series | None) -> str:
@@ -322,8 +338,8 @@ def multilabel_figures(k: KindInputs) -> tuple[dict, dict, dict]:
     order = np.lexsort((-np.abs(outputs - targets).sum(axis=1), -wrong))  # most wrong labels, then furthest
     order = [i for i in order[:GRID_SIZE] if wrong[i] > 0]
     names = np.asarray(k.task.names, dtype=object)
-    titles = [f"{k.preds['id'].iloc[i]}\ntrue: {k.preds['label'].iloc[i] or '(none)'}\n"
-              f"decided: {' '.join(names[made[i] > 0.5]) or '(none)'}" for i in order]
+    titles = [f"{k.preds['id'].iloc[i]}\ntrue: {', '.join(k.preds['label'].iloc[i].split(LABEL_JOIN)) or '(none)'}"
+              f"\ndecided: {', '.join(names[made[i] > 0.5]) or '(none)'}" for i in order]
     return {"label_auc.png": label_figure(table, _title(k, {"mean AUC": mean_auc})),
             "most_wrong_labels.png": worst_grid(k, [k.preds["id"].iloc[i] for i in order], titles,
                                                 f"{k.source}: the images with the most wrong labels (decisions as "

@@ -160,13 +160,11 @@ def gather_facts(resolved: Any, plans: Sequence[Any], info: dict) -> RunFacts:
     members = tuple(MemberLine(p.name, len(p.train_items), len(p.valid_items), p.config.batch_size,
                                p.steps_per_epoch, p.total_steps, p.config.epochs) for p in plans)
     total, trainable = count_parameters(_shape_only(cfg, len(info["classes"])))
-    from pipeline.competition import get_competition
-
-    comp = get_competition(cfg.competition)
     return RunFacts(str(cfg.run_dir), cfg.model, total, trainable, str(device), precision,
                     dplan.channels_last, dplan.workers, first.source.kind, first.source.reason,
                     dict(info.get("counts", {})), members, training_plan(cfg),
-                    task_line(first.task, comp.metadata, comp.group_column, {p.name: p.task for p in plans}))
+                    task_line(first.task, info.get("metadata", ()), info.get("group_column", ""),
+                              {p.name: p.task for p in plans}))
 
 
 def task_line(task: Any, metadata: Sequence[str], group_column: str, members: dict[str, Any]) -> str:
