@@ -91,9 +91,14 @@ def _f_beta(average: str) -> MetricFn:
     def fn(targets: np.ndarray, decided: np.ndarray, num_classes: int, positive: int | None, beta: float = 1.0) -> float:
         from sklearn.metrics import fbeta_score  # lazily: sklearn takes seconds to import
 
+        targets, decided = targets.astype(int), decided.astype(int)
+        if targets.ndim == 2 and targets.shape[1] == 1:  # sklearn would read one column as binary, both classes
+            if average != "samples":
+                return float(fbeta_score(targets[:, 0], decided[:, 0], beta=beta, zero_division=0))
+            hit = (targets[:, 0] == 1) & (decided[:, 0] == 1)  # a row's F-beta over one label: 1 or 0
+            return float(hit.mean())
         # a label never true nor predicted scores 0 (zero_division), as Kaggle's F-beta does
-        return float(fbeta_score(targets.astype(int), decided.astype(int), beta=beta, average=average,
-                                 zero_division=0))
+        return float(fbeta_score(targets, decided, beta=beta, average=average, zero_division=0))
     return fn
 
 

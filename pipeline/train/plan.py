@@ -119,6 +119,8 @@ def plan_member(cfg: TrainConfig, sources: dict[str, str], member: Member, train
     total = steps * (adapted.epochs - fitted_epochs(adapted))
     source = choose_source(phase(adapted, 0))  # --unfreeze-after: the frozen phase's source first
     task = task.fitted(target_tensor([it.target for it in train_items])) if train_items else task
+    if cfg.balance != "none" and task.numeric:
+        warnings.append(f"--balance {cfg.balance}: a {task.kind} target has no classes to balance; ignored")
     encoder = None
     if columns:  # fitted on this member's training rows only
         encoder = MetaEncoder.fit(item_metadata(cfg.work_dir, columns, train_items), columns)
