@@ -147,6 +147,8 @@ def test_gathered_folds_make_a_run_here_that_names_the_folds_still_missing(toy_f
     (first / "run" / "fold0" / "best.pt").write_bytes(b"retrained")
     gather(comp, comp.slug, work, run.dir, [first], force=True)
     assert (run.dir / "fold0" / "best.pt").read_bytes() == b"retrained"
+    assert json.loads(run.config_path.read_text())["gathered"] == doc["gathered"]  # fold1's origin kept
+    assert run.member("fold1").is_finished
 
 
 @pytest.mark.parametrize("bad, problem", [

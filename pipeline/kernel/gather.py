@@ -98,9 +98,9 @@ def check_sources(sources: list[Source], comp: Competition, work_dir: Path, info
         if data.get("fingerprint") != fingerprint:
             raise PipelineError(f"{where} was trained on other training data than {work_dir} holds; reorganise the "
                                 "same download here")
-        if config.get("folds") != total:
-            raise PipelineError(f"{where} belongs to a run of {config.get('folds')} folds but {work_dir}/folds.csv "
-                                f"has {total}; reorganise with `pipeline reorg ... --folds {config.get('folds')}`")
+        if config.get("folds") and config["folds"] != total:  # (older runs recorded a --fold K process's own fold)
+            raise PipelineError(f"{where} belongs to a run of {config['folds']} folds but {work_dir}/folds.csv "
+                                f"has {total}; reorganise with `pipeline reorg ... --folds {config['folds']}`")
         differ = [k for k in sorted((set(config) | set(reference)) - NOT_COMPARED)
                   if _comparable(k, config.get(k)) != _comparable(k, reference.get(k))]
         if differ:
@@ -208,7 +208,7 @@ def gather(comp: Competition, comp_arg: str, work_dir: Path, run_dir: Path, fold
         where = {**(reference.get(GATHERED_KEY) or {}),
                  **{m.name: str(absolute(s.folder)) for s in sources for m in s.members}}
         doc = {**reference, "config": gathered_config(reference, comp_arg, work_dir, run.dir, device),
-               "sources": {**reference.get("sources", {}), "device": "gather"}, GATHERED_KEY: where}
+               "sources": {**reference.get("sources", {}), "device": "kernel gather --device"}, GATHERED_KEY: where}
         atomic_write_json(run.config_path, doc)
     cfg = TrainConfig.from_json(doc)
     missing = mark_run_done(cfg)["missing"]
