@@ -17,6 +17,7 @@ image batch (B, C, H, W) or features, (B, F) or (V, B, F) for V views.
 from __future__ import annotations
 
 import logging
+import math
 import os
 from functools import partial
 from collections.abc import Callable
@@ -33,6 +34,7 @@ from pipeline.data.features import feature_bank
 from pipeline.data.loaders import FeatureLoader, TensorBatchLoader, make_loader
 from pipeline.config import CACHEABLE_AUGMENTS, TrainConfig
 from pipeline.devices import DevicePlan, ddp_find_unused
+from pipeline.task import target_tensor
 from pipeline.workdir import BAD_TARGET
 from pipeline.data.items import (ImageDataset, Item, build_transform, list_split, load_reorg,
                                  unreadable_message)
@@ -153,9 +155,9 @@ def cache_root(cfg: TrainConfig) -> Path:
 
 def cached_targets(items: list[Item], bad_rows: set[int]) -> torch.Tensor:
     """Targets of cached items, unreadable rows marked so the loss and the scores ignore them."""
-    targets = torch.tensor([it.target for it in items], dtype=torch.long)
+    targets = target_tensor([it.target for it in items])
     if bad_rows:
-        targets[sorted(bad_rows)] = BAD_TARGET
+        targets[sorted(bad_rows)] = BAD_TARGET if targets.ndim == 1 else math.nan
     return targets
 
 

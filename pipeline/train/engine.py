@@ -16,7 +16,7 @@ from torch import nn
 
 from pipeline import distributed as dist
 from pipeline.config import TrainConfig
-from pipeline.workdir import BAD_TARGET
+from pipeline.task import bad_mask
 from pipeline.devices import DevicePlan, autocast
 from pipeline.errors import PipelineError
 from pipeline.metrics import better, valid_key
@@ -149,7 +149,7 @@ def train_one_epoch(model: nn.Module, loader, optimizer, criterion, cfg: TrainCo
         if i >= rt.steps_per_epoch * accum:
             break
         if y.device.type == "cpu":  # checked before the copy: no host sync
-            unreadable.append(idx[y == BAD_TARGET])
+            unreadable.append(idx[bad_mask(y)])
         x = x.to(rt.device, non_blocking=rt.non_blocking)
         y = y.to(rt.device, non_blocking=rt.non_blocking)
         if rt.channels_last and x.ndim == 4:  # the data plan decides; feature batches are 2-D

@@ -120,7 +120,7 @@ def find_lr(resolved: Resolved | TrainConfig, steps: int = 100, start: float = 1
     info = load_reorg(resolved.config.work_dir)
     _, plans = plan_run(resolved, info)
     plan = plans[0]
-    st = setup_member(plan, len(info["classes"]), get_competition(plan.config.competition).metric)
+    st = setup_member(plan, get_competition(plan.config.competition).metric)
     cfg, model, net, optimizer, rt, criterion = phase(plan.config, 0), st.model, st.net, st.optimizer, st.rt, st.criterion
     device = rt.device
     scales = [g["base_lr"] / cfg.lr for g in optimizer.param_groups]  # the backbone keeps its lr scale

@@ -15,7 +15,7 @@ from torch import nn
 from pipeline import distributed as dist
 from pipeline.checkpoint import load_checkpoint
 from pipeline.config import TrainConfig
-from pipeline.workdir import BAD_TARGET
+from pipeline.task import target_tensor
 from pipeline.data.plan import DataPlan, choose_source, plan_member
 from pipeline.devices import resolve_device
 from pipeline.models import model_from_config, unfreeze
@@ -71,7 +71,7 @@ class _KeptState:
         self.st.kept = dict(state) or None
 
 
-def setup_member(plan: MemberPlan, n_classes: int, metric: str, resume: bool = False) -> MemberState:
+def setup_member(plan: MemberPlan, metric: str, resume: bool = False) -> MemberState:
     """Model, optimizer, precision, EMA, data for ``plan``; restored from last.pt when resuming.
 
     A resumed run is set up in the phase (see :func:`pipeline.train.engine.phase`)
@@ -88,10 +88,13 @@ def setup_member(plan: MemberPlan, n_classes: int, metric: str, resume: bool = F
     first_epoch = int(saved["epoch"]) if saved else 0
     pcfg = phase(cfg, first_epoch)
     torch.manual_seed(cfg.seed)
-    model = model_from_config(pcfg, n_classes).to(device)
+    model = model_from_config(pcfg, plan.task.n_outputs).to(device)
     optimizer = build_optimizer(model, pcfg)
     rt = make_runtime(pcfg, device, plan.steps_per_epoch, dplan, first_epoch)
-    criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing, ignore_index=BAD_TARGET)
+    weights = None
+    if cfg.balance == "loss":
+        weights = plan.task.balance_weights(target_tensor([it.target for it in plan.train_items]))
+    criterion = plan.task.criterion(cfg.label_smoothing, weights)
     st = MemberState(plan, model, model, optimizer, make_ema(model, cfg.ema), rt, criterion, None,
                      BestTracker(metric), EarlyStop(cfg.early_stop), [], first_epoch=first_epoch)
     if saved:
