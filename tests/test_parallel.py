@@ -70,7 +70,8 @@ def reorganised(tmp_path: Path, folds: int) -> tuple[Path, Path]:
     raw = write_raw(tmp_path / "raw", make_competition("toy"))
     spec = tmp_path / "toy.toml"
     spec.write_text(SPEC)
-    finished(cli("reorg", spec, raw, tmp_path / "work", "--folds", folds))
+    result = CliRunner().invoke(app, ["reorg", str(spec), str(raw), str(tmp_path / "work"), "--folds", str(folds)])
+    assert result.exit_code == 0, result.output  # in this process: the training processes load the spec themselves
     return spec, tmp_path / "work"
 
 
