@@ -142,8 +142,10 @@ def test_gathered_folds_make_a_run_here_that_names_the_folds_still_missing(toy_f
     assert json.loads(run.done_path.read_text()) == {"members": ["fold0", "fold1"], "missing": ["fold2"]}
     assert not run.cv_path.exists() and not list(run.dir.rglob(".lock")) and not list(run.dir.rglob("*.tmp"))
     # the same fold again: refused unless --force, which replaces it
+    third = fold_output(tmp_path / "out2", comp, work, [2])
     with pytest.raises(PipelineError, match="fold0 already holds a trained fold; pass --force"):
-        gather(comp, comp.slug, work, run.dir, [first])
+        gather(comp, comp.slug, work, run.dir, [third, first])
+    assert not run.member("fold2").dir.exists()  # refused before anything was copied
     (first / "run" / "fold0" / "best.pt").write_bytes(b"retrained")
     gather(comp, comp.slug, work, run.dir, [first], force=True)
     assert (run.dir / "fold0" / "best.pt").read_bytes() == b"retrained"

@@ -133,12 +133,16 @@ def check_fold(member: Member, work_dir: Path, info: dict, where: str) -> None:
                             f"{work_dir}/folds.csv: reorganise with the kernels' --folds and --seed")
 
 
-def copy_member(member: Member, dest: Member, force: bool) -> None:
-    """Copy a finished member into the run, under the member's lock; its done.json last, so an interrupted
-    copy leaves an unfinished member, never a finished one with missing files."""
+def check_free(member: Member, dest: Member, force: bool) -> None:
+    """A fold already trained in the run is replaced only with --force."""
     if (dest.is_finished or dest.is_started or dest.best_path.is_file()) and not force:
         raise PipelineError(f"{dest.dir} already holds a trained fold; pass --force to replace it with "
                             f"{member.dir}")
+
+
+def copy_member(member: Member, dest: Member) -> None:
+    """Copy a finished member into the run, under the member's lock; its done.json last, so an interrupted
+    copy leaves an unfinished member, never a finished one with missing files."""
     with dest.lock():
         dest.clear()
         files = sorted((p for p in member.dir.rglob("*") if p.is_file() and p.name != LOCK_FILE),
@@ -200,10 +204,12 @@ def gather(comp: Competition, comp_arg: str, work_dir: Path, run_dir: Path, fold
     kept = [m for m in run.members() if m.is_finished and m.name not in incoming]
     reference = load_resolved(run.config_path)[1] if kept and run.is_run() else sources[0].doc
     check_sources(sources, comp, work_dir, info, reference["config"])
-    for source in sources:
-        for member in source.members:
-            copy_member(member, run.member(member.name), force)
-            log.info("gathered %s from %s", member.name, member.dir)
+    members = [(member, run.member(member.name)) for source in sources for member in source.members]
+    for member, dest in members:  # every refusal before the first copy
+        check_free(member, dest, force)
+    for member, dest in members:
+        copy_member(member, dest)
+        log.info("gathered %s from %s", member.name, member.dir)
     with run.lock(wait=LOCK_WAIT):
         where = {**(reference.get(GATHERED_KEY) or {}),
                  **{m.name: str(absolute(s.folder)) for s in sources for m in s.members}}
