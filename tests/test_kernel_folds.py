@@ -242,6 +242,7 @@ def test_fold_kernels_gathered_give_the_cv_and_submission_of_the_folds_trained_h
 
     want, got = Run(local).read_cv(), Run(gathered).read_cv()
     assert comparable(got) == comparable(want) and set(got["weights"]) == {"fold0", "fold1"}
+    assert f"CV accuracy {got['cv']:.4f}" in ok("cv", gathered)  # the gathered run's config works here
     ok("predict", spec, work, local, tmp_path / "local.csv")
     ok("predict", spec, work, gathered, tmp_path / "gathered.csv")
 
