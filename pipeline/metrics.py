@@ -16,7 +16,7 @@ import numpy as np
 
 from pipeline.errors import check_choice
 
-# fn(targets, outputs or decisions, num_classes, positive class or None) -> score. By task (pipeline/task.py):
+# fn(targets, outputs or decisions, num_classes, positive class or None) -> score. By task (pipeline/models/task.py):
 # single: targets (N,) class indices, outputs (N, C) probabilities, decisions (N,) argmax labels;
 # multilabel: targets (N, L) 0/1, outputs (N, L) probabilities, decisions (N, L) 0/1 (thresholded);
 # regression: targets (N, 1) numbers, outputs (N, 1) numbers, decisions the outputs;
@@ -91,9 +91,14 @@ def _f_beta(average: str) -> MetricFn:
     def fn(targets: np.ndarray, decided: np.ndarray, num_classes: int, positive: int | None, beta: float = 1.0) -> float:
         from sklearn.metrics import fbeta_score  # lazily: sklearn takes seconds to import
 
+        targets, decided = targets.astype(int), decided.astype(int)
+        if targets.ndim == 2 and targets.shape[1] == 1:  # sklearn would read one column as binary, both classes
+            if average != "samples":
+                return float(fbeta_score(targets[:, 0], decided[:, 0], beta=beta, zero_division=0))
+            hit = (targets[:, 0] == 1) & (decided[:, 0] == 1)  # a row's F-beta over one label: 1 or 0
+            return float(hit.mean())
         # a label never true nor predicted scores 0 (zero_division), as Kaggle's F-beta does
-        return float(fbeta_score(targets.astype(int), decided.astype(int), beta=beta, average=average,
-                                 zero_division=0))
+        return float(fbeta_score(targets, decided, beta=beta, average=average, zero_division=0))
     return fn
 
 
@@ -180,7 +185,7 @@ def score(probs: np.ndarray, targets: np.ndarray, num_classes: int,
 
     ``positive``: the positive class index for roc_auc (see :func:`_roc_auc`).
     ``clip``: floor probabilities at this value first (:func:`clip_probs`).
-    ``task`` (pipeline/task.py), for the kinds other than single: the outputs and targets are as its kind has
+    ``task`` (pipeline/models/task.py), for the kinds other than single: the outputs and targets are as its kind has
     them, and the task makes the decisions (thresholds) the decision metrics score; ``beta`` for f_beta_*.
     """
     if task is not None and task.kind != "single":

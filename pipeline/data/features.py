@@ -12,7 +12,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from pipeline.task import bad_mask
+from pipeline.models.task import bad_mask
 from pipeline.data.loaders import make_loader
 from pipeline.models.inference import TTA_VIEWS, forward_batches
 

@@ -28,8 +28,8 @@ from pipeline.data import presets
 from pipeline.errors import PipelineError
 from pipeline.imagefile import open_image
 from pipeline.io import read_json
-from pipeline.task import bad_target
-from pipeline.workdir import FOLDS_FILE, ITEMS_FILE, REORG_FILE, TEST_CLASS_DIR
+from pipeline.models.task import bad_target
+from pipeline.workdir import FOLDS_FILE, ITEMS_FILE, REORG_FILE, TARGET_PREFIX, TEST_CLASS_DIR
 
 log = logging.getLogger("pipeline")
 
@@ -40,7 +40,7 @@ Image.MAX_IMAGE_PIXELS = 89_478_485
 @dataclass(frozen=True)
 class Item:
     """One image: its id, its file and its target: a class index (-1 when unknown), or for the other task
-    kinds (pipeline/task.py) a tuple of floats (inf when unknown: a test image)."""
+    kinds (pipeline/models/task.py) a tuple of floats (inf when unknown: a test image)."""
 
     id: str
     path: Path
@@ -95,7 +95,7 @@ def _table_items(work_dir: Path, info: dict, split: str) -> list[Item]:
     if split != "train_valid":
         frame = frame[frame["split"] == split]
     frame = frame.sort_values("id", kind="stable")
-    targets = frame[[f"y:{name}" for name in info["classes"]]].to_numpy(dtype=np.float64)
+    targets = frame[[TARGET_PREFIX + name for name in info["classes"]]].to_numpy(dtype=np.float64)
     return [Item(i, work_dir / f, tuple(t)) for i, f, t in zip(frame["id"], frame["file"], targets.tolist())]
 
 

@@ -17,9 +17,9 @@ import numpy as np
 import pandas as pd
 
 from pipeline.download.layout import Download
+from pipeline.download.naming import class_dir_name, link_name
 from pipeline.download.splits import strata_for
-from pipeline.download.targets import META_PREFIX, TARGET_PREFIX
-from pipeline.workdir import IMAGES_DIR, ITEMS_FILE, TEST_CLASS_DIR, TEST_ITEMS_FILE
+from pipeline.workdir import IMAGES_DIR, ITEMS_FILE, META_PREFIX, TARGET_PREFIX, TEST_CLASS_DIR, TEST_ITEMS_FILE
 
 
 def split_frame(download: Download, folds: int) -> pd.DataFrame:
@@ -35,8 +35,6 @@ def split_frame(download: Download, folds: int) -> pd.DataFrame:
 
 def write_items(plan, download: Download, image_ext: str, staging: Path) -> list[str]:
     """items.csv (and test_items.csv with metadata) into ``staging``; the names written."""
-    from pipeline.download.reorg import class_dir_name, link_name
-
     labels = download.labels.set_index("id").loc[plan.labels["id"]].reset_index()
     single = download.task.kind == "single"
     files = [f"train_valid/{class_dir_name(label)}/" if single else f"{IMAGES_DIR}/" for label in labels["label"]]

@@ -23,7 +23,8 @@ from pipeline.competition import Competition
 from pipeline.errors import PipelineError
 from pipeline.io import read_csv
 from pipeline.download.scan import Folder
-from pipeline.download.targets import META_PREFIX, TaskInfo, names_labels, targets_of
+from pipeline.download.targets import TaskInfo, names_labels, targets_of
+from pipeline.workdir import META_PREFIX
 
 log = logging.getLogger("pipeline")
 

@@ -22,7 +22,6 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from urllib.parse import quote
 
 import pandas as pd
 
@@ -32,6 +31,7 @@ from pipeline.io import atomic_write_json, exclusive_lock, made_folder, os_error
 from pipeline.download import splits
 from pipeline.download.duplicates import warn_duplicates
 from pipeline.download.items_table import split_frame, write_items
+from pipeline.download.naming import MAX_DIR_NAME, class_dir_name, link_name  # noqa: F401  (re-exported)
 from pipeline.download.layout import Download, Folder, input_files, layout_spec, read_download
 from pipeline.download.scan import scan_download
 from pipeline.download.splits import stratified_folds, valid_counts  # noqa: F401  (re-exported)
@@ -42,7 +42,6 @@ log = logging.getLogger("pipeline")
 
 FORMAT_VERSION = 2  # part of the fingerprint: bump when the split algorithm changes
 STAGING_DIR, TRASH_DIR = ".staging", ".trash"  # the next tree, the replaced one (inside WORK_DIR)
-MAX_DIR_NAME = 200  # bytes of a class folder name, under every file system's 255
 
 
 @dataclass(frozen=True)
@@ -55,23 +54,6 @@ class SplitPlan:
 
     def split_of(self, image_id: str) -> str:
         return "valid" if image_id in self.valid_ids else "train"
-
-
-# ---------------------------------------------------------------- naming
-
-
-def class_dir_name(label: str) -> str:
-    """A folder name for a class that stays inside its parent whatever the label.
-
-    Percent-encoding keeps names distinct and free of separators; a leading dot
-    is encoded so no class folder is hidden or '..'. Names that would pass the
-    file-system limit (255 bytes) are cut and end in a digest of the label.
-    """
-    name = quote(label, safe=" _-+,()'&=@")
-    name = "%2E" + name[1:] if name.startswith(".") else name
-    if len(name) > MAX_DIR_NAME:
-        name = name[: MAX_DIR_NAME - 17] + "~" + hashlib.sha256(label.encode()).hexdigest()[:16]
-    return name
 
 
 # ---------------------------------------------------------------- planning
@@ -107,16 +89,6 @@ def fingerprint(comp: Competition, raw_dir: Path, params: dict, scans: dict[str,
         digest.update(f"\0{role}\0{scans[role].rel}\0".encode())
         digest.update(scans[role].stamp)
     return digest.hexdigest()
-
-
-def link_name(image_id: str, source: str, image_ext: str) -> str:
-    """The file name of an image in WORK_DIR: its id and the source's own spelling of image_ext.
-
-    Every name ends in image_ext (any case), so pipeline.data.items reads the id back
-    exactly: ``abc.jpg`` listed by path becomes ``abc.jpg.jpg``, id ``abc.jpg``.
-    """
-    suffix = source[-len(image_ext):]
-    return image_id + (suffix if suffix.lower() == image_ext.lower() else image_ext)
 
 
 def _link_mode(src: str, probe_dir: Path) -> str:
@@ -336,6 +308,8 @@ def _info(comp: Competition, plan: SplitPlan, download: Download, params: dict, 
         "competition": comp.slug,
         "classes": download.classes,
         **download.task.to_json(),
+        **({"metadata": list(comp.metadata)} if comp.metadata else {}),
+        **({"group_column": comp.group_column} if comp.group_column else {}),
         "class_dirs": [class_dir_name(c) for c in download.classes] if download.task.kind == "single" else [],
         "image_ext": comp.image_ext,
         "counts": {"train": len(plan.labels) - n_valid, "valid": n_valid,

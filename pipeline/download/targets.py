@@ -5,7 +5,7 @@ of several shapes: a class column, one 0/1 column per class or label (one-hot,
 multi-hot), a column of tags joined by a separator, a number, a grade, or a
 label inside the file name (``cat.12.jpg``). :func:`targets_of` reads them
 into the frame reorg plans with: ``id``, ``label`` (a class name for single,
-the text :meth:`pipeline.task.Task.target_text` writes for the others), and
+the text :meth:`pipeline.models.task.Task.target_text` writes for the others), and
 ``target``: the tuple of floats a non-single item trains on. Every error names
 the file, the row and what to change.
 """
@@ -20,8 +20,8 @@ import pandas as pd
 
 from pipeline.competition import Competition
 from pipeline.errors import PipelineError
+from pipeline.workdir import LABEL_JOIN
 
-TARGET_PREFIX, META_PREFIX = "y:", "m:"  # items.csv columns: one per output, one per metadata column
 
 
 @dataclass(frozen=True)
@@ -102,7 +102,7 @@ def targets_of(comp: Competition, frame: pd.DataFrame, path: Path, sample_column
             for r, tags in enumerate(sets):
                 values[r, [index[t] for t in tags]] = 1.0
         frame["target"] = [tuple(row) for row in values.tolist()]
-        frame["label"] = [" ".join(n for n, v in zip(names, row) if v) for row in values]
+        frame["label"] = [LABEL_JOIN.join(n for n, v in zip(names, row) if v) for row in values]
         return frame, TaskInfo(kind, names, [])
     numbers = _numbers(frame, comp.label_column, path)
     if kind == "regression":

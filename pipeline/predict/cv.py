@@ -17,11 +17,11 @@ from pipeline.config import TrainConfig
 from pipeline.data.items import fold_split, n_folds, read_folds
 from pipeline.errors import PipelineError
 from pipeline.metrics import bootstrap_interval, reported_metrics, score
-from pipeline.predict.decide import needs_decision, nested_decision
+from pipeline.predict.decide import decision_interval, needs_decision, nested_decision
 from pipeline.predict.calibrate import calibrate_oof, is_on, paired_change_interval
 from pipeline.predict.stage import predict_items
 from pipeline.runs import FOLD, Member, Run, member_name
-from pipeline.task import Task
+from pipeline.models.task import Task
 from pipeline.predict.submission import in_class_order, positive_index, submission_clip
 
 log = logging.getLogger("pipeline")
@@ -100,7 +100,8 @@ def out_of_fold(cfg: TrainConfig, comp: Competition, info: dict, members: list[M
     for member in members:
         _, valid_items = fold_split(cfg.work_dir, info, member.fold)
         ids, probs, run_classes = predict_items([member], valid_items, tta=cfg.tta, device=cfg.device,
-                                                num_workers=cfg.num_workers, unreadable="drop", weights=weights)
+                                                num_workers=cfg.num_workers, unreadable="drop", weights=weights,
+                                                work_dir=cfg.work_dir)
         probs = in_class_order(probs, run_classes, classes)
         kept = set(ids)
         targets = np.array([it.target for it in valid_items if it.id in kept])
@@ -152,10 +153,10 @@ def _overall(oof: pd.DataFrame, comp: Competition, info: dict, cfg: TrainConfig)
     result = {"cv": overall[comp.metric], "overall": overall}
     if needs_decision(task, comp.metric):
         folds = read_folds(cfg.work_dir).loc[oof["id"]].to_numpy()
-        decision = nested_decision(task, probs, targets, folds, comp.metric, comp.beta)
+        decision, decided = nested_decision(task, probs, targets, folds, comp.metric, comp.beta)
         overall[comp.metric] = result["cv"] = decision["nested"]
         result["decision"] = decision
-        task = task.with_thresholds(decision["thresholds"])
+        return {**result, "interval": list(decision_interval(task, targets, decided, comp.metric, comp.beta))}
     interval = bootstrap_interval(probs, targets, len(classes), comp.metric, clip=clip, n=200, task=task,
                                   beta=comp.beta)
     return {**result, "interval": list(interval)}

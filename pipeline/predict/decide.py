@@ -18,7 +18,7 @@ from __future__ import annotations
 import numpy as np
 
 from pipeline.metrics import check_metric, compute
-from pipeline.task import Task
+from pipeline.models.task import Task
 
 PASSES = 2
 LABEL_GRID = np.round(np.arange(0.05, 0.951, 0.05), 2)  # a label's probability threshold
@@ -66,9 +66,12 @@ def _ordered(cuts: np.ndarray, k: int, g: float) -> bool:
 
 
 def nested_decision(task: Task, outputs: np.ndarray, targets: np.ndarray, folds: np.ndarray, metric: str,
-                    beta: float = 1.0) -> dict:
-    """The fitted decision and its scores: nested (each fold decided by thresholds fitted on the others),
-    in-sample (fitted on every row: optimistic) and with the default thresholds."""
+                    beta: float = 1.0) -> tuple[dict, np.ndarray]:
+    """The fitted decision's record and the nested decisions of the rows.
+
+    The record holds the thresholds fitted on every row (for the test set) and the scores: nested (each
+    fold decided by thresholds fitted on the others), in-sample (fitted on every row: optimistic) and with
+    the default thresholds."""
     outputs, targets, folds = np.asarray(outputs, np.float64), np.asarray(targets, np.float64), np.asarray(folds)
     decided = np.zeros((len(targets), targets.shape[1] if targets.ndim > 1 else 1))
     per_fold = {}
@@ -82,6 +85,27 @@ def nested_decision(task: Task, outputs: np.ndarray, targets: np.ndarray, folds:
     n = len(task.grades) if task.kind == "ordinal" else outputs.shape[1]
     extra = {"beta": beta} if m.name.startswith("f_beta") else {}
     nested = float(m.fn(targets, decided, n, None, **extra))
+    return _record(task, outputs, targets, metric, beta, everything, nested, per_fold), decided
+
+
+def decision_interval(task: Task, targets: np.ndarray, decided: np.ndarray, metric: str, beta: float = 1.0,
+                      n: int = 200, seed: int = 0) -> tuple[float, float]:
+    """A 95% percentile-bootstrap interval of ``metric`` over rows of fixed (nested) decisions."""
+    m = check_metric(metric, task.kind)
+    extra = {"beta": beta} if m.name.startswith("f_beta") else {}
+    k = len(task.grades) if task.kind == "ordinal" else decided.shape[1]
+    rng = np.random.default_rng(seed)
+    values = []
+    for _ in range(n):
+        rows = rng.integers(0, len(targets), len(targets))
+        values.append(m.fn(np.asarray(targets)[rows], decided[rows], k, None, **extra))
+    values = np.asarray(values)[np.isfinite(values)]
+    if not len(values):
+        return np.nan, np.nan
+    return float(np.percentile(values, 2.5)), float(np.percentile(values, 97.5))
+
+
+def _record(task, outputs, targets, metric, beta, everything, nested, per_fold) -> dict:
     return {"thresholds": list(everything), "nested": nested,
             "in_sample": compute(metric, outputs, targets, 0, task=task.with_thresholds(everything), beta=beta),
             "default": compute(metric, outputs, targets, 0, task=task.with_thresholds(task.default_thresholds()),

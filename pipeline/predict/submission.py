@@ -88,7 +88,7 @@ def build_submission(comp: Competition, ids: list[str], probs: np.ndarray, class
 
     ``classes`` names the columns of ``probs`` (the run's classes); they are
     written under the sample submission's column of the same name, never by
-    position. ``task`` (pipeline/task.py, with its fitted thresholds) makes the decisions of the kinds other
+    position. ``task`` (pipeline/models/task.py, with its fitted thresholds) makes the decisions of the kinds other
     than single.
     """
     if task is not None and task.kind != "single":

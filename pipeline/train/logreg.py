@@ -18,7 +18,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import KFold
 from torch import nn
 
-from pipeline.task import bad_mask
+from pipeline.models.task import bad_mask
 from pipeline.errors import PipelineError
 
 log = logging.getLogger("pipeline")
@@ -89,12 +89,15 @@ def fit_feature_head(model: nn.Module, loader, task, seed: int = 0) -> tuple[flo
     the fit's record (C, the inner-CV log loss by C, rows and views fitted on: the run keeps it).
 
     ``loader`` is the data plan's FeatureLoader ((V, N, F) views, (N,) targets);
-    unreadable images (pipeline/task.py's bad_mask) are left out. ``task`` (pipeline/task.py) says what is
+    unreadable images (pipeline/models/task.py's bad_mask) are left out. ``task`` (pipeline/models/task.py) says what is
     fitted: a softmax over its classes (single), or the fit of pipeline/train/linear_fits.py (the others).
     """
     views, targets = loader.views.float().cpu(), loader.targets.cpu()
     n_views, n = views.shape[:2]
     x = views.reshape(n_views * n, -1).numpy()
+    meta = getattr(loader, "meta", None)  # metadata: fitted on the concatenation [features, metadata]
+    if meta is not None:
+        x = np.concatenate([x, np.tile(meta.float().numpy(), (n_views, 1))], axis=1)
     y = targets.repeat(n_views).numpy() if targets.ndim == 1 else targets.repeat(n_views, 1).numpy()
     groups = np.tile(np.arange(n), n_views)
     keep = ~bad_mask(y)
@@ -126,7 +129,14 @@ def _fit_other(model: nn.Module, task, x: np.ndarray, y: np.ndarray, groups: np.
 
 
 def load_linear_head(model: nn.Module, weight: np.ndarray, bias: np.ndarray) -> None:
-    """Write ``weight``/``bias`` into the model's Linear classifier, undoing any logit scale it applies."""
+    """Write ``weight``/``bias`` into the model's Linear classifier, undoing any logit scale it applies; with
+    metadata (pipeline/models/fusion.py) the columns past the features go to its ``meta_head``."""
+    if hasattr(model, "meta_head"):
+        width = model.meta_head.in_features
+        with torch.no_grad():
+            model.meta_head.weight.copy_(torch.as_tensor(weight[:, -width:], dtype=model.meta_head.weight.dtype))
+            model.meta_head.bias.zero_()
+        model, weight = model.model, weight[:, :-width]
     layer = model.get_classifier()
     if not isinstance(layer, nn.Linear):
         raise PipelineError(f"--head logreg needs a Linear classifier, the model has a {type(layer).__name__}; "

@@ -15,7 +15,7 @@ from torch import nn
 from pipeline import distributed as dist
 from pipeline.checkpoint import load_checkpoint
 from pipeline.config import TrainConfig
-from pipeline.task import target_tensor
+from pipeline.models.task import target_tensor
 from pipeline.data.plan import DataPlan, choose_source, plan_member
 from pipeline.devices import resolve_device
 from pipeline.models import model_from_config, unfreeze
@@ -88,7 +88,8 @@ def setup_member(plan: MemberPlan, metric: str, resume: bool = False) -> MemberS
     first_epoch = int(saved["epoch"]) if saved else 0
     pcfg = phase(cfg, first_epoch)
     torch.manual_seed(cfg.seed)
-    model = model_from_config(pcfg, plan.task.n_outputs).to(device)
+    width = plan.metadata.width if plan.metadata is not None else 0
+    model = model_from_config(pcfg, plan.task.n_outputs, meta_width=width).to(device)
     optimizer = build_optimizer(model, pcfg)
     rt = make_runtime(pcfg, device, plan.steps_per_epoch, dplan, first_epoch)
     weights = None
@@ -114,7 +115,11 @@ def plan_data(st: MemberState, pcfg: TrainConfig, dplan, initial: bool = True) -
     """The member's loaders for this phase and the network the loop calls (data plan, DDP, compile);
     ``initial``: the member's first setup, where --data-init may initialise it (never at a phase switch)."""
     model = st.model
-    st.data = plan_member(pcfg, model, st.plan.train_items, st.plan.valid_items, st.rt.device, dplan)
+    weights = None
+    if pcfg.balance == "sampler":
+        weights = st.plan.task.sample_weights(target_tensor([it.target for it in st.plan.train_items]))
+    st.data = plan_member(pcfg, model, st.plan.train_items, st.plan.valid_items, st.rt.device, dplan,
+                          st.plan.meta if st.plan.metadata is not None else None, weights)
     if st.rt.channels_last:
         model.to(memory_format=torch.channels_last)  # in place: the optimizer keeps its parameters
     if initial and st.first_epoch == 0:

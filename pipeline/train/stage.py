@@ -19,7 +19,7 @@ from pipeline import distributed as dist
 from pipeline.data import shm
 from pipeline.competition import Competition, get_competition
 from pipeline.config import Resolved, TrainConfig
-from pipeline.task import bad_mask
+from pipeline.models.task import bad_mask
 from pipeline.data.items import Item, load_reorg, training_fingerprint, unreadable_message
 from pipeline.errors import PipelineError
 from pipeline.metrics import LOSS_METRICS, bootstrap_interval, reported_metrics, score, valid_key
@@ -143,6 +143,8 @@ def fit_member(plan: MemberPlan, comp: Competition, data: dict, resume: bool) ->
     start, n_classes = time.perf_counter(), plan.task.n_outputs
     if plan.task.kind != "single":  # the member's own standardisation and range travel with its weights
         data = {**data, "task": plan.task.to_json()}
+    if plan.metadata is not None:  # and the encoding of its metadata columns
+        data = {**data, "metadata": plan.metadata.to_json()}
     st = setup_member(plan, comp.metric, resume)
     if dist.is_main():
         member.write_config(replace(cfg, head=cfg.model_head).to_json(), st.data.device.to_json(), plan.to_json())

@@ -32,7 +32,7 @@ import torch
 from torch import Tensor, nn
 
 from pipeline.errors import PipelineError
-from pipeline.workdir import BAD_TARGET
+from pipeline.workdir import BAD_TARGET, LABEL_JOIN
 
 KINDS = ("single", "multilabel", "regression", "ordinal")
 LOSSES = ("mse", "huber")
@@ -93,11 +93,12 @@ class Task:
     # ------------------------------------------------------------ from the work folder, to a checkpoint
 
     @classmethod
-    def of(cls, info: dict) -> Task:
-        """The task of a work folder (reorg.json): kind and output names; not yet fitted to training rows."""
+    def of(cls, info: dict, loss: str = "") -> Task:
+        """The task of a work folder (reorg.json): kind and output names; not yet fitted to training rows.
+        ``loss``: the spec's (regression, ordinal), mse when unset."""
         kind = info.get("task", "single")
         grades = tuple(info.get("grades", ())) if kind == "ordinal" else ()
-        return cls(kind, tuple(info["classes"]), grades, loss=info.get("loss", "mse"))
+        return cls(kind, tuple(info["classes"]), grades, loss=loss or "mse")
 
     def fitted(self, targets: Tensor) -> Task:
         """This task with the standardisation and range of ``targets`` (a member's training rows)."""
@@ -148,6 +149,20 @@ class Task:
             return ((len(rows) - pos) / pos.clamp(min=1)).clamp(max=100.0).float()
         return None
 
+    def sample_weights(self, targets: Tensor) -> Tensor | None:
+        """--balance sampler: a weight per training row so each class is drawn equally often (multilabel: a
+        row counts as its rarest label, a row without labels as one more class); None for the numeric kinds."""
+        if self.kind == "single":
+            keys = targets
+        elif self.kind == "multilabel":
+            rows = torch.nan_to_num(targets, nan=0.0) > 0.5
+            rarity = torch.where(rows, rows.sum(dim=0)[None, :].double(), torch.tensor(math.inf, dtype=torch.double))
+            keys = torch.where(rows.any(dim=1), rarity.argmin(dim=1), torch.tensor(-1))
+        else:
+            return None
+        _, inverse, counts = torch.unique(keys, return_inverse=True, return_counts=True)
+        return 1.0 / counts[inverse].double()
+
     def criterion(self, label_smoothing: float = 0.0, class_weights: Tensor | None = None) -> nn.Module:
         """The training loss over the model's raw outputs; unreadable rows are left out."""
         if self.kind == "single":
@@ -190,11 +205,11 @@ class Task:
     # ------------------------------------------------------------ targets as text (oof.csv's label column)
 
     def target_text(self, target) -> str:
-        """One target as oof.csv's ``label`` cell: a class name, labels joined by spaces, a number, a grade."""
+        """One target as oof.csv's ``label`` cell: a class name, labels joined by LABEL_JOIN, a number, a grade."""
         if self.kind == "single":
             return self.names[int(target)]
         if self.kind == "multilabel":
-            return " ".join(n for n, v in zip(self.names, target) if v > 0.5)
+            return LABEL_JOIN.join(n for n, v in zip(self.names, target) if v > 0.5)
         if self.kind == "ordinal":
             return self.grades[int(round(float(target[0])))]
         return repr(float(target[0]))
@@ -209,7 +224,7 @@ class Task:
             index = {c: i for i, c in enumerate(self.names)}
             out = np.zeros((len(cells), len(self.names)))
             for r, cell in enumerate(cells):
-                for name in cell.split():
+                for name in filter(None, cell.split(LABEL_JOIN)):
                     out[r, index[name]] = 1.0
             return out
         if self.kind == "ordinal":
