@@ -48,12 +48,21 @@ def _log_loss(targets: np.ndarray, probs: np.ndarray, num_classes: int, positive
 
 
 def _auc_one(is_pos: np.ndarray, scores: np.ndarray) -> float:
-    """ROC AUC of one class against the rest; NaN when the targets hold only one side."""
-    from sklearn.metrics import roc_auc_score  # lazily: sklearn takes seconds to import
+    """ROC AUC of one class against the rest; NaN when the targets hold only one side.
 
-    if is_pos.all() or not is_pos.any():
+    The Mann-Whitney form of scikit-learn's roc_auc_score (tied scores share their average rank, counting
+    half), in numpy: the bootstrap intervals call it a thousand times per class.
+    """
+    is_pos = np.asarray(is_pos, dtype=bool)
+    n_pos = int(is_pos.sum())
+    n_neg = len(is_pos) - n_pos
+    if n_pos == 0 or n_neg == 0:
         return math.nan
-    return float(roc_auc_score(is_pos, scores))
+    values, inverse, counts = np.unique(np.asarray(scores, dtype=np.float64), return_inverse=True,
+                                        return_counts=True)
+    average_rank = np.cumsum(counts) - (counts - 1) / 2.0  # 1-based rank of each distinct score, ties averaged
+    ranks = average_rank[inverse.reshape(-1)]
+    return float((ranks[is_pos].sum() - n_pos * (n_pos + 1) / 2.0) / (n_pos * n_neg))
 
 
 def _roc_auc(targets: np.ndarray, probs: np.ndarray, num_classes: int, positive: int | None) -> float:
@@ -74,10 +83,17 @@ def _roc_auc(targets: np.ndarray, probs: np.ndarray, num_classes: int, positive:
 
 
 def _qwk(targets: np.ndarray, labels: np.ndarray, num_classes: int, positive: int | None) -> float:
-    from sklearn.metrics import cohen_kappa_score  # lazily: sklearn takes seconds to import
-
-    # labels=range(C) keeps the grade distances when a grade is absent from both sides
-    return float(cohen_kappa_score(targets, labels, weights="quadratic", labels=list(range(num_classes))))
+    """Quadratic weighted kappa over the grades 0..C-1 (a grade absent from both sides keeps its distance), as
+    scikit-learn's cohen_kappa_score(weights="quadratic", labels=range(C)) computes it, in numpy: the bootstrap
+    intervals call it a thousand times."""
+    targets, labels = np.asarray(targets, dtype=np.int64), np.asarray(labels, dtype=np.int64)
+    n = max(num_classes, int(max(targets.max(initial=0), labels.max(initial=0))) + 1)
+    observed = np.bincount(targets * n + labels, minlength=n * n).reshape(n, n).astype(np.float64)
+    expected = np.outer(observed.sum(axis=1), observed.sum(axis=0)) / max(observed.sum(), 1)
+    grades = np.arange(n)
+    weights = (grades[:, None] - grades[None, :]) ** 2
+    denominator = float((weights * expected).sum())
+    return 1.0 - float((weights * observed).sum()) / denominator if denominator else math.nan
 
 
 def _macro_f1(targets: np.ndarray, labels: np.ndarray, num_classes: int, positive: int | None) -> float:
@@ -89,17 +105,25 @@ def _macro_f1(targets: np.ndarray, labels: np.ndarray, num_classes: int, positiv
 
 def _f_beta(average: str) -> MetricFn:
     def fn(targets: np.ndarray, decided: np.ndarray, num_classes: int, positive: int | None, beta: float = 1.0) -> float:
-        from sklearn.metrics import fbeta_score  # lazily: sklearn takes seconds to import
-
-        targets, decided = targets.astype(int), decided.astype(int)
-        if targets.ndim == 2 and targets.shape[1] == 1:  # sklearn would read one column as binary, both classes
-            if average != "samples":
-                return float(fbeta_score(targets[:, 0], decided[:, 0], beta=beta, zero_division=0))
-            hit = (targets[:, 0] == 1) & (decided[:, 0] == 1)  # a row's F-beta over one label: 1 or 0
-            return float(hit.mean())
-        # a label never true nor predicted scores 0 (zero_division), as Kaggle's F-beta does
-        return float(fbeta_score(targets, decided, beta=beta, average=average, zero_division=0))
+        return _f_beta_counts(np.asarray(targets) > 0.5, np.asarray(decided) > 0.5, beta, average)
     return fn
+
+
+def _f_beta_counts(truth: np.ndarray, decided: np.ndarray, beta: float, average: str) -> float:
+    """F-beta of (N, L) label sets from true/false positive counts, as scikit-learn's fbeta_score(average=...,
+    zero_division=0) on a multilabel indicator, in numpy (the bootstrap calls it a thousand times): samples
+    averages each image's F-beta, micro pools the counts, macro averages each label's; an image or label with
+    nothing true and nothing predicted scores 0. One column is one label (scikit-learn would read it as a
+    binary pair of classes)."""
+    b2 = beta * beta
+    axis = {"samples": 1, "macro": 0, "micro": None}[average]
+    tp = (truth & decided).sum(axis=axis)
+    fp = (~truth & decided).sum(axis=axis)
+    fn = (truth & ~decided).sum(axis=axis)
+    numerator = (1 + b2) * np.asarray(tp, dtype=np.float64)
+    denominator = numerator + b2 * fn + fp
+    scores = np.divide(numerator, denominator, out=np.zeros_like(numerator), where=denominator > 0)
+    return float(np.mean(scores))
 
 
 def _mean_auc(targets: np.ndarray, probs: np.ndarray, num_classes: int, positive: int | None) -> float:

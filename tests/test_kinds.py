@@ -254,3 +254,19 @@ def test_the_spec_chooses_huber_for_a_regression():
     assert float(huber.criterion()(out, target)) == pytest.approx(2.5)  # delta 1: 3 - 0.5
     with pytest.raises(PipelineError, match="loss is for task 'regression' or 'ordinal'"):
         comp(loss="huber")
+
+
+def test_numpy_qwk_equals_sklearn_with_a_grade_absent_from_both_sides():
+    truth = RNG.integers(0, 6, 500)
+    pred = np.clip(truth + RNG.integers(-2, 3, 500), 0, 5)
+    truth[truth == 3], pred[pred == 3] = 2, 2  # grade 3 appears nowhere
+    probs = np.eye(6)[pred]
+    want = cohen_kappa_score(truth, pred, weights="quadratic", labels=list(range(6)))
+    assert score(probs, truth, 6, ("qwk",))["qwk"] == pytest.approx(want, abs=1e-9)
+
+
+def test_numpy_auc_equals_sklearn_with_ties():
+    truth = RNG.integers(0, 2, 400)
+    scores = np.round(RNG.random(400) * 0.5 + truth * 0.3, 1)  # few distinct values: many ties
+    probs = np.stack([1 - scores, scores], axis=1)
+    assert score(probs, truth, 2, ("roc_auc",))["roc_auc"] == pytest.approx(roc_auc_score(truth, scores), abs=1e-9)
