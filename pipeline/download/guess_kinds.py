@@ -17,6 +17,7 @@ import pandas as pd
 if TYPE_CHECKING:  # spec_guess imports this module
     from pipeline.download.spec_guess import Guess, Survey
 
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)  # what init proposes for photos
 LABEL_NAMES = ("label", "labels", "class", "target", "category", "breed", "species", "diagnosis", "y")
 TAG_NAMES = ("tags", "tag", "attribute_ids", "attributes", "finding_labels")
 # a name that says a grade (an ordered integer), a grouping (rows of one patient, one scene), a class id
@@ -369,3 +370,37 @@ def target_counts(s: Survey, g: Guess, labels: pd.DataFrame) -> tuple[Counter, i
         counts = Counter(s.nested.get(g.fields.get("train_dir", ""), {}))
         return counts, sum(counts.values())
     return Counter(), 0
+
+
+def size_and_recipe(s: Survey, g: Guess) -> None:
+    """image_size, mean/std and a default recipe from the images' size."""
+    side = max(s.image_sides) if s.image_sides else 0
+    small = 0 < side <= 64
+    if not side:
+        g.ask("image_size", 224, "the side the model sees: 32 for small images, 224 for photos (no image was read)")
+    else:
+        g.set("image_size", 32 if small else 224, f"the images are about {side} px")
+    if small:
+        g.set("mean", [0.5, 0.5, 0.5], "scratch training: a neutral normalisation")
+        g.set("std", [0.25, 0.25, 0.25], "scratch training: a neutral normalisation")
+        g.recipe = {"model": "fastnet", "epochs": 10, "batch_size": 512, "lr": 0.4, "optimizer": "sgd",
+                    "momentum": 0.85, "nesterov": True, "weight_decay": 5e-4, "schedule": "onecycle",
+                    "label_smoothing": 0.2, "augment": "pad_crop_flip", "tta": "flip", "data_init": True}
+        g.notes.append("recipe: fastnet from scratch (small images; the CIFAR-10 speed-run recipe)")
+        if g.fields.get("metric") == "log_loss" or g.fields.get("task", "single") != "single":
+            del g.recipe["label_smoothing"]  # smoothed targets cap the probabilities log loss scores
+            g.notes.append("recipe: no label smoothing (it keeps probabilities from the confidence log loss "
+                           "rewards, and applies to one class per image only)")
+        return
+    g.set("mean", list(IMAGENET_MEAN), "ImageNet's: the pretrained backbone saw these")
+    g.set("std", list(IMAGENET_STD), "ImageNet's: the pretrained backbone saw these")
+    # a logistic regression on the frozen features: it beat an SGD-trained mlp head on the dog data
+    # (benchmarks/bench_quality.py) and is fitted in seconds
+    g.recipe = {"model": "resnet34", "pretrained": True, "freeze_backbone": True, "head": "logreg",
+                "epochs": 10, "batch_size": 128, "lr": 0.03, "optimizer": "sgd", "momentum": 0.9,
+                "weight_decay": 1e-4, "schedule": "cosine", "augment": "resized_crop_flip_jitter"}
+    g.recipes["scratch"] = {"model": "fastnet", "pretrained": False, "freeze_backbone": False, "image_size": 64,
+                            "epochs": 15, "batch_size": 256, "lr": 0.2, "schedule": "onecycle",
+                            "augment": "pad_crop_flip", "label_smoothing": 0.1}
+    g.notes.append("recipe: ImageNet ResNet-34, frozen, a logistic-regression head on its features (needs the weights: "
+                   "internet once, or --weights FILE); `--recipe scratch` trains a small net from scratch instead")
