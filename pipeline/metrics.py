@@ -10,18 +10,19 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Callable, Literal, Sequence
-
-import numpy as np
+from typing import TYPE_CHECKING, Callable, Literal, Sequence
 
 from pipeline.errors import check_choice
+
+if TYPE_CHECKING:  # numpy loads when something is scored: building a competition (reorg, check) needs none
+    import numpy as np
 
 # fn(targets, outputs or decisions, num_classes, positive class or None) -> score. By task (pipeline/task.py):
 # single: targets (N,) class indices, outputs (N, C) probabilities, decisions (N,) argmax labels;
 # multilabel: targets (N, L) 0/1, outputs (N, L) probabilities, decisions (N, L) 0/1 (thresholded);
 # regression: targets (N, 1) numbers, outputs (N, 1) numbers, decisions the outputs;
 # ordinal: targets (N, 1) grade indices, outputs (N, 1) numbers, decisions (N, 1) grade indices (thresholds).
-MetricFn = Callable[[np.ndarray, np.ndarray, int, "int | None"], float]
+MetricFn = Callable[["np.ndarray", "np.ndarray", int, "int | None"], float]
 
 
 @dataclass(frozen=True)
@@ -65,6 +66,7 @@ def _roc_auc(targets: np.ndarray, probs: np.ndarray, num_classes: int, positive:
     0.5); NaN when no class qualifies. ``positive`` picks one class's
     one-vs-rest AUC instead.
     """
+    import numpy as np
     if positive is not None or num_classes == 2:
         k = 1 if positive is None else positive
         return _auc_one(targets == k, probs[:, k])
@@ -99,6 +101,7 @@ def _f_beta(average: str) -> MetricFn:
 
 def _mean_auc(targets: np.ndarray, probs: np.ndarray, num_classes: int, positive: int | None) -> float:
     """The mean of the per-column ROC AUCs over the columns with both 0s and 1s among the targets."""
+    import numpy as np
     aucs = [_auc_one(targets[:, k] > 0.5, probs[:, k]) for k in range(targets.shape[1])]
     aucs = [a for a in aucs if not math.isnan(a)]
     return float(np.mean(aucs)) if aucs else math.nan
@@ -126,6 +129,7 @@ def _grade_accuracy(targets: np.ndarray, grades: np.ndarray, num_classes: int, p
 
 def _bce(targets: np.ndarray, probs: np.ndarray, num_classes: int, positive: int | None) -> float:
     """Mean binary cross-entropy over every (image, label) pair: multi-label's log loss."""
+    import numpy as np
     p = np.clip(probs, 1e-15, 1 - 1e-15)
     return float(-np.mean(targets * np.log(p) + (1 - targets) * np.log(1 - p)))
 
@@ -169,6 +173,7 @@ def check_metric(name: str, task: str | None = None) -> Metric:
 
 def clip_probs(probs: np.ndarray, eps: float = 1e-6) -> np.ndarray:
     """(N, C) probabilities floored at ``eps``, each row renormalised to sum 1."""
+    import numpy as np
     floored = np.maximum(np.asarray(probs, dtype=np.float64), eps)
     return floored / floored.sum(axis=1, keepdims=True)
 
@@ -181,6 +186,7 @@ def score(probs: np.ndarray, targets: np.ndarray, num_classes: int,
     ``positive``: the positive class index for roc_auc (see :func:`_roc_auc`).
     ``clip``: floor probabilities at this value first (:func:`clip_probs`).
     """
+    import numpy as np
     chosen = [check_metric(name) for name in metrics]
     if len(targets) == 0:
         return {m.name: math.nan for m in chosen}
@@ -212,6 +218,7 @@ def better(metric_name: str, new: float, old: float | None) -> bool:
 def bootstrap_interval(probs: np.ndarray, targets: np.ndarray, num_classes: int, metric: str, *,
                        clip: float | None = None, n: int = 1000, seed: int = 0) -> tuple[float, float]:
     """A 95% percentile-bootstrap interval of ``metric`` over the rows (resampled with replacement)."""
+    import numpy as np
     rng = np.random.default_rng(seed)
     probs, targets = np.asarray(probs, dtype=np.float64), np.asarray(targets)
     if len(targets) < 2:

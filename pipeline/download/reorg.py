@@ -22,10 +22,8 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 from urllib.parse import quote
-
-import numpy as np
-import pandas as pd
 
 from pipeline.competition import Competition
 from pipeline.errors import PipelineError
@@ -33,6 +31,10 @@ from pipeline.io import atomic_write_json, exclusive_lock, made_folder, os_error
 from pipeline.download.layout import LAYOUT_FIELDS, Download, Folder, input_files, read_download
 from pipeline.download.scan import scan_download
 from pipeline.workdir import FOLDS_FILE, LOCK_FILE, REORG_FILE, SAMPLE_FILE, SPLITS, TEST_CLASS_DIR
+
+if TYPE_CHECKING:  # numpy and pandas load only where a tree is planned: a no-op reorg starts fast
+    import numpy as np
+    import pandas as pd
 
 log = logging.getLogger("pipeline")
 
@@ -81,6 +83,7 @@ def valid_counts(class_sizes: pd.Series, valid_ratio: float, rng: np.random.Gene
     of one stays in train. Plain per-class rounding would send nothing to valid
     when classes are small (dog breeds in a sample: 1-4 images each).
     """
+    import numpy as np
     cap = (class_sizes - 1).clip(lower=0)
     quota = class_sizes * valid_ratio
     counts = np.minimum(np.floor(quota), cap).astype(int)
@@ -107,6 +110,8 @@ def plan_split(labels: pd.DataFrame, valid_ratio: float, folds: int, seed: int,
     images than folds is spread over as many folds as it has images, so some
     folds validate without it.
     """
+    import numpy as np
+    import pandas as pd
     if not 0 <= valid_ratio < 1:
         raise PipelineError(f"--valid-ratio must be in [0, 1), got {valid_ratio}")
     if given_valid is not None:
@@ -130,6 +135,7 @@ def stratified_folds(labels: np.ndarray, n_folds: int, seed: int) -> np.ndarray:
     RandomState(seed) drawn class after class. Written out here (rather than
     calling scikit-learn, same result) because importing sklearn costs seconds.
     """
+    import numpy as np
     rng = np.random.RandomState(seed)
     _, first_seen, inverse = np.unique(labels, return_index=True, return_inverse=True)
     order_of_class = np.argsort(np.argsort(first_seen))
@@ -147,6 +153,7 @@ def stratified_folds(labels: np.ndarray, n_folds: int, seed: int) -> np.ndarray:
 
 def plan_folds(labels: pd.DataFrame, folds: int, seed: int) -> pd.Series | None:
     """Fold number per id (in labels order), or None when ``folds`` < 2."""
+    import pandas as pd
     if folds < 2:
         if folds not in (0, 1):
             raise PipelineError(f"--folds must be 0 (no CV) or >= 2, got {folds}")
@@ -357,6 +364,7 @@ def _remove_leftovers(work_dir: Path) -> None:
 def _stage(comp: Competition, raw_dir: Path, plan: SplitPlan, download: Download,
            staging: Path) -> tuple[str, list[str]]:
     """The whole new tree in ``staging``; returns the link mode and the names to swap in."""
+    import pandas as pd
     mode = materialize(plan, download, raw_dir, comp.image_ext, staging)
     shutil.copyfile(raw_dir / comp.sample_submission, staging / SAMPLE_FILE)
     names = [*SPLITS, "test", SAMPLE_FILE]
