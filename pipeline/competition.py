@@ -19,7 +19,7 @@ SubmissionKind = Literal["label", "probs", "binary", "tags", "value", "grade"]
 SUBMISSIONS = ("label", "probs", "binary", "tags", "value", "grade")
 Metric = str  # a name of pipeline/metrics.py METRICS
 Layout = Literal["csv", "folders", "names"]
-TASKS = ("single", "multilabel", "regression", "ordinal")  # pipeline/task.py: what each implies
+TASKS = ("single", "multilabel", "regression", "ordinal")  # pipeline/models/task.py: what each implies
 # which submissions each task can write (pipeline/predict/submission.py)
 TASK_SUBMISSIONS = {"single": ("label", "probs", "binary"), "multilabel": ("tags", "probs"),
                     "regression": ("value",), "ordinal": ("grade", "value")}

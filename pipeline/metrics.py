@@ -17,7 +17,7 @@ from pipeline.errors import check_choice
 if TYPE_CHECKING:  # numpy loads when something is scored: building a competition (reorg, check) needs none
     import numpy as np
 
-# fn(targets, outputs or decisions, num_classes, positive class or None) -> score. By task (pipeline/task.py):
+# fn(targets, outputs or decisions, num_classes, positive class or None) -> score. By task (pipeline/models/task.py):
 # single: targets (N,) class indices, outputs (N, C) probabilities, decisions (N,) argmax labels;
 # multilabel: targets (N, L) 0/1, outputs (N, L) probabilities, decisions (N, L) 0/1 (thresholded);
 # regression: targets (N, 1) numbers, outputs (N, 1) numbers, decisions the outputs;
@@ -180,13 +180,17 @@ def clip_probs(probs: np.ndarray, eps: float = 1e-6) -> np.ndarray:
 
 def score(probs: np.ndarray, targets: np.ndarray, num_classes: int,
           metrics: Sequence[str] = ("accuracy", "log_loss"), *,
-          positive: int | None = None, clip: float | None = None) -> dict[str, float]:
+          positive: int | None = None, clip: float | None = None, task=None, beta: float = 1.0) -> dict[str, float]:
     """Each named metric of (N, C) probabilities against (N,) targets; NaN for each when empty.
 
     ``positive``: the positive class index for roc_auc (see :func:`_roc_auc`).
     ``clip``: floor probabilities at this value first (:func:`clip_probs`).
+    ``task`` (pipeline/models/task.py), for the kinds other than single: the outputs and targets are as its kind has
+    them, and the task makes the decisions (thresholds) the decision metrics score; ``beta`` for f_beta_*.
     """
     import numpy as np
+    if task is not None and task.kind != "single":
+        return _score_task(task, probs, targets, metrics, beta)
     chosen = [check_metric(name) for name in metrics]
     if len(targets) == 0:
         return {m.name: math.nan for m in chosen}
@@ -199,10 +203,26 @@ def score(probs: np.ndarray, targets: np.ndarray, num_classes: int,
     return {m.name: m.fn(targets, probs if m.uses == "probs" else labels, num_classes, positive) for m in chosen}
 
 
+def _score_task(task, outputs: np.ndarray, targets: np.ndarray, metrics: Sequence[str], beta: float) -> dict:
+    import numpy as np
+    names = list(metrics)
+    if len(targets) == 0:
+        return {name: math.nan for name in names}
+    outputs, targets = np.asarray(outputs, dtype=np.float64), np.asarray(targets, dtype=np.float64)
+    decided = task.decide(outputs)
+    result = {}
+    for name in names:
+        m = check_metric(name, task.kind)
+        extra = {"beta": beta} if m.name.startswith("f_beta") else {}
+        n = len(task.grades) if task.kind == "ordinal" else outputs.shape[1]
+        result[name] = m.fn(targets, outputs if m.uses == "probs" else decided, n, None, **extra)
+    return result
+
+
 def compute(name: str, probs: np.ndarray, targets: np.ndarray, num_classes: int, *,
-            positive: int | None = None, clip: float | None = None) -> float:
+            positive: int | None = None, clip: float | None = None, task=None, beta: float = 1.0) -> float:
     """One metric of (N, C) probabilities against (N,) targets (see :func:`score`)."""
-    return score(probs, targets, num_classes, (name,), positive=positive, clip=clip)[name]
+    return score(probs, targets, num_classes, (name,), positive=positive, clip=clip, task=task, beta=beta)[name]
 
 
 def better(metric_name: str, new: float, old: float | None) -> bool:
@@ -216,7 +236,8 @@ def better(metric_name: str, new: float, old: float | None) -> bool:
 
 
 def bootstrap_interval(probs: np.ndarray, targets: np.ndarray, num_classes: int, metric: str, *,
-                       clip: float | None = None, n: int = 1000, seed: int = 0) -> tuple[float, float]:
+                       clip: float | None = None, n: int = 1000, seed: int = 0, task=None,
+                       beta: float = 1.0) -> tuple[float, float]:
     """A 95% percentile-bootstrap interval of ``metric`` over the rows (resampled with replacement)."""
     import numpy as np
     rng = np.random.default_rng(seed)
@@ -226,7 +247,7 @@ def bootstrap_interval(probs: np.ndarray, targets: np.ndarray, num_classes: int,
     values = []
     for _ in range(n):
         rows = rng.integers(0, len(targets), len(targets))
-        values.append(compute(metric, probs[rows], targets[rows], num_classes, clip=clip))
+        values.append(compute(metric, probs[rows], targets[rows], num_classes, clip=clip, task=task, beta=beta))
     values = np.asarray(values)
     values = values[np.isfinite(values)]
     if not len(values):
@@ -243,9 +264,15 @@ def small_split_warning(n_images: int, n_classes: int) -> str | None:
             "(fewer than 200, or 5 per class); its score is noisy, see the interval; use --folds K for a CV score")
 
 
-def reported_metrics(metric: str) -> tuple[str, ...]:
-    """The metrics every validation and CV reports: accuracy, log loss and the competition's own."""
-    return tuple(dict.fromkeys(("accuracy", "log_loss", metric)))
+LOSS_METRICS = {"single": "log_loss", "multilabel": "bce", "regression": "rmse", "ordinal": "rmse"}
+_ALSO_REPORTED = {"single": ("accuracy", "log_loss"), "multilabel": ("bce", "mean_auc"),
+                  "regression": ("rmse", "mae"), "ordinal": ("rmse", "qwk")}
+
+
+def reported_metrics(metric: str, task: str = "single") -> tuple[str, ...]:
+    """The metrics every validation and CV reports: the task's usual two (single: accuracy and log loss) and
+    the competition's own."""
+    return tuple(dict.fromkeys((*_ALSO_REPORTED[task], metric)))
 
 
 def valid_key(metric: str, variant: str = "live") -> str:

@@ -273,9 +273,9 @@ def test_f_a_padded_file_does_not_match_an_unpadded_id(tmp_path):
 
 
 @pytest.mark.parametrize("fields, message", [
-    (dict(layout="grid"), "layout must be 'csv' or 'folders'"),
+    (dict(layout="grid"), "layout must be 'csv', 'folders' or 'names'"),
     (dict(labels_file=""), "layout 'csv' needs labels_file and label_column"),
-    (dict(layout="folders"), "leave labels_file and label_column empty"),
+    (dict(layout="folders"), "leave labels_file, label_column and label_columns empty"),
     (dict(valid_dir="val"), "valid_dir needs layout 'folders'"),
     (dict(test_dir="train"), "train_dir and test_dir are both 'train'; set test_file"),
     (dict(train_dir="../elsewhere"), "train_dir '../elsewhere' must be a relative '/' path"),

@@ -12,7 +12,7 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-from pipeline.workdir import BAD_TARGET
+from pipeline.models.task import bad_mask
 from pipeline.data.loaders import make_loader
 from pipeline.models.inference import TTA_VIEWS, forward_batches
 
@@ -29,14 +29,14 @@ def extract_features(model: nn.Module, loader: Iterable, device: torch.device, n
         x = transform(x) if transform is not None else x
         return model.forward_head(model.forward_features(x), pre_logits=True)
 
-    out, targets = None, torch.zeros(n, dtype=torch.long)
+    out = targets = None
     for f, y, idx in forward_batches(pooled, loader, device, amp_dtype=amp_dtype, progress="backbone features",
                                      total=n):
-        f = f.float().cpu()
-        if out is None:
-            out = torch.empty((n, f.shape[1]))
+        f, y = f.float().cpu(), torch.as_tensor(y)
+        if out is None:  # targets: class indices (n,) or float rows (n, K), as the task has them
+            out, targets = torch.empty((n, f.shape[1])), torch.zeros((n, *y.shape[1:]), dtype=y.dtype)
         out[idx] = f
-        targets[idx] = torch.as_tensor(y)
+        targets[idx] = y
     return out, targets
 
 
@@ -56,7 +56,7 @@ def feature_bank(model: nn.Module, eval_set: Dataset, train_set: Dataset, views:
     was_training = model.training
     model.eval()
     feats, targets = extract_features(model, loader(eval_set, 0), device, n, amp_dtype=amp_dtype)
-    bank = {"eval": feats, "bad": torch.nonzero(targets == BAD_TARGET).flatten()}  # unreadable images
+    bank = {"eval": feats, "bad": torch.nonzero(bad_mask(targets)).flatten()}  # unreadable images
     bank["views"] = torch.stack([extract_features(model, loader(train_set, v), device, n, amp_dtype=amp_dtype)[0]
                                  for v in range(views)]) if views else bank["eval"][None]
     model.train(was_training)
@@ -70,7 +70,7 @@ def backbone_views(model: nn.Module, loader: Iterable, device: torch.device, n: 
     ``amp_dtype`` is the run's precision: the head then sees features computed
     exactly as the ones it was trained on.
     """
-    views, targets = [], torch.zeros(n, dtype=torch.long)
+    views, targets = [], None
     for v in range(len(TTA_VIEWS[tta](torch.zeros(1, 1, 1, 1)))):
         feats, t = extract_features(model, loader, device, n, transform=lambda x, v=v: TTA_VIEWS[tta](x)[v],
                                     amp_dtype=amp_dtype)

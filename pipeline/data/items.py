@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import logging
+import math
 import os
 import warnings
 from dataclasses import dataclass
@@ -27,7 +28,8 @@ from pipeline.data import presets
 from pipeline.errors import PipelineError
 from pipeline.imagefile import open_image
 from pipeline.io import read_json
-from pipeline.workdir import BAD_TARGET, FOLDS_FILE, REORG_FILE, TEST_CLASS_DIR
+from pipeline.models.task import bad_target
+from pipeline.workdir import FOLDS_FILE, ITEMS_FILE, REORG_FILE, TARGET_PREFIX, TEST_CLASS_DIR
 
 log = logging.getLogger("pipeline")
 
@@ -37,11 +39,12 @@ Image.MAX_IMAGE_PIXELS = 89_478_485
 
 @dataclass(frozen=True)
 class Item:
-    """One image: its id, its file and its class index (-1 when unknown)."""
+    """One image: its id, its file and its target: a class index (-1 when unknown), or for the other task
+    kinds (pipeline/models/task.py) a tuple of floats (inf when unknown: a test image)."""
 
     id: str
     path: Path
-    target: int
+    target: int | tuple[float, ...]
 
 
 def load_reorg(work_dir: Path, competition: str | None = None) -> dict:
@@ -60,18 +63,47 @@ def _id_of(name: str, ext: str) -> str:
 
 
 def list_split(work_dir: Path, info: dict, split: str) -> list[Item]:
-    """Every image of ``split`` (train, valid, train_valid or test), sorted by class then id."""
+    """Every image of ``split`` (train, valid, train_valid or test), sorted by class then id (single-label:
+    the class-folder trees) or by id (the other kinds: items.csv)."""
     root = Path(work_dir) / split
     ext = info["image_ext"]
     if split == "test":
         folder = root / TEST_CLASS_DIR
-        return [Item(_id_of(p.name, ext), p, -1) for p in sorted(folder.iterdir())]
+        unknown = -1 if info.get("task", "single") == "single" else (math.inf,) * len(info["classes"])  # not NaN: unreadable
+        return [Item(_id_of(p.name, ext), p, unknown) for p in sorted(folder.iterdir())]
+    if info.get("task", "single") != "single":
+        return _table_items(Path(work_dir), info, split)
     items = []
     for target, folder in enumerate(info["class_dirs"]):
         class_dir = root / folder
         if class_dir.is_dir():
             items.extend(Item(_id_of(p.name, ext), p, target) for p in sorted(class_dir.iterdir()))
     return items
+
+
+def read_items(work_dir: Path) -> pd.DataFrame:
+    """items.csv: one row per labelled image (pipeline/download/items_table.py writes it)."""
+    path = Path(work_dir) / ITEMS_FILE
+    if not path.is_file():
+        raise PipelineError(f"{path} not found: the work folder predates it; run `pipeline reorg --force`")
+    return pd.read_csv(path, dtype={"id": str, "file": str, "split": str, "group": str, "label": str},
+                       keep_default_na=False)
+
+
+def _table_items(work_dir: Path, info: dict, split: str) -> list[Item]:
+    frame = read_items(work_dir)
+    if split != "train_valid":
+        frame = frame[frame["split"] == split]
+    frame = frame.sort_values("id", kind="stable")
+    targets = frame[[TARGET_PREFIX + name for name in info["classes"]]].to_numpy(dtype=np.float64)
+    return [Item(i, work_dir / f, tuple(t)) for i, f, t in zip(frame["id"], frame["file"], targets.tolist())]
+
+
+def target_text(info: dict, target) -> str:
+    """An item's target as text: its class name, or its label (items.csv's)."""
+    if isinstance(target, int):
+        return info["classes"][target]
+    return ",".join(repr(float(v)) for v in target)
 
 
 def training_fingerprint(work_dir: Path, info: dict) -> str:
@@ -82,7 +114,7 @@ def training_fingerprint(work_dir: Path, info: dict) -> str:
     """
     digest = hashlib.sha256(info["competition"].encode())
     for it in sorted(list_split(work_dir, info, "train_valid"), key=lambda it: it.id):
-        digest.update(f"{it.id}\t{info['classes'][it.target]}\t{os.stat(it.path).st_size}\n".encode())
+        digest.update(f"{it.id}\t{target_text(info, it.target)}\t{os.stat(it.path).st_size}\n".encode())
     return digest.hexdigest()[:16]
 
 
@@ -187,8 +219,13 @@ class ImageDataset(Dataset):
         except Exception as exc:  # PIL raises many types for broken files
             if self.strict:
                 raise PipelineError(f"cannot read image {item.path} (id {item.id!r}): {exc}; replace or remove the file") from exc
-            return torch.zeros(3, self.image_size, self.image_size), BAD_TARGET, index
-        return self.transform(image=image)["image"], item.target, index
+            return torch.zeros(3, self.image_size, self.image_size), _target(bad_target(item.target)), index
+        return self.transform(image=image)["image"], _target(item.target), index
+
+
+def _target(target):
+    """A class index as is (collated to a long tensor), float targets as a float32 tensor (stacked)."""
+    return target if isinstance(target, int) else torch.tensor(target, dtype=torch.float32)
 
 
 # ---------------------------------------------------------------- transforms

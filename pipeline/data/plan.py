@@ -17,6 +17,7 @@ image batch (B, C, H, W) or features, (B, F) or (V, B, F) for V views.
 from __future__ import annotations
 
 import logging
+import math
 import os
 from functools import partial
 from collections.abc import Callable
@@ -33,6 +34,7 @@ from pipeline.data.features import feature_bank
 from pipeline.data.loaders import FeatureLoader, TensorBatchLoader, make_loader
 from pipeline.config import CACHEABLE_AUGMENTS, TrainConfig
 from pipeline.devices import DevicePlan, ddp_find_unused, inference_batch
+from pipeline.models.task import target_tensor
 from pipeline.workdir import BAD_TARGET
 from pipeline.data.items import (ImageDataset, Item, build_transform, list_split, load_reorg,
                                  unreadable_message)
@@ -82,8 +84,12 @@ class DataPlan:
 
 
 def plan_member(cfg: TrainConfig, model: nn.Module, train_items: list[Item], valid_items: list[Item],
-                device: torch.device, dplan: DevicePlan) -> DataPlan:
-    """The member's training and validation loaders from the chosen source; ``dplan``: the member's device plan."""
+                device: torch.device, dplan: DevicePlan, meta=None) -> DataPlan:
+    """The member's training and validation loaders from the chosen source; ``dplan``: the member's device plan.
+
+    ``meta`` (items -> encoded metadata (N, M), pipeline/data/metadata.py) gives each loader its ``meta`` table,
+    one row per position, which the loops hand to the model with each batch.
+    """
     source = choose_source(cfg)
     log.info("data: %s (%s)", source.kind, source.reason)
     if source.kind == "features":
@@ -93,6 +99,10 @@ def plan_member(cfg: TrainConfig, model: nn.Module, train_items: list[Item], val
     else:
         plan = _file_plan(cfg, train_items, valid_items, device, source, dplan)
     plan.find_unused = ddp_find_unused(source.kind, bool(getattr(model, "aux_loss_weights", ())))
+    if meta is not None:
+        plan.train.meta = meta(train_items)
+        if plan.valid is not None:
+            plan.valid.meta = meta(valid_items)
     return plan
 
 
@@ -155,9 +165,9 @@ def cache_root(cfg: TrainConfig) -> Path:
 
 def cached_targets(items: list[Item], bad_rows: set[int]) -> torch.Tensor:
     """Targets of cached items, unreadable rows marked so the loss and the scores ignore them."""
-    targets = torch.tensor([it.target for it in items], dtype=torch.long)
+    targets = target_tensor([it.target for it in items])
     if bad_rows:
-        targets[sorted(bad_rows)] = BAD_TARGET
+        targets[sorted(bad_rows)] = BAD_TARGET if targets.ndim == 1 else math.nan
     return targets
 
 

@@ -10,6 +10,7 @@ again; :func:`read_download` then turns a scan into ids, labels and files.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import posixpath
 from dataclasses import dataclass
@@ -20,6 +21,8 @@ from pipeline.competition import Competition
 from pipeline.errors import PipelineError
 from pipeline.io import read_csv
 from pipeline.download.scan import Folder
+from pipeline.download.targets import TaskInfo, names_labels, targets_of
+from pipeline.workdir import META_PREFIX
 
 if TYPE_CHECKING:  # numpy and pandas load only where a tree is planned: a no-op reorg starts fast
     import numpy as np
@@ -30,6 +33,8 @@ log = logging.getLogger("pipeline")
 # The spec fields a reorg depends on: part of its fingerprint
 LAYOUT_FIELDS = ("slug", "layout", "labels_file", "id_column", "label_column", "sample_submission", "submission",
                  "train_dir", "valid_dir", "test_dir", "test_file", "path_column", "image_ext", "positive_label")
+# issue 22's fields count only when set: a work folder of a spec without them keeps its fingerprint
+TASK_FIELDS = ("task", "label_columns", "label_separator", "label_pattern", "group_column", "metadata")
 _BAD_ID = r"[/\\\x00]|\.\."  # a separator, NUL or '..' could escape a folder
 
 
@@ -41,11 +46,21 @@ class Download:
     train_paths: dict[str, str]  # id -> image path relative to RAW_DIR (train and given valid)
     test_paths: dict[str, str]  # id -> image path relative to RAW_DIR
     given_valid: frozenset[str] | None  # the ids of valid_dir, or None for a random split
-    classes: list[str]  # in submission order
+    classes: list[str]  # in submission order: classes, labels, or the target column
     links: frozenset[str] = frozenset()  # image paths (relative to RAW_DIR) that are links: reorg links their targets
+    task: TaskInfo = TaskInfo("single", [], [])
+    test_meta: pd.DataFrame | None = None  # id and the metadata columns of the test images (metadata only)
 
 
 # ---------------------------------------------------------------- scanning
+
+
+def layout_spec(comp: Competition) -> dict:
+    """The spec fields a reorg depends on, for its fingerprint (the task fields only when set)."""
+    spec = {name: getattr(comp, name) for name in LAYOUT_FIELDS}
+    defaults = {f.name: f.default for f in dataclasses.fields(Competition)}
+    spec.update({name: getattr(comp, name) for name in TASK_FIELDS if getattr(comp, name) != defaults[name]})
+    return spec
 
 
 def input_files(comp: Competition) -> list[str]:
@@ -98,7 +113,12 @@ def _read_columns(path: Path, what: str, columns: dict[str, str]) -> pd.DataFram
 def _listing_columns(comp: Competition, labelled: bool) -> dict[str, str]:
     columns = {comp.id_column: "id"}
     if labelled:
-        columns[comp.label_column] = "label"
+        if comp.label_column:
+            columns[comp.label_column] = "label"
+        columns.update({c: c for c in comp.label_columns})
+        if comp.group_column:
+            columns.setdefault(comp.group_column, "group")
+    columns.update({c: META_PREFIX + c for c in comp.metadata if c not in columns})
     if comp.path_column:
         columns.setdefault(comp.path_column, "path")
     return columns
@@ -107,19 +127,22 @@ def _listing_columns(comp: Competition, labelled: bool) -> dict[str, str]:
 def read_labels(comp: Competition, raw_dir: Path, with_paths: bool = False) -> pd.DataFrame:
     """The labels CSV as string columns ``id``, ``label`` (and ``path``), validated."""
     import numpy as np
+    import pandas as pd
     path = raw_dir / comp.labels_file
     frame = _read_columns(path, "labels file", _listing_columns(comp, labelled=True))
     if comp.path_column == comp.id_column:
         frame["path"] = frame["id"]
     _check_ids(frame["id"], path)
-    empty = frame["label"] == ""
+    empty = frame["label"] == "" if "label" in frame.columns else pd.Series(False, index=frame.index)
+    if comp.task == "multilabel":  # an image with no tags is a valid row
+        empty[:] = False
     if empty.any():
         row = int(np.flatnonzero(empty.to_numpy())[0])
         raise PipelineError(f"{path} row {row + 2}: id {frame['id'].iloc[row]!r} has an empty label; "
                             "fill it in or drop the row")
-    _check_unique(frame["id"], path, frame["label"])
+    _check_unique(frame["id"], path, frame["label"] if "label" in frame.columns else None)
     frame = frame.reset_index(drop=True)
-    return frame if with_paths and comp.path_column else frame[["id", "label"]]
+    return frame if with_paths and comp.path_column else frame.drop(columns="path", errors="ignore")
 
 
 def read_sample(comp: Competition, raw_dir: Path) -> tuple[list[str], list[str]]:
@@ -230,9 +253,16 @@ def _train_side(comp: Competition, raw_dir: Path, scans: dict[str, Folder]):
                                     f"{raw_dir / comp.valid_dir} ({len(both)} such ids); keep each image in one split")
             frame, given = pd.concat([frame, valid], ignore_index=True), frozenset(valid["id"])
         return frame[["id", "label"]], dict(zip(frame["id"].tolist(), frame["path"].tolist())), given
+    if comp.layout == "names":
+        index = _stem_index(scans["train"], comp.image_ext)
+        if not index:
+            raise PipelineError(f"{raw_dir / comp.train_dir} has no *{comp.image_ext} images; unzip the training set there")
+        labels = names_labels(comp, index, raw_dir / comp.train_dir)
+        return labels, {i: _join(scans["train"].rel, name) for i, name in index.items()}, None
     labels = read_labels(comp, raw_dir, with_paths=True)
     if comp.path_column:
-        return labels[["id", "label"]], _match(comp, scans["train"], labels, raw_dir / comp.labels_file), None
+        paths = _match(comp, scans["train"], labels, raw_dir / comp.labels_file)
+        return labels.drop(columns="path"), paths, None
     index = _stem_index(scans["train"], comp.image_ext)
     paths = _match(comp, scans["train"], labels, raw_dir / comp.labels_file, index)
     if comp.train_dir != comp.test_dir:
@@ -253,8 +283,10 @@ def _check_no_unlabelled(comp: Competition, raw_dir: Path, index: dict[str, str]
         )
 
 
-def _test_side(comp: Competition, raw_dir: Path, folder: Folder, sample_ids: list[str]) -> dict[str, str]:
-    """id -> path of every test image; the ids must be exactly the sample submission's."""
+def _test_side(comp: Competition, raw_dir: Path, folder: Folder, sample_ids: list[str],
+               meta: list | None = None) -> dict[str, str]:
+    """id -> path of every test image; the ids must be exactly the sample submission's. With ``meta`` (a
+    list), the test file's id and metadata columns are appended to it."""
     if comp.test_file:
         csv = raw_dir / comp.test_file
         frame = _read_columns(csv, "test file", _listing_columns(comp, labelled=False))
@@ -263,6 +295,8 @@ def _test_side(comp: Competition, raw_dir: Path, folder: Folder, sample_ids: lis
         _check_ids(frame["id"], csv)
         _check_unique(frame["id"], csv)
         paths, against = _match(comp, folder, frame, csv), csv
+        if meta is not None:
+            meta.append(frame.drop(columns="path", errors="ignore"))
     else:
         index = _stem_index(folder, comp.image_ext)
         if not index:
@@ -309,23 +343,27 @@ def class_list(comp: Competition, labels: pd.DataFrame, sample_columns: list[str
 def read_download(comp: Competition, raw_dir: Path, scans: dict[str, Folder]) -> Download:
     """Ids, labels, files and classes of a scanned download; any inconsistency is a one-line error."""
     labels, train_paths, given = _train_side(comp, raw_dir, scans)
-    _check_two_classes(comp, raw_dir, labels)
     sample_ids, sample_columns = read_sample(comp, raw_dir)
-    test_paths = _test_side(comp, raw_dir, scans["test"], sample_ids)
+    labels, task = targets_of(comp, labels, raw_dir / (comp.labels_file or comp.train_dir), sample_columns)
+    _check_two_classes(comp, raw_dir, labels)
+    meta: list = []
+    test_paths = _test_side(comp, raw_dir, scans["test"], sample_ids, meta if comp.metadata else None)
     if comp.train_dir == comp.test_dir:
         _warn_unlisted(comp, scans["train"], train_paths, test_paths)
-    classes = class_list(comp, labels, sample_columns, raw_dir / comp.sample_submission)
+    classes = task.names or class_list(comp, labels, sample_columns, raw_dir / comp.sample_submission)
     links = frozenset(_join(f.rel, rel) for f in scans.values() for rel in f.links)
-    return Download(labels, train_paths, test_paths, given, classes, links)
+    return Download(labels, train_paths, test_paths, given, classes, links, task, meta[0] if meta else None)
 
 
 def _check_two_classes(comp: Competition, raw_dir: Path, labels: pd.DataFrame) -> None:
     """A classifier needs two classes: one label everywhere means a cut or wrong labels file."""
+    if comp.task == "multilabel":
+        return
     found = labels["label"].unique()
     if len(found) < 2:
         source = raw_dir / (comp.labels_file or comp.train_dir)
         raise PipelineError(f"{source}: every one of its {len(labels)} images has the label {found[0]!r}; "
-                            "a classifier needs at least two classes: use the full labels file")
+                            f"a {'classifier needs at least two classes' if comp.task == 'single' else 'model needs at least two target values'}: use the full labels file")
 
 
 def _warn_unlisted(comp: Competition, folder: Folder, train: dict[str, str], test: dict[str, str]) -> None:

@@ -23,24 +23,23 @@ from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
-from urllib.parse import quote
 
 from pipeline.competition import Competition
 from pipeline.errors import PipelineError
 from pipeline.io import atomic_write_json, exclusive_lock, made_folder, os_error_message, remove_stale_temps
-from pipeline.download.layout import LAYOUT_FIELDS, Download, Folder, input_files, read_download
+from pipeline.download.naming import MAX_DIR_NAME, class_dir_name, link_name  # noqa: F401  (re-exported)
+from pipeline.download.layout import Download, Folder, input_files, layout_spec, read_download
 from pipeline.download.scan import scan_download
-from pipeline.workdir import FOLDS_FILE, LOCK_FILE, REORG_FILE, SAMPLE_FILE, SPLITS, TEST_CLASS_DIR
+from pipeline.workdir import (FOLDS_FILE, IMAGES_DIR, LOCK_FILE, REORG_FILE, SAMPLE_FILE, SPLITS, TEST_CLASS_DIR,
+                              TEST_ITEMS_FILE)
 
-if TYPE_CHECKING:  # numpy and pandas load only where a tree is planned: a no-op reorg starts fast
-    import numpy as np
-    import pandas as pd
+if TYPE_CHECKING:  # numpy and pandas (splits, items_table, duplicates) load only where a tree is built:
+    import pandas as pd  # a reorg with nothing to do starts fast
 
 log = logging.getLogger("pipeline")
 
 FORMAT_VERSION = 2  # part of the fingerprint: bump when the split algorithm changes
 STAGING_DIR, TRASH_DIR = ".staging", ".trash"  # the next tree, the replaced one (inside WORK_DIR)
-MAX_DIR_NAME = 200  # bytes of a class folder name, under every file system's 255
 
 
 @dataclass(frozen=True)
@@ -55,121 +54,20 @@ class SplitPlan:
         return "valid" if image_id in self.valid_ids else "train"
 
 
-# ---------------------------------------------------------------- naming
-
-
-def class_dir_name(label: str) -> str:
-    """A folder name for a class that stays inside its parent whatever the label.
-
-    Percent-encoding keeps names distinct and free of separators; a leading dot
-    is encoded so no class folder is hidden or '..'. Names that would pass the
-    file-system limit (255 bytes) are cut and end in a digest of the label.
-    """
-    name = quote(label, safe=" _-+,()'&=@")
-    name = "%2E" + name[1:] if name.startswith(".") else name
-    if len(name) > MAX_DIR_NAME:
-        name = name[: MAX_DIR_NAME - 17] + "~" + hashlib.sha256(label.encode()).hexdigest()[:16]
-    return name
-
-
 # ---------------------------------------------------------------- planning
 
 
-def valid_counts(class_sizes: pd.Series, valid_ratio: float, rng: np.random.Generator) -> pd.Series:
-    """How many images of each class go to valid (largest-remainder rounding).
-
-    The total is round(N * valid_ratio) and each class gets its share rounded
-    down or up; a class with n >= 2 images keeps at least one in train, a class
-    of one stays in train. Plain per-class rounding would send nothing to valid
-    when classes are small (dog breeds in a sample: 1-4 images each).
-    """
-    import numpy as np
-    cap = (class_sizes - 1).clip(lower=0)
-    quota = class_sizes * valid_ratio
-    counts = np.minimum(np.floor(quota), cap).astype(int)
-    spare = int(min(round(class_sizes.sum() * valid_ratio), cap.sum())) - int(counts.sum())
-    if spare > 0:
-        # random tie-break, then the largest fractional parts first
-        order = np.lexsort((rng.random(len(quota)), -(quota - np.floor(quota)).to_numpy()))
-        for i in order:
-            if spare == 0:
-                break
-            if counts.iloc[i] < cap.iloc[i]:
-                counts.iloc[i] += 1
-                spare -= 1
-    return counts
-
-
 def plan_split(labels: pd.DataFrame, valid_ratio: float, folds: int, seed: int,
-               given_valid: frozenset[str] | None = None) -> SplitPlan:
-    """Stratified holdout split and stratified K folds, deterministic in ``seed``.
+               given_valid: frozenset[str] | None = None, groups: pd.Series | None = None) -> SplitPlan:
+    """The split of a labels frame (id, label): :func:`pipeline.download.splits.plan_split` stratified on the label.
 
-    Valid sizes per class come from :func:`valid_counts`; ``given_valid`` (the
-    download's own validation split) replaces the random holdout. Folds come
-    from :func:`stratified_folds` over all labelled images; a class with fewer
-    images than folds is spread over as many folds as it has images, so some
-    folds validate without it.
+    Deterministic in ``seed``; with ``groups`` (one value per row) no group is on both sides.
     """
-    import numpy as np
-    import pandas as pd
-    if not 0 <= valid_ratio < 1:
-        raise PipelineError(f"--valid-ratio must be in [0, 1), got {valid_ratio}")
-    if given_valid is not None:
-        return SplitPlan(labels=labels, valid_ids=given_valid, folds=plan_folds(labels, folds, seed))
-    rng = np.random.default_rng(seed)
-    groups = {label: np.sort(ids.to_numpy()) for label, ids in labels.groupby("label")["id"]}
-    sizes = pd.Series({label: len(ids) for label, ids in groups.items()}).sort_index()
-    counts = valid_counts(sizes, valid_ratio, rng)
-    valid: list[str] = []
-    for label, n_valid in counts.items():
-        valid.extend(rng.permutation(groups[label])[:n_valid].tolist())
-    return SplitPlan(labels=labels, valid_ids=frozenset(valid), folds=plan_folds(labels, folds, seed))
+    from pipeline.download import splits
 
-
-def stratified_folds(labels: np.ndarray, n_folds: int, seed: int) -> np.ndarray:
-    """The fold of each sample, as scikit-learn's StratifiedKFold(shuffle=True) assigns it.
-
-    Classes are numbered by first appearance; dealing the class-sorted samples
-    round-robin over the folds fixes how many of each class every fold gets;
-    each class's fold numbers, in blocks, are then shuffled by one
-    RandomState(seed) drawn class after class. Written out here (rather than
-    calling scikit-learn, same result) because importing sklearn costs seconds.
-    """
-    import numpy as np
-    rng = np.random.RandomState(seed)
-    _, first_seen, inverse = np.unique(labels, return_index=True, return_inverse=True)
-    order_of_class = np.argsort(np.argsort(first_seen))
-    codes = order_of_class[inverse.reshape(-1)]
-    n_classes = len(first_seen)
-    dealt = np.sort(codes)
-    per_fold = np.stack([np.bincount(dealt[f::n_folds], minlength=n_classes) for f in range(n_folds)])
-    assignment = np.empty(len(codes), dtype=np.int64)
-    for k in range(n_classes):
-        blocks = np.repeat(np.arange(n_folds), per_fold[:, k])
-        rng.shuffle(blocks)
-        assignment[codes == k] = blocks
-    return assignment
-
-
-def plan_folds(labels: pd.DataFrame, folds: int, seed: int) -> pd.Series | None:
-    """Fold number per id (in labels order), or None when ``folds`` < 2."""
-    import pandas as pd
-    if folds < 2:
-        if folds not in (0, 1):
-            raise PipelineError(f"--folds must be 0 (no CV) or >= 2, got {folds}")
-        return None
-    counts = labels["label"].value_counts()
-    if folds > len(labels):
-        raise PipelineError(f"--folds {folds} is more than the {len(labels)} labelled images; use fewer folds")
-    if counts.max() < folds:
-        raise PipelineError(
-            f"--folds {folds}: no class has {folds} images (largest has {counts.max()}); use --folds {counts.max()} or fewer"
-        )
-    assignment = stratified_folds(labels["label"].to_numpy(), folds, seed)
-    small = int((counts < folds).sum())
-    if small:
-        log.warning("%d classes have fewer than %d images: some folds validate without them", small, folds)
-    return pd.Series(assignment, index=labels["id"].to_numpy(), name="fold")
+    split = splits.plan_split(labels["id"].to_numpy(), labels["label"].to_numpy(), valid_ratio, folds, seed,
+                              given_valid=given_valid, groups=groups)
+    return SplitPlan(labels=labels, valid_ids=split.valid_ids, folds=split.folds)
 
 
 # ---------------------------------------------------------------- writing
@@ -180,7 +78,7 @@ def fingerprint(comp: Competition, raw_dir: Path, params: dict, scans: dict[str,
 
     Needs no parsing: on an unchanged download the no-op costs one scan.
     """
-    spec = {name: getattr(comp, name) for name in LAYOUT_FIELDS}
+    spec = layout_spec(comp)
     digest = hashlib.sha256(json.dumps([spec, params, FORMAT_VERSION], sort_keys=True).encode())
     for name in input_files(comp):
         try:
@@ -191,16 +89,6 @@ def fingerprint(comp: Competition, raw_dir: Path, params: dict, scans: dict[str,
         digest.update(f"\0{role}\0{scans[role].rel}\0".encode())
         digest.update(scans[role].stamp)
     return digest.hexdigest()
-
-
-def link_name(image_id: str, source: str, image_ext: str) -> str:
-    """The file name of an image in WORK_DIR: its id and the source's own spelling of image_ext.
-
-    Every name ends in image_ext (any case), so pipeline.data.items reads the id back
-    exactly: ``abc.jpg`` listed by path becomes ``abc.jpg.jpg``, id ``abc.jpg``.
-    """
-    suffix = source[-len(image_ext):]
-    return image_id + (suffix if suffix.lower() == image_ext.lower() else image_ext)
 
 
 def _link_mode(src: str, probe_dir: Path) -> str:
@@ -247,11 +135,14 @@ def materialize(plan: SplitPlan, download: Download, raw_dir: Path, image_ext: s
 
     Paths are plain strings: building 110,000 pathlib objects took longer than the links.
     """
-    class_dirs = {c: class_dir_name(c) for c in download.classes}
+    single = download.task.kind == "single"  # the others: every labelled image in images/, items.csv says what
+    class_dirs = {c: class_dir_name(c) for c in download.classes} if single else {}
     for split in SPLITS:
         for folder in class_dirs.values():
             (staging / split / folder).mkdir(parents=True)
     (staging / "test" / TEST_CLASS_DIR).mkdir(parents=True)
+    if not single:
+        (staging / IMAGES_DIR).mkdir()
     first = next(iter(download.train_paths.values()))
     mode = _link_mode(f"{raw_dir}/{first}", staging)
     src = f"{raw_dir.resolve() if mode == 'symlink' else raw_dir}/"
@@ -264,6 +155,9 @@ def materialize(plan: SplitPlan, download: Download, raw_dir: Path, image_ext: s
     both: list[tuple[str, str]] = []
     for image_id, label in zip(plan.labels["id"].tolist(), plan.labels["label"].tolist()):
         path = paths[image_id]
+        if not single:
+            jobs.append((source(path), f"{out}{IMAGES_DIR}/{link_name(image_id, path, image_ext)}"))
+            continue
         tail = f"/{class_dirs[label]}/{link_name(image_id, path, image_ext)}"
         jobs.append((source(path), out + ("valid" if image_id in held_out else "train") + tail))
         both.append((source(path), out + "train_valid" + tail))
@@ -314,7 +208,8 @@ def _is_current(work_dir: Path, digest: str) -> dict | None:
         info = json.loads(path.read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return None
-    complete = all((work_dir / s).is_dir() for s in (*SPLITS, "test"))
+    trees = SPLITS if info.get("task", "single") == "single" else (IMAGES_DIR,)
+    complete = all((work_dir / s).is_dir() for s in (*trees, "test"))
     return info if complete and info.get("fingerprint") == digest else None
 
 
@@ -345,8 +240,15 @@ def reorg(comp: Competition, raw_dir: Path, work_dir: Path, valid_ratio: float =
         current = None if force else _is_current(work_dir, digest)
         if current is not None:
             return ReorgResult(work_dir, current, skipped=True, seconds=time.perf_counter() - start)
+        from pipeline.download.duplicates import warn_duplicates
+        from pipeline.download.items_table import split_frame
+
         download = read_download(comp, raw_dir, scans)
-        plan = plan_split(download.labels, valid_ratio, folds, seed, download.given_valid)
+        plan = plan_split(split_frame(download, folds), valid_ratio, folds, seed, download.given_valid,
+                          groups=download.labels.get("group"))
+        if not comp.group_column:  # a group keeps its copies on one side; without one, say where copies straddle
+            warn_duplicates({i: f"{raw_dir}/{download.train_paths[i]}" for i in plan.labels["id"]},
+                            plan.valid_ids, plan.folds)
         info = _build(comp, raw_dir, work_dir, plan, download, params, digest)
     return ReorgResult(work_dir, info, skipped=False, seconds=time.perf_counter() - start)
 
@@ -365,9 +267,13 @@ def _stage(comp: Competition, raw_dir: Path, plan: SplitPlan, download: Download
            staging: Path) -> tuple[str, list[str]]:
     """The whole new tree in ``staging``; returns the link mode and the names to swap in."""
     import pandas as pd
+
+    from pipeline.download.items_table import write_items
+
     mode = materialize(plan, download, raw_dir, comp.image_ext, staging)
     shutil.copyfile(raw_dir / comp.sample_submission, staging / SAMPLE_FILE)
-    names = [*SPLITS, "test", SAMPLE_FILE]
+    trees = [*SPLITS] if download.task.kind == "single" else [IMAGES_DIR]
+    names = [*trees, "test", SAMPLE_FILE, *write_items(plan, download, comp.image_ext, staging)]
     if plan.folds is not None:
         frame = pd.DataFrame({"id": plan.labels["id"], "label": plan.labels["label"],
                               "fold": plan.folds.to_numpy()})
@@ -389,6 +295,10 @@ def _build(comp: Competition, raw_dir: Path, work_dir: Path, plan: SplitPlan, do
         if plan.folds is None:
             (work_dir / FOLDS_FILE).unlink(missing_ok=True)
         _swap_in(staging, work_dir, names)
+        for stale in sorted({*SPLITS, IMAGES_DIR} - set(names)):  # the trees of another task kind
+            shutil.rmtree(work_dir / stale, ignore_errors=True)
+        if TEST_ITEMS_FILE not in names:
+            (work_dir / TEST_ITEMS_FILE).unlink(missing_ok=True)
     except OSError as exc:
         shutil.rmtree(staging, ignore_errors=True)
         state = "WORK_DIR is incomplete until a reorg succeeds" if swapping else "the previous tree is unchanged"
@@ -404,7 +314,10 @@ def _info(comp: Competition, plan: SplitPlan, download: Download, params: dict, 
     return {
         "competition": comp.slug,
         "classes": download.classes,
-        "class_dirs": [class_dir_name(c) for c in download.classes],
+        **download.task.to_json(),
+        **({"metadata": list(comp.metadata)} if comp.metadata else {}),
+        **({"group_column": comp.group_column} if comp.group_column else {}),
+        "class_dirs": [class_dir_name(c) for c in download.classes] if download.task.kind == "single" else [],
         "image_ext": comp.image_ext,
         "counts": {"train": len(plan.labels) - n_valid, "valid": n_valid,
                    "train_valid": len(plan.labels), "test": len(download.test_paths)},
@@ -415,3 +328,12 @@ def _info(comp: Competition, plan: SplitPlan, download: Download, params: dict, 
         "fingerprint": digest,
         "format_version": FORMAT_VERSION,
     }
+
+
+def __getattr__(name: str):
+    """The split functions, re-exported here without importing numpy when the module loads."""
+    if name in ("stratified_folds", "valid_counts"):
+        from pipeline.download import splits
+
+        return getattr(splits, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

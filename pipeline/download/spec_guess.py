@@ -17,13 +17,13 @@ from typing import Any
 
 import pandas as pd
 
+from pipeline.download import guess_kinds as kinds
 from pipeline.download.archives import MANIFEST_NAME, UNPACK_HINT, archive_kind, not_unpacked
+from pipeline.download.guess_kinds import IMAGE_EXTS, LABEL_NAMES
 from pipeline.errors import PipelineError
 
-IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".tif", ".tiff", ".bmp", ".gif", ".webp")
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 HEAD_ROWS = 5000  # rows read of each CSV: enough to see the labels, cheap on any download
-LABEL_NAMES = ("label", "labels", "class", "target", "category", "breed", "species", "diagnosis", "y")
 
 
 @dataclass
@@ -36,6 +36,7 @@ class Survey:
     nested: dict[str, dict[str, int]]  # top folder -> {sub-folder: images directly in it}
     archives: list[str]  # those not unpacked yet (pipeline/download/archives.py's manifest says which were)
     image_sides: list[int]  # the longer side of a few training images
+    train_stems: list[str] = field(default_factory=list)  # layout names: the training file names, less image_ext
 
 
 @dataclass
@@ -134,20 +135,36 @@ def guess(s: Survey, slug: str) -> Guess:
     else:
         g.ask("id_column", "", "the id column of the CSV files")
     others = [c for c in frame.columns if c != id_column]
-    _folders(s, g)
+    _folders(s, g, id_column, sample)
     labels = _labels_file(s, g, id_column, sample)
-    kind = _submission_kind(s, g, frame, others, labels)
+    decided = g.fields.get("layout") == "csv" and kinds.target(g, labels, frame, others)  # not one class column
+    kind = g.fields["submission"] if decided else _submission_kind(s, g, frame, others, labels)
     if g.fields.get("layout") == "csv":
-        _label_column(s, g, labels, kind, others)
+        if not decided:
+            _label_column(s, g, labels, kind, others)
         _paths(s, g, labels, id_column)
         if g.fields.get("path_column") == id_column and "test_file" not in g.fields and sample:
             g.set("test_file", sample, "the ids are file names: the sample submission lists the test images")
+        _beside_the_target(s, g, labels, others)
+    counts, rows = kinds.target_counts(s, g, labels)
     if kind == "binary":
-        _positive(s, g, others[0])
-    g.set("metric", {"probs": "log_loss", "binary": "roc_auc"}.get(kind, "accuracy"),
-          "the usual metric of this submission kind: check the competition's Evaluation page")
+        _positive(g, others[0], sorted(counts))
+    if "metric" not in g.fields:
+        g.set("metric", {"probs": "log_loss", "binary": "roc_auc"}.get(kind, "accuracy"),
+              "the usual metric of this submission kind: check the competition's Evaluation page")
+    kinds.rare_note(g, counts, rows, truncated=len(labels) >= HEAD_ROWS)
     _size_and_recipe(s, g)
     return g
+
+
+def _beside_the_target(s: Survey, g: Guess, labels: pd.DataFrame, others: list[str]) -> None:
+    """group_column and metadata: the labels CSV's other columns that group rows or describe an image."""
+    taken = {g.fields.get(k, "") for k in ("id_column", "label_column", "path_column")}
+    taken |= {*g.fields.get("label_columns", ()), *others}
+    kinds.group_column(g, labels, taken)
+    test = g.fields.get("test_file", "")
+    if test and test != g.fields.get("sample_submission"):
+        kinds.metadata(g, labels, s.csvs[test], taken | {g.fields.get("group_column", "")})
 
 
 def _sample_name(s: Survey, g: Guess) -> str:
@@ -166,23 +183,34 @@ def _named(names: list[str], *starts: str) -> str:
     return next((n for n in names if n.rsplit("/", 1)[-1].lower().startswith(starts)), "")
 
 
-def _folders(s: Survey, g: Guess) -> None:
-    """train_dir, test_dir, valid_dir and the folders layout when train/ holds class folders."""
+def _folders(s: Survey, g: Guess, id_column: str, sample: str) -> None:
+    """train_dir, test_dir, valid_dir and the folders layout when train/ holds class folders.
+
+    The folders holding the labels CSV's and the test listing's ids win over folder names: images
+    nested under a common folder (images/train, images/test) are found so, and never class folders.
+    """
     tops = sorted({rel.split("/")[0] for rel in s.direct if rel != "."} | set(s.nested))
+    if len(tops) == 1 and _named(sorted(s.nested.get(tops[0], {})), "train"):  # images/train, images/test
+        tops = [f"{tops[0]}/{sub}" for sub in sorted(s.nested[tops[0]])]
     train, test = _named(tops, "train"), _named(tops, "test")
     valid = _named(tops, "val")
     if not train and not test and len(tops) == 1:  # one shared image folder: the CSVs say which is which
         train = test = tops[0]
+    (by_ids, why_train), (test_by_ids, why_test) = kinds.locate(s, id_column, (train, test), sample,
+                                                                       *_candidates(s, id_column, sample))
+    train, why_train = (by_ids, f": {why_train}") if by_ids and by_ids != train else (train, "")
+    test, why_test = (test_by_ids, f": {why_test}") if test_by_ids and test_by_ids != test else (test, "")
     if train:
-        g.set("train_dir", train, "the folder of training images")
+        g.set("train_dir", train, f"the folder of training images{why_train}")
     else:
         g.ask("train_dir", "train", "the folder of the training images, relative to RAW_DIR")
     if test:
-        g.set("test_dir", test, "the folder of test images" + (" (shared with train)" if test == train else ""))
+        shared = " (shared with train)" if test == train else ""
+        g.set("test_dir", test, f"the folder of test images{why_test or shared}")
     else:
         g.ask("test_dir", "test", "the folder of the test images, relative to RAW_DIR")
     classes = s.nested.get(train, {})
-    if train and len(classes) >= 2 and sum(s.direct.get(train, Counter()).values()) == 0:
+    if train and not by_ids and len(classes) >= 2 and not s.direct.get(train):
         g.set("layout", "folders", f"{train}/ holds {len(classes)} class folders of images")
         if valid and len(s.nested.get(valid, {})) >= 2:
             g.set("valid_dir", valid, "a validation split in class folders, used instead of a random one")
@@ -196,18 +224,26 @@ def _folders(s: Survey, g: Guess) -> None:
         s.image_sides = image_sides(s.raw_dir, train)
 
 
-def _labels_file(s: Survey, g: Guess, id_column: str, sample: str) -> pd.DataFrame:
-    """labels_file and test_file of the csv layout; the labels CSV's head (empty for folders)."""
+def _candidates(s: Survey, id_column: str, sample: str) -> tuple[str, list[str]]:
+    """(the test CSV or "", the CSVs that may list the training images, likeliest first)."""
     names = [n for n in s.csvs if n != sample]
     test = _named(names, "test")
+    candidates = [n for n in names if n != test and len(s.csvs[n].columns) >= 2]
+    candidates.sort(key=lambda n: (not re.search(r"label|train", n, re.I), id_column not in s.csvs[n].columns))
+    return test, candidates
+
+
+def _labels_file(s: Survey, g: Guess, id_column: str, sample: str) -> pd.DataFrame:
+    """labels_file and test_file of the csv layout; the labels CSV's head (empty for folders and names)."""
+    test, candidates = _candidates(s, id_column, sample)
     if test and id_column in s.csvs[test].columns:
         g.set("test_file", test, f"it lists the test ids in {id_column!r}")
     elif g.fields.get("train_dir") and g.fields.get("train_dir") == g.fields.get("test_dir") and sample:
         g.set("test_file", sample, "train and test share a folder: the sample submission lists the test ids")
     if g.fields.get("layout") == "folders":
         return pd.DataFrame()
-    candidates = [n for n in names if n != test and len(s.csvs[n].columns) >= 2]
-    candidates.sort(key=lambda n: (not re.search(r"label|train", n, re.I), id_column not in s.csvs[n].columns))
+    if not candidates and g.fields.get("train_dir") != g.fields.get("test_dir") and kinds.names_layout(s, g):
+        return pd.DataFrame()
     if not candidates:
         g.ask("labels_file", "", "the CSV that gives each training image's label (or set layout = \"folders\")")
         g.set("layout", "csv", "training images are listed by a labels CSV")
@@ -236,7 +272,11 @@ def _submission_kind(s: Survey, g: Guess, frame: pd.DataFrame, others: list[str]
         g.set("submission_label_column", col, "the sample submission's prediction column")
         return "binary"
     g.set("submission_label_column", col, "the sample submission's prediction column")
-    if numeric:
+    target = next((c for c in labels.columns if c.lower() == col.lower()), "")
+    if numeric and target and labels[target].nunique() > 2:
+        g.set("submission", "label", f"{target!r} holds {labels[target].nunique()} classes: one per image, "
+                                     "not a two-class probability")
+    elif numeric:
         g.ask("submission", "label", f"'label' if {col!r} takes the class, or 'binary' (and metric 'roc_auc') if the "
                                      "competition scores a probability of the positive class")
     else:
@@ -273,11 +313,8 @@ def _paths(s: Survey, g: Guess, labels: pd.DataFrame, id_column: str) -> None:
             return
 
 
-def _positive(s: Survey, g: Guess, column: str) -> None:
-    """positive_label: the label whose probability the binary column holds."""
-    labels = s.csvs.get(g.fields.get("labels_file", ""), pd.DataFrame())
-    col = g.fields.get("label_column")
-    values = sorted(labels[col].unique()) if col in labels.columns else sorted(s.nested.get(g.fields["train_dir"], {}))
+def _positive(g: Guess, column: str, values: list[str]) -> None:
+    """positive_label: the label (of the sorted ``values``) whose probability the binary column holds."""
     if {v.lower() for v in values} in ({"0", "1"}, {"false", "true"}):
         g.notes.append(f"positive class: the label {'1' if '1' in values else 'true'} (the default of positive_label)")
         return
@@ -372,5 +409,6 @@ def check_spec(spec: Path, raw_dir: Path) -> str:
         found = read_download(comp, raw_dir, scan_download(comp, raw_dir))
     except PipelineError as exc:
         return f"the spec does not read the download yet: {exc}"
+    targets = {"single": "classes", "multilabel": "labels", "ordinal": "grades"}.get(comp.task)
     return (f"the spec reads the download: {len(found.train_paths)} training images, {len(found.test_paths)} "
-            f"test images, {len(found.classes)} classes")
+            f"test images" + (f", {len(found.classes)} {targets}" if targets else ""))

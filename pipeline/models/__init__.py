@@ -15,15 +15,19 @@ from pipeline.models.weights import LoadReport, load_weights, model_data_config
 
 
 
-def model_from_config(cfg, num_classes: int, *, initial_weights: bool = True):
+def model_from_config(cfg, num_classes: int, *, initial_weights: bool = True, meta_width: int = 0):
     """The model a config (a TrainConfig) describes, backbone frozen when it says so.
 
     ``initial_weights``: load the pretrained or --weights file weights (train);
     predict passes False and loads the member's own state dict instead.
+    ``meta_width``: encoded metadata columns fused into the head (pipeline/models/fusion.py).
     """
+    from pipeline.models.fusion import with_metadata
+
     model = create_model(cfg.model, num_classes, pretrained=cfg.pretrained and initial_weights,
                          weights=cfg.weights if initial_weights else None, head=cfg.model_head,
                          head_hidden=cfg.head_hidden, drop_rate=cfg.drop_rate)
+    model = with_metadata(model, meta_width, num_classes)
     if cfg.freeze_backbone:
         freeze_backbone(model)
     return model

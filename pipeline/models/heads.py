@@ -96,9 +96,13 @@ class FeatureHead(nn.Module):
         super().__init__()
         self.wrapped_model = model
 
-    def forward(self, feats: Tensor) -> Tensor:
-        model = self.wrapped_model
+    def forward(self, feats: Tensor, meta: Tensor | None = None) -> Tensor:
+        model, extra = self.wrapped_model, None
+        if hasattr(model, "meta_head"):  # pipeline/models/fusion.py: logits plus a linear term of the metadata
+            extra, model = model.meta_head(meta.to(model.meta_head.weight.dtype)), model.model
         if hasattr(model, "logits_from_pooled"):  # ours: the same head as the whole model's forward
-            return model.logits_from_pooled(feats)
-        rate = getattr(model, "drop_rate", 0.0) or 0.0  # timm: pooled (pre-logits) features -> classifier
-        return model.get_classifier()(nn.functional.dropout(feats, rate, self.training))
+            logits = model.logits_from_pooled(feats)
+        else:
+            rate = getattr(model, "drop_rate", 0.0) or 0.0  # timm: pooled (pre-logits) features -> classifier
+            logits = model.get_classifier()(nn.functional.dropout(feats, rate, self.training))
+        return logits if extra is None else logits + extra.to(logits.dtype)

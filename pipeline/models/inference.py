@@ -16,8 +16,9 @@ import torch
 from torch import nn
 
 from pipeline import distributed as dist
-from pipeline.workdir import BAD_TARGET
+from pipeline.models.task import bad_mask
 from pipeline.devices import autocast, non_blocking, probe
+from pipeline.models.fusion import batch_meta, call
 from pipeline.progress import track
 
 TTA_VIEWS: dict[str, Callable[[torch.Tensor], list[torch.Tensor]]] = {
@@ -51,15 +52,20 @@ def forward_batches(fn: Callable[[torch.Tensor], torch.Tensor], loader: Iterable
         x = x.to(device, non_blocking=copy_async)
         if channels_last and x.ndim == 4:
             x = x.contiguous(memory_format=torch.channels_last)
+        meta = batch_meta(loader, idx, device)  # a loader with metadata: fn takes its rows too
         with torch.no_grad(), autocast(device, amp_dtype):
-            out = fn(x)
+            out = fn(x) if meta is None else fn(x, meta)
         yield out, y, idx
 
 
 def infer(net: nn.Module, loader: Iterable, device: torch.device, *, tta: str = "none",
           amp_dtype: torch.dtype | None = None, channels_last: bool = False,
-          progress: str | None = None, gather: bool = True) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Softmax probabilities (N, C) float64, targets (N,) and dataset positions (N,) over ``loader``.
+          progress: str | None = None, gather: bool = True,
+          activation: Callable[[torch.Tensor], torch.Tensor] | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Predictions (N, K) float64, targets (N,) or (N, K) and dataset positions (N,) over ``loader``.
+
+    ``activation`` maps the model's raw outputs to predictions (the task's:
+    pipeline/models/task.py); by default a softmax, giving class probabilities.
 
     The probabilities of the views are averaged in float32 and not
     renormalised (callers that write them use :func:`normalise_rows`). Under
@@ -69,10 +75,11 @@ def infer(net: nn.Module, loader: Iterable, device: torch.device, *, tta: str = 
     there would wait forever for the other ranks).
     """
     net.eval()  # callers put the model back in training mode (frozen parts stay in eval)
+    act = activation or (lambda out: torch.softmax(out, dim=1))
 
-    def averaged(x: torch.Tensor) -> torch.Tensor:
+    def averaged(x: torch.Tensor, meta: torch.Tensor | None = None) -> torch.Tensor:
         views = views_of(x, tta)
-        return sum(torch.softmax(net(v).float(), dim=1) for v in views) / len(views)
+        return sum(act(call(net, v, meta).float()) for v in views) / len(views)
 
     probs, targets, positions = [], [], []
     for p, y, idx in forward_batches(averaged, loader, device, amp_dtype=amp_dtype, channels_last=channels_last,
@@ -95,4 +102,4 @@ def normalise_rows(probs: np.ndarray) -> np.ndarray:
 
 def unreadable_positions(targets: np.ndarray, positions: np.ndarray) -> set[int]:
     """Dataset positions whose image could not be decoded (the loader marked their target)."""
-    return {int(i) for i in positions[targets == BAD_TARGET]}
+    return {int(i) for i in positions[bad_mask(targets)]}

@@ -17,9 +17,11 @@ from pipeline.config import TrainConfig
 from pipeline.data.items import fold_split, n_folds, read_folds
 from pipeline.errors import PipelineError
 from pipeline.metrics import bootstrap_interval, reported_metrics, score
+from pipeline.predict.decide import decision_interval, needs_decision, nested_decision
 from pipeline.predict.calibrate import calibrate_oof, is_on, paired_change_interval
 from pipeline.predict.stage import predict_items
 from pipeline.runs import FOLD, Member, Run, member_name
+from pipeline.models.task import Task
 from pipeline.predict.submission import in_class_order, positive_index, submission_clip
 
 log = logging.getLogger("pipeline")
@@ -67,15 +69,18 @@ def write_cv(cfg: TrainConfig, comp: Competition, info: dict, members: list[Memb
     score is optimistic: the last epoch's CV is computed and reported beside it.
     """
     run = Run(cfg.run_dir)
-    calibrate = is_on(cfg.calibrate, comp.metric)
+    task = Task.of(info)
+    calibrate = is_on(cfg.calibrate, comp.metric) and task.kind == "single"
     oof, per_fold = out_of_fold(cfg, comp, info, members, "best")
     calibration, oof = calibrated(cfg, comp, info, oof) if calibrate else (None, oof)
-    cv = {"metric": comp.metric, **_overall(oof, comp, info["classes"]), "folds": per_fold, "tta": cfg.tta,
+    cv = {"metric": comp.metric, **_overall(oof, comp, info, cfg), "folds": per_fold, "tta": cfg.tta,
           "clip": submission_clip(comp), "selection": cfg.select, "note": SELECTION_NOTES[cfg.select],
           "calibration": calibration}
+    if task.kind != "single":
+        cv["task"] = task.kind
     if cfg.select == "best":
         last, _ = out_of_fold(cfg, comp, info, members, "last")
-        cv["last_epoch"] = _overall(calibrated(cfg, comp, info, last)[1] if calibrate else last, comp, info["classes"])
+        cv["last_epoch"] = _overall(calibrated(cfg, comp, info, last)[1] if calibrate else last, comp, info, cfg)
     cv["weights"] = stamps
     run.write_cv(cv, oof)
     log.info("CV %s %.4f out of fold: %s, %s", comp.metric, cv["cv"], run.oof_path, run.cv_path)  # the table: stdout
@@ -91,19 +96,20 @@ SELECTION_NOTES = {
 def out_of_fold(cfg: TrainConfig, comp: Competition, info: dict, members: list[Member],
                 weights: str) -> tuple[pd.DataFrame, list[dict]]:
     """The out-of-fold predictions frame (id, label, one column per class) and per-fold scores."""
-    classes, frames, per_fold = info["classes"], [], []
+    classes, frames, per_fold, task = info["classes"], [], [], Task.of(info)
     for member in members:
         _, valid_items = fold_split(cfg.work_dir, info, member.fold)
         ids, probs, run_classes = predict_items([member], valid_items, tta=cfg.tta, device=cfg.device,
-                                                num_workers=cfg.num_workers, unreadable="drop", weights=weights)
+                                                num_workers=cfg.num_workers, unreadable="drop", weights=weights,
+                                                work_dir=cfg.work_dir)
         probs = in_class_order(probs, run_classes, classes)
         kept = set(ids)
         targets = np.array([it.target for it in valid_items if it.id in kept])
-        scores = score(probs, targets, len(classes), reported_metrics(comp.metric), clip=submission_clip(comp),
-                       positive=positive_index(comp))
+        scores = score(probs, targets, len(classes), reported_metrics(comp.metric, task.kind),
+                       clip=submission_clip(comp), positive=positive_index(comp), task=task, beta=comp.beta)
         per_fold.append({"fold": member.fold, **scores, **_fold_meta(member)})
         frame = pd.DataFrame(probs, columns=classes)
-        frame.insert(0, "label", [classes[t] for t in targets])
+        frame.insert(0, "label", [task.target_text(t) for t in targets])
         frame.insert(0, "id", ids)
         frames.append(frame)
     return pd.concat(frames, ignore_index=True), per_fold
@@ -124,8 +130,8 @@ def calibrated(cfg: TrainConfig, comp: Competition, info: dict, oof: pd.DataFram
     frame[classes] = nested
     in_sample_frame = oof.copy()
     in_sample_frame[classes] = in_sample
-    return {**record, "uncalibrated": _overall(oof, comp, classes)["cv"], "in_sample": _overall(
-        in_sample_frame, comp, classes)["cv"], "change_interval": paired_change_interval(raw, nested, targets),
+    return {**record, "uncalibrated": _overall(oof, comp, info, cfg)["cv"], "in_sample": _overall(
+        in_sample_frame, comp, info, cfg)["cv"], "change_interval": paired_change_interval(raw, nested, targets),
         "note": CALIBRATION_NOTE}, frame
 
 
@@ -133,13 +139,27 @@ CALIBRATION_NOTE = ("calibrated nested: each fold calibrated with a temperature 
                     "folds; in_sample: fitted on every out-of-fold row, optimistic; the test set gets those values")
 
 
-def _overall(oof: pd.DataFrame, comp: Competition, classes: list[str]) -> dict:
-    """The CV score of an out-of-fold frame, every metric, and a bootstrap 95% interval."""
-    targets = oof["label"].map({c: i for i, c in enumerate(classes)}).to_numpy()
+def _overall(oof: pd.DataFrame, comp: Competition, info: dict, cfg: TrainConfig) -> dict:
+    """The CV score of an out-of-fold frame, every metric, and a bootstrap 95% interval.
+
+    A metric scored on decisions that thresholds fitted out of fold improve (pipeline/predict/decide.py) is
+    reported nested, with the thresholds' record under ``decision``; the interval is of those decisions.
+    """
+    classes, task = info["classes"], Task.of(info)
+    targets = task.targets_from_text(oof["label"])
     probs, clip = oof[classes].to_numpy(), submission_clip(comp)
-    overall = score(probs, targets, len(classes), reported_metrics(comp.metric), clip=clip, positive=positive_index(comp))
-    interval = bootstrap_interval(probs, targets, len(classes), comp.metric, clip=clip, n=200)
-    return {"cv": overall[comp.metric], "interval": list(interval), "overall": overall}
+    overall = score(probs, targets, len(classes), reported_metrics(comp.metric, task.kind), clip=clip,
+                    positive=positive_index(comp), task=task, beta=comp.beta)
+    result = {"cv": overall[comp.metric], "overall": overall}
+    if needs_decision(task, comp.metric):
+        folds = read_folds(cfg.work_dir).loc[oof["id"]].to_numpy()
+        decision, decided = nested_decision(task, probs, targets, folds, comp.metric, comp.beta)
+        overall[comp.metric] = result["cv"] = decision["nested"]
+        result["decision"] = decision
+        return {**result, "interval": list(decision_interval(task, targets, decided, comp.metric, comp.beta))}
+    interval = bootstrap_interval(probs, targets, len(classes), comp.metric, clip=clip, n=200, task=task,
+                                  beta=comp.beta)
+    return {**result, "interval": list(interval)}
 
 
 def _fold_meta(member: Member) -> dict:
@@ -151,15 +171,21 @@ def _fold_meta(member: Member) -> dict:
 
 def format_cv_table(cv: dict) -> str:
     """The per-fold table, the out-of-fold row, the interval and what the score describes."""
-    lines = [f"{'fold':>4}  {'epochs':>6}  {'kept':>4}  {'best':>4}  {'accuracy':>8}  {'log_loss':>8}  {'seconds':>8}"]
+    o = cv["overall"]
+    names = [n for n in o if n != cv["metric"]][:2]  # the task's usual two (single: accuracy, log loss)
+    lines = [f"{'fold':>4}  {'epochs':>6}  {'kept':>4}  {'best':>4}  " + "  ".join(f"{n:>8}" for n in names)
+             + f"  {'seconds':>8}"]
     for f in cv["folds"]:
         lines.append(f"{f['fold']:>4}  {f['epochs']:>6}  {f.get('kept_epoch') or '':>4}  {f['best_epoch']:>4}  "
-                     f"{f['accuracy']:>8.4f}  {f['log_loss']:>8.4f}  {f['seconds']:>8.1f}")
-    o = cv["overall"]
-    lines.append(f"{'oof':>4}  {'':>6}  {'':>4}  {'':>4}  {o['accuracy']:>8.4f}  {o['log_loss']:>8.4f}")
+                     + "  ".join(f"{f[n]:>8.4f}" for n in names) + f"  {f['seconds']:>8.1f}")
+    lines.append(f"{'oof':>4}  {'':>6}  {'':>4}  {'':>4}  " + "  ".join(f"{o[n]:>8.4f}" for n in names))
     lo, hi = cv.get("interval", [math.nan, math.nan])
     lines.append(f"CV {cv['metric']} {cv['cv']:.4f} (95% interval {lo:.4f}-{hi:.4f}; tta {cv['tta']}; "
                  f"{cv.get('note', '')})")
+    decision = cv.get("decision")
+    if decision:
+        lines.append(f"  thresholds fitted out of fold, scored nested {decision['nested']:.4f}; in-sample "
+                     f"{decision['in_sample']:.4f} (optimistic); default thresholds {decision['default']:.4f}")
     cal = cv.get("calibration")
     if cal:
         lines.append(f"  calibrated nested (temperature {cal['temperature']:.3f}, prior weight {cal['weight']:.3f} "

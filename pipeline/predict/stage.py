@@ -34,6 +34,8 @@ from pipeline.io import read_csv
 from pipeline.models import model_from_config, set_train_mode
 from pipeline.workdir import SAMPLE_FILE
 from pipeline.runs import Member, Run, load_best, load_last
+from pipeline.models.task import Task
+from pipeline.data.metadata import MetaEncoder, meta_tensor
 from pipeline.predict import calibrate
 from pipeline.predict.submission import class_difference, write_checked
 
@@ -49,6 +51,8 @@ class LoadedMember:
     config: TrainConfig
     classes: list[str]
     amp: str = "none"  # the precision it was trained in (bf16, fp16, none): predict computes in it too
+    task: Task | None = None  # its outputs' kind and mapping (a regression's standardisation: its own)
+    metadata: MetaEncoder | None = None  # how it encodes the metadata columns (fitted on its training rows)
 
 
 def trained_amp(member: Member, cfg: TrainConfig) -> str:
@@ -62,18 +66,20 @@ def load_member(member: Member, device: torch.device, weights: str = "best") -> 
     state = load_best(member) if weights == "best" else load_last(member)
     cfg = TrainConfig.from_json(state["config"])
     classes = list(state["classes"])
-    model = model_from_config(cfg, len(classes), initial_weights=False)
+    task = Task.from_json(state.get("task"), classes)
+    encoder = MetaEncoder.from_json(state.get("metadata"))
+    model = model_from_config(cfg, task.n_outputs, initial_weights=False, meta_width=encoder.width if encoder else 0)
     try:
         model.load_state_dict(state["model"])
     except RuntimeError as exc:
         raise PipelineError(f"{member.best_path} does not fit model {cfg.model} ({str(exc).splitlines()[0]}); "
                             "was the file replaced?") from None
     set_train_mode(model, False)
-    return LoadedMember(member, model.to(device), cfg, classes, trained_amp(member, cfg))
+    return LoadedMember(member, model.to(device), cfg, classes, trained_amp(member, cfg), task, encoder)
 
 
 def _group_probs(group: list[LoadedMember], items: list[Item], tta: str, device: torch.device, batch_size: int | None,
-                 num_workers: int | None, strict: bool) -> tuple[list[np.ndarray], set[int]]:
+                 num_workers: int | None, strict: bool, work_dir: Path | None) -> tuple[list[np.ndarray], set[int]]:
     """Probabilities of each member of a group; a frozen backbone's features are computed once.
 
     Each member runs at the precision it was trained in (a group shares one).
@@ -84,29 +90,34 @@ def _group_probs(group: list[LoadedMember], items: list[Item], tta: str, device:
     batch_size = batch_size or inference_batch(cfg, device, workers=plan.workers, half_precision=plan.dtype is not None)
     loader = eval_loader(cfg, items, batch_size, plan, strict=strict)
     if not first.config.freeze_backbone:
+        loader.meta = meta_tensor(first.metadata, work_dir or first.config.work_dir, items)
         if plan.channels_last:
             first.model.to(memory_format=torch.channels_last)
         p, t, pos = infer(first.model, loader, device, tta=tta, amp_dtype=plan.dtype,
-                          channels_last=plan.channels_last, progress="predict", gather=False)
+                          channels_last=plan.channels_last, progress="predict", gather=False,
+                          activation=first.task.activation)
         return [p], unreadable_positions(t, pos)
     cached = cached_views(first.config, items, tta, plan.dtype)  # out-of-fold rows: the cache holds them
     views, targets = cached or backbone_views(first.model, loader, device, len(items), tta, amp_dtype=plan.dtype)
     out = []
-    for lm in group:  # each head on the shared (V, N, F) features
-        p, t, pos = infer(FeatureHead(lm.model), FeatureViews(views, targets, batch_size), device,
-                          amp_dtype=plan.dtype, gather=False)
+    for lm in group:  # each head on the shared (V, N, F) features, with its own encoding of the metadata
+        feats = FeatureViews(views, targets, batch_size)
+        feats.meta = meta_tensor(lm.metadata, work_dir or lm.config.work_dir, items)
+        p, t, pos = infer(FeatureHead(lm.model), feats, device, amp_dtype=plan.dtype, gather=False,
+                          activation=lm.task.activation)
         out.append(p)
     return out, unreadable_positions(t, pos)
 
 
 def predict_items(members: list[Member], items: list[Item], *, tta: str = "none", device: str = "auto",
                   num_workers: int | None = None, batch_size: int | None = None, unreadable: str = "error",
-                  weights: str = "best") -> tuple[list[str], np.ndarray, list[str]]:
+                  weights: str = "best", work_dir: Path | None = None) -> tuple[list[str], np.ndarray, list[str]]:
     """Ids, the members' averaged probabilities (rows sum to 1) and the class names over ``items``.
 
     An image that cannot be decoded is an error naming it (``unreadable``
     "error"), gets the uniform distribution ("uniform", with a warning), or
-    is left out ("drop", for out-of-fold rows).
+    is left out ("drop", for out-of-fold rows). ``work_dir``: the work folder holding the items' metadata
+    (default: the one each member trained on).
     """
     check_choice("--tta", tta, TTAS)
     check_choice("--unreadable-test", unreadable, UNREADABLE_CHOICES)
@@ -121,18 +132,27 @@ def predict_items(members: list[Member], items: list[Item], *, tta: str = "none"
     bad: set[int] = set()
     for group in shared_backbone_groups([lm.config for lm in loaded], [lm.amp for lm in loaded]):
         probs, group_bad = _group_probs([loaded[i] for i in group], items, tta, dev, batch_size, num_workers,
-                                        strict=unreadable == "error")
+                                        strict=unreadable == "error", work_dir=work_dir)
         bad |= group_bad
         for i, p in zip(group, probs):
-            per_member[i] = normalise_rows(p)
+            per_member[i] = normalise_rows(p) if loaded[i].task.kind == "single" else p
     total = sum(per_member[1:], per_member[0]) / len(per_member)
-    return (*_apply_unreadable(items, total, bad, unreadable, len(classes)), classes)
+    return (*_apply_unreadable(items, total, bad, unreadable, _fill(loaded)), classes)
+
+
+def _fill(loaded: list[LoadedMember]) -> float | np.ndarray:
+    """What an unreadable test image is predicted as with --unreadable-test uniform: the uniform distribution,
+    0.5 per label, or the members' mean training target."""
+    task = loaded[0].task
+    if task.kind == "single":
+        return 1.0 / task.n_outputs
+    return 0.5 if task.kind == "multilabel" else float(np.mean([lm.task.center for lm in loaded]))
 
 
 def _apply_unreadable(items: list[Item], probs: np.ndarray, bad: set[int], unreadable: str,
-                      n_classes: int) -> tuple[list[str], np.ndarray]:
+                      fill: float) -> tuple[list[str], np.ndarray]:
     if bad and unreadable == "uniform":
-        probs[sorted(bad)] = 1.0 / n_classes
+        probs[sorted(bad)] = fill
         log.warning("%s predicted as uniform", unreadable_message(items, bad, "test images"))
     elif bad:
         log.warning("leaving out %s", unreadable_message(items, bad, "images"))
@@ -167,6 +187,13 @@ class PredictResult:
     seconds: float
     tta: str = "none"
     view_seconds: float = 0.0  # of ``seconds``, the estimated share of the TTA views beyond the first
+
+
+def decision_task(run: Run, info: dict) -> Task:
+    """The work folder's task with the decision the run's CV fitted out of fold (thresholds), if any."""
+    task = Task.of(info)
+    decision = (run.read_cv() or {}).get("decision")
+    return task.with_thresholds(decision["thresholds"]) if decision else task
 
 
 def match_run(run: Run, comp: Competition, work_dir: Path, info: dict) -> dict:
@@ -219,11 +246,12 @@ def predict(comp: Competition, work_dir: Path, run_dir: Path, out_csv: Path, mem
     started = time.perf_counter()
     with shm.guard():  # a worker out of shared memory: the cause and the fixes, not its traceback
         ids, probs, classes = predict_items(chosen, items, tta=tta, device=device, num_workers=num_workers,
-                                            batch_size=batch_size, unreadable=unreadable)
+                                            batch_size=batch_size, unreadable=unreadable, work_dir=work_dir)
     views = len(TTA_VIEWS[tta](torch.zeros(1, 1, 1, 1)))
     view_seconds = (time.perf_counter() - started) * (views - 1) / views  # the model's time grows with the views
     probs = calibrate.apply_stored(calibrate.stored(run), probs, classes)  # the values the CV was scored with
-    frame = write_checked(comp, ids, probs, classes, sample, info["classes"], out_csv, force)
+    frame = write_checked(comp, ids, probs, classes, sample, info["classes"], out_csv, force,
+                          decision_task(run, info))
     keep_test_probs(run, chosen, ids, probs, classes, tta, work_dir, info)
     return PredictResult(out_csv, len(frame), [str(m.dir) for m in chosen], time.perf_counter() - start, tta,
                          view_seconds)

@@ -45,15 +45,55 @@ def class_difference(have: list[str], want: list[str]) -> str:
     return ", ".join(p for p in parts if p)
 
 
+def _prediction_column(comp: Competition, sample: pd.DataFrame) -> str:
+    """The one prediction column of a tags, value or grade submission: submission_label_column when the
+    sample has it, else the sample's only column beside the id."""
+    others = [c for c in sample.columns if c != comp.id_column]
+    if comp.submission_label_column in others:
+        return comp.submission_label_column
+    if len(others) != 1:
+        raise PipelineError(f"submission {comp.submission!r} writes one column, but the sample submission has "
+                            f"{others[:5]} beside {comp.id_column!r}; set submission_label_column to the right one")
+    return others[0]
+
+
+def _task_frame(comp: Competition, ids: list[str], outputs: np.ndarray, classes: list[str], sample: pd.DataFrame,
+                task) -> pd.DataFrame:
+    """The frame of the kinds other than single: tags, per-label probabilities, a number, a grade."""
+    outputs = np.asarray(outputs, dtype=np.float64)
+    if comp.submission == "probs":  # multilabel: one probability per label, rows do not sum to 1
+        columns = [c for c in sample.columns if c != comp.id_column]
+        differ = class_difference(list(classes), columns)
+        if differ:
+            raise PipelineError(f"the run's labels are not the sample submission's columns: {differ}; "
+                                "predict with a run trained on this competition's data")
+        frame = pd.DataFrame(np.clip(in_class_order(outputs, classes, columns), 0.0, 1.0), columns=columns)
+        frame.insert(0, comp.id_column, ids)
+        return frame
+    column = _prediction_column(comp, sample)
+    decided = task.decide(outputs)
+    if comp.submission == "tags":
+        names = np.asarray(classes)
+        values = [" ".join(names[row > 0]) for row in decided]
+    elif comp.submission == "grade":
+        values = [int(task.grades[int(g)]) for g in decided.reshape(-1)]
+    else:
+        values = outputs[:, 0]
+    return pd.DataFrame({comp.id_column: ids, column: values})
+
+
 def build_submission(comp: Competition, ids: list[str], probs: np.ndarray, classes: list[str],
-                     sample: pd.DataFrame) -> pd.DataFrame:
+                     sample: pd.DataFrame, task=None) -> pd.DataFrame:
     """The submission frame, rows in the sample submission's order, class columns matched by name.
 
     ``classes`` names the columns of ``probs`` (the run's classes); they are
     written under the sample submission's column of the same name, never by
-    position.
+    position. ``task`` (pipeline/models/task.py, with its fitted thresholds) makes the decisions of the kinds other
+    than single.
     """
-    if comp.submission == "label":
+    if task is not None and task.kind != "single":
+        frame = _task_frame(comp, ids, probs, classes, sample, task)
+    elif comp.submission == "label":
         frame = pd.DataFrame({comp.id_column: ids, comp.submission_label_column: np.asarray(classes)[probs.argmax(1)]})
     elif comp.submission == "binary":
         from pipeline.download.layout import binary_classes  # layout reads the download: only binary needs it here
@@ -81,7 +121,7 @@ def build_submission(comp: Competition, ids: list[str], probs: np.ndarray, class
 
 
 def check_submission(comp: Competition, frame: pd.DataFrame, sample: pd.DataFrame,
-                     classes: list[str] | None = None) -> list[str]:
+                     classes: list[str] | None = None, grades: list[str] | None = None) -> list[str]:
     """Every problem Kaggle would reject ``frame`` for, worded for the user; [] when valid.
 
     Checks the columns, the id set and order against the sample submission,
@@ -115,11 +155,14 @@ def check_submission(comp: Competition, frame: pd.DataFrame, sample: pd.DataFram
         found.append(f"{len(frame)} rows, the sample submission has {len(sample)}")
     elif not found and not (ids.to_numpy() == expected.to_numpy()).all():
         found.append("rows are not in the sample submission's order")
-    found += _value_problems(comp, frame, sample, classes)
+    found += _value_problems(comp, frame, sample, classes, grades)
     return found
 
 
-def _value_problems(comp: Competition, frame: pd.DataFrame, sample: pd.DataFrame, classes: list[str] | None) -> list[str]:
+def _value_problems(comp: Competition, frame: pd.DataFrame, sample: pd.DataFrame, classes: list[str] | None,
+                    grades: list[str] | None = None) -> list[str]:
+    if comp.submission in ("tags", "value", "grade"):
+        return _task_value_problems(comp, frame, sample, classes, grades)
     if comp.submission == "label":
         col = comp.submission_label_column
         if col not in frame.columns or classes is None:
@@ -142,14 +185,44 @@ def _value_problems(comp: Competition, frame: pd.DataFrame, sample: pd.DataFrame
         r, c = np.argwhere(out_of_range)[0]
         found.append(f"row {r + 2}, column {cols[c]!r}: {arr[r, c]} is outside [0, 1]")
     zero = np.flatnonzero(np.nansum(arr, axis=1) <= 0)
-    if len(zero) and comp.submission == "probs":
+    if len(zero) and comp.submission == "probs" and comp.task == "single":  # a label set may be all 0
         found.append(f"row {zero[0] + 2}: probabilities sum to 0, which Kaggle cannot rescale ({len(zero)} such rows)")
     return found
 
 
+def _task_value_problems(comp: Competition, frame: pd.DataFrame, sample: pd.DataFrame, classes: list[str] | None,
+                         grades: list[str] | None) -> list[str]:
+    """Tags only from the label set; numbers finite; grades whole numbers among the training grades."""
+    others = [c for c in sample.columns if c != comp.id_column and c in frame.columns]
+    if len(others) != 1:
+        return []
+    col = others[0]
+    if comp.submission == "tags":
+        if classes is None:
+            return []
+        known = set(classes)
+        for r, cell in enumerate(frame[col].fillna("").astype(str)):
+            unknown = [t for t in cell.split() if t not in known]
+            if unknown:
+                return [f"row {r + 2}: tag {unknown[0]!r} is not one of the labels"]
+        return []
+    values = pd.to_numeric(frame[col], errors="coerce").to_numpy(dtype=np.float64)
+    bad = ~np.isfinite(values)
+    if bad.any():
+        r = int(np.flatnonzero(bad)[0])
+        return [f"row {r + 2}, column {col!r}: {frame[col].iloc[r]!r} is not a finite number ({int(bad.sum())} such rows)"]
+    if comp.submission == "grade":
+        allowed = {float(g) for g in grades} if grades else None
+        wrong = (values != np.round(values)) | (~np.isin(values, list(allowed)) if allowed else False)
+        if np.any(wrong):
+            r = int(np.flatnonzero(wrong)[0])
+            return [f"row {r + 2}, column {col!r}: {values[r]:g} is not one of the grades {sorted(allowed or [])}"]
+    return []
+
+
 def submission_warnings(comp: Competition, frame: pd.DataFrame) -> list[str]:
     """What Kaggle accepts but a user should know: probability rows off 1 by more than rounding (SUM_RULE)."""
-    if comp.submission != "probs":
+    if comp.submission != "probs" or comp.task != "single":  # per-label probabilities need not sum to 1
         return []
     cols = [c for c in frame.columns if c != comp.id_column]
     sums = frame[cols].apply(pd.to_numeric, errors="coerce").to_numpy(dtype=np.float64).sum(axis=1)
@@ -168,11 +241,11 @@ def write_submission(frame: pd.DataFrame, path: Path, force: bool) -> None:
 
 
 def write_checked(comp: Competition, ids: list[str], probs: np.ndarray, classes: list[str], sample: pd.DataFrame,
-                  expected: list[str], out_csv: Path, force: bool) -> pd.DataFrame:
+                  expected: list[str], out_csv: Path, force: bool, task=None) -> pd.DataFrame:
     """Build the submission, check it against the sample and the work folder's classes ``expected``, and
     write it only when it passes (predict and blend both end here)."""
-    frame = build_submission(comp, ids, probs, classes, sample)
-    found = check_submission(comp, frame, sample, expected)
+    frame = build_submission(comp, ids, probs, classes, sample, task)
+    found = check_submission(comp, frame, sample, expected, task and list(task.grades))
     if found:
         raise PipelineError(f"refusing to write {out_csv}: {found[0]} ({len(found)} problems)")
     write_submission(frame, out_csv, force)
@@ -188,12 +261,13 @@ def check_submission_file(comp: Competition, submission_csv: Path, sample: Path 
     if sample is None and work_dir is None:
         raise PipelineError("give --sample FILE (the competition's sample submission) or --work-dir DIR")
     sample_path = sample or Path(work_dir) / SAMPLE_FILE
-    classes = None
+    classes = grades = None
     if work_dir is not None:
-        classes = read_json(Path(work_dir) / REORG_FILE, "WORK_DIR is not a finished reorg; run `pipeline reorg` "
-                            "first", "run `pipeline reorg --force` to rebuild it")["classes"]
+        info = read_json(Path(work_dir) / REORG_FILE, "WORK_DIR is not a finished reorg; run `pipeline reorg` "
+                         "first", "run `pipeline reorg --force` to rebuild it")
+        classes, grades = info["classes"], info.get("grades")
     frame = read_csv(submission_csv, what="submission")
-    return frame, check_submission(comp, frame, read_csv(sample_path, what="sample submission"), classes)
+    return frame, check_submission(comp, frame, read_csv(sample_path, what="sample submission"), classes, grades)
 
 
 def in_class_order(probs: np.ndarray, have: list[str], want: list[str]) -> np.ndarray:

@@ -16,11 +16,12 @@ from torch import nn
 
 from pipeline import distributed as dist
 from pipeline.config import TrainConfig
-from pipeline.workdir import BAD_TARGET
+from pipeline.models.task import bad_mask
 from pipeline.devices import DevicePlan, autocast
 from pipeline.errors import PipelineError
 from pipeline.metrics import better, valid_key
 from pipeline.models import compute_loss, param_groups, set_train_mode
+from pipeline.models.fusion import batch_meta, call
 from pipeline.progress import deferred, track
 
 
@@ -148,8 +149,9 @@ def train_one_epoch(model: nn.Module, loader, optimizer, criterion, cfg: TrainCo
     for i, (x, y, idx) in enumerate(bar):
         if i >= rt.steps_per_epoch * accum:
             break
+        meta = batch_meta(loader, idx, rt.device)  # the batch's metadata rows, when the member has metadata
         if y.device.type == "cpu":  # checked before the copy: no host sync
-            unreadable.append(idx[y == BAD_TARGET])
+            unreadable.append(idx[bad_mask(y)])
         x = x.to(rt.device, non_blocking=rt.non_blocking)
         y = y.to(rt.device, non_blocking=rt.non_blocking)
         if rt.channels_last and x.ndim == 4:  # the data plan decides; feature batches are 2-D
@@ -159,7 +161,7 @@ def train_one_epoch(model: nn.Module, loader, optimizer, criterion, cfg: TrainCo
             optimizer.zero_grad(set_to_none=True)
         x, y_a, y_b, lam = mix_batch(x, y, cfg, gen)
         with rt.autocast():
-            out = model(x)
+            out = call(model, x, meta)  # mixup/cutmix mix the images; each row keeps its own metadata
             loss = lam * compute_loss(out, y_a, criterion, aux_weights)
             if lam < 1:
                 loss = loss + (1 - lam) * compute_loss(out, y_b, criterion, aux_weights)

@@ -18,7 +18,7 @@ from sklearn.linear_model import LogisticRegression
 from sklearn.model_selection import KFold
 from torch import nn
 
-from pipeline.workdir import BAD_TARGET
+from pipeline.models.task import bad_mask
 from pipeline.errors import PipelineError
 
 log = logging.getLogger("pipeline")
@@ -84,20 +84,28 @@ def _log_loss(logits: np.ndarray, y: np.ndarray) -> float:
     return float(-logp[np.arange(len(y)), y].mean())
 
 
-def fit_feature_head(model: nn.Module, loader, n_classes: int, seed: int = 0) -> tuple[float, dict]:
+def fit_feature_head(model: nn.Module, loader, task, seed: int = 0) -> tuple[float, dict]:
     """Fit the classifier of ``model`` on a feature loader's views and targets; the training log loss and
     the fit's record (C, the inner-CV log loss by C, rows and views fitted on: the run keeps it).
 
     ``loader`` is the data plan's FeatureLoader ((V, N, F) views, (N,) targets);
-    unreadable images (BAD_TARGET) are left out.
+    unreadable images (pipeline/models/task.py's bad_mask) are left out. ``task`` (pipeline/models/task.py) says what is
+    fitted: a softmax over its classes (single), or the fit of pipeline/train/linear_fits.py (the others).
     """
     views, targets = loader.views.float().cpu(), loader.targets.cpu()
     n_views, n = views.shape[:2]
-    x, y = views.reshape(n_views * n, -1).numpy(), targets.repeat(n_views).numpy()
+    x = views.reshape(n_views * n, -1).numpy()
+    meta = getattr(loader, "meta", None)  # metadata: fitted on the concatenation [features, metadata]
+    if meta is not None:
+        x = np.concatenate([x, np.tile(meta.float().numpy(), (n_views, 1))], axis=1)
+    y = targets.repeat(n_views).numpy() if targets.ndim == 1 else targets.repeat(n_views, 1).numpy()
     groups = np.tile(np.arange(n), n_views)
-    keep = y != BAD_TARGET
+    keep = ~bad_mask(y)
     if not keep.any():
         raise PipelineError("--head logreg: no readable training image to fit on")
+    if task.kind != "single":
+        return _fit_other(model, task, x[keep], y[keep], groups[keep], seed, n_views)
+    n_classes = task.n_outputs
     weight, bias, info = fit_logreg(x[keep], y[keep], n_classes, groups[keep], seed)
     load_linear_head(model, weight, bias)
     log.info("logistic regression head: C %g chosen by inner CV on the training images (log loss by C: %s)",
@@ -106,8 +114,29 @@ def fit_feature_head(model: nn.Module, loader, n_classes: int, seed: int = 0) ->
     return _log_loss(x[keep] @ weight.T + bias, y[keep]), record
 
 
+def _fit_other(model: nn.Module, task, x: np.ndarray, y: np.ndarray, groups: np.ndarray, seed: int,
+               n_views: int) -> tuple[float, dict]:
+    from pipeline.train.linear_fits import fit_task_head
+
+    if task.numeric:  # the head predicts the standardised target, as the SGD head is trained to
+        y = (y - task.center) / task.scale
+    weight, bias, info = fit_task_head(x, y, task.kind, groups, seed)
+    load_linear_head(model, weight, bias)
+    log.info("%s head fitted on the training images: %s", "logistic" if task.kind == "multilabel" else "ridge",
+             {k: v for k, v in info.items() if k != "train_loss"})
+    record = {"head": "logreg", **info, "rows": int(len(y)), "views": int(n_views)}
+    return info["train_loss"], record
+
+
 def load_linear_head(model: nn.Module, weight: np.ndarray, bias: np.ndarray) -> None:
-    """Write ``weight``/``bias`` into the model's Linear classifier, undoing any logit scale it applies."""
+    """Write ``weight``/``bias`` into the model's Linear classifier, undoing any logit scale it applies; with
+    metadata (pipeline/models/fusion.py) the columns past the features go to its ``meta_head``."""
+    if hasattr(model, "meta_head"):
+        width = model.meta_head.in_features
+        with torch.no_grad():
+            model.meta_head.weight.copy_(torch.as_tensor(weight[:, -width:], dtype=model.meta_head.weight.dtype))
+            model.meta_head.bias.zero_()
+        model, weight = model.model, weight[:, :-width]
     layer = model.get_classifier()
     if not isinstance(layer, nn.Linear):
         raise PipelineError(f"--head logreg needs a Linear classifier, the model has a {type(layer).__name__}; "

@@ -20,6 +20,7 @@ import numpy as np
 
 from pipeline.config import Resolved, TrainConfig
 from pipeline.errors import PipelineError
+from pipeline.models.fusion import batch_meta, call
 
 log = logging.getLogger("pipeline")
 
@@ -120,7 +121,7 @@ def find_lr(resolved: Resolved | TrainConfig, steps: int = 100, start: float = 1
     info = load_reorg(resolved.config.work_dir)
     _, plans = plan_run(resolved, info)
     plan = plans[0]
-    st = setup_member(plan, len(info["classes"]), get_competition(plan.config.competition).metric)
+    st = setup_member(plan, get_competition(plan.config.competition).metric)
     cfg, model, net, optimizer, rt, criterion = phase(plan.config, 0), st.model, st.net, st.optimizer, st.rt, st.criterion
     device = rt.device
     scales = [g["base_lr"] / cfg.lr for g in optimizer.param_groups]  # the backbone keeps its lr scale
@@ -129,14 +130,14 @@ def find_lr(resolved: Resolved | TrainConfig, steps: int = 100, start: float = 1
     set_train_mode(net, True)
     losses: list[float] = []
     best, stopped = math.inf, False
-    for step, (x, y) in enumerate(_batches(data.train, steps)):
+    for step, (x, y, idx) in enumerate(_batches(data.train, steps)):
         for group, scale in zip(optimizer.param_groups, scales):
             group["lr"] = lrs[step] * scale
         x, y = x.to(device), y.to(device)
         if rt.channels_last and x.ndim == 4:  # as training does: image batches only
             x = x.contiguous(memory_format=torch.channels_last)
         with rt.autocast():
-            loss = compute_loss(net(x), y, criterion, aux_weights)
+            loss = compute_loss(call(net, x, batch_meta(data.train, idx, device)), y, criterion, aux_weights)
         optimizer.zero_grad(set_to_none=True)
         backward_step(loss, optimizer, net, cfg, rt)
         losses.append(float(loss.detach()))
@@ -149,17 +150,17 @@ def find_lr(resolved: Resolved | TrainConfig, steps: int = 100, start: float = 1
 
 
 def _batches(loader, steps: int):
-    """``steps`` training batches (x, y), cycling through the loader's epochs as needed."""
+    """``steps`` training batches (x, y, positions), cycling through the loader's epochs as needed."""
     epoch, taken = 0, 0
     while taken < steps:
         if hasattr(loader, "sampler"):  # a new shuffle each pass, as training does
             loader.sampler.set_epoch(epoch)
         before = taken
-        for x, y, _ in loader:
+        for x, y, idx in loader:
             if taken == steps:
                 return
             taken += 1
-            yield x, y
+            yield x, y, idx
         if taken == before:
             raise PipelineError("lr-find found no full training batch: lower --batch-size")
         epoch += 1

@@ -19,7 +19,9 @@ from pipeline.data.items import Item
 from pipeline.data.plan import Source, choose_source
 from pipeline.devices import DevicePlan
 from pipeline.errors import PipelineError
+from pipeline.data.metadata import MetaEncoder, item_metadata, meta_tensor
 from pipeline.runs import Member
+from pipeline.models.task import Task, target_tensor
 from pipeline.train.adapt import adapt_to_data
 from pipeline.train.engine import phase
 from pipeline.train.members import plan_members
@@ -41,6 +43,8 @@ class MemberPlan:
     total_steps: int  # optimizer steps over every phase (a fitted logreg phase takes none)
     notes: tuple[str, ...] = ()  # why the recipe's values were adapted
     warnings: tuple[str, ...] = ()  # what the plan itself warns about
+    task: Task = Task("single", ())  # the work folder's task, fitted to this member's training targets
+    metadata: MetaEncoder | None = None  # the spec's metadata columns, encoded as this member's training rows say
 
     @property
     def name(self) -> str:
@@ -60,7 +64,13 @@ class MemberPlan:
                 "batch_size": cfg.batch_size, "per_process": self.per_process,
                 "per_process_batch": cfg.batch_size, "steps_per_epoch": self.steps_per_epoch,
                 "total_steps": self.total_steps, "epochs": cfg.epochs, "training": training_kind(cfg),
-                "weights": weights_source(cfg), "adapted": list(self.notes), "warnings": list(self.warnings)}
+                "weights": weights_source(cfg), "adapted": list(self.notes), "warnings": list(self.warnings),
+                **({"task": self.task.to_json()} if self.task.kind != "single" else {}),
+                **({"metadata": self.metadata.to_json()} if self.metadata is not None else {})}
+
+    def meta(self, items: list[Item]) -> torch.Tensor | None:
+        """The encoded metadata of ``items`` (None without metadata)."""
+        return meta_tensor(self.metadata, self.config.work_dir, items)
 
 
 def steps_per_epoch(cfg: TrainConfig, per_process: int) -> int:
@@ -93,8 +103,9 @@ def weights_source(cfg: TrainConfig) -> str:
 
 
 def plan_member(cfg: TrainConfig, sources: dict[str, str], member: Member, train_items: list[Item],
-                valid_items: list[Item]) -> MemberPlan:
-    """One member's plan: the recipe adapted to its images, the batch capped, steps and source."""
+                valid_items: list[Item], task: Task, columns: list[str] = ()) -> MemberPlan:
+    """One member's plan: the recipe adapted to its images, the batch capped, steps and source; the task
+    fitted to its training targets (a regression's standardisation)."""
     share = dist.per_process(len(train_items))
     adapted, notes = adapt_to_data(cfg, share, sources)
     warnings = []
@@ -107,13 +118,20 @@ def plan_member(cfg: TrainConfig, sources: dict[str, str], member: Member, train
     steps = steps_per_epoch(adapted, share)
     total = steps * (adapted.epochs - fitted_epochs(adapted))
     source = choose_source(phase(adapted, 0))  # --unfreeze-after: the frozen phase's source first
+    task = task.fitted(target_tensor([it.target for it in train_items])) if train_items else task
+    encoder = None
+    if columns:  # fitted on this member's training rows only
+        encoder = MetaEncoder.fit(item_metadata(cfg.work_dir, columns, train_items), columns)
     return MemberPlan(member, train_items, valid_items, adapted, share, source, steps, total, tuple(notes),
-                      tuple(warnings))
+                      tuple(warnings), task, encoder)
 
 
 def plan_run(resolved: Resolved, info: dict) -> tuple[Resolved, list[MemberPlan]]:
     """Every member's plan; the resolved config gains the adaptation notes (logged once each)."""
-    plans = [plan_member(resolved.config, resolved.sources, *m) for m in plan_members(resolved.config, info)]
+    task = Task.of(info)
+    columns = list(info.get("metadata", ()))
+    plans = [plan_member(resolved.config, resolved.sources, *m, task, columns)
+             for m in plan_members(resolved.config, info)]
     notes = tuple(dict.fromkeys(n for p in plans for n in p.notes))
     return replace(resolved, notes=tuple(dict.fromkeys((*resolved.notes, *notes)))), plans
 

@@ -15,7 +15,7 @@ from torch import nn
 from pipeline import distributed as dist
 from pipeline.checkpoint import load_checkpoint
 from pipeline.config import TrainConfig
-from pipeline.workdir import BAD_TARGET
+from pipeline.models.task import target_tensor
 from pipeline.data.plan import DataPlan, choose_source, plan_member
 from pipeline.devices import resolve_device
 from pipeline.models import model_from_config, unfreeze
@@ -71,7 +71,7 @@ class _KeptState:
         self.st.kept = dict(state) or None
 
 
-def setup_member(plan: MemberPlan, n_classes: int, metric: str, resume: bool = False) -> MemberState:
+def setup_member(plan: MemberPlan, metric: str, resume: bool = False) -> MemberState:
     """Model, optimizer, precision, EMA, data for ``plan``; restored from last.pt when resuming.
 
     A resumed run is set up in the phase (see :func:`pipeline.train.engine.phase`)
@@ -88,10 +88,14 @@ def setup_member(plan: MemberPlan, n_classes: int, metric: str, resume: bool = F
     first_epoch = int(saved["epoch"]) if saved else 0
     pcfg = phase(cfg, first_epoch)
     torch.manual_seed(cfg.seed)
-    model = model_from_config(pcfg, n_classes).to(device)
+    width = plan.metadata.width if plan.metadata is not None else 0
+    model = model_from_config(pcfg, plan.task.n_outputs, meta_width=width).to(device)
     optimizer = build_optimizer(model, pcfg)
     rt = make_runtime(pcfg, device, plan.steps_per_epoch, dplan, first_epoch)
-    criterion = nn.CrossEntropyLoss(label_smoothing=cfg.label_smoothing, ignore_index=BAD_TARGET)
+    weights = None
+    if cfg.balance == "loss":
+        weights = plan.task.balance_weights(target_tensor([it.target for it in plan.train_items]))
+    criterion = plan.task.criterion(cfg.label_smoothing, weights)
     st = MemberState(plan, model, model, optimizer, make_ema(model, cfg.ema), rt, criterion, None,
                      BestTracker(metric), EarlyStop(cfg.early_stop), [], first_epoch=first_epoch)
     if saved:
@@ -111,7 +115,8 @@ def plan_data(st: MemberState, pcfg: TrainConfig, dplan, initial: bool = True) -
     """The member's loaders for this phase and the network the loop calls (data plan, DDP, compile);
     ``initial``: the member's first setup, where --data-init may initialise it (never at a phase switch)."""
     model = st.model
-    st.data = plan_member(pcfg, model, st.plan.train_items, st.plan.valid_items, st.rt.device, dplan)
+    st.data = plan_member(pcfg, model, st.plan.train_items, st.plan.valid_items, st.rt.device, dplan,
+                          st.plan.meta if st.plan.metadata is not None else None)
     if st.rt.channels_last:
         model.to(memory_format=torch.channels_last)  # in place: the optimizer keeps its parameters
     if initial and st.first_epoch == 0:

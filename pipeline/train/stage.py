@@ -19,11 +19,11 @@ from pipeline import distributed as dist
 from pipeline.data import shm
 from pipeline.competition import Competition, get_competition
 from pipeline.config import Resolved, TrainConfig
-from pipeline.workdir import BAD_TARGET
+from pipeline.models.task import bad_mask
 from pipeline.data.items import Item, load_reorg, training_fingerprint, unreadable_message
 from pipeline.errors import PipelineError
 from pipeline.io import atomic_write_json
-from pipeline.metrics import bootstrap_interval, reported_metrics, score, valid_key
+from pipeline.metrics import LOSS_METRICS, bootstrap_interval, reported_metrics, score, valid_key
 from pipeline.models.inference import infer, unreadable_positions
 from pipeline.predict.submission import positive_index, submission_clip
 from pipeline.progress import epoch_line, log_scalars, stage, tensorboard_writer
@@ -65,22 +65,23 @@ def _validate(st: MemberState, cfg: TrainConfig, comp: Competition, n_classes: i
     probability floor). Unreadable images (target BAD_TARGET) are left out of
     the scores; their positions come back for the caller to report.
     """
-    rt, st.latest, row = st.rt, {}, {}
-    names = reported_metrics(comp.metric)
+    rt, st.latest, row, task = st.rt, {}, {}, st.plan.task
+    names = reported_metrics(comp.metric, task.kind)
     views = {"live": st.net, "ema": st.ema is not None and st.data.view(st.ema.module)}
     for variant, net in views.items():
         if net is False:
             continue
         p, t, pos = infer(net, st.data.valid, rt.device, tta=cfg.tta, amp_dtype=rt.amp_dtype,
-                          channels_last=rt.channels_last)
+                          channels_last=rt.channels_last, activation=task.activation)
         if not np.isfinite(p).all():
             raise PipelineError("the model's validation outputs are NaN or infinite: training diverged; "
                                 "lower --lr, add --clip-grad 1, or raise --batch-size")
-        keep = t != BAD_TARGET
+        keep = ~bad_mask(t)
         st.latest[variant] = (p[keep], t[keep])
-        scores = score(p[keep], t[keep], n_classes, names, clip=submission_clip(comp), positive=positive_index(comp))
+        scores = score(p[keep], t[keep], n_classes, names, clip=submission_clip(comp), positive=positive_index(comp),
+                       task=task, beta=comp.beta)
         row.update({valid_key(k, variant): v for k, v in scores.items()})
-    return {"valid_loss": row["valid_log_loss"], **row}, unreadable_positions(t, pos)
+    return {"valid_loss": row[valid_key(LOSS_METRICS[task.kind])], **row}, unreadable_positions(t, pos)
 
 
 def _run_epoch(cfg: TrainConfig, comp: Competition, st: MemberState, epoch: int, train_items: list[Item],
@@ -93,7 +94,7 @@ def _run_epoch(cfg: TrainConfig, comp: Competition, st: MemberState, epoch: int,
     st.data.train.sampler.set_epoch(epoch)
     if cfg.head == "logreg":  # a convex fit on the cached features instead of an epoch of SGD
         from pipeline.train.logreg import fit_feature_head
-        (loss, st.head_fit), steps, bad = fit_feature_head(st.model, st.data.train, n_classes, cfg.seed), 0, set()
+        (loss, st.head_fit), steps, bad = fit_feature_head(st.model, st.data.train, st.plan.task, cfg.seed), 0, set()
     else:
         loss, steps, bad = train_one_epoch(st.net, st.data.train, st.optimizer, st.criterion, cfg, st.rt, st.ema, epoch, gen)
     _warn_unreadable(st, "train", bad, train_items, "skipping")
@@ -140,8 +141,12 @@ def fit_member(plan: MemberPlan, comp: Competition, data: dict, resume: bool) ->
     with the weights so predict can match them by name.
     """
     cfg, member, train_items, valid_items = plan.config, plan.member, plan.train_items, plan.valid_items
-    start, n_classes = time.perf_counter(), len(data["classes"])
-    st = setup_member(plan, n_classes, comp.metric, resume)
+    start, n_classes = time.perf_counter(), plan.task.n_outputs
+    if plan.task.kind != "single":  # the member's own standardisation and range travel with its weights
+        data = {**data, "task": plan.task.to_json()}
+    if plan.metadata is not None:  # and the encoding of its metadata columns
+        data = {**data, "metadata": plan.metadata.to_json()}
+    st = setup_member(plan, comp.metric, resume)
     if dist.is_main():
         member.write_config(replace(cfg, head=cfg.model_head).to_json(), st.data.device.to_json(), plan.to_json())
     board = tensorboard_writer(member.tensorboard_dir) if cfg.tensorboard and dist.is_main() else None
@@ -182,7 +187,8 @@ def finish_kept(st: MemberState, comp: Competition, n_classes: int) -> dict:
     valid = (st.kept or {}).get("valid")
     if valid is not None:  # after a resume the kept epoch's probabilities are gone: no new interval
         probs, targets = valid
-        lo, hi = bootstrap_interval(probs, targets, n_classes, comp.metric, clip=submission_clip(comp))
+        lo, hi = bootstrap_interval(probs, targets, n_classes, comp.metric, clip=submission_clip(comp),
+                                    task=st.plan.task, beta=comp.beta)
         kept.update(valid_images=int(len(targets)), interval=[lo, hi])
     return kept
 

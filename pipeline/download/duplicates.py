@@ -1,0 +1,108 @@
+"""Byte-identical training images that a split puts on both sides (holdout or any fold).
+
+Without a group column, the same photo saved twice (a re-upload, a copy under a second id) lets the
+model see a validation image in training, and the CV lies. Finding them is cheap: files are grouped
+by size first (one stat each), and only files that share a size are read and hashed.
+"""
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+
+import pandas as pd
+
+log = logging.getLogger("pipeline")
+
+CHUNK = 1 << 20  # bytes read at a time when hashing
+
+
+@dataclass(frozen=True)
+class DuplicateAccount:
+    """The sets of identical images that the split separates, and what finding them cost."""
+
+    sets: tuple[tuple[str, ...], ...]  # ids of one image's copies, sorted; only sets the split separates
+    identical: int  # sets of identical files found in all, split apart or not
+    hashed: int  # files read, of ``files`` stat-ed
+    files: int
+
+    @property
+    def images(self) -> int:
+        return sum(len(s) for s in self.sets)
+
+    def warning(self) -> str | None:
+        """One line naming an example pair and the count, or None when the split separates no copies."""
+        if not self.sets:
+            return None
+        first = self.sets[0]
+        return (f"{len(self.sets)} sets of byte-identical training images ({self.images} images) lie on both "
+                f"sides of the holdout or of a fold, e.g. ids {first[0]!r} and {first[1]!r}: the validation "
+                "score is optimistic; set group_column, or remove the duplicates")
+
+
+def _size(path: str) -> int:
+    try:
+        return os.stat(path).st_size
+    except OSError:
+        return -1  # unreadable: reading the download reports it, with a better message
+
+
+def _digest(path: str) -> str:
+    digest = hashlib.blake2b(digest_size=20)
+    try:
+        with open(path, "rb") as fh:
+            while chunk := fh.read(CHUNK):
+                digest.update(chunk)
+    except OSError:
+        return f"unreadable {path}"  # never equal to another file's
+    return digest.hexdigest()
+
+
+def _threads(fn, items: list[str]) -> list:
+    """``fn`` over ``items`` in a few threads, a chunk of items per task (stat and read release the GIL).
+
+    One task per file cost more than the files: 50,000 futures took 2.4 s where chunks take 0.5 s.
+    """
+    workers = min(4, os.cpu_count() or 1)
+    size = max(256, -(-len(items) // (4 * workers)))
+    chunks = [items[i : i + size] for i in range(0, len(items), size)]
+    with ThreadPoolExecutor(max_workers=workers) as pool:
+        return [value for part in pool.map(lambda chunk: [fn(item) for item in chunk], chunks) for value in part]
+
+
+def identical_sets(paths: dict[str, str]) -> tuple[list[tuple[str, ...]], int]:
+    """Ids whose files have the same bytes (sorted tuples of two or more, sorted), and how many files were read."""
+    ids = list(paths)
+    sizes = pd.Series(_threads(_size, [paths[i] for i in ids]), index=ids)
+    sizes = sizes[sizes >= 0]
+    shared = sizes[sizes.duplicated(keep=False)]
+    if shared.empty:
+        return [], 0
+    digests = pd.Series(_threads(_digest, [paths[i] for i in shared.index]), index=shared.index)
+    keys = shared.astype(str) + ":" + digests
+    same = keys[keys.duplicated(keep=False)]
+    sets = [tuple(sorted(part.index)) for _, part in same.groupby(same)]
+    return sorted(sets), len(shared)
+
+
+def duplicates_across(paths: dict[str, str], valid_ids: frozenset[str], folds: pd.Series | None) -> DuplicateAccount:
+    """The identical images (``paths``: id -> file) that the holdout or the folds (id -> fold) put apart."""
+    sets, hashed = identical_sets(paths)
+    across = []
+    for ids in sets:
+        sides = {i in valid_ids for i in ids}
+        fold_numbers = set() if folds is None else {int(folds[i]) for i in ids if i in folds.index}
+        if len(sides) > 1 or len(fold_numbers) > 1:
+            across.append(ids)
+    return DuplicateAccount(sets=tuple(across), identical=len(sets), hashed=hashed, files=len(paths))
+
+
+def warn_duplicates(paths: dict[str, str], valid_ids: frozenset[str], folds: pd.Series | None) -> DuplicateAccount:
+    """:func:`duplicates_across`, and one warning line when the split separates copies."""
+    account = duplicates_across(paths, valid_ids, folds)
+    message = account.warning()
+    if message:
+        log.warning(message)
+    return account
