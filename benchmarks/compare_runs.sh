@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Train and predict cifar-10-tiny (holdout; 3 folds with and without flip TTA) and the dog sample (3 folds, frozen
 # Lite0) with a checkout's code; copy metrics.csv, oof.csv, cv.json and the submissions
-# into OUT so two checkouts can be compared file by file (diff -r).
+# into OUT, with a digest of every member's kept weights (weights.json), so two checkouts can be compared file by
+# file (benchmarks/compare_outputs.py).
 # usage: benchmarks/compare_runs.sh CHECKOUT OUT   (run from anywhere; python from $PY)
 set -euo pipefail
 src=$(cd "$1" && pwd); out=$2; shared=${SHARED:-$src/../shared}
@@ -27,5 +28,19 @@ for r in ch cf cn df; do
   done
 done
 cp "$tmp"/*.csv "$out/"
+# the kept weights of every member, as a digest of each tensor's bytes (checkpoint files also hold timings)
+PYTHONPATH="$src" "$py" - "$tmp" "$out/weights.json" <<'PYEOF'
+import hashlib, json, sys
+from pathlib import Path
+import torch
+root, digests = Path(sys.argv[1]), {}
+for path in sorted(root.rglob("best.pt")):
+    state = torch.load(path, map_location="cpu", weights_only=False)["model"]
+    digest = hashlib.sha256()
+    for name in sorted(state):
+        digest.update(name.encode() + state[name].cpu().contiguous().numpy().tobytes())
+    digests[str(path.relative_to(root))] = digest.hexdigest()
+Path(sys.argv[2]).write_text(json.dumps(digests, indent=1))
+PYEOF
 rm -rf "$tmp"
 echo "wrote $out"

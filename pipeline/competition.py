@@ -97,6 +97,8 @@ class Competition:
         "help": "the competition's Evaluation page: accuracy, log_loss, roc_auc, qwk, macro_f1, f_beta_samples, "
                 "f_beta_micro, f_beta_macro, mean_auc, rmse or mae"})
     beta: float = field(default=1.0, metadata={"help": "metric f_beta_*: the beta (2 for F2)"})
+    loss: str = field(default="", metadata={
+        "help": "task regression or ordinal: the training loss on the standardised target, mse (unset) or huber"})
     image_size: int = field(metadata={"help": "the side of the square the model sees"})
     mean: tuple[float, float, float] = field(metadata={"help": "normalisation mean (RGB, 0-1)"})
     std: tuple[float, float, float] = field(metadata={"help": "normalisation std (RGB, 0-1)"})
@@ -122,6 +124,10 @@ class Competition:
         from pipeline.metrics import check_metric  # sklearn loads only when a competition is built
 
         check_metric(self.metric, self.task)
+        if self.loss not in ("", "mse", "huber"):
+            raise PipelineError(f"competition {self.slug}: loss must be 'mse' or 'huber', got {self.loss!r}")
+        if self.loss and self.task not in ("regression", "ordinal"):
+            raise PipelineError(f"competition {self.slug}: loss is for task 'regression' or 'ordinal'")
         if not self.beta > 0:
             raise PipelineError(f"competition {self.slug}: beta must be > 0, got {self.beta}")
         self._check_layout()

@@ -89,10 +89,11 @@ class TrainConfig:
     lr_decay: float = setting(0.1, "step schedule: lr factor per period.")
     warmup_epochs: float = setting(0.0, "Linear warm-up, epochs.", minimum=0)
     label_smoothing: float = setting(0.0, "Label smoothing of the loss, in [0, 1).", minimum=0)
-    balance: str = setting("none", "Rare classes: loss weights the loss by inverse class frequency (single) or "
-                           "positives by negatives/positives per label (multilabel); none: off, the default, since "
-                           "balancing skews probabilities that log-loss and AUC competitions score.",
-                           choices=("none", "loss"))
+    balance: str = setting("none", "Rare classes: sampler draws every class (multilabel: each row as its rarest "
+                           "label) equally often; loss weights the loss by inverse class frequency (multilabel: "
+                           "positives by negatives/positives per label); none: off, the default, since balancing "
+                           "skews the probabilities that log-loss and AUC competitions score.",
+                           choices=("none", "sampler", "loss"))
     data_init: bool = setting(False, "Initialise from training data where the model can (fastnet: whitened stem).")
     mixup: float = setting(0.0, "Mixup Beta alpha (0: off).", minimum=0)
     cutmix: float = setting(0.0, "CutMix Beta alpha (0: off).", minimum=0)

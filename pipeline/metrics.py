@@ -76,10 +76,17 @@ def _roc_auc(targets: np.ndarray, probs: np.ndarray, num_classes: int, positive:
 
 
 def _qwk(targets: np.ndarray, labels: np.ndarray, num_classes: int, positive: int | None) -> float:
-    from sklearn.metrics import cohen_kappa_score  # lazily: sklearn takes seconds to import
-
-    # labels=range(C) keeps the grade distances when a grade is absent from both sides
-    return float(cohen_kappa_score(targets, labels, weights="quadratic", labels=list(range(num_classes))))
+    """Quadratic weighted kappa over the grades 0..C-1 (a grade absent from both sides keeps its distance), as
+    scikit-learn's cohen_kappa_score(weights="quadratic", labels=range(C)) computes it, in numpy: the bootstrap
+    intervals call it a thousand times."""
+    targets, labels = np.asarray(targets, dtype=np.int64), np.asarray(labels, dtype=np.int64)
+    n = max(num_classes, int(max(targets.max(initial=0), labels.max(initial=0))) + 1)
+    observed = np.bincount(targets * n + labels, minlength=n * n).reshape(n, n).astype(np.float64)
+    expected = np.outer(observed.sum(axis=1), observed.sum(axis=0)) / max(observed.sum(), 1)
+    grades = np.arange(n)
+    weights = (grades[:, None] - grades[None, :]) ** 2
+    denominator = float((weights * expected).sum())
+    return 1.0 - float((weights * observed).sum()) / denominator if denominator else math.nan
 
 
 def _macro_f1(targets: np.ndarray, labels: np.ndarray, num_classes: int, positive: int | None) -> float:
@@ -93,10 +100,25 @@ def _f_beta(average: str) -> MetricFn:
     def fn(targets: np.ndarray, decided: np.ndarray, num_classes: int, positive: int | None, beta: float = 1.0) -> float:
         from sklearn.metrics import fbeta_score  # lazily: sklearn takes seconds to import
 
-        # a label never true nor predicted scores 0 (zero_division), as Kaggle's F-beta does
-        return float(fbeta_score(targets.astype(int), decided.astype(int), beta=beta, average=average,
-                                 zero_division=0))
+        return _f_beta_counts(np.asarray(targets) > 0.5, np.asarray(decided) > 0.5, beta, average)
     return fn
+
+
+def _f_beta_counts(truth: np.ndarray, decided: np.ndarray, beta: float, average: str) -> float:
+    """F-beta of (N, L) label sets from true/false positive counts, as scikit-learn's fbeta_score(average=...,
+    zero_division=0) on a multilabel indicator, in numpy (the bootstrap calls it a thousand times): samples
+    averages each image's F-beta, micro pools the counts, macro averages each label's; an image or label with
+    nothing true and nothing predicted scores 0. One column is one label (scikit-learn would read it as a
+    binary pair of classes)."""
+    b2 = beta * beta
+    axis = {"samples": 1, "macro": 0, "micro": None}[average]
+    tp = (truth & decided).sum(axis=axis)
+    fp = (~truth & decided).sum(axis=axis)
+    fn = (truth & ~decided).sum(axis=axis)
+    numerator = (1 + b2) * np.asarray(tp, dtype=np.float64)
+    denominator = numerator + b2 * fn + fp
+    scores = np.divide(numerator, denominator, out=np.zeros_like(numerator), where=denominator > 0)
+    return float(np.mean(scores))
 
 
 def _mean_auc(targets: np.ndarray, probs: np.ndarray, num_classes: int, positive: int | None) -> float:

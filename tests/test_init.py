@@ -188,7 +188,9 @@ def test_binary_competition_end_to_end(tmp_path):
 # ---------------------------------------------------------------- what init decides, and refuses
 
 
-def test_whole_number_single_column_is_left_for_the_user(tmp_path):
+def test_zero_one_target_with_a_whole_number_sample_is_a_probability_of_one(tmp_path):
+    # Kaggle's two-class competitions with a 0/1 target (histopathologic cancer, SIIM-ISIC, aerial cactus) score
+    # the probability of 1 by AUC, and their sample submissions hold a whole 0 or 0.5
     raw = tmp_path / "raw"
     labels = labelled(classes=("0", "1"))
     for i, label in labels.items():
@@ -197,8 +199,8 @@ def test_whole_number_single_column_is_left_for_the_user(tmp_path):
     csv(raw / "train_labels.csv", id=list(labels), label=list(labels.values()))
     csv(raw / "sample_submission.csv", id=["a"], label=0)
     guess = guess_spec(survey(raw), "toy")
-    assert guess.fields["submission"] == "label" and "submission" in guess.undecided
-    assert "binary" in guess.undecided["submission"]
+    assert guess.fields["submission"] == "binary" and "submission" not in guess.undecided
+    assert guess.fields["metric"] == "roc_auc" and 'set "label"' in guess.why["submission"]
 
 
 def test_archives_are_named_and_out_is_never_overwritten(tmp_path):

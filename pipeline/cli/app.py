@@ -121,6 +121,16 @@ def download(competition: Comp,
     typer.echo(f"{comp.slug}: download ready in {raw_dir}")
 
 
+def _targets(info: dict) -> str:
+    """What the model predicts, counted: '10 classes', '17 labels', '5 grades of ...' or 'a number (...)'."""
+    kind = info.get("task", "single")
+    if kind == "regression":
+        return f"a number ({info['classes'][0]})"
+    if kind == "ordinal":
+        return f"{len(info['grades'])} grades of {info['classes'][0]}"
+    return f"{len(info['classes'])} {'labels' if kind == 'multilabel' else 'classes'}"
+
+
 @command(app)
 @handle_errors
 def reorg(competition: Comp,
@@ -139,7 +149,7 @@ def reorg(competition: Comp,
     c = result.info["counts"]
     state = "up to date" if result.skipped else f"written ({result.info['link_mode']})"
     typer.echo(f"{work_dir}: {state} in {result.seconds:.1f}s: train {c['train']}, valid {c['valid']}, "
-               f"train_valid {c['train_valid']}, test {c['test']}, {len(result.info['classes'])} classes")
+               f"train_valid {c['train_valid']}, test {c['test']}, {_targets(result.info)}")
 
 
 @command(app)

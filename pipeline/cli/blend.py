@@ -37,10 +37,11 @@ def blend(
     log loss. The blended CV is nested (each fold weighted by the other
     folds); OUT_CSV's record OUT.blend.json holds the weights and scores.
     """
-    from pipeline.predict.blend import blend as run, format_blend, run_origin
+    from pipeline.predict.blend import blend as run, check_run_dirs, format_blend, run_origin
 
     if len(run_dirs) < 2:
         raise PipelineError(f"blend needs two or more RUN_DIRs before OUT_CSV, got {len(run_dirs)}")
+    check_run_dirs(list(run_dirs))  # each a run folder, before any is read
     comp = load_competition(competition or run_origin(run_dirs[0])[0])
     with progress.stage(f"interrupted while blending: {out_csv} is written only when complete, so nothing "
                         "was written; run the same command again"):

@@ -14,15 +14,20 @@ from pipeline.data.shm import loader_workers
 
 
 def epoch_order(n: int, shuffle: bool, seed: int, epoch: int, rank: int = 0,
-                world: int = 1) -> tuple[torch.Tensor, torch.Generator]:
+                world: int = 1, weights: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Generator]:
     """The order of ``n`` samples in pass ``epoch`` for this rank, and the generator that drew it.
 
     Under DDP each rank takes every world-th index of the permutation, padded
     with its first indices to equal length. The generator goes on to draw
-    the pass's batch augmentation (:class:`TensorBatchLoader`).
+    the pass's batch augmentation (:class:`TensorBatchLoader`). With ``weights``
+    (--balance sampler) the pass draws n samples with replacement, each in
+    proportion to its weight, instead of a permutation.
     """
     gen = torch.Generator().manual_seed(seed * 100_003 + epoch)
-    order = torch.randperm(n, generator=gen) if shuffle else torch.arange(n)
+    if shuffle and weights is not None:
+        order = torch.multinomial(weights.double(), n, replacement=True, generator=gen)
+    else:
+        order = torch.randperm(n, generator=gen) if shuffle else torch.arange(n)
     if world > 1:
         padded = -(-n // world) * world
         order = torch.cat([order, order[: padded - n]])[rank::world]
@@ -40,12 +45,13 @@ class EpochSampler(torch.utils.data.Sampler):
     def __init__(self, n: int, shuffle: bool, seed: int, rank: int = 0, world: int = 1):
         self.n, self.shuffle, self.seed, self.rank, self.world = n, shuffle, seed, rank, world
         self.epoch = 0
+        self.weights = None  # --balance sampler: per-sample weights (set by the data plan)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
 
     def __iter__(self):
-        order, _ = epoch_order(self.n, self.shuffle, self.seed, self.epoch, self.rank, self.world)
+        order, _ = epoch_order(self.n, self.shuffle, self.seed, self.epoch, self.rank, self.world, self.weights)
         gen = torch.Generator().manual_seed(self.seed * 7919 + self.epoch * 104_729 + 1)
         seeds = torch.randint(0, 2**31 - 1, (self.n,), generator=gen)
         return iter([(int(i), int(seeds[i])) for i in order])
@@ -87,6 +93,7 @@ class IndexBatches:
         self.drop_last, self.rank, self.world = drop_last, rank, world
         self.epoch = 0
         self.sampler = self
+        self.weights = None  # --balance sampler: per-sample weights (set by the data plan)
 
     def set_epoch(self, epoch: int) -> None:
         self.epoch = epoch
@@ -97,7 +104,7 @@ class IndexBatches:
 
     def batches(self):
         """Yields (CPU index tensor, generator for this pass's augmentation)."""
-        order, gen = epoch_order(self.n, self.shuffle, self.seed, self.epoch, self.rank, self.world)
+        order, gen = epoch_order(self.n, self.shuffle, self.seed, self.epoch, self.rank, self.world, self.weights)
         for b in range(len(self)):
             yield order[b * self.batch_size : (b + 1) * self.batch_size], gen
 

@@ -84,11 +84,12 @@ class DataPlan:
 
 
 def plan_member(cfg: TrainConfig, model: nn.Module, train_items: list[Item], valid_items: list[Item],
-                device: torch.device, dplan: DevicePlan, meta=None) -> DataPlan:
+                device: torch.device, dplan: DevicePlan, meta=None, weights: torch.Tensor | None = None) -> DataPlan:
     """The member's training and validation loaders from the chosen source; ``dplan``: the member's device plan.
 
     ``meta`` (items -> encoded metadata (N, M), pipeline/data/metadata.py) gives each loader its ``meta`` table,
-    one row per position, which the loops hand to the model with each batch.
+    one row per position, which the loops hand to the model with each batch. ``weights`` (one per training
+    item): the training sampler draws with replacement in proportion to them.
     """
     source = choose_source(cfg)
     log.info("data: %s (%s)", source.kind, source.reason)
@@ -99,6 +100,8 @@ def plan_member(cfg: TrainConfig, model: nn.Module, train_items: list[Item], val
     else:
         plan = _file_plan(cfg, train_items, valid_items, device, source, dplan)
     plan.find_unused = ddp_find_unused(source.kind, bool(getattr(model, "aux_loss_weights", ())))
+    if weights is not None:  # --balance sampler: rare classes drawn as often as common ones
+        plan.train.sampler.weights = weights
     if meta is not None:
         plan.train.meta = meta(train_items)
         if plan.valid is not None:

@@ -276,6 +276,11 @@ def _submission_kind(s: Survey, g: Guess, frame: pd.DataFrame, others: list[str]
     if numeric and target and labels[target].nunique() > 2:
         g.set("submission", "label", f"{target!r} holds {labels[target].nunique()} classes: one per image, "
                                      "not a two-class probability")
+    elif numeric and target and set(labels[target].unique()) in ({"0", "1"}, {"0.0", "1.0"}):
+        g.set("submission", "binary", f"{target!r} holds 0 and 1 and the sample a number in [0, 1]: the probability "
+                                      "of 1, Kaggle's usual two-class submission (set \"label\" if the class itself "
+                                      "is scored)")
+        return "binary"
     elif numeric:
         g.ask("submission", "label", f"'label' if {col!r} takes the class, or 'binary' (and metric 'roc_auc') if the "
                                      "competition scores a probability of the positive class")
@@ -411,4 +416,4 @@ def check_spec(spec: Path, raw_dir: Path) -> str:
         return f"the spec does not read the download yet: {exc}"
     targets = {"single": "classes", "multilabel": "labels", "ordinal": "grades"}.get(comp.task)
     return (f"the spec reads the download: {len(found.train_paths)} training images, {len(found.test_paths)} "
-            f"test images" + (f", {len(found.classes)} {targets}" if targets else ""))
+            f"test images" + (f", {len(found.task.grades if comp.task == 'ordinal' else found.classes)} {targets}" if targets else ""))

@@ -93,11 +93,12 @@ class Task:
     # ------------------------------------------------------------ from the work folder, to a checkpoint
 
     @classmethod
-    def of(cls, info: dict) -> Task:
-        """The task of a work folder (reorg.json): kind and output names; not yet fitted to training rows."""
+    def of(cls, info: dict, loss: str = "") -> Task:
+        """The task of a work folder (reorg.json): kind and output names; not yet fitted to training rows.
+        ``loss``: the spec's (regression, ordinal), mse when unset."""
         kind = info.get("task", "single")
         grades = tuple(info.get("grades", ())) if kind == "ordinal" else ()
-        return cls(kind, tuple(info["classes"]), grades, loss=info.get("loss", "mse"))
+        return cls(kind, tuple(info["classes"]), grades, loss=loss or "mse")
 
     def fitted(self, targets: Tensor) -> Task:
         """This task with the standardisation and range of ``targets`` (a member's training rows)."""
@@ -147,6 +148,20 @@ class Task:
             pos = rows.sum(dim=0)
             return ((len(rows) - pos) / pos.clamp(min=1)).clamp(max=100.0).float()
         return None
+
+    def sample_weights(self, targets: Tensor) -> Tensor | None:
+        """--balance sampler: a weight per training row so each class is drawn equally often (multilabel: a
+        row counts as its rarest label, a row without labels as one more class); None for the numeric kinds."""
+        if self.kind == "single":
+            keys = targets
+        elif self.kind == "multilabel":
+            rows = torch.nan_to_num(targets, nan=0.0) > 0.5
+            rarity = torch.where(rows, rows.sum(dim=0)[None, :].double(), torch.tensor(math.inf, dtype=torch.double))
+            keys = torch.where(rows.any(dim=1), rarity.argmin(dim=1), torch.tensor(-1))
+        else:
+            return None
+        _, inverse, counts = torch.unique(keys, return_inverse=True, return_counts=True)
+        return 1.0 / counts[inverse].double()
 
     def criterion(self, label_smoothing: float = 0.0, class_weights: Tensor | None = None) -> nn.Module:
         """The training loss over the model's raw outputs; unreadable rows are left out."""

@@ -28,6 +28,7 @@ from pipeline.errors import PipelineError
 from pipeline.io import atomic_write_json, read_csv
 from pipeline.metrics import bootstrap_interval, score
 from pipeline.workdir import SAMPLE_FILE
+from pipeline.models.task import Task
 from pipeline.runs import Run
 from pipeline.predict import calibrate
 from pipeline.predict.submission import class_difference, positive_index, submission_clip, write_checked
@@ -126,17 +127,21 @@ def check_run_dirs(run_dirs: list[Path]) -> list[Run]:
         if key in seen:
             raise PipelineError(f"{run_dir} is given twice (as {seen[key]}); name each run once")
         seen[key] = run_dir
+        if not Path(run_dir).is_dir():
+            raise PipelineError(f"{run_dir} is not a folder; blend takes RUN_DIRs then OUT.csv (a spec file goes "
+                                "after --competition)")
         if not Run(run_dir).is_run():
             raise PipelineError(f"{run_dir} is not a training run (no config); give the folders `pipeline train` wrote")
     return [Run(d) for d in run_dirs]
 
 
-def read_oof(run: Run, classes: list[str]) -> pd.DataFrame:
-    """A run's out-of-fold frame indexed by id: its label and the class columns in ``classes``' order (by name)."""
+def read_oof(run: Run, classes: list[str], normalise: bool = True) -> pd.DataFrame:
+    """A run's out-of-fold frame indexed by id: its label and the class columns in ``classes``' order (by name);
+    ``normalise``: rows rescaled to sum 1 (class probabilities; not a multilabel's or a number)."""
     if not run.oof_path.is_file():
         raise PipelineError(f"{run.dir} has no out-of-fold predictions ({run.oof_path.name}); "
                             "train it with --folds K to blend it")
-    frame = read_csv(run.oof_path, what="out-of-fold predictions")
+    frame = read_csv(run.oof_path, what="out-of-fold predictions").fillna({"label": ""})
     differ = class_difference([c for c in frame.columns if c not in ("id", "label")], classes)
     if differ or "label" not in frame.columns or "id" not in frame.columns:
         raise PipelineError(f"{run.oof_path} does not have the columns id, label and the work folder's classes "
@@ -146,7 +151,7 @@ def read_oof(run: Run, classes: list[str]) -> pd.DataFrame:
                             "retrain the run")
     frame = frame.set_index("id")
     probs = frame[classes].astype(float)
-    return pd.concat([frame[["label"]], probs.div(probs.sum(axis=1), axis=0)], axis=1)
+    return pd.concat([frame[["label"]], probs.div(probs.sum(axis=1), axis=0) if normalise else probs], axis=1)
 
 
 def check_same_rows(first: Run, reference: pd.DataFrame, run: Run, frame: pd.DataFrame) -> None:
@@ -177,10 +182,13 @@ def check_folds(run: Run, folds: pd.Series, work_dir: Path) -> None:
                             "blend runs cross-validated on the same folds (one WORK_DIR)")
 
 
-def load_oofs(runs: list[Run], work_dir: Path, classes: list[str]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """The runs' out-of-fold probabilities (R, N, C), targets (N,) and folds (N,), rows by id, columns by name."""
+def load_oofs(runs: list[Run], work_dir: Path, classes: list[str],
+              task: Task | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The runs' out-of-fold probabilities (R, N, C), targets (N,) and folds (N,), rows by id, columns by name;
+    for a ``task`` other than single, its outputs and targets (N, K) as pipeline/models/task.py has them."""
     folds = read_folds(work_dir)
-    frames = [read_oof(run, classes) for run in runs]
+    single = task is None or task.kind == "single"
+    frames = [read_oof(run, classes, normalise=single) for run in runs]
     for run, frame in zip(runs[1:], frames[1:]):
         check_same_rows(runs[0], frames[0], run, frame)
     for run in runs:
@@ -190,6 +198,14 @@ def load_oofs(runs: list[Run], work_dir: Path, classes: list[str]) -> tuple[np.n
     if len(unknown):
         raise PipelineError(f"{runs[0].oof_path} has id {unknown[0]!r}, which {work_dir}'s folds do not; "
                             "blend with the WORK_DIR the runs were trained on")
+    if not single:
+        try:
+            targets = task.targets_from_text(frames[0]["label"].astype(str))
+        except (KeyError, ValueError) as exc:
+            raise PipelineError(f"{runs[0].oof_path} has a label {exc} that {work_dir} does not have; blend with "
+                                "the WORK_DIR the runs were trained on") from None
+        probs = np.stack([f.loc[ids, classes].to_numpy(dtype=np.float64) for f in frames])
+        return probs, targets, folds.loc[ids].to_numpy()
     targets = frames[0]["label"].map({c: i for i, c in enumerate(classes)})
     if targets.isna().any():
         raise PipelineError(f"{runs[0].oof_path} labels id {targets.index[targets.isna()][0]!r} with a class "
@@ -267,14 +283,21 @@ def blend(comp: Competition, run_dirs: list[Path], out_csv: Path, work_dir: Path
     work_dir = absolute(work_dir) if work_dir is not None else run_origin(runs[0].dir)[1]
     info = load_reorg(work_dir)
     configs = [match_run(run, comp, work_dir, info) for run in runs]  # competition, classes, training data
-    probs, targets, folds = load_oofs(runs, work_dir, info["classes"])
-    scores = blend_scores(probs, targets, folds, comp)
+    task = Task.of(info)
+    probs, targets, folds = load_oofs(runs, work_dir, info["classes"], task)
+    if task.kind == "single":
+        scores = blend_scores(probs, targets, folds, comp)
+    else:
+        from pipeline.predict.blend_kinds import blend_scores_task
+
+        scores = blend_scores_task(task, probs, targets, folds, comp.metric, comp.beta)
+        task = task.with_thresholds(scores["thresholds"]) if scores["thresholds"] else task
     items = list_split(work_dir, info, "test")
     tests = [run_test_probs(run, config, items, work_dir, info, device=device, batch_size=batch_size,
                             num_workers=num_workers) for run, config in zip(runs, configs)]
     ids = [it.id for it in items]
     stacked = np.stack([t.set_index("id").loc[ids, info["classes"]].to_numpy(dtype=np.float64) for t in tests])
-    frame = write_blend(comp, work_dir, info, ids, blend_probs(stacked, scores["weights"]), out_csv, force)
+    frame = write_blend(comp, work_dir, info, ids, blend_probs(stacked, scores["weights"]), out_csv, force, task)
     record = {**scores, "runs": [{"run": str(run.dir), "tta": config.get("tta", "none"), **s}
                                  for run, config, s in zip(runs, configs, scores["runs"])],
               "work_dir": str(work_dir), "submission": str(out_csv), "classes": info["classes"]}
@@ -283,22 +306,24 @@ def blend(comp: Competition, run_dirs: list[Path], out_csv: Path, work_dir: Path
 
 
 def write_blend(comp: Competition, work_dir: Path, info: dict, ids: list[str], probs: np.ndarray,
-                out_csv: Path, force: bool) -> pd.DataFrame:
-    """The blended probabilities as a checked submission (predict's builder and checker)."""
+                out_csv: Path, force: bool, task: Task | None = None) -> pd.DataFrame:
+    """The blended probabilities as a checked submission (predict's builder and checker; ``task`` with the
+    thresholds fitted for the blend)."""
     sample = read_csv(Path(work_dir) / SAMPLE_FILE, what="sample submission")
-    return write_checked(comp, ids, probs, info["classes"], sample, info["classes"], out_csv, force)
+    return write_checked(comp, ids, probs, info["classes"], sample, info["classes"], out_csv, force, task)
 
 
 def format_blend(record: dict) -> str:
     """The table of runs (CV, log loss, weight), then the blended CV with its interval and the in-sample score."""
     metric, width = record["metric"], max(len(r["run"]) for r in record["runs"])
-    lines = [f"{'run':<{width}}  {metric:>9}  {FITTED_ON:>9}  {'weight':>6}"]
+    fitted = record.get("fitted_on", FITTED_ON)
+    lines = [f"{'run':<{width}}  {metric:>9}  {fitted:>9}  {'weight':>6}"]
     for r, w in zip(record["runs"], record["weights"]):
-        lines.append(f"{r['run']:<{width}}  {r[metric]:>9.4f}  {r[FITTED_ON]:>9.4f}  {w:>6.3f}")
+        lines.append(f"{r['run']:<{width}}  {r[metric]:>9.4f}  {r[fitted]:>9.4f}  {w:>6.3f}")
     lo, hi = record["interval"]
     lines.append(f"blended CV {metric} {record['blended_cv']:.4f} (95% interval {lo:.4f}-{hi:.4f}; "
-                 f"weights fitted inside the folds on {FITTED_ON}"
-                 + (f", not {metric}" if metric != FITTED_ON else "") + ")")
+                 f"weights fitted inside the folds on {fitted}"
+                 + (f", not {metric}" if metric != fitted else "") + ")")
     lines.append(f"in-sample {metric} {record['in_sample']:.4f} (weights fitted on every out-of-fold row: "
                  "optimistic; the test set uses these weights)")
     return "\n".join(lines)

@@ -15,17 +15,21 @@ import pandas as pd
 from matplotlib.figure import Figure
 
 from pipeline.config import load_resolved
-from pipeline.data.items import Item, fold_split, list_split, load_reorg, read_image
+from pipeline.data.items import Item, fold_split, list_split, load_reorg, read_folds, read_image, read_items
 from pipeline.errors import PipelineError
 from pipeline.io import atomic_save, atomic_write_text, read_csv
 from pipeline.predict.stage import predict_items
-from pipeline.report.facts import (SINGLE_LABEL, absent_classes, member_facts, split_facts, training_items,
-                                   trains_over_epochs)
+from pipeline.report.facts import (SINGLE_LABEL, absent_classes, absent_labels, member_facts, split_facts,
+                                   training_items, trains_over_epochs)
 from pipeline.report.figures import (DPI, GRID_SIZE, image_grid, mistake_titles, most_wrong, prediction_frame,
                                      validation_figures, validation_scores, validation_tables)
 from pipeline.report.html import CAPTIONS, cv_frame, members_frame, report_html, report_summary
+from pipeline.report.kinds import (KindInputs, group_text, metadata_table, metadata_text, multilabel_figures,
+                                   ordinal_figures, regression_figures, task_text)
 from pipeline.report.training_figures import head_fit_figure, learning_curves_figure
-from pipeline.runs import HOLDOUT, Member, Run
+from pipeline.competition import Competition
+from pipeline.runs import FULL, HOLDOUT, Member, Run
+from pipeline.models.task import Task
 from pipeline.download.specfile import competition_of
 from pipeline.predict.submission import class_difference, in_class_order
 
@@ -81,7 +85,7 @@ def validation_predictions(run_dir: Path, work_dir: Path, info: dict, device: st
     Computing covers a holdout run and folds still training; a --full member
     has no validation images and adds nothing.
     """
-    classes = info["classes"]
+    classes, task = info["classes"], Task.of(info)
     run = Run(run_dir)
     oof_path = run.oof_path
     if oof_path.is_file():
@@ -97,7 +101,7 @@ def validation_predictions(run_dir: Path, work_dir: Path, info: dict, device: st
         items = _valid_items(member, work_dir, info)
         if items:
             ids, probs, run_classes = predict_items([member], items, tta=tta, device=device,
-                                                    unreadable="drop")
+                                                    unreadable="drop", work_dir=work_dir)
             differ = class_difference(run_classes, classes)
             if differ:
                 raise PipelineError(f"{member.dir} was trained on other classes than {work_dir} holds ({differ}); "
@@ -107,7 +111,8 @@ def validation_predictions(run_dir: Path, work_dir: Path, info: dict, device: st
                 raise PipelineError(f"{member.dir} predicts {probs.shape[1]} classes, {work_dir} has {len(classes)}; "
                                     "pass the --work-dir the run used")
             target = {it.id: it.target for it in items}
-            frames.append(prediction_frame(ids, [target[i] for i in ids], probs, classes))
+            frames.append(prediction_frame(ids, [target[i] for i in ids], probs, classes,
+                                           [task.target_text(target[i]) for i in ids]))
     if not frames:
         return prediction_frame([], [], np.zeros((0, len(classes))), classes)
     return pd.concat(frames, ignore_index=True)
@@ -128,12 +133,13 @@ def _readable(items: list[Item]) -> list[tuple[Item, np.ndarray]]:
 
 
 def training_images_figure(work_dir: Path, info: dict, seed: int = 0) -> Figure:
-    """A 3 x 3 grid of random WORK_DIR/train images under their class names."""
+    """A 3 x 3 grid of random WORK_DIR/train images under their targets (class, labels, number, grade)."""
     items = list_split(work_dir, info, "train")
     rng = np.random.default_rng(seed)
     picked = [items[i] for i in rng.choice(len(items), min(GRID_SIZE, len(items)), replace=False)]
     shown = _readable(picked)
-    return image_grid([image for _, image in shown], [info["classes"][it.target] for it, _ in shown],
+    task = Task.of(info)
+    return image_grid([image for _, image in shown], [task.target_text(it.target) or "(no label)" for it, _ in shown],
                       title=f"training images ({len(shown)} of {len(items)})", empty="no readable images")
 
 
@@ -166,16 +172,17 @@ def _or_none(read):
         return None
 
 
-def run_metric(config: dict, cv: dict | None) -> str | None:
-    """The metric of the run's competition: loaded from the slug or spec-file path the run stores,
-    else the one its cv.json names; None when neither is known."""
+def run_competition(config: dict, cv: dict | None) -> tuple[Competition | None, str | None]:
+    """The run's competition, loaded from the slug or spec-file path the run stores, and its metric,
+    else (None, the metric its cv.json names); (None, None) when neither is known."""
     try:
-        return competition_of(str(config.get("competition", ""))).metric
+        comp = competition_of(str(config.get("competition", "")))
+        return comp, comp.metric
     except PipelineError as exc:
         known = (cv or {}).get("metric")
         log.warning("report: the run's competition cannot be loaded (%s); scoring with %s", exc,
                     known or "accuracy and log loss only")
-        return known
+        return None, known
 
 
 def run_facts(run_dir: Path, work_dir: Path, info: dict) -> list[dict]:
@@ -192,7 +199,11 @@ def run_facts(run_dir: Path, work_dir: Path, info: dict) -> list[dict]:
         items = _or_none(lambda: training_items(member, work_dir, info))
         if items is not None:
             facts["train_images"] = facts.get("train_images") or len(items)  # older runs: from the split
-            facts["absent_classes"] = absent_classes(info["classes"], [it.target for it in items])
+            kind, targets = info.get("task", SINGLE_LABEL), [it.target for it in items]
+            if kind == SINGLE_LABEL:
+                facts["absent_classes"] = absent_classes(info["classes"], targets)
+            elif kind == "multilabel":
+                facts["absent_labels"] = absent_labels(info["classes"], targets)
         found.append(facts)
     return found
 
@@ -223,8 +234,28 @@ def single_label_figures(preds: pd.DataFrame, classes: list[str], source: str, m
     return figures, validation_tables(preds, classes, absent), summary
 
 
-# a task kind's figures of the validation predictions; a new kind (multi-label, regression) adds its function
-TASK_FIGURES = {SINGLE_LABEL: single_label_figures}
+# a task kind's (figures by file name, tables by heading, summary lines) of the validation predictions
+TASK_FIGURES = {SINGLE_LABEL: lambda k: single_label_figures(k.preds, list(k.task.names), k.source, k.metric,
+                                                             k.absent, k.paths),
+                "multilabel": multilabel_figures, "regression": regression_figures, "ordinal": ordinal_figures}
+
+
+def data_lines(work_dir: Path, info: dict, comp: Competition | None, facts: list[dict]) -> dict[str, str]:
+    """Summary lines of what a run learned from besides the images: the task (kinds other than single), the
+    metadata columns (the encoding a member fitted, from its plan, else the work folder's list) and the group
+    column with how the folds keep its groups, each when there is one."""
+    task = Task.of(info)
+    lines = {} if task.kind == SINGLE_LABEL else {"task": task_text(task)}
+    encoding = next((f["metadata"] for f in facts if f.get("metadata")), None)
+    columns = info.get("metadata") or (comp.metadata if comp else ())
+    if encoding or columns:
+        lines["metadata columns"] = metadata_text(columns, encoding)  # per member: metadata_table
+    group_column = info.get("group_column") or (comp.group_column if comp else "")
+    if group_column:
+        items = _or_none(lambda: read_items(work_dir))
+        groups = items.set_index("id")["group"] if items is not None and "group" in items else None
+        lines["group column"] = group_text(group_column, groups, _or_none(lambda: read_folds(work_dir)))
+    return lines
 
 
 def training_figures(metrics: dict[str, pd.DataFrame], facts: list[dict], metric: str) -> tuple[dict, dict]:
@@ -245,17 +276,17 @@ def training_figures(metrics: dict[str, pd.DataFrame], facts: list[dict], metric
 
 
 def _summary(run_dir: Path, metrics: dict[str, pd.DataFrame], facts: list[dict]
-             ) -> tuple[dict, dict, pd.DataFrame, dict | None, str | None]:
+             ) -> tuple[dict, dict, pd.DataFrame, dict | None, str | None, Competition | None]:
     """The report's summary of a run, the settings its members share, its members table (what differs
-    between them), its CV score (None without one) and its competition's metric."""
+    between them), its CV score (None without one), its competition's metric and the competition."""
     run = Run(run_dir)
     cv = _or_none(run.read_cv)
     done = {name: _or_none(run.member(name).done) for name in metrics}
     config = _or_none(lambda: load_resolved(run.config_path)[0].to_json()) or {}
-    metric = run_metric(config, cv)
+    comp, metric = run_competition(config, cv)
     shared, differing = split_facts(facts)
     return (report_summary(config, cv, done, metric, with_facts=True), shared,
-            members_frame(differing, done, metric), cv, metric)
+            members_frame(differing, done, metric), cv, metric, comp)
 
 
 def write_report(run_dir: Path, work_dir: Path, out_dir: Path, device: str = "auto") -> list[Path]:
@@ -266,16 +297,18 @@ def write_report(run_dir: Path, work_dir: Path, out_dir: Path, device: str = "au
     (learning curves with the learning rate only for members trained over
     several epochs, the inner-CV curve for fitted heads). Then training
     images and, from the validation predictions, the task kind's figures:
-    the confusion matrix (up to 25 classes; above, the most confused pairs
-    and per-class accuracy) and the most wrong images, classes absent from
-    a member's training rows marked.
+    single-label, the confusion matrix (up to 25 classes; above, the most
+    confused pairs and per-class accuracy) and the most wrong images, classes
+    absent from a member's training rows marked; the other kinds,
+    pipeline/report/kinds.py's.
     """
     run_dir, work_dir, out_dir = Path(run_dir), Path(work_dir), Path(out_dir)
     info = load_reorg(work_dir)
-    classes = info["classes"]
     metrics = read_metrics(run_dir)
     facts = run_facts(run_dir, work_dir, info)
-    summary, settings, members, cv, metric = _summary(run_dir, metrics, facts)
+    summary, settings, members, cv, metric, comp = _summary(run_dir, metrics, facts)
+    task = Task.of(info)
+    summary.update(data_lines(work_dir, info, comp, facts))
     figures, notes = training_figures(metrics, facts, metric or "accuracy")
     summary.update(notes)
     figures["train_images.png"] = training_images_figure(work_dir, info)
@@ -283,9 +316,15 @@ def write_report(run_dir: Path, work_dir: Path, out_dir: Path, device: str = "au
     if len(preds):
         source = "out-of-fold" if Run(run_dir).oof_path.is_file() else "validation"
         paths = {it.id: it.path for it in list_split(work_dir, info, "train_valid")}
-        absent = absent_rows(preds, run_dir, work_dir, info, facts)
-        task = facts[0]["task"] if facts else SINGLE_LABEL
-        task_figures, tables, lines = TASK_FIGURES[task](preds, classes, source, metric or "accuracy", absent, paths)
+        absent = absent_rows(preds, run_dir, work_dir, info, facts) if task.kind == SINGLE_LABEL else None
+        ranges = {f["member"]: tuple(f["target_range"]) for f in facts if f.get("target_range") and f["member"] != FULL}
+        inputs = KindInputs(preds, task, source, metric or "accuracy", (cv or {}).get("decision"),
+                            _or_none(lambda: read_folds(work_dir)), ranges, comp.beta if comp else 1.0, absent, paths,
+                            lambda ids: [(it.id, im) for it, im in _readable([Item(i, paths[i], -1) for i in ids])])
+        task_figures, tables, lines = TASK_FIGURES[task.kind](inputs)
+        encodings = {f["member"]: f["metadata"] for f in facts if f.get("metadata")}
+        if encodings:
+            tables["metadata encoding (each member's, fitted on its training rows)"] = metadata_table(encodings)
         figures.update(task_figures)
         summary.update(lines)
     else:

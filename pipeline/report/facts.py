@@ -13,8 +13,8 @@ by training into the member's folder (pipeline/runs.py names them):
 - done.json and metrics.csv: what it did (epochs run, steps per epoch).
 
 A fact is a plain value (str, int, float, list, dict); None: unknown or does not apply.
-The task kind (``task``) tells the report which figures fit the predictions; a new
-kind adds its figures in pipeline/report/build.py's TASK_FIGURES.
+The task kind (``task``, the plan's; single-label for runs from before kinds) is what the member
+trained; the report's figures follow the work folder's kind (pipeline/report/build.py's TASK_FIGURES).
 """
 from __future__ import annotations
 
@@ -23,6 +23,7 @@ import logging
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import pandas as pd
 
 from pipeline.config import TrainConfig
@@ -31,7 +32,7 @@ from pipeline.runs import DEVICE_KEY, FULL, HOLDOUT, PLAN_KEY, Member
 
 log = logging.getLogger("pipeline")
 
-SINGLE_LABEL = "single_label"  # the only task kind so far
+SINGLE_LABEL = "single"  # pipeline/models/task.py's kinds: single, multilabel, regression, ordinal
 FIT, SGD, FIT_THEN_SGD = "fit", "sgd", "fit, then sgd"  # how a member's epochs train (the plan's "training")
 
 # the facts the report shows, in order, with their row names; a member lacking one leaves it out
@@ -41,7 +42,8 @@ SHOWN = (("model", "model"), ("head", "head"), ("training", "training"), ("optim
          ("fit", "head fit"), ("weights", "weights"), ("data", "data"), ("image_size", "image size"),
          ("augment", "augment"), ("feature_views", "feature views"), ("ema", "ema"),
          ("device", "device"), ("precision", "precision"), ("train_images", "training images"),
-         ("absent_classes", "classes absent from training"), ("adapted", "adapted to the data"))
+         ("absent_classes", "classes absent from training"), ("absent_labels", "labels never positive in training"),
+         ("target_range", "training range"), ("adapted", "adapted to the data"))
 
 
 def member_facts(member: Member, run_config: dict | None = None, run_notes: tuple[str, ...] = ()
@@ -61,7 +63,7 @@ def member_facts(member: Member, run_config: dict | None = None, run_notes: tupl
     sgd = training != FIT
     data = _data(plan, cfg)
     facts: dict[str, Any] = {
-        "member": member.name, "task": SINGLE_LABEL, "model": cfg.get("model"),
+        "member": member.name, "task": (plan.get("task") or {}).get("kind", SINGLE_LABEL), "model": cfg.get("model"),
         "head": "logreg" if FIT in training else cfg.get("head"),
         "training": training, "optimizer": _optimizer(training, cfg),
         "schedule": cfg.get("schedule") if sgd else None, "lr": cfg.get("lr") if sgd else None,
@@ -81,7 +83,17 @@ def member_facts(member: Member, run_config: dict | None = None, run_notes: tupl
         "train_images": plan.get("n_train"), "adapted": list(plan.get("adapted", run_notes) or []), "stopped_early": bool((done or {}).get("stopped_early")),
     }
     facts["fit"] = fit_text(facts["fit_record"])
+    facts["target_range"] = target_range(plan.get("task"))
+    facts["metadata"] = plan.get("metadata")  # the fitted metadata encoding, when the plan records it
     return facts
+
+
+def target_range(task: dict | None) -> list[float] | None:
+    """[low, high] of a numeric member's training targets (its predictions are clipped to them), from the
+    plan's task (pipeline/models/task.py's to_json); None for the other kinds or when not recorded."""
+    if not task or task.get("kind") not in ("regression", "ordinal") or task.get("low") is None:
+        return None
+    return [float(task["low"]), float(task["high"])]
 
 
 def _stored(member: Member) -> dict:
@@ -188,15 +200,27 @@ def _sgd_steps(metrics: pd.DataFrame | None) -> int | None:
     return int(steps.iloc[-1]) if len(steps) else None
 
 
+def fit_curve(record: dict) -> tuple[str, float, dict[float, float], str]:
+    """(parameter name, chosen value, inner-CV loss by value, loss name) of a head_fit.json: the softmax
+    logreg's C and log loss, a per-label logistic fit's C and mean BCE, a ridge fit's alpha and squared error
+    on the standardised target (pipeline/train/linear_fits.py)."""
+    name = "alpha" if "alpha" in record else "C"
+    if "inner_cv_log_loss" in record:
+        curve, loss = record["inner_cv_log_loss"], "log loss"
+    else:
+        curve, loss = record.get("inner_cv_loss") or {}, "BCE" if name == "C" else "squared error"
+    return name, float(record[name]), {float(v): float(s) for v, s in curve.items()}, loss
+
+
 def fit_text(record: dict | None) -> str | None:
     """'logreg: C 1 (3-fold inner CV log loss by C: 0.1 0.52, 1 0.41, 10 0.47)' from head_fit.json."""
     if not record:
         return None
-    curve = record.get("inner_cv_log_loss") or {}
-    by_c = ", ".join(f"{float(c):g} {float(loss):.3g}" for c, loss in curve.items())
+    name, chosen, curve, loss = fit_curve(record)
+    by_value = ", ".join(f"{v:g} {s:.3g}" for v, s in curve.items())
     inner = f"{record['inner_folds']}-fold " if record.get("inner_folds") else ""
-    return f"{record.get('head', 'fit')}: C {float(record['C']):g}" + (
-        f" ({inner}inner CV log loss by C: {by_c})" if len(curve) > 1 else "")
+    return f"{record.get('head', 'fit')}: {name} {chosen:g}" + (
+        f" ({inner}inner CV {loss} by {name}: {by_value})" if len(curve) > 1 else "")
 
 
 def _device(device: dict, cfg: dict) -> str:
@@ -234,6 +258,13 @@ def absent_classes(classes: list[str], targets: list[int]) -> list[str]:
     return [c for i, c in enumerate(classes) if i not in seen]
 
 
+def absent_labels(labels: list[str], targets: list) -> list[str]:
+    """Multilabel: the labels (in order) positive in none of a member's training rows (pure)."""
+    rows = np.asarray(targets, dtype=np.float64).reshape(len(targets), len(labels))
+    positive = np.nan_to_num(rows) > 0.5
+    return [name for k, name in enumerate(labels) if not positive[:, k].any()]
+
+
 # ---------------------------------------------------------------- members side by side
 
 
@@ -244,6 +275,8 @@ def shown_facts(facts: dict) -> dict[str, Any]:
         value = facts.get(key)
         if key == "absent_classes" and value is not None:
             value = len(value)
+        if key == "target_range" and value:
+            value = f"{value[0]:g} to {value[1]:g}"
         if key == "adapted" and value:
             value = "; ".join(value)  # each note has commas of its own
         if key == "epochs_run" and value == facts.get("epochs"):

@@ -186,10 +186,12 @@ def shorten_left(text: str, width: int = PATH_TITLE_CHARS) -> str:
     return text if len(text) <= width else "…" + text[len(text) - width + 1:]
 
 
-def prediction_frame(ids: list[str], targets: list[int], probs: np.ndarray, classes: list[str]) -> pd.DataFrame:
-    """A predictions frame from ids, class indices and (N, C) probabilities."""
+def prediction_frame(ids: list[str], targets: list[int], probs: np.ndarray, classes: list[str],
+                     labels: list[str] | None = None) -> pd.DataFrame:
+    """A predictions frame from ids, class indices and (N, C) probabilities; ``labels``: the targets as text
+    already (the other task kinds: pipeline/models/task.py's target_text), else the class names of ``targets``."""
     frame = pd.DataFrame(probs, columns=classes)
-    frame.insert(0, "label", [classes[t] for t in targets])
+    frame.insert(0, "label", labels if labels is not None else [classes[t] for t in targets])
     frame.insert(0, "id", ids)
     return frame
 
@@ -197,8 +199,9 @@ def prediction_frame(ids: list[str], targets: list[int], probs: np.ndarray, clas
 # ---------------------------------------------------------------- figures
 
 
-def confusion_figure(matrix: np.ndarray, classes: list[str], title: str = "") -> Figure:
-    """The confusion matrix, coloured by share of each true class; counts written up to 20 classes."""
+def confusion_figure(matrix: np.ndarray, classes: list[str], title: str = "", axis: str = "class") -> Figure:
+    """The confusion matrix, coloured by share of each true class; counts written up to 20 classes.
+    ``axis`` names what the rows and columns are (class, grade)."""
     n = len(classes)
     side = min(18.0, max(5.0, 2.5 + 0.12 * n))
     fig = Figure(figsize=(side + 1.2, side), layout="constrained")
@@ -206,8 +209,8 @@ def confusion_figure(matrix: np.ndarray, classes: list[str], title: str = "") ->
     totals = matrix.sum(axis=1, keepdims=True)
     share = np.divide(matrix, totals, out=np.zeros(matrix.shape), where=totals > 0)
     image = ax.imshow(share, cmap="Blues", vmin=0.0, vmax=1.0)
-    fig.colorbar(image, ax=ax, shrink=0.6, aspect=30, label="share of the true class")
-    ax.set(xlabel="predicted class", ylabel="true class", title=title)
+    fig.colorbar(image, ax=ax, shrink=0.6, aspect=30, label=f"share of the true {axis}")
+    ax.set(xlabel=f"predicted {axis}", ylabel=f"true {axis}", title=title)
     if n <= TICKS_MAX_CLASSES:
         size = 9 if n <= ANNOTATE_MAX_CLASSES else 6 if n <= 60 else 4
         ax.set_xticks(range(n), classes, rotation=90, fontsize=size)

@@ -27,9 +27,25 @@ CAPTIONS = {
                            "learning rate per epoch, one colour per member; only members trained over several "
                            "epochs (a fitted head has no curve). With --unfreeze-after a dotted line marks where "
                            "the whole model starts training; a fitted epoch has no learning rate.",
-    "head_fit.png": "Fitted heads: the inner-CV log loss of each regularisation strength C tried on the member's "
-                    "training rows (★ the chosen C), one colour per member.",
-    "train_images.png": "Random training images under their class names.",
+    "head_fit.png": "Fitted heads: the inner-CV loss of each regularisation strength tried on the member's training "
+                    "rows (C: log loss, or per-label BCE for multi-label; ridge alpha: squared error of the "
+                    "standardised target), ★ the chosen one, one colour per member.",
+    "train_images.png": "Random training images under their targets (class, labels, number or grade).",
+    "label_auc.png": "Multi-label: each label's ROC AUC out of fold (dotted: chance), its prevalence (diamond) and "
+                     "the threshold the test set gets (fitted on every out-of-fold row).",
+    "predicted_vs_true.png": "Each out-of-fold prediction against its true value; the diagonal is perfect. "
+                             "Regression: dotted, the training range (predictions are clipped to it). Ordinal: the "
+                             "number before it is cut into grades, dotted the fitted cuts.",
+    "residuals.png": "Regression: residual (predicted - true) of each out-of-fold prediction against the "
+                     "prediction, and their histogram.",
+    "most_wrong_labels.png": "Multi-label: the validation images with the most labels decided wrong (the decisions "
+                             "the CV scored), true labels above decided ones.",
+    "largest_residuals.png": "Regression: the validation images whose prediction is furthest from the truth.",
+    "most_wrong_grades.png": "Ordinal: the validation images whose decided grade is furthest from the true grade; "
+                             "the number the model gave in brackets.",
+    "grade_confusion.png": "Ordinal: true grade against the grade decided out of fold, each fold cut with the cuts "
+                           "fitted on the other folds (the decisions the nested CV scores); colour: share of the "
+                           "true grade.",
     "confusion_matrix.png": "Confusion matrix of the validation predictions, coloured by share of the true class.",
     "confused_pairs.png": "The most frequent mistakes: true class → predicted class.",
     "per_class_accuracy.png": "Accuracy per class, worst first; the tick is the mean probability of the true class. "

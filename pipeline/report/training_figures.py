@@ -13,6 +13,7 @@ from matplotlib.figure import Figure
 from matplotlib.lines import Line2D
 from matplotlib.ticker import MaxNLocator
 
+from pipeline.report.facts import fit_curve
 from pipeline.report.figures import best_epoch
 
 
@@ -79,27 +80,30 @@ def _stepped_lr(m: pd.DataFrame) -> np.ndarray:
 
 
 def head_fit_figure(records: dict[str, dict]) -> Figure:
-    """The inner-CV log loss of each C tried, per member (log-scaled C), a star on the chosen C.
+    """The inner-CV loss of each C (or ridge alpha) tried, per member (log-scaled), a star on the chosen one.
 
-    ``records`` are the members' head_fit.json by name; one with a single C tried shows just its star.
+    ``records`` are the members' head_fit.json by name (pipeline/report/facts.py's fit_curve reads each);
+    one with a single value tried shows just its star.
     """
+
     fig = Figure(figsize=(7.5, 4.2), layout="constrained")
     ax = fig.subplots()
     colours = colormaps["tab10"]
+    parameter, loss = "C", "log loss"
     for i, (name, record) in enumerate(records.items()):
-        curve = {float(c): float(loss) for c, loss in (record.get("inner_cv_log_loss") or {}).items()}
+        parameter, chosen, curve, loss = fit_curve(record)
         cs = sorted(curve)
         colour = colours(i % 10)
         if len(cs) > 1:
             ax.plot(cs, [curve[c] for c in cs], marker="o", markersize=3, color=colour, label=name)
-        chosen = float(record["C"])
         if chosen in curve and len(cs) > 1:
             ax.scatter([chosen], [curve[chosen]], marker="*", s=140, color=colour, edgecolors="black", zorder=3)
     ax.set_xscale("log")
     folds = next((r.get("inner_folds") for r in records.values() if r.get("inner_folds")), None)
     inner = f"{folds}-fold " if folds else ""
-    ax.set(title=f"fitted head: {inner}inner-CV log loss by C (★ chosen C)", xlabel="C (inverse regularisation)",
-           ylabel="inner-CV log loss")
+    what = "C (inverse regularisation)" if parameter == "C" else "alpha (ridge penalty)"
+    ax.set(title=f"fitted head: {inner}inner-CV {loss} by {parameter} (★ chosen {parameter})", xlabel=what,
+           ylabel=f"inner-CV {loss}")
     ax.grid(alpha=0.3, which="both")
     if ax.get_legend_handles_labels()[0]:
         ax.legend(fontsize=8, loc="best")

@@ -20,6 +20,7 @@ from pipeline.data.plan import Source, choose_source
 from pipeline.devices import DevicePlan
 from pipeline.errors import PipelineError
 from pipeline.data.metadata import MetaEncoder, item_metadata, meta_tensor
+from pipeline.download.specfile import competition_of
 from pipeline.runs import Member
 from pipeline.models.task import Task, target_tensor
 from pipeline.train.adapt import adapt_to_data
@@ -119,6 +120,8 @@ def plan_member(cfg: TrainConfig, sources: dict[str, str], member: Member, train
     total = steps * (adapted.epochs - fitted_epochs(adapted))
     source = choose_source(phase(adapted, 0))  # --unfreeze-after: the frozen phase's source first
     task = task.fitted(target_tensor([it.target for it in train_items])) if train_items else task
+    if cfg.balance != "none" and task.numeric:
+        warnings.append(f"--balance {cfg.balance}: a {task.kind} target has no classes to balance; ignored")
     encoder = None
     if columns:  # fitted on this member's training rows only
         encoder = MetaEncoder.fit(item_metadata(cfg.work_dir, columns, train_items), columns)
@@ -128,7 +131,7 @@ def plan_member(cfg: TrainConfig, sources: dict[str, str], member: Member, train
 
 def plan_run(resolved: Resolved, info: dict) -> tuple[Resolved, list[MemberPlan]]:
     """Every member's plan; the resolved config gains the adaptation notes (logged once each)."""
-    task = Task.of(info)
+    task = Task.of(info, competition_of(resolved.config.competition).loss)
     columns = list(info.get("metadata", ()))
     plans = [plan_member(resolved.config, resolved.sources, *m, task, columns)
              for m in plan_members(resolved.config, info)]

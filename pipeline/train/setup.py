@@ -115,8 +115,11 @@ def plan_data(st: MemberState, pcfg: TrainConfig, dplan, initial: bool = True) -
     """The member's loaders for this phase and the network the loop calls (data plan, DDP, compile);
     ``initial``: the member's first setup, where --data-init may initialise it (never at a phase switch)."""
     model = st.model
+    weights = None
+    if pcfg.balance == "sampler":
+        weights = st.plan.task.sample_weights(target_tensor([it.target for it in st.plan.train_items]))
     st.data = plan_member(pcfg, model, st.plan.train_items, st.plan.valid_items, st.rt.device, dplan,
-                          st.plan.meta if st.plan.metadata is not None else None)
+                          st.plan.meta if st.plan.metadata is not None else None, weights)
     if st.rt.channels_last:
         model.to(memory_format=torch.channels_last)  # in place: the optimizer keeps its parameters
     if initial and st.first_epoch == 0:

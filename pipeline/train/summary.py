@@ -14,6 +14,7 @@ stage logs before the summary is in it.
 from __future__ import annotations
 
 import logging
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -54,6 +55,7 @@ class RunFacts:
     split_counts: dict[str, int]
     members: tuple[MemberLine, ...]
     training: str = ""  # how the epochs train when it is not plain SGD on every epoch (logreg, fine-tuning)
+    task: str = ""  # the task kind, its outputs, metadata and groups when any is not plain single-label (task_line)
 
 
 def count_parameters(model: Any) -> tuple[int, int]:
@@ -97,6 +99,8 @@ def format_summary(table: str, facts: RunFacts, warnings: Sequence[str]) -> str:
                      f"{m.steps_per_epoch} steps/epoch, {m.total_steps} steps in {m.epochs} epochs")
     if facts.training:
         lines.append(f"  training   {facts.training}")
+    if facts.task:
+        lines.append(f"  task       {facts.task}")
     unique = list(dict.fromkeys(w.removeprefix("warning: ") for w in warnings))
     lines.append("  warnings   " + ("none" if not unique else f"{len(unique)}"))
     lines += [f"    - {w}" for w in unique]
@@ -158,7 +162,31 @@ def gather_facts(resolved: Any, plans: Sequence[Any], info: dict) -> RunFacts:
     total, trainable = count_parameters(_shape_only(cfg, len(info["classes"])))
     return RunFacts(str(cfg.run_dir), cfg.model, total, trainable, str(device), precision,
                     dplan.channels_last, dplan.workers, first.source.kind, first.source.reason,
-                    dict(info.get("counts", {})), members, training_plan(cfg))
+                    dict(info.get("counts", {})), members, training_plan(cfg),
+                    task_line(first.task, info.get("metadata", ()), info.get("group_column", ""),
+                              {p.name: p.task for p in plans}))
+
+
+def task_line(task: Any, metadata: Sequence[str], group_column: str, members: dict[str, Any]) -> str:
+    """'regression of Pawpularity; training range fold0 1 to 100, ...; metadata Eyes, Group; groups by
+    patient_id' (pure); "" for a single-label task without metadata or groups (the summary as before kinds)."""
+    parts = []
+    if task.kind == "multilabel":
+        parts.append(f"multilabel: {len(task.names)} labels ({', '.join(task.names[:8])}"
+                     f"{', ...' if len(task.names) > 8 else ''}), a sigmoid each")
+    elif task.kind in ("regression", "ordinal"):
+        grades = f", {len(task.grades)} grades {task.grades[0]} .. {task.grades[-1]}" if task.grades else ""
+        ranges = ", ".join(f"{n} {t.low:g} to {t.high:g}" for n, t in members.items()
+                           if math.isfinite(t.low) and math.isfinite(t.high))
+        parts.append(f"{task.kind} of {task.names[0]}{grades} ({task.loss} loss)"
+                     + (f"; training range (predictions clipped to it) {ranges}" if ranges else ""))
+    elif metadata or group_column:
+        parts.append(f"single-label: {len(task.names)} classes")
+    if metadata:
+        parts.append(f"metadata {', '.join(metadata)}")
+    if group_column:
+        parts.append(f"groups by {group_column} (split whole: no group on both sides)")
+    return "; ".join(parts)
 
 
 def training_plan(cfg: Any) -> str:
