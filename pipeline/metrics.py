@@ -79,6 +79,7 @@ def _qwk(targets: np.ndarray, labels: np.ndarray, num_classes: int, positive: in
     """Quadratic weighted kappa over the grades 0..C-1 (a grade absent from both sides keeps its distance), as
     scikit-learn's cohen_kappa_score(weights="quadratic", labels=range(C)) computes it, in numpy: the bootstrap
     intervals call it a thousand times."""
+    import numpy as np
     targets, labels = np.asarray(targets, dtype=np.int64), np.asarray(labels, dtype=np.int64)
     n = max(num_classes, int(max(targets.max(initial=0), labels.max(initial=0))) + 1)
     observed = np.bincount(targets * n + labels, minlength=n * n).reshape(n, n).astype(np.float64)
@@ -98,6 +99,7 @@ def _macro_f1(targets: np.ndarray, labels: np.ndarray, num_classes: int, positiv
 
 def _f_beta(average: str) -> MetricFn:
     def fn(targets: np.ndarray, decided: np.ndarray, num_classes: int, positive: int | None, beta: float = 1.0) -> float:
+        import numpy as np
         from sklearn.metrics import fbeta_score  # lazily: sklearn takes seconds to import
 
         return _f_beta_counts(np.asarray(targets) > 0.5, np.asarray(decided) > 0.5, beta, average)
@@ -110,6 +112,7 @@ def _f_beta_counts(truth: np.ndarray, decided: np.ndarray, beta: float, average:
     averages each image's F-beta, micro pools the counts, macro averages each label's; an image or label with
     nothing true and nothing predicted scores 0. One column is one label (scikit-learn would read it as a
     binary pair of classes)."""
+    import numpy as np
     b2 = beta * beta
     axis = {"samples": 1, "macro": 0, "micro": None}[average]
     tp = (truth & decided).sum(axis=axis)
