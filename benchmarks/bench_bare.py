@@ -67,7 +67,8 @@ def decode(path: str, side: int):
 
 
 def features(paths: list[str], side: int, mean, std, weights: Path, batch: int, workers: int):
-    """Pooled pre-logits features (N, F) float32 of the images, eval transform: short side to side*256/224, centre crop."""
+    """Pooled pre-logits features (N, F) float32 of the images; eval transform: short side to side*256/224,
+    centre crop."""
     import albumentations as A
     import timm
     import torch

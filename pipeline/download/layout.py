@@ -24,8 +24,7 @@ from pipeline.download.scan import Folder
 from pipeline.download.targets import TaskInfo, names_labels, targets_of
 from pipeline.workdir import META_PREFIX
 
-if TYPE_CHECKING:  # numpy and pandas load only where a tree is planned: a no-op reorg starts fast
-    import numpy as np
+if TYPE_CHECKING:  # pandas loads only where a tree is planned: a no-op reorg starts fast
     import pandas as pd
 
 log = logging.getLogger("pipeline")
