@@ -114,7 +114,6 @@ def _macro_f1(targets: np.ndarray, labels: np.ndarray, num_classes: int, positiv
 def _f_beta(average: str) -> MetricFn:
     def fn(targets: np.ndarray, decided: np.ndarray, num_classes: int, positive: int | None, beta: float = 1.0) -> float:
         import numpy as np
-        from sklearn.metrics import fbeta_score  # lazily: sklearn takes seconds to import
 
         return _f_beta_counts(np.asarray(targets) > 0.5, np.asarray(decided) > 0.5, beta, average)
     return fn

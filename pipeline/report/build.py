@@ -58,7 +58,13 @@ def predict_images(run_dir: Path, paths: list[Path], members: str = "auto", tta:
     """Class names and (N, C) softmax of image files, averaged over the run's members."""
     items = [Item(str(path), Path(path), -1) for path in paths]
     run = Run(run_dir)
-    _, probs, classes = predict_items(run.finished(members), items, tta=tta or run_tta(run), device=device)
+    chosen = run.finished(members)
+    meta = [m for m in chosen if (m.recorded_plan() or {}).get("metadata")]
+    if meta:
+        columns = ", ".join(meta[0].recorded_plan()["metadata"]["columns"])
+        raise PipelineError(f"{run_dir} predicts from metadata columns beside the image ({columns}), which an image "
+                            "file alone does not give; use `pipeline predict` on a work folder")
+    _, probs, classes = predict_items(chosen, items, tta=tta or run_tta(run), device=device)
     return classes, probs
 
 
