@@ -263,3 +263,10 @@ def test_numpy_qwk_equals_sklearn_with_a_grade_absent_from_both_sides():
     probs = np.eye(6)[pred]
     want = cohen_kappa_score(truth, pred, weights="quadratic", labels=list(range(6)))
     assert score(probs, truth, 6, ("qwk",))["qwk"] == pytest.approx(want, abs=1e-9)
+
+
+def test_numpy_auc_equals_sklearn_with_ties():
+    truth = RNG.integers(0, 2, 400)
+    scores = np.round(RNG.random(400) * 0.5 + truth * 0.3, 1)  # few distinct values: many ties
+    probs = np.stack([1 - scores, scores], axis=1)
+    assert score(probs, truth, 2, ("roc_auc",))["roc_auc"] == pytest.approx(roc_auc_score(truth, scores), abs=1e-9)
