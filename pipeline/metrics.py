@@ -14,8 +14,20 @@ from typing import TYPE_CHECKING, Callable, Literal, Sequence
 
 from pipeline.errors import check_choice
 
-if TYPE_CHECKING:  # numpy loads when something is scored: building a competition (reorg, check) needs none
+if TYPE_CHECKING:
     import numpy as np
+else:
+    class _Numpy:
+        """numpy, imported on first use: building a competition checks its metric's name (reorg, check) and
+        needs none of it. The first attribute read replaces this stand-in by numpy itself."""
+
+        def __getattr__(self, name: str):
+            import numpy
+
+            globals()["np"] = numpy
+            return getattr(numpy, name)
+
+    np = _Numpy()
 
 # fn(targets, outputs or decisions, num_classes, positive class or None) -> score. By task (pipeline/models/task.py):
 # single: targets (N,) class indices, outputs (N, C) probabilities, decisions (N,) argmax labels;
@@ -47,8 +59,6 @@ def _log_loss(targets: np.ndarray, probs: np.ndarray, num_classes: int, positive
     each member's bootstrap interval calls it a thousand times, and scikit-learn's checks took 4 ms a call (5 % of
     the dog recipe's 3-fold run, issue 26). Anything unusual (a bad shape, values outside [0, 1], rows not summing
     to 1, a target outside the classes) goes to scikit-learn, for its error or warning."""
-    import numpy as np
-
     targets, probs = np.asarray(targets), np.asarray(probs, dtype=np.float64)
     eps = np.finfo(np.float64).eps
     plain = (probs.ndim == 2 and probs.shape[1] == num_classes and len(targets) == len(probs) > 0
@@ -89,7 +99,6 @@ def _roc_auc(targets: np.ndarray, probs: np.ndarray, num_classes: int, positive:
     0.5); NaN when no class qualifies. ``positive`` picks one class's
     one-vs-rest AUC instead.
     """
-    import numpy as np
     if positive is not None or num_classes == 2:
         k = 1 if positive is None else positive
         return _auc_one(targets == k, probs[:, k])
@@ -102,7 +111,6 @@ def _qwk(targets: np.ndarray, labels: np.ndarray, num_classes: int, positive: in
     """Quadratic weighted kappa over the grades 0..C-1 (a grade absent from both sides keeps its distance), as
     scikit-learn's cohen_kappa_score(weights="quadratic", labels=range(C)) computes it, in numpy: the bootstrap
     intervals call it a thousand times."""
-    import numpy as np
     targets, labels = np.asarray(targets, dtype=np.int64), np.asarray(labels, dtype=np.int64)
     n = max(num_classes, int(max(targets.max(initial=0), labels.max(initial=0))) + 1)
     observed = np.bincount(targets * n + labels, minlength=n * n).reshape(n, n).astype(np.float64)
@@ -122,8 +130,6 @@ def _macro_f1(targets: np.ndarray, labels: np.ndarray, num_classes: int, positiv
 
 def _f_beta(average: str) -> MetricFn:
     def fn(targets: np.ndarray, decided: np.ndarray, num_classes: int, positive: int | None, beta: float = 1.0) -> float:
-        import numpy as np
-
         return _f_beta_counts(np.asarray(targets) > 0.5, np.asarray(decided) > 0.5, beta, average)
     return fn
 
@@ -134,7 +140,6 @@ def _f_beta_counts(truth: np.ndarray, decided: np.ndarray, beta: float, average:
     averages each image's F-beta, micro pools the counts, macro averages each label's; an image or label with
     nothing true and nothing predicted scores 0. One column is one label (scikit-learn would read it as a
     binary pair of classes)."""
-    import numpy as np
     b2 = beta * beta
     axis = {"samples": 1, "macro": 0, "micro": None}[average]
     tp = (truth & decided).sum(axis=axis)
@@ -148,7 +153,6 @@ def _f_beta_counts(truth: np.ndarray, decided: np.ndarray, beta: float, average:
 
 def _mean_auc(targets: np.ndarray, probs: np.ndarray, num_classes: int, positive: int | None) -> float:
     """The mean of the per-column ROC AUCs over the columns with both 0s and 1s among the targets."""
-    import numpy as np
     aucs = [_auc_one(targets[:, k] > 0.5, probs[:, k]) for k in range(targets.shape[1])]
     aucs = [a for a in aucs if not math.isnan(a)]
     return float(np.mean(aucs)) if aucs else math.nan
@@ -176,7 +180,6 @@ def _grade_accuracy(targets: np.ndarray, grades: np.ndarray, num_classes: int, p
 
 def _bce(targets: np.ndarray, probs: np.ndarray, num_classes: int, positive: int | None) -> float:
     """Mean binary cross-entropy over every (image, label) pair: multi-label's log loss."""
-    import numpy as np
     p = np.clip(probs, 1e-15, 1 - 1e-15)
     return float(-np.mean(targets * np.log(p) + (1 - targets) * np.log(1 - p)))
 
@@ -220,7 +223,6 @@ def check_metric(name: str, task: str | None = None) -> Metric:
 
 def clip_probs(probs: np.ndarray, eps: float = 1e-6) -> np.ndarray:
     """(N, C) probabilities floored at ``eps``, each row renormalised to sum 1."""
-    import numpy as np
     floored = np.maximum(np.asarray(probs, dtype=np.float64), eps)
     return floored / floored.sum(axis=1, keepdims=True)
 
@@ -235,7 +237,6 @@ def score(probs: np.ndarray, targets: np.ndarray, num_classes: int,
     ``task`` (pipeline/models/task.py), for the kinds other than single: the outputs and targets are as its kind has
     them, and the task makes the decisions (thresholds) the decision metrics score; ``beta`` for f_beta_*.
     """
-    import numpy as np
     if task is not None and task.kind != "single":
         return _score_task(task, probs, targets, metrics, beta)
     chosen = [check_metric(name) for name in metrics]
@@ -251,7 +252,6 @@ def score(probs: np.ndarray, targets: np.ndarray, num_classes: int,
 
 
 def _score_task(task, outputs: np.ndarray, targets: np.ndarray, metrics: Sequence[str], beta: float) -> dict:
-    import numpy as np
     names = list(metrics)
     if len(targets) == 0:
         return {name: math.nan for name in names}
@@ -286,7 +286,6 @@ def bootstrap_interval(probs: np.ndarray, targets: np.ndarray, num_classes: int,
                        clip: float | None = None, n: int = 1000, seed: int = 0, task=None,
                        beta: float = 1.0) -> tuple[float, float]:
     """A 95% percentile-bootstrap interval of ``metric`` over the rows (resampled with replacement)."""
-    import numpy as np
     rng = np.random.default_rng(seed)
     probs, targets = np.asarray(probs, dtype=np.float64), np.asarray(targets)
     if len(targets) < 2:
