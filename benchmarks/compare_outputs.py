@@ -1,7 +1,9 @@
 """Compare two output folders of benchmarks/compare_runs.sh file by file.
 
 CSV and JSON files are compared exactly (bit for bit in every value), except
-the wall-clock `seconds` fields; a holdout member's files may sit at the run's
+the wall-clock `seconds` fields and cv.json's `weights` (each fold's best.pt
+stamp: its size and mtime, which differ between any two runs; the weights
+themselves are compared through weights.json, a digest of every tensor); a holdout member's files may sit at the run's
 root (older layout) or in holdout/. Prints one line per file and exits 1 on
 any difference.
 
@@ -22,7 +24,9 @@ def files(root: Path) -> dict[str, Path]:
 
 def without_seconds(obj):
     if isinstance(obj, dict):
-        return {k: without_seconds(v) for k, v in obj.items() if k != "seconds"}
+        return {k: without_seconds(v) for k, v in obj.items() if k not in ("seconds", "weights")
+                or (k == "weights" and not (isinstance(v, dict) and all(isinstance(x, str) and ":" in x
+                                                                        for x in v.values())))}
     if isinstance(obj, list):
         return [without_seconds(v) for v in obj]
     return obj

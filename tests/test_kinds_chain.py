@@ -103,7 +103,7 @@ def test_tags_scored_by_f_beta_with_thresholds_fitted_out_of_fold(tmp_path):
     assert all(set(cell.split()) <= set(names) for cell in sub["tags"].fillna(""))
     # a second run, blended: weights and thresholds fitted inside the folds
     again = ("train", tmp_path / "spec.toml", tmp_path / "work", tmp_path / "run2", "--folds", "2", *TRAIN,
-             "--freeze-backbone", "--head", "logreg", "--epochs", "1", "--seed", "1", "--feature-views", "2")
+             "--freeze-backbone", "--head", "logreg", "--epochs", "1", "--seed", "1")
     assert invoke(*again).exit_code == 0
     done = invoke("blend", tmp_path / "run", tmp_path / "run2", tmp_path / "blend.csv", "--device", "cpu",
                   "--competition", tmp_path / "spec.toml")
@@ -115,7 +115,7 @@ def test_tags_scored_by_f_beta_with_thresholds_fitted_out_of_fold(tmp_path):
 
 
 def test_regression_with_metadata_is_scored_by_rmse_and_records_its_columns(tmp_path):
-    cv, oof, sub, spec = chain(tmp_path, "regression", "--epochs", "6")
+    cv, oof, sub, spec = chain(tmp_path, "regression", "--freeze-backbone", "--head", "logreg", "--epochs", "1")
     assert spec["task"] == "regression" and spec["metadata"] == ["Eyes", "Group"]
     rmse = math.sqrt(mean_squared_error(oof["label"].astype(float), oof["Pawpularity"]))
     assert cv["cv"] == pytest.approx(rmse, abs=1e-9)
@@ -128,7 +128,7 @@ def test_regression_with_metadata_is_scored_by_rmse_and_records_its_columns(tmp_
 
 
 def test_ordinal_grades_scored_by_qwk_nested(tmp_path):
-    cv, oof, sub, spec = chain(tmp_path, "ordinal", "--epochs", "8")
+    cv, oof, sub, spec = chain(tmp_path, "ordinal", "--epochs", "3")
     assert spec["task"] == "ordinal" and spec["metric"] == "qwk" and spec["submission"] == "grade"
     raw, truth, folds = oof["diagnosis"].to_numpy(), oof["label"].astype(int).to_numpy(), folds_of(tmp_path, oof["id"])
     decided = np.zeros(len(raw), dtype=int)
@@ -141,10 +141,16 @@ def test_ordinal_grades_scored_by_qwk_nested(tmp_path):
 
 
 def test_binary_with_a_patient_column_keeps_each_patient_on_one_side(tmp_path):
-    cv, oof, sub, spec = chain(tmp_path, "patients", "--freeze-backbone", "--head", "logreg", "--epochs", "1")
+    cv, oof, sub, spec = chain(tmp_path, "patients", "--epochs", "2")  # fine-tuned, metadata fused into the head
     assert spec["group_column"] == "patient_id" and spec["submission"] == "binary"
     items = pd.read_csv(tmp_path / "work" / "items.csv", dtype=str)
     assert (items.groupby("group")["fold"].nunique() == 1).all()
     assert (items.groupby("group")["split"].nunique() == 1).all()
     assert cv["cv"] == pytest.approx(roc_auc_score(oof["label"].astype(int), oof["1"]), abs=1e-9)
+    plan = json.loads((tmp_path / "run" / "fold1" / "config.json").read_text())["plan"]
+    assert plan["metadata"]["columns"] == ["sex", "age_approx"]  # encoded on fold 1's training rows
+    import torch
+
+    state = torch.load(tmp_path / "run" / "fold1" / "best.pt", weights_only=False)
+    assert state["model"]["meta_head.weight"].abs().sum() > 0  # the metadata head trained from its zero start
     assert sub["target"].between(0, 1).all()

@@ -14,6 +14,7 @@ import subprocess
 import sys
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -64,14 +65,19 @@ def finished(proc: subprocess.Popen) -> tuple[str, str]:
     return out, err
 
 
-@pytest.fixture
-def spec_work(tmp_path) -> tuple[Path, Path]:
-    """(spec file, work folder): the toy download described by a spec file, reorganised into 3 folds."""
+def reorganised(tmp_path: Path, folds: int) -> tuple[Path, Path]:
+    """(spec file, work folder): the toy download described by a spec file, reorganised into ``folds`` folds."""
     raw = write_raw(tmp_path / "raw", make_competition("toy"))
     spec = tmp_path / "toy.toml"
     spec.write_text(SPEC)
-    finished(cli("reorg", spec, raw, tmp_path / "work", "--folds", "3"))
+    result = CliRunner().invoke(app, ["reorg", str(spec), str(raw), str(tmp_path / "work"), "--folds", str(folds)])
+    assert result.exit_code == 0, result.output  # in this process: the training processes load the spec themselves
     return spec, tmp_path / "work"
+
+
+@pytest.fixture
+def spec_work(tmp_path) -> tuple[Path, Path]:
+    return reorganised(tmp_path, 3)
 
 
 def comparable(cv: dict) -> dict:
@@ -107,6 +113,46 @@ def test_three_fold_processes_at_once_write_the_cv_once_as_a_sequential_run(spec
     assert par.cv_path.stat().st_mtime_ns == stamp
     out, _ = finished(cli("cv", par.dir, "--force", "--json"))
     assert json.loads(out)["cv"] == pytest.approx(cv["cv"]) and par.cv_path.stat().st_mtime_ns != stamp
+
+
+def test_two_fold_processes_record_the_run_and_every_finished_fold(tmp_path):
+    """Each process writes RUN_DIR/config.json and done.json: both must describe the run (every fold of
+    folds.csv, both finished), not the process that happened to write last."""
+    spec, work = reorganised(tmp_path, 2)
+    run = Run(tmp_path / "run")
+    procs = [cli("train", spec, work, run.dir, "--fold", k, *TRAIN, "--epochs", "1", "--steps-per-epoch", "1")
+             for k in (1, 0)]
+    for proc in procs:
+        finished(proc)
+    doc = json.loads(run.config_path.read_text())
+    assert (doc["config"]["fold"], doc["config"]["folds"]) == (None, 2)
+    assert doc["sources"]["folds"] == "--fold processes" and "fold" not in doc["sources"]
+    assert [json.loads(run.member(f"fold{k}").config_path.read_text())["config"]["fold"] for k in (0, 1)] == [0, 1]
+    assert json.loads(run.done_path.read_text()) == {"members": ["fold0", "fold1"], "missing": []}
+    assert set(run.read_cv()["weights"]) == {"fold0", "fold1"}
+
+
+def test_the_runs_finished_record_lists_the_folds_finished_so_far_in_any_order(tmp_path):
+    from pipeline.config import TrainConfig
+    from pipeline.train.parallel import mark_run_done
+
+    work = tmp_path / "work"
+    work.mkdir()
+    (work / "folds.csv").write_text("id,label,fold\na,x,0\nb,y,1\nc,x,2\n")
+    cfg = TrainConfig(competition="toy", model="fastnet_s", work_dir=work, run_dir=tmp_path / "run")
+    run = Run(cfg.run_dir)
+    records = []
+    for k in (2, 0, 1):  # the folds finish out of order; each process marks the run when it ends
+        member = run.member(f"fold{k}")
+        member.dir.mkdir(parents=True)
+        member.best_path.write_bytes(b"weights")
+        member.mark_done({"epochs": 1})
+        records.append(mark_run_done(replace(cfg, fold=k)))
+        assert json.loads(run.done_path.read_text()) == records[-1]
+    assert records == [{"members": ["fold2"], "missing": ["fold0", "fold1"]},
+                       {"members": ["fold0", "fold2"], "missing": ["fold1"]},
+                       {"members": ["fold0", "fold1", "fold2"], "missing": []}]
+    assert not (run.dir / ".lock").exists()
 
 
 @pytest.mark.slow  # a training process and a cv process (a minute or two on a loaded machine)

@@ -2,7 +2,8 @@
 
 `build` writes the kernel folder, `dataset` the dataset it attaches (the
 pipeline's wheel and the run), `push-dataset` and `push` upload them with the
-kaggle client. The logic lives in pipeline/kernel/build.py.
+kaggle client, `gather` joins fold kernels' outputs into one run. The logic
+lives in pipeline/kernel/build.py and gather.py.
 """
 from __future__ import annotations
 
@@ -12,7 +13,8 @@ from typing import Annotated, Optional
 
 import typer
 
-from pipeline.cli.common import Comp, all_competitions, command, handle_errors, load_competition, typer_app
+from pipeline.cli.common import (Comp, Json, RunDir, WorkDir, all_competitions, command, handle_errors,
+                                 load_competition, plain, print_json, typer_app)
 from pipeline.errors import PipelineError
 from pipeline.runs import LAST_FILE
 
@@ -43,10 +45,18 @@ def build(
     gpu: Annotated[bool, typer.Option("--gpu/--no-gpu", help="Run the kernel on a GPU.")] = False,
     dataset: DatasetRef = None,
     user: User = None,
-    title: Annotated[Optional[str], typer.Option(help="Kernel title, 5 to 50 characters (default: '<competition> pipeline').")] = None,
+    title: Annotated[Optional[str], typer.Option(help="Kernel title, 5 to 50 characters (default: '<competition> pipeline'; "
+                                                       "with --fold K, ' fold K' is added).")] = None,
+    fold: Annotated[Optional[int], typer.Option(help="Train only fold K of the run --train-args' --folds N describes "
+                                                     "(one kernel per fold; `kernel gather` joins their outputs).")] = None,
     force: Force = False,
 ) -> None:
-    """Write a kernel folder: kernel-metadata.json and a script that writes submission.csv offline."""
+    """Write a kernel folder: kernel-metadata.json and a script that writes submission.csv offline.
+
+    With --train --fold K the kernel trains that fold only and outputs its run folder: build one kernel per
+    fold (same --train-args, each its own --fold and --out), push them all, then gather their outputs into
+    one run with `pipeline kernel gather` and predict from it here.
+    """
     from pipeline.kernel.build import (KernelSpec, dataset_ref, kaggle_user, kernel_metadata, portable_train_args,
                                  write_kernel)
     from pipeline.kernel.dataset import SPEC_FILE, run_files
@@ -58,17 +68,62 @@ def build(
         run_files(run)  # a run with no trained model fails here, not on Kaggle
     args, weights = portable_train_args(_split("--train-args", train_args))
     owner = kaggle_user(user, dataset)
+    title = (title or f"{comp.slug} pipeline") + (f" fold {fold}" if fold is not None else "")
     spec = KernelSpec(comp.slug, comp.labels_file or comp.sample_submission, owner, dataset_ref(dataset, owner),
-                      title or f"{comp.slug} pipeline", train, tuple(args), tuple(_split("--predict-args", predict_args)),
-                      gpu, SPEC_FILE if comp.spec_file else "")
+                      title, train, tuple(args), tuple(_split("--predict-args", predict_args)),
+                      gpu, SPEC_FILE if comp.spec_file else "", fold)
     write_kernel(spec, out, force)
     mode = "reorg + train + predict" if train else "reorg + predict with the dataset's run"
+    mode = f"reorg + train fold {fold}" if fold is not None else mode
     typer.echo(f"{out}: kernel {kernel_metadata(spec)['id']} ({mode}), attaches {comp.slug} and {spec.dataset}")
     carry = f" --run {run}" if run else ""
     carry += "".join(f" --weights {w}" for w in weights)
     carry += f" --spec {competition}" if comp.spec_file else ""  # the kernel's commands name the carried spec
     typer.echo(f"next: pipeline kernel dataset --out DATASET_DIR --dataset {spec.dataset}{carry}; "
                f"pipeline kernel push-dataset DATASET_DIR; pipeline kernel push {out}")
+    if fold is not None:
+        typer.echo(f"then, every fold kernel finished: pipeline kernel gather {competition} WORK_DIR RUN_DIR "
+                   f"--kernel {kernel_metadata(spec)['id']} --kernel ... (one per fold)")
+
+
+@command(kernel_app)
+@handle_errors
+def gather(
+    competition: Comp,
+    work_dir: WorkDir,
+    run_dir: RunDir,
+    folders: Annotated[Optional[list[Path]], typer.Argument(
+        metavar="OUTPUT_DIR", show_default=False,
+        help="A fold kernel's output, downloaded (`kaggle kernels output USER/KERNEL -p DIR`) or copied.")] = None,
+    kernel: Annotated[Optional[list[str]], typer.Option(
+        metavar="USER/KERNEL", help="A fold kernel whose output to download with the kaggle client (repeatable).")] = None,
+    device: Annotated[str, typer.Option(metavar="auto|cpu|cuda", help="Where the out-of-fold predictions run.")] = "auto",
+    force: Force = False,
+    as_json: Json = False,
+) -> None:
+    """Join fold kernels' outputs into RUN_DIR: copy their folds, check they make one run, assemble the CV.
+
+    WORK_DIR is this machine's reorg of the same download with the kernels' --folds; every fold must have
+    validated on its fold of WORK_DIR/folds.csv and share the other folds' settings. Once every fold is
+    there the CV is assembled and `pipeline predict COMPETITION WORK_DIR RUN_DIR OUT.csv` works as on a run
+    trained here; until then the missing folds are named.
+    """
+    from pipeline.kernel.gather import download_outputs, gather as gather_folds
+    from pipeline.predict.cv import format_cv_table
+
+    comp = load_competition(competition)
+    with download_outputs(kernel or [], run_dir) as downloaded:
+        done = gather_folds(comp, comp.spec_file or comp.slug, work_dir, run_dir, [*(folders or []), *downloaded],
+                            device, force)
+    if as_json:
+        print_json({"run_dir": str(run_dir), "gathered": done.members, "missing": done.missing,
+                    "cv": plain(done.cv["cv"]) if done.cv else None})
+        return
+    typer.echo(f"{run_dir}: gathered {', '.join(done.members)}")
+    if done.cv is not None:
+        typer.echo(format_cv_table(done.cv))
+    else:
+        typer.echo(f"no CV yet: {', '.join(done.missing)} missing; gather their kernels' outputs too")
 
 
 @command(kernel_app, name="dataset")

@@ -346,6 +346,10 @@ def _size_and_recipe(s: Survey, g: Guess) -> None:
                     "momentum": 0.85, "nesterov": True, "weight_decay": 5e-4, "schedule": "onecycle",
                     "label_smoothing": 0.2, "augment": "pad_crop_flip", "tta": "flip", "data_init": True}
         g.notes.append("recipe: fastnet from scratch (small images; the CIFAR-10 speed-run recipe)")
+        if g.fields.get("metric") == "log_loss" or g.fields.get("task", "single") != "single":
+            del g.recipe["label_smoothing"]  # smoothed targets cap the probabilities log loss scores
+            g.notes.append("recipe: no label smoothing (it keeps probabilities from the confidence log loss "
+                           "rewards, and applies to one class per image only)")
         return
     g.set("mean", list(IMAGENET_MEAN), "ImageNet's: the pretrained backbone saw these")
     g.set("std", list(IMAGENET_STD), "ImageNet's: the pretrained backbone saw these")

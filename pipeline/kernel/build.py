@@ -89,6 +89,7 @@ class KernelSpec:
     predict_args: tuple[str, ...] = ()
     gpu: bool = False
     spec_file: str = ""  # a spec-file competition: the spec's name in the dataset, which the commands name
+    fold: int | None = None  # train only this fold of the run's --folds N; its output is gathered with the others'
 
     def __post_init__(self) -> None:
         if self.train_args and not self.train:
@@ -96,6 +97,39 @@ class KernelSpec:
         if "--force" in (*self.train_args, *self.predict_args):
             raise PipelineError("leave --force out of --train-args/--predict-args: the kernel passes it itself")
         check_train_args(self.train_args)
+        if self.fold is not None:
+            check_fold(self)
+
+
+def check_fold(spec: KernelSpec) -> None:
+    """A fold kernel trains fold K of the run that --train-args' ``--folds N`` describes (its reorg makes N folds)."""
+    if not spec.train:
+        raise PipelineError("--fold K needs --train: a fold kernel trains one fold of the run")
+    if any(a.split("=")[0] in ("--fold", "--full") for a in spec.train_args):
+        raise PipelineError("leave --fold/--full out of --train-args: give the run's --folds N there and the "
+                            "kernel's fold as --fold K")
+    folds = reorg_args(spec)
+    if not folds or not folds[1].isdigit() or int(folds[1]) < 2:
+        raise PipelineError("--fold K needs the run's fold count in --train-args, e.g. --train-args \"--folds 5 ...\" "
+                            "(every fold kernel reorganises the data into the same folds)")
+    if not 0 <= spec.fold < int(folds[1]):
+        raise PipelineError(f"--fold {spec.fold} is not a fold of --folds {folds[1]}: give 0 to {int(folds[1]) - 1}")
+
+
+def kernel_train_args(spec: KernelSpec) -> list[str]:
+    """The `pipeline train` options the kernel runs: a fold kernel's ``--folds N`` becomes ``--fold K``."""
+    if spec.fold is None:
+        return list(spec.train_args)
+    out, args = [], list(spec.train_args)
+    while args:
+        arg = args.pop(0)
+        if arg == "--folds":
+            args.pop(0)
+        if arg == "--folds" or arg.startswith("--folds="):
+            out += ["--fold", str(spec.fold)]
+        else:
+            out.append(arg)
+    return out
 
 
 def check_train_args(args: tuple[str, ...] | list[str]) -> None:
@@ -220,7 +254,8 @@ def kernel_script(spec: KernelSpec) -> str:
         "DATASET_PLACEHOLDER": DATASET_PLACEHOLDER,
         "TRAIN": spec.train,
         "REORG_ARGS": reorg_args(spec),
-        "TRAIN_ARGS": list(spec.train_args),
+        "TRAIN_ARGS": kernel_train_args(spec),
+        "FOLD": spec.fold,
         "PREDICT_ARGS": list(spec.predict_args),
     }
     source = Path(kernel_script_module.__file__).read_text(encoding="utf-8")

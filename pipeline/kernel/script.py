@@ -4,7 +4,9 @@ This module is copied into the kernel folder as kernel.py with its settings
 block replaced by the kernel's own values (pipeline/kernel/build.py, kernel_script).
 
 Installs the pipeline from the attached dataset (pip, no index), runs its
-stages on the competition's data and writes submission.csv, checked.
+stages on the competition's data and writes submission.csv, checked. A fold
+kernel (FOLD set) trains that one fold into run/ and stops there: its output is
+gathered with the other folds' by `pipeline kernel gather`.
 KAGGLE_INPUT and KAGGLE_WORKING (default /kaggle/input, /kaggle/working) let
 it run anywhere; PIPELINE_KERNEL_PIP_TARGET=DIR installs into DIR (put on
 PYTHONPATH for the stages) instead of the environment, whose packages must then
@@ -31,6 +33,7 @@ TRAIN = False
 REORG_ARGS = []
 TRAIN_ARGS = []
 PREDICT_ARGS = []
+FOLD = None  # a fold kernel: the fold of the run it trains (TRAIN_ARGS hold --fold FOLD)
 # ---- end of settings
 
 INPUT = Path(os.environ.get("KAGGLE_INPUT", "/kaggle/input"))
@@ -150,6 +153,10 @@ def main():
         run = WORKING / "run"
         train_args = [arg.replace(DATASET_PLACEHOLDER, str(dataset)) for arg in TRAIN_ARGS]
         stage("train", comp, str(work), str(run), *train_args, "--force")
+        if FOLD is not None:
+            shutil.rmtree(work)  # links into the input: the output is the run's fold alone
+            say(f"done: {run} holds fold {FOLD}; gather the fold kernels' outputs with `pipeline kernel gather`")
+            return
     else:
         run = trained_run(dataset)
     stage("predict", comp, str(work), str(run), str(submission), *PREDICT_ARGS, "--force")

@@ -240,7 +240,8 @@ def _replace(task: Task, **changes) -> Task:
 
 
 class MaskedLoss(nn.Module):
-    """BCE-with-logits (multilabel) or MSE/Huber on standardised targets (regression), NaN rows left out."""
+    """BCE-with-logits summed over the labels (multilabel) or MSE/Huber on standardised targets (regression),
+    averaged over the images; NaN rows (unreadable images) left out."""
 
     def __init__(self, kind: str, pos_weight: Tensor | None = None, center: float = 0.0, scale: float = 1.0):
         super().__init__()
@@ -254,7 +255,10 @@ class MaskedLoss(nn.Module):
             return outputs.sum() * 0.0
         if self.kind == "bce":
             weight = self.pos_weight.to(outputs.device) if self.pos_weight is not None else None
-            return nn.functional.binary_cross_entropy_with_logits(outputs, targets, pos_weight=weight)
+            # summed over the labels, averaged over the images: each label's gradient as large as a class's
+            # under cross-entropy, so a recipe's learning rate means the same for both kinds
+            return nn.functional.binary_cross_entropy_with_logits(outputs, targets, pos_weight=weight,
+                                                                  reduction="none").sum(dim=1).mean()
         standard = (targets - self.center) / self.scale
         if self.kind == "huber":
             return nn.functional.huber_loss(outputs, standard)

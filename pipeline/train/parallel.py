@@ -6,15 +6,27 @@ of a job array): each process locks only the members it trains, the run's own
 files are written atomically, and the out-of-fold score is assembled under
 the run's short lock by whichever process finishes the last fold
 (:func:`pipeline.predict.cv.assemble_cv`).
+
+The run's own records describe the run, not the process that wrote them
+last: RUN_DIR/config.json names every fold of folds.csv (``--folds N``) when
+a process trains one of them, and RUN_DIR/done.json lists every finished
+member, written under the short lock, so the last process to finish lists
+them all whatever the order.
 """
 from __future__ import annotations
 
 import contextlib
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
-from pipeline.config import TrainConfig
+from pipeline.config import Resolved, TrainConfig
+from pipeline.data.items import n_folds
+from pipeline.io import atomic_write_json
+from pipeline.predict.cv import LOCK_WAIT  # as long as a finishing fold waits for another assembling the CV
 from pipeline.runs import FOLD, FULL, HOLDOUT, Run, member_name
+
+FOLD_PROCESSES = "--fold processes"  # the source of a run's --folds N when its folds were trained one by one
 
 
 def owned_members(cfg: TrainConfig) -> list[str]:
@@ -49,3 +61,39 @@ def others_files(run_dir: Path, owned: list[str], path: Path) -> bool:
     if parts[0] in others:
         return True
     return len(parts) == 1 and bool(others) and Path(path).is_file()
+
+
+def run_resolved(resolved: Resolved) -> Resolved:
+    """The run's settings: a ``--fold K`` command's recorded as the run of every fold of folds.csv (``--folds N``).
+
+    Every process of the run then writes the same record; each member's own
+    config.json keeps the one fold it trained.
+    """
+    cfg = resolved.config
+    if cfg.fold is None:
+        return resolved
+    sources = {k: v for k, v in resolved.sources.items() if k != "fold"}
+    return replace(resolved, config=replace(cfg, fold=None, folds=n_folds(cfg.work_dir)),
+                   sources={**sources, "folds": FOLD_PROCESSES})
+
+
+def write_run_config(resolved: Resolved, data: dict) -> None:
+    """RUN_DIR/config.json: the run's resolved settings (:func:`run_resolved`) and what it learns from."""
+    atomic_write_json(Run(resolved.config.run_dir).config_path, {**run_resolved(resolved).to_json(), "data": data})
+
+
+def planned_members(cfg: TrainConfig) -> list[str]:
+    """Every member of the run ``cfg`` belongs to: with ``--fold K``, every fold of folds.csv."""
+    return owned_members(replace(cfg, fold=None, folds=n_folds(cfg.work_dir)) if cfg.fold is not None else cfg)
+
+
+def mark_run_done(cfg: TrainConfig) -> dict:
+    """RUN_DIR/done.json once a train command ends: every finished member of the run and the planned ones
+    still missing. Read and written under the run's short lock: of processes finishing at once, the last
+    writer sees every member the others finished."""
+    run = Run(cfg.run_dir)
+    with run.lock(wait=LOCK_WAIT):
+        finished = [m.name for m in run.members() if m.is_finished]
+        record = {"members": finished, "missing": [m for m in planned_members(cfg) if m not in finished]}
+        run.mark_done(record)
+    return record

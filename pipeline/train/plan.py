@@ -7,6 +7,7 @@ data source afterwards.
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -62,6 +63,7 @@ class MemberPlan:
         return {"source": {"kind": self.source.kind, "reason": self.source.reason},
                 "unfrozen_source": later and {"kind": later.kind, "reason": later.reason},
                 "n_train": len(self.train_items), "n_valid": len(self.valid_items),
+                "valid_ids": ids_digest(self.valid_items),
                 "batch_size": cfg.batch_size, "per_process": self.per_process,
                 "per_process_batch": cfg.batch_size, "steps_per_epoch": self.steps_per_epoch,
                 "total_steps": self.total_steps, "epochs": cfg.epochs, "training": training_kind(cfg),
@@ -72,6 +74,11 @@ class MemberPlan:
     def meta(self, items: list[Item]) -> torch.Tensor | None:
         """The encoded metadata of ``items`` (None without metadata)."""
         return meta_tensor(self.metadata, self.config.work_dir, items)
+
+
+def ids_digest(items: list[Item]) -> str:
+    """A digest of the items' ids: a member trained elsewhere is shown to have validated on the same fold."""
+    return hashlib.sha256("\n".join(sorted(it.id for it in items)).encode()).hexdigest()[:16]
 
 
 def steps_per_epoch(cfg: TrainConfig, per_process: int) -> int:

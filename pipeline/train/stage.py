@@ -22,7 +22,6 @@ from pipeline.config import Resolved, TrainConfig
 from pipeline.models.task import bad_mask
 from pipeline.data.items import Item, load_reorg, training_fingerprint, unreadable_message
 from pipeline.errors import PipelineError
-from pipeline.io import atomic_write_json
 from pipeline.metrics import LOSS_METRICS, bootstrap_interval, reported_metrics, score, valid_key
 from pipeline.models.inference import infer, unreadable_positions
 from pipeline.predict.submission import positive_index, submission_clip
@@ -31,7 +30,7 @@ from pipeline.runs import Member, Run, save_epoch
 from pipeline.train.budget import time_is_up
 from pipeline.train.engine import deferred_interrupt, phase, train_one_epoch
 from pipeline.train.members import MemberResult, already_done, check_members
-from pipeline.train.parallel import member_locks
+from pipeline.train.parallel import mark_run_done, member_locks, write_run_config
 from pipeline.train.plan import MemberPlan, log_plan_warnings, plan_run
 from pipeline.train.setup import MemberState, setup_member, unfreeze_member
 from pipeline.train.summary import cv_interrupt_note, interrupt_note, log_run_summary
@@ -221,7 +220,7 @@ def _train_locked(resolved: Resolved, resume: bool, force: bool) -> list[MemberR
     check_members(cfg, plans, len(info["classes"]), resume, force)
     if dist.is_main():
         Run(cfg.run_dir).unmark_done()
-        atomic_write_json(Run(cfg.run_dir).config_path, {**resolved.to_json(), "data": data})
+        write_run_config(resolved, data)  # the run's settings, also when this process trains one fold
         log_run_summary(resolved, plans, info)
     results = []
     for plan in plans:
@@ -240,7 +239,7 @@ def _train_locked(resolved: Resolved, resume: bool, force: bool) -> list[MemberR
         with stage(lambda: cv_interrupt_note(Run(cfg.run_dir))):
             assemble_cv(cfg, comp, info)  # once, by whichever process finishes the last fold
     if dist.is_main():
-        Run(cfg.run_dir).mark_done({"members": [r.name for r in results]})
+        mark_run_done(cfg)  # every finished member of the run, whichever process ends last
     return results
 
 
