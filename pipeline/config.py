@@ -72,6 +72,8 @@ class TrainConfig:
                          choices=("auto", "on", "off"))
     feature_cache: bool = setting(True, "With --freeze-backbone: train the head on cached features.")
     feature_views: int = setting(1, "Augmented views per image in the feature cache (0: none).", minimum=0)
+    infer_batch_size: int | None = setting(None, "Images per batch of feature extraction and validation (default: "
+                                           "from a memory budget, see pipeline/devices.py).", movable=True, minimum=1)
     # optimisation (lr is per group before the schedule's multiplier)
     epochs: int = setting(10, "Training epochs.", movable=True, minimum=1)
     batch_size: int = setting(128, "Images per step (per process under torchrun).", minimum=1)

@@ -273,3 +273,76 @@ def autocast(device: torch.device, dtype: torch.dtype | None):
     if dtype is None:
         return contextlib.nullcontext()
     return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+# ---------------------------------------------------------------- memory: the batch of inference, from a budget
+# A no-grad forward pass holds its batch's inputs and a few layers' activations; past a few dozen images a CPU
+# computes no faster (its cores are busy from the first) and a GPU only up to its memory. So inference and feature
+# extraction batches come from the memory free at the start, not from the training batch: 256 images of 224 px
+# in fp32 took 5.4 GB of RAM on a CPU for no speed-up (issue 26).
+
+BUDGET_FRACTION = 0.25  # of the free memory: the rest stays with the model, the caches and other work
+ACTIVATION_FACTOR = 36  # live activations of a no-grad pass per input byte: lite0 at 224 px 31-36, resnet34 11
+CPU_MAX_PIXELS = 32 * 224 * 224  # a CPU's speed is flat from ~16 images of 224 px a batch; small images: more
+CUDA_MAX_BATCH = 1024
+PREFETCH = 4  # batches each DataLoader worker keeps ready (pipeline/data/loaders.py, prefetch_factor)
+
+
+def item_bytes(acc: Accelerator, image_size: int, *, half_precision: bool = False, workers: int = 0) -> int:
+    """Memory one more image in a batch costs where ``acc`` computes (pure): its activations (half the size
+    under fp16/bf16 autocast on a GPU) and its fp32 input, which on CPU also waits in every worker's
+    prefetched batches in the same RAM."""
+    one = 4 * 3 * image_size * image_size
+    activations = one * ACTIVATION_FACTOR // (2 if half_precision and acc.type == "cuda" else 1)
+    return activations + (one if acc.type == "cuda" else one * (workers * PREFETCH + 1))
+
+
+def batch_for_budget(acc: Accelerator, available: int, per_item: int, image_size: int, *,
+                     fraction: float = BUDGET_FRACTION, processes: int = 1) -> int:
+    """Images per inference batch with ``available`` bytes free (pure): the largest power of two that fits
+    in ``fraction`` of them, at least 1.
+
+    CPU (and MPS): the memory is the host's RAM, shared by the ``processes`` of
+    a torchrun on it, and the batch stops at CPU_MAX_PIXELS (32 images of 224
+    px), where the speed stops growing. CUDA: the GPU's own free memory, one
+    process per GPU, up to CUDA_MAX_BATCH.
+    """
+    share = available if acc.type == "cuda" else available // max(processes, 1)
+    fit = max(1, int(share * fraction) // max(per_item, 1))
+    cap = CUDA_MAX_BATCH if acc.type == "cuda" else max(1, CPU_MAX_PIXELS // (image_size * image_size))
+    return 1 << (min(fit, cap).bit_length() - 1)
+
+
+def host_available(meminfo: str = "/proc/meminfo", cgroup: str = "/sys/fs/cgroup") -> int:
+    """Bytes of RAM this process may still take: MemAvailable, within a container's memory limit."""
+    def read(path: str) -> str:
+        with open(path, encoding="ascii") as fh:
+            return fh.read()
+
+    found = []
+    with contextlib.suppress(OSError, ValueError, StopIteration):
+        line = next(x for x in read(meminfo).splitlines() if x.startswith("MemAvailable:"))
+        found.append(int(line.split()[1]) * 1024)
+    with contextlib.suppress(OSError, ValueError):
+        limit = read(os.path.join(cgroup, "memory.max")).strip()
+        if limit != "max":
+            found.append(max(0, int(limit) - int(read(os.path.join(cgroup, "memory.current")))))
+    return min(found) if found else 4 * 1024 ** 3  # macOS, Windows: assume a small machine
+
+
+def available_memory(device: torch.device) -> int:
+    """Free bytes where ``device`` computes: the GPU's own on CUDA, else the host's RAM."""
+    if device.type == "cuda":
+        return int(torch.cuda.mem_get_info(device)[0])
+    return host_available()
+
+
+def inference_batch(cfg: Any, device: torch.device, *, workers: int = 0, half_precision: bool = False,
+                    processes: int = 1) -> int:
+    """Images per batch of a run's feature extraction and inference on ``device``: cfg.infer_batch_size when
+    set, else :func:`batch_for_budget` of the memory free now for cfg.image_size."""
+    if getattr(cfg, "infer_batch_size", None):
+        return cfg.infer_batch_size
+    acc = probe(device)
+    per_item = item_bytes(acc, cfg.image_size, half_precision=half_precision, workers=workers)
+    return batch_for_budget(acc, available_memory(device), per_item, cfg.image_size, processes=processes)

@@ -229,6 +229,14 @@ class Run:
     def write_summary(self, text: str) -> None:
         atomic_write_text(self.summary_path, text + "\n")
 
+    def note_in_summary(self, line: str, replaces: str) -> None:
+        """Add ``line`` at the end of the summary, in place of an earlier line starting with ``replaces``."""
+        try:
+            kept = [x for x in self.summary_path.read_text(encoding="utf-8").splitlines() if not x.startswith(replaces)]
+        except FileNotFoundError:
+            kept = []
+        self.write_summary("\n".join([*kept, line]))
+
     @property
     def done_path(self) -> Path:
         return self.dir / RUN_DONE_FILE

@@ -162,7 +162,7 @@ def predict(
     members: Annotated[str, typer.Option(help="auto, folds, full, holdout or all.")] = "auto",
     tta: Annotated[Optional[str], typer.Option(help="Test-time augmentation: none, flip or d4 (default: the run's, which its scores used).")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
-    batch_size: Annotated[int, typer.Option(help="Images per inference batch.")] = 256,
+    batch_size: Annotated[Optional[int], typer.Option(help="Images per inference batch (default: from a memory budget, see pipeline/devices.py).", min=1)] = None,
     num_workers: Annotated[Optional[int], typer.Option(help="DataLoader worker processes (default: from the CPU count and device).")] = None,
     unreadable_test: Annotated[str, typer.Option(help="A test image that cannot be decoded: error (default), or uniform (1/C for every class, with a warning).")] = "error",
     force: Annotated[bool, typer.Option("--force", help="Overwrite SUBMISSION_CSV if it exists.")] = False,

@@ -9,13 +9,14 @@ import typer
 from pipeline import progress
 from pipeline.cli.common import load_competition, print_json
 from pipeline.errors import PipelineError
+from pipeline.cli.peak import record_peak
 
 log = logging.getLogger("pipeline")
 
 
 def write_submission(competition: str, work_dir: Path, run_dir: Path, submission_csv: Path, *, members: str = "auto",
                      tta: str | None = None, device: str = "auto", force: bool = False, num_workers: int | None = None,
-                     batch_size: int = 256, unreadable: str = "error", tracked: bool = False,
+                     batch_size: int | None = None, unreadable: str = "error", tracked: bool = False,
                      as_json: bool = False, to_stderr: bool = False) -> None:
     """Predict the test set with the run's members, write the checked CSV, index it in submissions/, say so
     (on stdout; ``to_stderr`` where stdout already holds a command's JSON)."""
@@ -26,6 +27,7 @@ def write_submission(competition: str, work_dir: Path, run_dir: Path, submission
         result = run(load_competition(competition), work_dir, run_dir, submission_csv, members=members, tta=tta,
                      device=device, force=force, num_workers=num_workers, batch_size=batch_size,
                      unreadable=unreadable)
+    record_peak("predict", device, run_dir)
     indexed = submission_csv.resolve().parent.name == "submissions" and _index_submission(competition, result,
                                                                                           run_dir, result.tta)
     if tracked:

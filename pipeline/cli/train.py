@@ -18,6 +18,7 @@ from pipeline.cli.common import (Comp, Json, RunDir, WorkDir, handle_errors, loa
                                  setting_option)
 from pipeline.config import cli_fields
 from pipeline.errors import PipelineError
+from pipeline.cli.peak import record_peak
 from pipeline.runs import LAST_FILE
 
 def _fixed_params() -> list[inspect.Parameter]:
@@ -125,6 +126,7 @@ def train(**options: Any) -> None:
         tracking.track_training(run_dir, [r.name for r in results if not r.skipped])
     if main_process:
         _print_results(load_competition(fixed["competition"]).metric, run_dir, results, fixed["as_json"])
+        record_peak("train", resolved.config.device, run_dir)
     if main_process and out_csv is not None:  # the members just saved, reloaded as `pipeline predict` loads them
         from pipeline.cli.predicting import write_submission
 

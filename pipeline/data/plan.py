@@ -33,7 +33,7 @@ from pipeline.data.cache import MAX_CACHED_SIDE, cache_path, image_cache, items_
 from pipeline.data.features import feature_bank
 from pipeline.data.loaders import FeatureLoader, TensorBatchLoader, make_loader
 from pipeline.config import CACHEABLE_AUGMENTS, TrainConfig
-from pipeline.devices import DevicePlan, ddp_find_unused
+from pipeline.devices import DevicePlan, ddp_find_unused, inference_batch
 from pipeline.models.task import target_tensor
 from pipeline.workdir import BAD_TARGET
 from pipeline.data.items import (ImageDataset, Item, build_transform, list_split, load_reorg,
@@ -117,7 +117,9 @@ def _file_plan(cfg: TrainConfig, train_items, valid_items, device, source: Sourc
                            world=world)
     valid_dl = None
     if valid_items:
-        valid_dl = eval_loader(cfg, valid_items, cfg.batch_size * 2, dplan, strict=cfg.strict, rank=rank, world=world)
+        batch = inference_batch(cfg, device, workers=dplan.workers, half_precision=dplan.dtype is not None,
+                                processes=world)
+        valid_dl = eval_loader(cfg, valid_items, batch, dplan, strict=cfg.strict, rank=rank, world=world)
     return DataPlan(source, train_dl, valid_dl, lambda m: m, dplan)
 
 
@@ -225,7 +227,8 @@ def _feature_plan(cfg: TrainConfig, model, train_items, valid_items, device, sou
                                                seed=cfg.seed), cfg.image_size, strict=cfg.strict)
             for train in (False, True)]  # eval, train transforms: read only when the cache is built
     # handed over whole: the cache calls the feature extractor, never back into this module
-    build = partial(feature_bank, model, *sets, cfg.feature_views, batch_size=2 * cfg.batch_size,
+    batch = inference_batch(cfg, device, workers=files.workers, half_precision=dplan.dtype is not None)
+    build = partial(feature_bank, model, *sets, cfg.feature_views, batch_size=batch,
                     workers=files.workers, pin_memory=files.pin_memory, seed=cfg.seed, device=device,
                     amp_dtype=dplan.dtype)
     bank = dist.main_first(partial(stored_tensors, path, build))

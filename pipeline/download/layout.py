@@ -15,9 +15,7 @@ import logging
 import posixpath
 from dataclasses import dataclass
 from pathlib import Path
-
-import numpy as np
-import pandas as pd
+from typing import TYPE_CHECKING
 
 from pipeline.competition import Competition
 from pipeline.errors import PipelineError
@@ -25,6 +23,9 @@ from pipeline.io import read_csv
 from pipeline.download.scan import Folder
 from pipeline.download.targets import TaskInfo, names_labels, targets_of
 from pipeline.workdir import META_PREFIX
+
+if TYPE_CHECKING:  # pandas loads only where a tree is planned: a no-op reorg starts fast
+    import pandas as pd
 
 log = logging.getLogger("pipeline")
 
@@ -79,6 +80,7 @@ def check_id(image_id: str, where: str) -> None:
 
 def _check_ids(ids: pd.Series, path: Path) -> None:
     """check_id on a column at once; the first bad row is named."""
+    import numpy as np
     bad = (ids == "") | (ids == ".") | ids.str.contains(_BAD_ID, regex=True)
     if bad.any():
         row = int(np.flatnonzero(bad.to_numpy())[0])
@@ -86,6 +88,7 @@ def _check_ids(ids: pd.Series, path: Path) -> None:
 
 
 def _check_unique(ids: pd.Series, path: Path, labels: pd.Series | None = None) -> None:
+    import numpy as np
     dup = ids.duplicated(keep=False)
     if dup.any():
         first = ids[dup].iloc[0]
@@ -122,6 +125,8 @@ def _listing_columns(comp: Competition, labelled: bool) -> dict[str, str]:
 
 def read_labels(comp: Competition, raw_dir: Path, with_paths: bool = False) -> pd.DataFrame:
     """The labels CSV as string columns ``id``, ``label`` (and ``path``), validated."""
+    import numpy as np
+    import pandas as pd
     path = raw_dir / comp.labels_file
     frame = _read_columns(path, "labels file", _listing_columns(comp, labelled=True))
     if comp.path_column == comp.id_column:
@@ -209,6 +214,7 @@ def _match(comp: Competition, folder: Folder, frame: pd.DataFrame, csv: Path,
 
 def _class_folders(comp: Competition, folder: Folder, raw_dir: Path) -> pd.DataFrame:
     """id, label, path of every ``<class>/<name><image_ext>`` in ``folder``, sorted by path."""
+    import pandas as pd
     ext, n = comp.image_ext.lower(), len(comp.image_ext)
     rows = []
     for rel in folder.files:  # sorted by the scan
@@ -234,6 +240,7 @@ def _class_folders(comp: Competition, folder: Folder, raw_dir: Path) -> pd.DataF
 
 def _train_side(comp: Competition, raw_dir: Path, scans: dict[str, Folder]):
     """(labels, id -> path, given valid ids or None) of the labelled images."""
+    import pandas as pd
     if comp.layout == "folders":
         frame = _class_folders(comp, scans["train"], raw_dir)
         given = None

@@ -22,21 +22,19 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-
-import pandas as pd
+from typing import TYPE_CHECKING
 
 from pipeline.competition import Competition
 from pipeline.errors import PipelineError
 from pipeline.io import atomic_write_json, exclusive_lock, made_folder, os_error_message, remove_stale_temps
-from pipeline.download import splits
-from pipeline.download.duplicates import warn_duplicates
-from pipeline.download.items_table import split_frame, write_items
 from pipeline.download.naming import MAX_DIR_NAME, class_dir_name, link_name  # noqa: F401  (re-exported)
 from pipeline.download.layout import Download, Folder, input_files, layout_spec, read_download
 from pipeline.download.scan import scan_download
-from pipeline.download.splits import stratified_folds, valid_counts  # noqa: F401  (re-exported)
 from pipeline.workdir import (FOLDS_FILE, IMAGES_DIR, LOCK_FILE, REORG_FILE, SAMPLE_FILE, SPLITS, TEST_CLASS_DIR,
                               TEST_ITEMS_FILE)
+
+if TYPE_CHECKING:  # numpy and pandas (splits, items_table, duplicates) load only where a tree is built:
+    import pandas as pd  # a reorg with nothing to do starts fast
 
 log = logging.getLogger("pipeline")
 
@@ -65,6 +63,8 @@ def plan_split(labels: pd.DataFrame, valid_ratio: float, folds: int, seed: int,
 
     Deterministic in ``seed``; with ``groups`` (one value per row) no group is on both sides.
     """
+    from pipeline.download import splits
+
     split = splits.plan_split(labels["id"].to_numpy(), labels["label"].to_numpy(), valid_ratio, folds, seed,
                               given_valid=given_valid, groups=groups)
     return SplitPlan(labels=labels, valid_ids=split.valid_ids, folds=split.folds)
@@ -240,6 +240,9 @@ def reorg(comp: Competition, raw_dir: Path, work_dir: Path, valid_ratio: float =
         current = None if force else _is_current(work_dir, digest)
         if current is not None:
             return ReorgResult(work_dir, current, skipped=True, seconds=time.perf_counter() - start)
+        from pipeline.download.duplicates import warn_duplicates
+        from pipeline.download.items_table import split_frame
+
         download = read_download(comp, raw_dir, scans)
         plan = plan_split(split_frame(download, folds), valid_ratio, folds, seed, download.given_valid,
                           groups=download.labels.get("group"))
@@ -263,6 +266,10 @@ def _remove_leftovers(work_dir: Path) -> None:
 def _stage(comp: Competition, raw_dir: Path, plan: SplitPlan, download: Download,
            staging: Path) -> tuple[str, list[str]]:
     """The whole new tree in ``staging``; returns the link mode and the names to swap in."""
+    import pandas as pd
+
+    from pipeline.download.items_table import write_items
+
     mode = materialize(plan, download, raw_dir, comp.image_ext, staging)
     shutil.copyfile(raw_dir / comp.sample_submission, staging / SAMPLE_FILE)
     trees = [*SPLITS] if download.task.kind == "single" else [IMAGES_DIR]
@@ -321,3 +328,12 @@ def _info(comp: Competition, plan: SplitPlan, download: Download, params: dict, 
         "fingerprint": digest,
         "format_version": FORMAT_VERSION,
     }
+
+
+def __getattr__(name: str):
+    """The split functions, re-exported here without importing numpy when the module loads."""
+    if name in ("stratified_folds", "valid_counts"):
+        from pipeline.download import splits
+
+        return getattr(splits, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

@@ -14,14 +14,15 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 from pathlib import Path
-
-import numpy as np
-import pandas as pd
+from typing import TYPE_CHECKING
 
 from pipeline.competition import Competition
 from pipeline.errors import PipelineError
 from pipeline.workdir import LABEL_JOIN
 
+if TYPE_CHECKING:  # numpy and pandas load where labels are read: a no-op reorg starts fast
+    import numpy as np
+    import pandas as pd
 
 
 @dataclass(frozen=True)
@@ -39,12 +40,15 @@ class TaskInfo:
 
 
 def _row(frame: pd.DataFrame, mask, path: Path) -> tuple[int, str]:
+    import numpy as np
     i = int(np.flatnonzero(np.asarray(mask))[0])
     return i + 2, frame["id"].iloc[i]
 
 
 def one_hot_labels(comp: Competition, frame: pd.DataFrame, path: Path) -> pd.Series:
     """The class of each row of one-hot columns (exactly one 1 per row)."""
+    import numpy as np
+    import pandas as pd
     values = _zero_one(comp, frame, path)
     ones = values.sum(axis=1)
     if (ones != 1).any():
@@ -56,6 +60,8 @@ def one_hot_labels(comp: Competition, frame: pd.DataFrame, path: Path) -> pd.Ser
 
 
 def _zero_one(comp: Competition, frame: pd.DataFrame, path: Path) -> np.ndarray:
+    import numpy as np
+    import pandas as pd
     cols = list(comp.label_columns)
     values = frame[cols].apply(pd.to_numeric, errors="coerce").to_numpy(dtype=np.float64)
     bad = ~np.isin(values, (0.0, 1.0))
@@ -67,6 +73,8 @@ def _zero_one(comp: Competition, frame: pd.DataFrame, path: Path) -> np.ndarray:
 
 
 def _numbers(frame: pd.DataFrame, column: str, path: Path) -> np.ndarray:
+    import numpy as np
+    import pandas as pd
     values = pd.to_numeric(frame["label"], errors="coerce").to_numpy(dtype=np.float64)
     bad = ~np.isfinite(values)
     if bad.any():
@@ -79,6 +87,7 @@ def _numbers(frame: pd.DataFrame, column: str, path: Path) -> np.ndarray:
 def targets_of(comp: Competition, frame: pd.DataFrame, path: Path, sample_columns: list[str]) -> tuple[pd.DataFrame, TaskInfo]:
     """``frame`` (id, label or the label_columns, ...) with ``label`` in canonical form and, for the kinds
     other than single, ``target``; and the task's output names."""
+    import numpy as np
     frame = frame.copy()
     kind = comp.task
     if kind == "single":
@@ -143,6 +152,7 @@ def _label_names(comp: Competition, found: list[str], sample_columns: list[str],
 
 def names_labels(comp: Competition, stems: dict[str, str], where: Path) -> pd.DataFrame:
     """id, label of layout 'names': ``label_pattern`` matched on each file name without its extension."""
+    import pandas as pd
     pattern = re.compile(comp.label_pattern)
     rows, unmatched = [], []
     for image_id in stems:

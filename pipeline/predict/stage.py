@@ -26,7 +26,7 @@ from pipeline.data.features import backbone_views
 from pipeline.data.loaders import FeatureViews
 from pipeline.data.plan import cached_views, eval_loader, shared_backbone_groups
 from pipeline.models.heads import FeatureHead
-from pipeline.devices import resolve_device
+from pipeline.devices import inference_batch, resolve_device
 from pipeline.distributed import plan_for
 from pipeline.errors import PipelineError, check_choice
 from pipeline.models.inference import TTA_VIEWS, infer, normalise_rows, unreadable_positions
@@ -78,7 +78,7 @@ def load_member(member: Member, device: torch.device, weights: str = "best") -> 
     return LoadedMember(member, model.to(device), cfg, classes, trained_amp(member, cfg), task, encoder)
 
 
-def _group_probs(group: list[LoadedMember], items: list[Item], tta: str, device: torch.device, batch_size: int,
+def _group_probs(group: list[LoadedMember], items: list[Item], tta: str, device: torch.device, batch_size: int | None,
                  num_workers: int | None, strict: bool, work_dir: Path | None) -> tuple[list[np.ndarray], set[int]]:
     """Probabilities of each member of a group; a frozen backbone's features are computed once.
 
@@ -87,6 +87,7 @@ def _group_probs(group: list[LoadedMember], items: list[Item], tta: str, device:
     first = group[0]
     cfg = replace(first.config, num_workers=num_workers)
     plan = plan_for(cfg, device, "files", amp=first.amp)  # predict reads image files
+    batch_size = batch_size or inference_batch(cfg, device, workers=plan.workers, half_precision=plan.dtype is not None)
     loader = eval_loader(cfg, items, batch_size, plan, strict=strict)
     if not first.config.freeze_backbone:
         loader.meta = meta_tensor(first.metadata, work_dir or first.config.work_dir, items)
@@ -109,7 +110,7 @@ def _group_probs(group: list[LoadedMember], items: list[Item], tta: str, device:
 
 
 def predict_items(members: list[Member], items: list[Item], *, tta: str = "none", device: str = "auto",
-                  num_workers: int | None = None, batch_size: int = 256, unreadable: str = "error",
+                  num_workers: int | None = None, batch_size: int | None = None, unreadable: str = "error",
                   weights: str = "best", work_dir: Path | None = None) -> tuple[list[str], np.ndarray, list[str]]:
     """Ids, the members' averaged probabilities (rows sum to 1) and the class names over ``items``.
 
@@ -220,7 +221,7 @@ def match_run(run: Run, comp: Competition, work_dir: Path, info: dict) -> dict:
 
 def predict(comp: Competition, work_dir: Path, run_dir: Path, out_csv: Path, members: str = "auto",
             tta: str | None = None, device: str = "auto", force: bool = False, num_workers: int | None = None,
-            batch_size: int = 256, unreadable: str = "error") -> PredictResult:
+            batch_size: int | None = None, unreadable: str = "error") -> PredictResult:
     """Average the members' softmax over WORK_DIR/test and write a checked submission.
 
     ``tta`` None takes the run's own TTA, the one its validation and CV scores used.
