@@ -257,13 +257,17 @@ def _score_task(task, outputs: np.ndarray, targets: np.ndarray, metrics: Sequenc
         return {name: math.nan for name in names}
     outputs, targets = np.asarray(outputs, dtype=np.float64), np.asarray(targets, dtype=np.float64)
     decided = task.decide(outputs)
-    result = {}
-    for name in names:
-        m = check_metric(name, task.kind)
-        extra = {"beta": beta} if m.name.startswith("f_beta") else {}
-        n = len(task.grades) if task.kind == "ordinal" else outputs.shape[1]
-        result[name] = m.fn(targets, outputs if m.uses == "probs" else decided, n, None, **extra)
-    return result
+    return {name: task_metric(task, name, targets, outputs if check_metric(name, task.kind).uses == "probs"
+                              else decided, beta) for name in names}
+
+
+def task_metric(task, name: str, targets: np.ndarray, values: np.ndarray, beta: float = 1.0) -> float:
+    """Metric ``name`` of a task other than single on ``values``: its outputs, or decisions already made (fixed
+    thresholds: a nested CV's, a bootstrap's resampled rows)."""
+    m = check_metric(name, task.kind)
+    extra = {"beta": beta} if m.name.startswith("f_beta") else {}
+    n = len(task.grades) if task.kind == "ordinal" else np.asarray(targets).reshape(len(targets), -1).shape[1]
+    return float(m.fn(np.asarray(targets, dtype=np.float64), values, n, None, **extra))
 
 
 def compute(name: str, probs: np.ndarray, targets: np.ndarray, num_classes: int, *,

@@ -14,7 +14,7 @@ from __future__ import annotations
 import numpy as np
 
 from pipeline.errors import PipelineError
-from pipeline.metrics import reported_metrics, score
+from pipeline.metrics import bootstrap_interval, reported_metrics, score, task_metric
 from pipeline.models.task import Task
 from pipeline.predict.decide import decision_interval, fit_thresholds, needs_decision
 
@@ -83,15 +83,9 @@ def blend_scores_task(task: Task, outputs: np.ndarray, targets: np.ndarray, fold
     kw = {"task": task, "beta": beta}
     blended = score(nested, targets, 0, names, **kw)
     if decide:  # the decision metric on the nested decisions (each fold's own thresholds)
-        from pipeline.metrics import check_metric
-
-        m = check_metric(metric, task.kind)
-        n = len(task.grades) if task.kind == "ordinal" else targets.shape[1]
-        blended[metric] = float(m.fn(targets, decided, n, None, **({"beta": beta} if "f_beta" in m.name else {})))
+        blended[metric] = task_metric(task, metric, targets, decided, beta)
         interval = decision_interval(task, targets, decided, metric, beta)
     else:
-        from pipeline.metrics import bootstrap_interval
-
         interval = bootstrap_interval(nested, targets, 0, metric, n=200, task=task, beta=beta)
     final = task.with_thresholds(cuts) if decide else task
     in_sample = score(blended_all, targets, 0, names, task=final, beta=beta)

@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from pipeline.metrics import check_metric, compute
+from pipeline.metrics import check_metric, compute, task_metric
 from pipeline.models.task import Task
 
 PASSES = 2
@@ -81,24 +81,18 @@ def nested_decision(task: Task, outputs: np.ndarray, targets: np.ndarray, folds:
         per_fold[int(k)] = list(cuts)
         decided[held] = task.with_thresholds(cuts).decide(outputs[held]).reshape(held.sum(), -1)
     everything = fit_thresholds(task, outputs, targets, metric, beta)
-    m = check_metric(metric, task.kind)
-    n = len(task.grades) if task.kind == "ordinal" else outputs.shape[1]
-    extra = {"beta": beta} if m.name.startswith("f_beta") else {}
-    nested = float(m.fn(targets, decided, n, None, **extra))
+    nested = task_metric(task, metric, targets, decided, beta)
     return _record(task, outputs, targets, metric, beta, everything, nested, per_fold), decided
 
 
 def decision_interval(task: Task, targets: np.ndarray, decided: np.ndarray, metric: str, beta: float = 1.0,
                       n: int = 200, seed: int = 0) -> tuple[float, float]:
     """A 95% percentile-bootstrap interval of ``metric`` over rows of fixed (nested) decisions."""
-    m = check_metric(metric, task.kind)
-    extra = {"beta": beta} if m.name.startswith("f_beta") else {}
-    k = len(task.grades) if task.kind == "ordinal" else decided.shape[1]
     rng = np.random.default_rng(seed)
-    values = []
+    targets, values = np.asarray(targets), []
     for _ in range(n):
         rows = rng.integers(0, len(targets), len(targets))
-        values.append(m.fn(np.asarray(targets)[rows], decided[rows], k, None, **extra))
+        values.append(task_metric(task, metric, targets[rows], decided[rows], beta))
     values = np.asarray(values)[np.isfinite(values)]
     if not len(values):
         return np.nan, np.nan
