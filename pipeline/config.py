@@ -111,6 +111,13 @@ class TrainConfig:
     folds: int = setting(0, "Train every fold of folds.csv (give its fold count).", movable=True, minimum=0)
     fold: int | None = setting(None, "Train one fold of folds.csv.", movable=True, minimum=0)
     full: bool = setting(False, "Train on train_valid, no validation (final retrain).", movable=True)
+    soft_labels: Path | None = setting(None, "Self-distillation: train each fold on a mix of its labels and this "
+                                       "teacher run's out-of-fold probabilities (same folds; pipeline/train/teacher.py).")
+    soft_weight: float = setting(0.5, "--soft-labels: target = (1 - A) x label + A x teacher probability.", minimum=0)
+    pseudo_label: Path | None = setting(None, "Add this teacher run's test predictions (its test_probs.csv) to every "
+                                        "member's training rows, never to a validation split.")
+    pseudo_threshold: float | None = setting(None, "--pseudo-label: hard labels where the teacher's top probability "
+                                             "is >= P, rows under P dropped (default: soft, every row).", minimum=0)
     tta: str = setting("none", "Test-time augmentation of validation and out-of-fold predictions.", choices=TTAS)
     calibrate: str = setting("off", "Fit a temperature and a class-prior weight on the out-of-fold predictions "
                              "(scored nested), applied by predict and blend: auto (on for log-loss competitions), "
@@ -157,6 +164,8 @@ class TrainConfig:
                                 "--freeze-backbone (and keep --feature-cache on), or use --head linear")
         if self.head == "logreg" and self.unfreeze_after > 1:
             raise PipelineError("--head logreg is fitted once: use --unfreeze-after 1")
+        if self.soft_weight > 1 or (self.pseudo_threshold or 0) > 1:
+            raise PipelineError("--soft-weight and --pseudo-threshold are probabilities: give a value in [0, 1]")
         if self.head == "logreg" and self.ema:
             raise PipelineError("--head logreg is fitted once: an --ema average of it would be the unfitted head; "
                                 "drop --ema")
@@ -219,7 +228,7 @@ def _typed(f: dataclasses.Field, value: Any) -> Any:
     """A JSON value back to the field's type (paths and tuples)."""
     if value is None:
         return None
-    if f.name in ("work_dir", "run_dir", "weights"):
+    if f.name in ("work_dir", "run_dir", "weights", "soft_labels", "pseudo_label"):
         return Path(value)
     return tuple(value) if isinstance(value, list) else value
 

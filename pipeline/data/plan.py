@@ -189,29 +189,52 @@ def feature_key(cfg: TrainConfig, pool: list[Item], amp_dtype: torch.dtype | Non
 
 def _pooled_plan(cfg: TrainConfig, train_items: list[Item], valid_items: list[Item], source: Source,
                  dplan: DevicePlan, pool: list[Item], bad: set[int], loader, view) -> DataPlan:
-    """Loaders cut from one cache over the pool (train_valid): rows selected by id, unreadable rows marked.
+    """Loaders cut from one cache over the pool (train_valid, then the test images when some training rows are
+    pseudo-labelled test images): rows selected by id, unreadable rows marked.
 
-    ``loader(rows, train)`` makes the loader over the cached rows; ``view`` wraps the model to take it.
+    ``loader(rows, targets, train)`` makes the loader over the cached rows and their targets; ``view`` wraps
+    the model to take it. Training targets are the training items' own (a teacher may have mixed them).
     """
     bad_train, _ = _unreadable_rows(cfg, pool, bad, train_items, valid_items)
-    targets = cached_targets(pool, bad)  # unreadable images are left out of the loss and the scores
-    train_dl = loader(_rows_of(train_items, pool), targets, True)
-    valid_dl = loader(_rows_of(valid_items, pool), targets, False) if valid_items else None
+    # unreadable images are left out of the loss and the scores
+    train_dl = loader(_rows_of(train_items, pool), cached_targets(train_items, bad_train), True)
+    valid_rows = _rows_of(valid_items, pool)
+    valid_dl = loader(valid_rows, cached_targets(pool, bad)[valid_rows], False) if valid_items else None
     return DataPlan(source, train_dl, valid_dl, view, dplan, bad_train)
 
 
+def cache_pools(cfg: TrainConfig, train_items: list[Item]) -> list[list[Item]]:
+    """The pools a member's caches are built over: train_valid, and the test split when training rows come
+    from it (--pseudo-label); each pool has its own cache, shared by every run on the work folder."""
+    info = load_reorg(cfg.work_dir)
+    pool = list_split(cfg.work_dir, info, "train_valid")
+    known = {it.id for it in pool}
+    if all(it.id in known for it in train_items):
+        return [pool]
+    test = list_split(cfg.work_dir, info, "test")
+    clash = next((it.id for it in test if it.id in known), None)
+    if clash is not None:
+        raise PipelineError(f"test image id {clash!r} is also a training id: pseudo-labelled test images need ids "
+                            "of their own")
+    return [pool, test]
+
+
 def _cached_plan(cfg: TrainConfig, train_items, valid_items, device, source: Source, dplan: DevicePlan) -> DataPlan:
-    pool = list_split(cfg.work_dir, load_reorg(cfg.work_dir), "train_valid")
-    array, bad = dist.main_first(partial(image_cache, cache_root(cfg), pool, cfg.image_size))
-    images = torch.from_numpy(np.array(array))  # into memory (or on to the GPU) once per member
+    pools, arrays, bad = cache_pools(cfg, train_items), [], set()
+    for part in pools:
+        array, part_bad = dist.main_first(partial(image_cache, cache_root(cfg), part, cfg.image_size))
+        bad |= {sum(len(a) for a in arrays) + i for i in part_bad}  # positions in the joined pool
+        arrays.append(np.array(array))  # into memory (or on to the GPU) once per member
+    pool = [it for part in pools for it in part]
+    images = torch.from_numpy(arrays[0] if len(arrays) == 1 else np.concatenate(arrays))
     common = dict(mean=cfg.mean, std=cfg.std, device=device, rank=dist.rank(), world=dist.world_size(),
                   channels_last=dplan.channels_last)
 
     def loader(rows, targets, train: bool):
         if train:
-            return TensorBatchLoader(images[rows], targets[rows], cfg.batch_size, shuffle=True, seed=cfg.seed,
+            return TensorBatchLoader(images[rows], targets, cfg.batch_size, shuffle=True, seed=cfg.seed,
                                      drop_last=True, augment=cfg.augment, **common)
-        return TensorBatchLoader(images[rows], targets[rows], cfg.batch_size * 2, shuffle=False, augment="none",
+        return TensorBatchLoader(images[rows], targets, cfg.batch_size * 2, shuffle=False, augment="none",
                                  **common)
 
     return _pooled_plan(cfg, train_items, valid_items, source, dplan, pool, bad, loader, lambda m: m)
@@ -219,29 +242,39 @@ def _cached_plan(cfg: TrainConfig, train_items, valid_items, device, source: Sou
 
 def _feature_plan(cfg: TrainConfig, model, train_items, valid_items, device, source: Source,
                   dplan: DevicePlan) -> DataPlan:
-    pool = list_split(cfg.work_dir, load_reorg(cfg.work_dir), "train_valid")
+    pools = cache_pools(cfg, train_items)
     files = dist.plan_for(cfg, device, "files")  # the backbone reads image files once: their workers and pinning
-    path = cache_path(cache_root(cfg), "features", feature_key(cfg, pool, dplan.dtype))
-
-    sets = [ImageDataset(pool, build_transform(cfg.augment, cfg.image_size, cfg.mean, cfg.std, train=train,
-                                               seed=cfg.seed), cfg.image_size, strict=cfg.strict)
-            for train in (False, True)]  # eval, train transforms: read only when the cache is built
-    # handed over whole: the cache calls the feature extractor, never back into this module
     batch = inference_batch(cfg, device, workers=files.workers, half_precision=dplan.dtype is not None)
-    build = partial(feature_bank, model, *sets, cfg.feature_views, batch_size=batch,
-                    workers=files.workers, pin_memory=files.pin_memory, seed=cfg.seed, device=device,
-                    amp_dtype=dplan.dtype)
-    bank = dist.main_first(partial(stored_tensors, path, build))
+    banks = []
+    for part in pools:
+        path = cache_path(cache_root(cfg), "features", feature_key(cfg, part, dplan.dtype))
+        sets = [ImageDataset(part, build_transform(cfg.augment, cfg.image_size, cfg.mean, cfg.std, train=train,
+                                                   seed=cfg.seed), cfg.image_size, strict=cfg.strict)
+                for train in (False, True)]  # eval, train transforms: read only when the cache is built
+        # handed over whole: the cache calls the feature extractor, never back into this module
+        build = partial(feature_bank, model, *sets, cfg.feature_views, batch_size=batch,
+                        workers=files.workers, pin_memory=files.pin_memory, seed=cfg.seed, device=device,
+                        amp_dtype=dplan.dtype)
+        banks.append(dist.main_first(partial(stored_tensors, path, build)))
+    bank = banks[0] if len(banks) == 1 else joined_banks(banks)
+    pool = [it for part in pools for it in part]
     common = dict(device=device, rank=dist.rank(), world=dist.world_size())
 
     def loader(rows, targets, train: bool):
         if train:
-            return FeatureLoader(bank["views"][:, rows], targets[rows], cfg.batch_size, shuffle=True, seed=cfg.seed,
+            return FeatureLoader(bank["views"][:, rows], targets, cfg.batch_size, shuffle=True, seed=cfg.seed,
                                  drop_last=True, **common)
-        return FeatureLoader(bank["eval"][None, rows], targets[rows], cfg.batch_size * 2, shuffle=False, **common)
+        return FeatureLoader(bank["eval"][None, rows], targets, cfg.batch_size * 2, shuffle=False, **common)
 
     return _pooled_plan(cfg, train_items, valid_items, source, dplan, pool, set(bank["bad"].tolist()), loader,
                         FeatureHead)
+
+
+def joined_banks(banks: list[dict]) -> dict:
+    """Feature banks of consecutive pools as one: rows appended, unreadable positions shifted."""
+    offsets = np.cumsum([0] + [len(b["eval"]) for b in banks])[:-1]
+    return {"eval": torch.cat([b["eval"] for b in banks]), "views": torch.cat([b["views"] for b in banks], dim=1),
+            "bad": torch.cat([b["bad"] + int(o) for b, o in zip(banks, offsets)])}
 
 
 # ---------------------------------------------------------------- inference inputs

@@ -166,7 +166,7 @@ class Task:
     def criterion(self, label_smoothing: float = 0.0, class_weights: Tensor | None = None) -> nn.Module:
         """The training loss over the model's raw outputs; unreadable rows are left out."""
         if self.kind == "single":
-            return nn.CrossEntropyLoss(weight=class_weights, label_smoothing=label_smoothing, ignore_index=BAD_TARGET)
+            return ClassLoss(weight=class_weights, label_smoothing=label_smoothing, ignore_index=BAD_TARGET)
         if self.kind == "multilabel":
             return MaskedLoss("bce", pos_weight=class_weights)
         return MaskedLoss(self.loss, center=self.center, scale=self.scale)
@@ -263,3 +263,19 @@ class MaskedLoss(nn.Module):
         if self.kind == "huber":
             return nn.functional.huber_loss(outputs, standard)
         return nn.functional.mse_loss(outputs, standard)
+
+
+class ClassLoss(nn.CrossEntropyLoss):
+    """Cross-entropy over class indices (unreadable rows: ignore_index) or over probability rows (a teacher's
+    soft targets, pipeline/train/teacher.py; unreadable rows: NaN, left out). With class weights, probability
+    rows are averaged over the rows, not over their weights (torch's rule for probability targets)."""
+
+    def forward(self, outputs: Tensor, targets: Tensor) -> Tensor:
+        if targets.ndim == 1:
+            return super().forward(outputs, targets)
+        keep = ~targets.isnan().any(dim=1)
+        if not bool(keep.all()):
+            outputs, targets = outputs[keep], targets[keep]
+        if not len(targets):
+            return outputs.sum() * 0.0
+        return nn.functional.cross_entropy(outputs, targets, weight=self.weight, label_smoothing=self.label_smoothing)

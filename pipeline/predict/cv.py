@@ -78,6 +78,9 @@ def write_cv(cfg: TrainConfig, comp: Competition, info: dict, members: list[Memb
           "calibration": calibration}
     if task.kind != "single":
         cv["task"] = task.kind
+    teacher = (members[0].recorded_plan() or {}).get("teacher")  # --soft-labels / --pseudo-label, as trained
+    if teacher:
+        cv["teacher"] = teacher
     if cfg.select == "best":
         last, _ = out_of_fold(cfg, comp, info, members, "last")
         cv["last_epoch"] = _overall(calibrated(cfg, comp, info, last)[1] if calibrate else last, comp, info, cfg)
@@ -194,4 +197,6 @@ def format_cv_table(cv: dict) -> str:
                      f"{cal['change_interval'][0]:+.4f} to {cal['change_interval'][1]:+.4f} (paired 95% interval)")
     if "last_epoch" in cv:
         lines.append(f"CV {cv['metric']} of the last epochs: {cv['last_epoch']['cv']:.4f}")
+    if cv.get("teacher"):
+        lines.append(f"  {cv['teacher']['line']}")
     return "cross-validation (out of fold):\n" + "\n".join(lines)

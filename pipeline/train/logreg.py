@@ -49,7 +49,12 @@ def fit_logreg(x: np.ndarray, y: np.ndarray, n_classes: int, groups: np.ndarray 
 
 
 def _fit(z: np.ndarray, y: np.ndarray, n_classes: int, c: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
-    """Weights and biases over all ``n_classes`` (absent classes: zero weight, a low bias)."""
+    """Weights and biases over all ``n_classes`` (absent classes: zero weight, a low bias); ``y``: class indices
+    (N,) or probability rows (N, K) (pipeline/train/soft_fit.py)."""
+    if y.ndim == 2:
+        from pipeline.train.soft_fit import fit_soft
+
+        return fit_soft(z, y, c, ABSENT_MARGIN, MAX_ITER)
     present = np.unique(y)
     weight, bias = np.zeros((n_classes, z.shape[1])), np.zeros(n_classes)
     if len(present) == 1:  # one class: it always wins
@@ -80,7 +85,10 @@ def _inner_cv_loss(z: np.ndarray, y: np.ndarray, groups: np.ndarray, n_classes: 
 
 
 def _log_loss(logits: np.ndarray, y: np.ndarray) -> float:
+    """Mean cross-entropy against class indices (N,) or probability rows (N, K)."""
     logp = torch.log_softmax(torch.from_numpy(logits), dim=1).numpy()
+    if y.ndim == 2:
+        return float(-(y * logp).sum(axis=1).mean())
     return float(-logp[np.arange(len(y)), y].mean())
 
 
@@ -105,6 +113,8 @@ def fit_feature_head(model: nn.Module, loader, task, seed: int = 0) -> tuple[flo
         raise PipelineError("--head logreg: no readable training image to fit on")
     if task.kind != "single":
         return _fit_other(model, task, x[keep], y[keep], groups[keep], seed, n_views)
+    if y.ndim == 2 and np.isin(y[keep], (0.0, 1.0)).all():  # one-hot rows (a teacher mixed in at weight 0)
+        y = y.argmax(axis=1)
     n_classes = task.n_outputs
     weight, bias, info = fit_logreg(x[keep], y[keep], n_classes, groups[keep], seed)
     load_linear_head(model, weight, bias)
@@ -117,6 +127,10 @@ def fit_feature_head(model: nn.Module, loader, task, seed: int = 0) -> tuple[flo
 def _fit_other(model: nn.Module, task, x: np.ndarray, y: np.ndarray, groups: np.ndarray, seed: int,
                n_views: int) -> tuple[float, dict]:
     from pipeline.train.linear_fits import fit_task_head
+
+    if task.kind == "multilabel" and not np.isin(y, (0.0, 1.0)).all():
+        raise PipelineError("--head logreg fits multilabel heads on 0/1 labels: soft labels or soft pseudo-labels "
+                            "need --head linear (trained by SGD), or --pseudo-threshold P for hard pseudo-labels")
 
     if task.numeric:  # the head predicts the standardised target, as the SGD head is trained to
         y = (y - task.center) / task.scale

@@ -27,6 +27,7 @@ from pipeline.models.task import Task, target_tensor
 from pipeline.train.adapt import adapt_to_data
 from pipeline.train.engine import phase
 from pipeline.train.members import plan_members
+from pipeline.train.teacher import Teachers
 
 log = logging.getLogger("pipeline")
 
@@ -47,6 +48,14 @@ class MemberPlan:
     warnings: tuple[str, ...] = ()  # what the plan itself warns about
     task: Task = Task("single", ())  # the work folder's task, fitted to this member's training targets
     metadata: MetaEncoder | None = None  # the spec's metadata columns, encoded as this member's training rows say
+    fit_items: list[Item] | None = field(default=None, repr=False)  # what the loaders train on (train/teacher.py)
+    teacher: dict = field(default_factory=dict)  # --soft-labels / --pseudo-label: the teacher and its rows
+
+    @property
+    def training_rows(self) -> list[Item]:
+        """The rows the member's loaders train on: its training items, targets mixed with a teacher's and the
+        pseudo-labelled test images added when asked; else its training items."""
+        return self.train_items if self.fit_items is None else self.fit_items
 
     @property
     def name(self) -> str:
@@ -69,7 +78,8 @@ class MemberPlan:
                 "total_steps": self.total_steps, "epochs": cfg.epochs, "training": training_kind(cfg),
                 "weights": weights_source(cfg), "adapted": list(self.notes), "warnings": list(self.warnings),
                 **({"task": self.task.to_json()} if self.task.kind != "single" else {}),
-                **({"metadata": self.metadata.to_json()} if self.metadata is not None else {})}
+                **({"metadata": self.metadata.to_json()} if self.metadata is not None else {}),
+                **({"teacher": self.teacher} if self.teacher else {})}
 
     def meta(self, items: list[Item]) -> torch.Tensor | None:
         """The encoded metadata of ``items`` (None without metadata)."""
@@ -111,10 +121,13 @@ def weights_source(cfg: TrainConfig) -> str:
 
 
 def plan_member(cfg: TrainConfig, sources: dict[str, str], member: Member, train_items: list[Item],
-                valid_items: list[Item], task: Task, columns: list[str] = ()) -> MemberPlan:
+                valid_items: list[Item], task: Task, columns: list[str] = (), teacher=None) -> MemberPlan:
     """One member's plan: the recipe adapted to its images, the batch capped, steps and source; the task
-    fitted to its training targets (a regression's standardisation)."""
-    share = dist.per_process(len(train_items))
+    fitted to its training targets (a regression's standardisation); ``teacher``: :func:`teachers`' value."""
+    fit_items, record = None, {}
+    if teacher is not None:
+        fit_items, record = teacher.member_rows(cfg, member, train_items, task)
+    share = dist.per_process(len(train_items if fit_items is None else fit_items))
     adapted, notes = adapt_to_data(cfg, share, sources)
     warnings = []
     if 0 < share < adapted.batch_size:
@@ -133,14 +146,15 @@ def plan_member(cfg: TrainConfig, sources: dict[str, str], member: Member, train
     if columns:  # fitted on this member's training rows only
         encoder = MetaEncoder.fit(item_metadata(cfg.work_dir, columns, train_items), columns)
     return MemberPlan(member, train_items, valid_items, adapted, share, source, steps, total, tuple(notes),
-                      tuple(warnings), task, encoder)
+                      tuple(warnings), task, encoder, fit_items, record)
 
 
 def plan_run(resolved: Resolved, info: dict) -> tuple[Resolved, list[MemberPlan]]:
     """Every member's plan; the resolved config gains the adaptation notes (logged once each)."""
     task = Task.of(info, competition_of(resolved.config.competition).loss)
     columns = list(info.get("metadata", ()))
-    plans = [plan_member(resolved.config, resolved.sources, *m, task, columns)
+    teacher = Teachers.read(resolved.config, task, info)  # read once for every member
+    plans = [plan_member(resolved.config, resolved.sources, *m, task, columns, teacher)
              for m in plan_members(resolved.config, info)]
     notes = tuple(dict.fromkeys(n for p in plans for n in p.notes))
     return replace(resolved, notes=tuple(dict.fromkeys((*resolved.notes, *notes)))), plans

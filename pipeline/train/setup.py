@@ -118,7 +118,7 @@ def plan_data(st: MemberState, pcfg: TrainConfig, dplan, initial: bool = True) -
     weights = None
     if pcfg.balance == "sampler":
         weights = st.plan.task.sample_weights(target_tensor([it.target for it in st.plan.train_items]))
-    st.data = plan_member(pcfg, model, st.plan.train_items, st.plan.valid_items, st.rt.device, dplan,
+    st.data = plan_member(pcfg, model, st.plan.training_rows, st.plan.valid_items, st.rt.device, dplan,
                           st.plan.meta if st.plan.metadata is not None else None, weights)
     if st.rt.channels_last:
         model.to(memory_format=torch.channels_last)  # in place: the optimizer keeps its parameters

@@ -56,6 +56,7 @@ class RunFacts:
     members: tuple[MemberLine, ...]
     training: str = ""  # how the epochs train when it is not plain SGD on every epoch (logreg, fine-tuning)
     task: str = ""  # the task kind, its outputs, metadata and groups when any is not plain single-label (task_line)
+    teacher: str = ""  # --soft-labels / --pseudo-label: the teacher and its rows (pipeline/train/teacher.py)
 
 
 def count_parameters(model: Any) -> tuple[int, int]:
@@ -101,6 +102,8 @@ def format_summary(table: str, facts: RunFacts, warnings: Sequence[str]) -> str:
         lines.append(f"  training   {facts.training}")
     if facts.task:
         lines.append(f"  task       {facts.task}")
+    if facts.teacher:
+        lines.append(f"  teacher    {facts.teacher}")
     unique = list(dict.fromkeys(w.removeprefix("warning: ") for w in warnings))
     lines.append("  warnings   " + ("none" if not unique else f"{len(unique)}"))
     lines += [f"    - {w}" for w in unique]
@@ -164,7 +167,7 @@ def gather_facts(resolved: Any, plans: Sequence[Any], info: dict) -> RunFacts:
                     dplan.channels_last, dplan.workers, first.source.kind, first.source.reason,
                     dict(info.get("counts", {})), members, training_plan(cfg),
                     task_line(first.task, info.get("metadata", ()), info.get("group_column", ""),
-                              {p.name: p.task for p in plans}))
+                              {p.name: p.task for p in plans}), first.teacher.get("line", ""))
 
 
 def task_line(task: Any, metadata: Sequence[str], group_column: str, members: dict[str, Any]) -> str:
