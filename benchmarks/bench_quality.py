@@ -29,7 +29,11 @@ class of the training images, for log loss the uniform guess and the class
 frequencies of the training folds (out of fold). The dog part also blends its
 two runs (`pipeline blend`) and prints the blended CV.
 
-    python benchmarks/bench_quality.py [--parts dog,cifar,tiny,finetune,defaults,tricks] [--keep DIR]
+- soft (issue 23 point 3): on dog 300, the recipe as teacher, a student with
+  --soft-labels TEACHER and one with --pseudo-label TEACHER, with the paired
+  interval of each student's per-image log-loss change against the teacher.
+
+    python benchmarks/bench_quality.py [--parts dog,cifar,tiny,finetune,defaults,tricks,soft] [--keep DIR]
 """
 from __future__ import annotations
 
@@ -216,6 +220,50 @@ def tricks(tmp: Path) -> list[dict]:
     return rows
 
 
+def soft(tmp: Path) -> list[dict]:
+    """Issue 23 point 3 on dog 300 (3 folds, the recipe's logreg head on Lite0): the teacher run, a student
+    with --soft-labels TEACHER (the teacher's fold-k model's probabilities mixed into fold k's targets, weight
+    0.5), the same with --soft-source oof (its out-of-fold table: an optimistic CV), and one
+    with --pseudo-label TEACHER (the teacher's 300 test predictions added as soft rows). Each row: CV log
+    loss with its interval, wall time, and the paired 95% interval of the per-image log-loss change against
+    the teacher (same out-of-fold images; below 0: the student wins beyond the noise of these rows)."""
+    from pipeline.predict.calibrate import paired_change_interval
+
+    work, rows = dog_work(tmp), []
+
+    def oof(run: Path) -> tuple[np.ndarray, np.ndarray, list[str]]:
+        frame = pd.read_csv(run / "oof.csv", dtype={"id": str}).set_index("id").sort_index()
+        classes = [c for c in frame.columns if c != "label"]
+        return frame[classes].to_numpy(), frame["label"].map({c: i for i, c in enumerate(classes)}).to_numpy(), \
+            classes
+
+    def run_row(name: str, run: Path, extra: list[str]) -> dict:
+        secs = 0.0 if (run / "cv.json").is_file() else cli("train", "dog-breed-identification", str(work),
+                                                           str(run), "--folds", "3", *LITE0, *extra)
+        cv = json.loads((run / "cv.json").read_text())
+        lo, hi = cv["interval"]
+        paired = ""
+        if run != teacher:
+            before, targets, classes = oof(teacher)
+            after = pd.read_csv(run / "oof.csv", dtype={"id": str}).set_index("id").sort_index()[classes].to_numpy()
+            a, b = paired_change_interval(before, after, targets)
+            paired = f"change vs teacher [{a:+.3f}, {b:+.3f}]"
+        return {"data": "dog 300, 3 folds", "variant": name, "score": f"CV log loss {cv['cv']:.3f} [{lo:.3f}, "
+                f"{hi:.3f}]", "target": paired, "baseline": cv_log_loss_baselines(work), "seconds": secs,
+                "notes": [cv["teacher"]["line"]] if cv.get("teacher") else []}
+
+    teacher = tmp / "soft-teacher"
+    rows.append(run_row("teacher (recipe)", teacher, []))
+    if not (teacher / "test_probs.csv").is_file():
+        rows[-1]["seconds"] += cli("predict", "dog-breed-identification", str(work), str(teacher),
+                                   str(tmp / "soft-teacher.csv"), "--force")
+    rows.append(run_row("--soft-labels teacher", tmp / "soft-student", ["--soft-labels", str(teacher)]))
+    rows.append(run_row("... --soft-source oof", tmp / "soft-oof-student", ["--soft-labels", str(teacher),
+                                                                            "--soft-source", "oof"]))
+    rows.append(run_row("--pseudo-label teacher", tmp / "pseudo-student", ["--pseudo-label", str(teacher)]))
+    return rows
+
+
 def last_valid_accuracy(member: Path) -> float:
     return float(pd.read_csv(member / "metrics.csv")["valid_accuracy"].iloc[-1])
 
@@ -229,7 +277,8 @@ def main() -> None:
     missing = [p for p in (DOG, CIFAR, TINY, WEIGHTS) if not p.exists()]
     if missing:
         raise SystemExit(f"shared data missing: {', '.join(map(str, missing))}")
-    parts = {"dog": dog, "cifar": cifar, "tiny": tiny, "finetune": finetune, "defaults": defaults, "tricks": tricks}
+    parts = {"dog": dog, "cifar": cifar, "tiny": tiny, "finetune": finetune, "defaults": defaults, "tricks": tricks,
+             "soft": soft}
     with tempfile.TemporaryDirectory() as scratch:
         tmp = args.keep or Path(scratch)
         tmp.mkdir(parents=True, exist_ok=True)

@@ -111,8 +111,13 @@ class TrainConfig:
     folds: int = setting(0, "Train every fold of folds.csv (give its fold count).", movable=True, minimum=0)
     fold: int | None = setting(None, "Train one fold of folds.csv.", movable=True, minimum=0)
     full: bool = setting(False, "Train on train_valid, no validation (final retrain).", movable=True)
-    soft_labels: Path | None = setting(None, "Self-distillation: train each fold on a mix of its labels and this "
-                                       "teacher run's out-of-fold probabilities (same folds; pipeline/train/teacher.py).")
+    soft_labels: Path | None = setting(None, "Self-distillation: train each member on a mix of its labels and this "
+                                       "teacher run's predictions (a fold run on the same folds; see --soft-source, "
+                                       "pipeline/train/teacher.py).")
+    soft_source: str = setting("fold", "--soft-labels: fold (fold k's rows get the teacher's fold-k model's "
+                               "predictions: no label of fold k reaches the student) or oof (the teacher's "
+                               "oof.csv: each row predicted by a model that trained on fold k's validation rows; "
+                               "the CV says it is optimistic).", choices=("fold", "oof"))
     soft_weight: float = setting(0.5, "--soft-labels: target = (1 - A) x label + A x teacher probability.", minimum=0)
     pseudo_label: Path | None = setting(None, "Add this teacher run's test predictions (its test_probs.csv) to every "
                                         "member's training rows, never to a validation split.")

@@ -18,7 +18,7 @@ from pipeline.download.reorg import reorg
 from pipeline.errors import PipelineError
 from pipeline.models.task import Task
 from pipeline.predict.cv import format_cv_table
-from pipeline.predict.stage import predict
+from pipeline.predict.stage import predict, predict_items
 from pipeline.runs import Run
 from pipeline.train.plan import plan_run
 from pipeline.train.setup import setup_member
@@ -70,8 +70,8 @@ def test_the_teachers_oof_columns_are_read_by_name(teacher, tmp_path):
     frame[["frog", "id", "cat", "label", "dog"]].iloc[::-1].to_csv(Run(copy).oof_path, index=False)
 
     def targets(teacher_dir):
-        _, plans = plan_run(config(teacher, tmp_path / "s", folds=3, soft_labels=teacher_dir, soft_weight=0.5),
-                            load_reorg(work))
+        _, plans = plan_run(config(teacher, tmp_path / "s", folds=3, soft_labels=teacher_dir, soft_weight=0.5,
+                                   soft_source="oof"), load_reorg(work))
         return {it.id: it.target for p in plans for it in p.training_rows}
 
     ours, shuffled = targets(run), targets(copy)
@@ -81,6 +81,24 @@ def test_the_teachers_oof_columns_are_read_by_name(teacher, tmp_path):
     label = np.eye(3)[CLASSES.index(oof.loc[first, "label"])]
     assert np.allclose(ours[first], 0.5 * label + 0.5 * oof.loc[first, CLASSES].to_numpy(float))
     assert not np.allclose(ours[first], label)  # the teacher moved it
+
+
+def test_the_fold_source_takes_the_teachers_model_of_the_same_fold(teacher, tmp_path):
+    """Fold k's training rows get the predictions of the teacher's fold-k model, which never trained on fold k's
+    validation rows (the oof source's rows come from models that did)."""
+    _, work, run = registered(teacher)
+    _, plans = plan_run(config(teacher, tmp_path / "s", folds=3, soft_labels=run, soft_weight=0.25),
+                        load_reorg(work))
+    oof = oof_table(run)
+    for plan in plans:
+        ids, probs, classes = predict_items([Run(run).member(f"fold{plan.member.fold}")], plan.train_items,
+                                            device="cpu")
+        assert classes == CLASSES and ids == [it.id for it in plan.train_items]
+        labels = np.eye(3)[[it.target for it in plan.train_items]]
+        got = np.array([it.target for it in plan.training_rows])
+        assert np.allclose(got, 0.75 * labels + 0.25 * probs, atol=1e-6)
+        assert not np.allclose(got, 0.75 * labels + 0.25 * oof.loc[ids, CLASSES].to_numpy(float), atol=1e-3)
+    assert plans[0].teacher["soft_source"] == "fold" and "same fold's model" in plans[0].teacher["line"]
 
 
 # ---------------------------------------------------------------- (b) refusals
@@ -125,7 +143,7 @@ def test_a_teacher_missing_a_class_or_an_id_is_named(teacher, tmp_path):
         plan_run(config(teacher, tmp_path / "s", folds=3, soft_labels=copy), load_reorg(work))
     frame.iloc[1:].to_csv(Run(copy).oof_path, index=False)
     with pytest.raises(PipelineError, match=f"has no prediction for id '{frame['id'][0]}'"):
-        plan_run(config(teacher, tmp_path / "s", folds=3, soft_labels=copy), load_reorg(work))
+        plan_run(config(teacher, tmp_path / "s", folds=3, soft_labels=copy, soft_source="oof"), load_reorg(work))
 
 
 # ---------------------------------------------------------------- (c) weight 0 is the plain run
@@ -241,7 +259,8 @@ def test_cv_json_and_the_summary_record_the_teacher_and_the_pseudo_note(teacher,
     table = format_cv_table(cv)
     assert f"pseudo-labels from test predictions of {run}: the test set is not in the CV" in table
     summary = Run(student).summary_path.read_text()
-    assert "teacher    soft labels: (1 - 0.3) x label + 0.3 x the out-of-fold predictions" in summary
+    assert "teacher    soft labels: (1 - 0.3) x label + 0.3 x the predictions of the same fold's model" in summary
+    assert "optimistic" not in summary  # the fold source sends no validation label to the student
     assert "10 of 10 test images added" in summary
 
 

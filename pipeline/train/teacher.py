@@ -1,11 +1,21 @@
 """Teachers: another run's predictions as training targets (``--soft-labels``, ``--pseudo-label``).
 
-``--soft-labels RUN``: each fold member trains on ``(1 - A) * label + A * p``,
-``p`` the teacher's out-of-fold prediction of the row (its oof.csv, read by
-id and by column name). The teacher must have cross-validated on the same
-folds, id by id: then every row's teacher prediction comes from a teacher
-member that never trained on that row. The teacher may not itself have learnt
-from another run's predictions (a chain would carry labels across folds).
+``--soft-labels RUN``: each member trains on ``(1 - A) * label + A * p``, ``p``
+the teacher's prediction of the row, matched by id and by class name. The
+teacher must have cross-validated on the same folds, id by id. Where ``p``
+comes from (``--soft-source``):
+
+- ``fold`` (default): fold k's training rows are predicted by the teacher's
+  fold-k model, which trained on exactly those rows and never on fold k's
+  validation rows, so no label of the validation fold reaches the student
+  and its CV stays honest. (A --full student takes the out-of-fold table.)
+- ``oof``: the teacher's oof.csv. Each row is predicted by a model that did
+  not train on it, but that did train on every other fold, fold k's
+  validation rows among them: their labels reach fold k's student through
+  its targets, and the CV records that it is optimistic.
+
+The teacher may not itself have learnt from another run's predictions (a
+chain would carry labels across folds).
 
 ``--pseudo-label RUN``: the teacher's kept test predictions (test_probs.csv,
 what ``pipeline predict`` averaged) label the work folder's test images, which
@@ -117,12 +127,37 @@ def mixed(items: list[Item], teacher: np.ndarray, weight: float, task: Task) -> 
     return [replace(it, target=tuple(float(v) for v in row)) for it, row in zip(items, targets)]
 
 
-def soft_items(cfg: TrainConfig, task: Task, items: list[Item], table: pd.DataFrame | None) -> list[Item]:
-    """The member's training items with their targets mixed with the teacher's (as they are without one)."""
+def soft_items(cfg: TrainConfig, task: Task, items: list[Item], table: pd.DataFrame | None,
+               source: Path | None = None) -> list[Item]:
+    """The member's training items with their targets mixed with the teacher's (as they are without one);
+    ``source``: the file or member the table came from, for the errors."""
     if table is None:
         return items
-    return mixed(items, _rows(table, items, Run(cfg.soft_labels).oof_path, "teacher's out-of-fold prediction"),
-                 cfg.soft_weight, task)
+    source = source or Run(cfg.soft_labels).oof_path
+    return mixed(items, _rows(table, items, source, "teacher's prediction"), cfg.soft_weight, task)
+
+
+def fold_table(cfg: TrainConfig, fold: int, items: list[Item], task: Task) -> tuple[pd.DataFrame, Path]:
+    """--soft-source fold: the teacher's fold-``fold`` model's predictions of ``items`` (the student's training
+    rows of that fold), by id and class; an unreadable image keeps its label (the loaders leave it out)."""
+    from pipeline.predict.stage import predict_items
+    from pipeline.runs import FOLD, member_name
+
+    run = Run(cfg.soft_labels)
+    member = run.member(member_name(FOLD, fold))
+    if not member.is_finished:
+        raise PipelineError(f"--soft-labels {cfg.soft_labels}: its {member.name} is not finished; finish the "
+                            "teacher's folds first")
+    tcfg, _ = load_resolved(run.config_path)
+    ids, probs, classes = predict_items([member], items, tta=tcfg.tta, device=cfg.device,
+                                        num_workers=cfg.num_workers, unreadable="drop", work_dir=cfg.work_dir)
+    frame = pd.DataFrame(probs, columns=classes)
+    frame.insert(0, "id", ids)
+    dropped = [it for it in items if it.id not in set(ids)]
+    if dropped:
+        labels = pd.DataFrame(label_rows(dropped, task), columns=list(task.names))
+        frame = pd.concat([frame, labels.assign(id=[it.id for it in dropped])], ignore_index=True)
+    return _by_name(frame, task.names, member.dir, "teacher's fold model"), member.dir
 
 
 def pseudo_items(cfg: TrainConfig, task: Task, info: dict) -> tuple[list[Item], dict]:
@@ -169,6 +204,8 @@ def training_items(items: list[Item], pseudo: list[Item], task: Task) -> list[It
             if isinstance(it.target, int) else it for it in rows]
 
 
+OOF_NOTE = ("; optimistic CV: each fold's soft targets came from teacher models that trained on that fold's "
+            "validation rows")
 PSEUDO_NOTE = ("trained with pseudo-labels from test predictions of {run}: the test set is not in the CV, but the "
                "model saw its images (labelled by members that trained on every fold's rows)")
 
@@ -178,7 +215,7 @@ def teacher_record(cfg: TrainConfig) -> dict:
     if cfg.soft_labels is None:
         return {}
     cv = Run(cfg.soft_labels).read_cv() or {}
-    return {"soft_labels": str(cfg.soft_labels), "soft_weight": cfg.soft_weight,
+    return {"soft_labels": str(cfg.soft_labels), "soft_weight": cfg.soft_weight, "soft_source": cfg.soft_source,
             "teacher_cv": cv.get("cv"), "teacher_interval": cv.get("interval"), "teacher_metric": cv.get("metric")}
 
 
@@ -206,7 +243,10 @@ class Teachers:
 
     def member_rows(self, cfg: TrainConfig, member, train_items: list[Item], task: Task) -> tuple[list[Item], dict]:
         """A member's training rows (its items with mixed targets, then the pseudo rows) and their record."""
-        rows = training_items(soft_items(cfg, task, train_items, self.soft), self.pseudo, task)
+        table, source = self.soft, None
+        if self.soft is not None and cfg.soft_source == "fold" and member.fold is not None:
+            table, source = fold_table(cfg, member.fold, train_items, task)
+        rows = training_items(soft_items(cfg, task, train_items, table, source), self.pseudo, task)
         return rows, {**self.record, "labelled_rows": len(train_items)}
 
 
@@ -216,8 +256,10 @@ def teacher_line(record: dict) -> str:
     if record.get("soft_labels"):
         cv = record.get("teacher_cv")
         score = f"its CV {record.get('teacher_metric')} {cv:.4f}" if cv is not None else "its CV unknown"
+        where = {"fold": "predictions of the same fold's model of", "oof": "out-of-fold predictions of"}
         parts.append(f"soft labels: (1 - {record['soft_weight']:g}) x label + {record['soft_weight']:g} x the "
-                     f"out-of-fold predictions of {record['soft_labels']} ({score})")
+                     f"{where[record.get('soft_source', 'oof')]} {record['soft_labels']} ({score})"
+                     + (OOF_NOTE if record.get("soft_source") == "oof" else ""))
     if record.get("pseudo_label"):
         cut = record.get("pseudo_threshold")
         how = "soft" if cut is None else f"hard where the teacher's top probability >= {cut:g}"
