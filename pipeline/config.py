@@ -116,11 +116,11 @@ class TrainConfig:
                                        "pipeline/train/teacher.py).")
     soft_source: str = setting("fold", "--soft-labels: fold (fold k's rows get the teacher's fold-k model's "
                                "predictions: no label of fold k reaches the student) or oof (the teacher's "
-                               "oof.csv: each row predicted by a model that trained on fold k's validation rows; "
-                               "the CV says it is optimistic).", choices=("fold", "oof"))
+                               "out-of-fold table: each row predicted by a model that trained on fold k's "
+                               "validation rows; the CV says it is optimistic).", choices=("fold", "oof"))
     soft_weight: float = setting(0.5, "--soft-labels: target = (1 - A) x label + A x teacher probability.", minimum=0)
-    pseudo_label: Path | None = setting(None, "Add this teacher run's test predictions (its test_probs.csv) to every "
-                                        "member's training rows, never to a validation split.")
+    pseudo_label: Path | None = setting(None, "Add this teacher run's test predictions (what `pipeline predict` "
+                                        "kept) to every member's training rows, never to a validation split.")
     pseudo_threshold: float | None = setting(None, "--pseudo-label: hard labels where the teacher's top probability "
                                              "is >= P, rows under P dropped (default: soft, every row).", minimum=0)
     tta: str = setting("none", "Test-time augmentation of validation and out-of-fold predictions.", choices=TTAS)

@@ -8,15 +8,14 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from conftest import make_competition, write_raw
 from typer.testing import CliRunner
 
-from conftest import make_competition, write_raw
 from pipeline.cli.app import app
 from pipeline.config import resolve_config
 from pipeline.data.items import list_split, load_reorg
 from pipeline.download.reorg import reorg
 from pipeline.errors import PipelineError
-from pipeline.models.task import Task
 from pipeline.predict.cv import format_cv_table
 from pipeline.predict.stage import predict, predict_items
 from pipeline.runs import Run
@@ -176,7 +175,7 @@ def test_the_logreg_soft_fit_equals_the_weighted_fit_of_each_row_copied_per_clas
     p = rng.dirichlet(np.ones(4) * 0.7, size=60)
     p[:, 3] = 0.0  # a class no row gives any probability: absent
     p /= p.sum(axis=1, keepdims=True)
-    weight, bias, info = fit_logreg(x, p, 4, cs=(1.0,))
+    weight, bias, _ = fit_logreg(x, p, 4, cs=(1.0,))
     # by hand: each row copied once per class, labelled with it and weighted by its probability
     mu, sigma = x.mean(0), x.std(0) + 1e-6
     z = (x - mu) / sigma
@@ -203,7 +202,7 @@ def test_pseudo_rows_are_in_every_folds_training_set_and_in_no_validation_split(
     comp, work, run = registered(teacher)
     info = load_reorg(work)
     test_ids = {it.id for it in list_split(work, info, "test")}
-    resolved, plans = plan_run(config(teacher, tmp_path / "s", folds=3, pseudo_label=run, cache=cache), info)
+    _, plans = plan_run(config(teacher, tmp_path / "s", folds=3, pseudo_label=run, cache=cache), info)
     kept, _ = Run(run).read_test_probs()
     kept = kept.set_index("id")
     for plan in plans:

@@ -53,7 +53,7 @@ def _teacher(path: Path, cfg: TrainConfig, flag: str) -> tuple[Run, TrainConfig]
     if os.path.abspath(path) == os.path.abspath(cfg.run_dir):
         raise PipelineError(f"{flag} {path} is this run itself; give another (finished) run as the teacher")
     if not run.is_run():
-        raise PipelineError(f"{flag} {path}: not a training run (no config.json); train the teacher first")
+        raise PipelineError(f"{flag} {path}: not a training run (no {run.config_path.name}); train the teacher first")
     tcfg, _ = load_resolved(run.config_path)
     if tcfg.soft_labels or tcfg.pseudo_label:
         raise PipelineError(f"{flag} {path}: the teacher itself learnt from the predictions of "
