@@ -24,7 +24,7 @@ from pipeline.train.setup import setup_member
 from pipeline.train.stage import train
 
 CLASSES = ["cat", "dog", "frog"]
-BASE = {"device": "cpu", "epochs": 2, "batch_size": 8}
+BASE = {"device": "cpu", "epochs": 1, "batch_size": 8}  # 3 steps a fold: enough to move the weights
 
 
 @pytest.fixture(scope="module")
@@ -278,3 +278,42 @@ def test_cli_errors_are_one_line_and_exit_1(teacher, tmp_path):
         assert result.exit_code == 1, result.output
         lines = result.stderr.strip().splitlines()
         assert len(lines) == 1 and message in lines[0] and "Traceback" not in result.output, result.output
+
+
+# ---------------------------------------------------------------- the other kinds, the loss
+
+
+def test_mixing_works_alike_for_multilabel_rows_and_regression_values():
+    from pathlib import Path
+
+    from pipeline.data.items import Item
+    from pipeline.models.task import Task
+    from pipeline.train.teacher import mixed
+
+    labels = [Item("a", Path("a.png"), (1.0, 0.0)), Item("b", Path("b.png"), (0.0, 1.0))]
+    got = mixed(labels, np.array([[0.2, 0.4], [0.6, 0.8]]), 0.25, Task("multilabel", ("x", "y")))
+    assert np.allclose([it.target for it in got], [[0.8, 0.1], [0.15, 0.95]])
+    values = [Item("a", Path("a.png"), (3.0,))]
+    assert mixed(values, np.array([[5.0]]), 0.25, Task("regression", ("v",)))[0].target == pytest.approx((3.5,))
+    classes = [Item("a", Path("a.png"), 2)]
+    assert np.allclose(mixed(classes, np.array([[0.2, 0.2, 0.6]]), 0.5, Task("single", ("p", "q", "r")))[0].target,
+                       [0.1, 0.1, 0.8])
+
+
+def test_the_class_loss_takes_probability_rows_and_leaves_unreadable_rows_out():
+    from pipeline.models.task import Task
+
+    loss = Task("single", ("p", "q", "r")).criterion()
+    logits = torch.tensor([[1.0, 2.0, 0.5], [0.1, -1.0, 2.0], [3.0, 0.0, 0.0]])
+    rows = torch.tensor([[0.2, 0.7, 0.1], [0.0, 0.0, 1.0], [float("nan")] * 3])  # the last: unreadable
+    expected = -(rows[:2] * torch.log_softmax(logits[:2], dim=1)).sum(dim=1).mean()
+    assert float(loss(logits, rows)) == pytest.approx(float(expected))
+    assert float(loss(logits[1:2], rows[1:2])) == pytest.approx(float(loss(logits[1:2], torch.tensor([2]))))
+
+
+def test_the_multilabel_logreg_head_refuses_soft_targets():
+    from pipeline.models.task import Task
+    from pipeline.train.logreg import _fit_other
+
+    with pytest.raises(PipelineError, match="need --head linear"):
+        _fit_other(None, Task("multilabel", ("x", "y")), np.zeros((4, 3)), np.full((4, 2), 0.3), np.arange(4), 0, 1)

@@ -153,7 +153,8 @@ def fold_table(cfg: TrainConfig, fold: int, items: list[Item], task: Task) -> tu
                                         num_workers=cfg.num_workers, unreadable="drop", work_dir=cfg.work_dir)
     frame = pd.DataFrame(probs, columns=classes)
     frame.insert(0, "id", ids)
-    dropped = [it for it in items if it.id not in set(ids)]
+    predicted = set(ids)
+    dropped = [it for it in items if it.id not in predicted]
     if dropped:
         labels = pd.DataFrame(label_rows(dropped, task), columns=list(task.names))
         frame = pd.concat([frame, labels.assign(id=[it.id for it in dropped])], ignore_index=True)
