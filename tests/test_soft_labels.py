@@ -317,3 +317,16 @@ def test_the_multilabel_logreg_head_refuses_soft_targets():
 
     with pytest.raises(PipelineError, match="need --head linear"):
         _fit_other(None, Task("multilabel", ("x", "y")), np.zeros((4, 3)), np.full((4, 2), 0.3), np.arange(4), 0, 1)
+
+
+def test_the_class_prior_head_fits_probability_rows_as_it_fits_their_labels():
+    from pipeline.train.prior_fit import fit_logreg_prior
+
+    rng = np.random.default_rng(1)
+    x, y = rng.normal(size=(30, 5)), np.arange(30) % 3
+    prior_w, prior_b = rng.normal(size=(3, 5)), np.zeros(3)
+    hard = fit_logreg_prior(x, y, prior_w, prior_b, cs=(0.1,))
+    one_hot = fit_logreg_prior(x, np.eye(3)[y], prior_w, prior_b, cs=(0.1,))
+    assert np.allclose(hard[0], one_hot[0], atol=1e-6) and np.allclose(hard[1], one_hot[1], atol=1e-6)
+    soft = fit_logreg_prior(x, 0.5 * np.eye(3)[y] + 0.5 / 3, prior_w, prior_b, cs=(0.1,))
+    assert np.abs(soft[0] - hard[0]).max() > 1e-3  # softer targets: another head

@@ -64,7 +64,8 @@ def fit_logreg_prior(x: np.ndarray, y: np.ndarray, prior_weight: np.ndarray, pri
     pw[:, :prior_weight.shape[1]] = torch.from_numpy(np.asarray(prior_weight, dtype=np.float64))
     pb = torch.from_numpy(np.asarray(prior_bias, dtype=np.float64))
     offset = x64 @ pw.T + pb
-    yt = torch.from_numpy(np.asarray(y)).long()
+    yt = torch.from_numpy(np.asarray(y))  # class indices, or probability rows (pipeline/train/teacher.py)
+    yt = yt.long() if yt.ndim == 1 else yt.double()
     groups = np.arange(len(y)) if groups is None else groups
     images = np.unique(groups)
     scores = {}
