@@ -124,6 +124,10 @@ class TrainConfig:
     soft_weight: float = setting(0.5, "--soft-labels: target = (1 - A) x label + A x teacher probability.", minimum=0)
     pseudo_label: Path | None = setting(None, "Add this teacher run's test predictions (what `pipeline predict` "
                                         "kept) to every member's training rows, never to a validation split.")
+    pseudo_source: str = setting("fold", "--pseudo-label: fold (fold k's test rows labelled by the teacher's "
+                                 "fold-k model: no label of fold k reaches the student) or all (what `pipeline "
+                                 "predict` kept: every member, fold k's validation rows seen; the CV says so).",
+                                 choices=("fold", "all"))
     pseudo_threshold: float | None = setting(None, "--pseudo-label: hard labels where the teacher's top probability "
                                              "is >= P, rows under P dropped (default: soft, every row).", minimum=0)
     tta: str = setting("none", "Test-time augmentation of validation and out-of-fold predictions.", choices=TTAS)

@@ -202,7 +202,8 @@ def test_pseudo_rows_are_in_every_folds_training_set_and_in_no_validation_split(
     comp, work, run = registered(teacher)
     info = load_reorg(work)
     test_ids = {it.id for it in list_split(work, info, "test")}
-    _, plans = plan_run(config(teacher, tmp_path / "s", folds=3, pseudo_label=run, cache=cache), info)
+    _, plans = plan_run(config(teacher, tmp_path / "s", folds=3, pseudo_label=run, cache=cache,
+                               pseudo_source="all"), info)
     kept, _ = Run(run).read_test_probs()
     kept = kept.set_index("id")
     for plan in plans:
@@ -226,12 +227,34 @@ def test_the_threshold_drops_rows_under_it_and_hard_labels_the_rest(teacher, tmp
     kept, _ = Run(run).read_test_probs()
     top = kept.set_index("id")[CLASSES].max(axis=1)
     cut = float(top.median())
-    _, plans = plan_run(config(teacher, tmp_path / "s", folds=3, pseudo_label=run, pseudo_threshold=cut),
-                        load_reorg(work))
+    _, plans = plan_run(config(teacher, tmp_path / "s", folds=3, pseudo_label=run, pseudo_threshold=cut,
+                               pseudo_source="all"), load_reorg(work))
     pseudo = plans[0].training_rows[len(plans[0].train_items):]
     assert {it.id for it in pseudo} == set(top.index[top >= cut]) and 0 < len(pseudo) < len(top)
     probs = kept.set_index("id")[CLASSES]
     assert all(it.target == int(np.argmax(probs.loc[it.id].to_numpy())) for it in pseudo)
+
+
+def test_the_fold_source_labels_fold_ks_test_rows_with_the_teachers_fold_k_model(teacher, tmp_path):
+    """No kept test predictions needed: each fold's pseudo rows come from the teacher's model of that fold,
+    which never saw the fold's validation rows; they still join training only."""
+    _, work, run = registered(teacher)
+    copy = tmp_path / "unpredicted"
+    shutil.copytree(run, copy)
+    Run(copy).test_probs_meta_path.unlink()
+    info = load_reorg(work)
+    test = list_split(work, info, "test")
+    _, plans = plan_run(config(teacher, tmp_path / "s", folds=3, pseudo_label=copy), info)
+    seen = []
+    for plan in plans:
+        ids, probs, _ = predict_items([Run(copy).member(f"fold{plan.member.fold}")], test, device="cpu")
+        pseudo = plan.training_rows[len(plan.train_items):]
+        assert [it.id for it in pseudo] == ids and not set(ids) & {it.id for it in plan.valid_items}
+        assert np.allclose([it.target for it in pseudo], probs, atol=1e-6)
+        assert plan.teacher["pseudo_members"] == [f"fold{plan.member.fold}"]
+        assert "model of the same fold" in plan.teacher["line"]
+        seen.append(probs)
+    assert not np.allclose(seen[0], seen[1], atol=1e-4)  # three models, three labellings
 
 
 def test_a_teacher_without_test_predictions_is_refused(teacher, tmp_path):
@@ -240,7 +263,7 @@ def test_a_teacher_without_test_predictions_is_refused(teacher, tmp_path):
     shutil.copytree(run, copy)
     Run(copy).test_probs_meta_path.unlink()
     with pytest.raises(PipelineError, match="run `pipeline predict` on it first"):
-        plan_run(config(teacher, tmp_path / "s", folds=3, pseudo_label=copy), load_reorg(work))
+        plan_run(config(teacher, tmp_path / "s", folds=3, pseudo_label=copy, pseudo_source="all"), load_reorg(work))
 
 
 # ---------------------------------------------------------------- (f) what the run records
@@ -249,7 +272,8 @@ def test_a_teacher_without_test_predictions_is_refused(teacher, tmp_path):
 def test_cv_json_and_the_summary_record_the_teacher_and_the_pseudo_note(teacher, tmp_path):
     _, _, run = registered(teacher)
     student = tmp_path / "student"
-    train(config(teacher, student, folds=3, soft_labels=run, soft_weight=0.3, pseudo_label=run))
+    train(config(teacher, student, folds=3, soft_labels=run, soft_weight=0.3, pseudo_label=run,
+                 pseudo_source="all"))
     cv = Run(student).read_cv()
     record = cv["teacher"]
     assert record["soft_labels"] == str(run) and record["soft_weight"] == 0.3

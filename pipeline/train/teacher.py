@@ -86,17 +86,17 @@ def _rows(table: pd.DataFrame, items: list[Item], path: Path, what: str) -> np.n
     return table.loc[[it.id for it in items]].to_numpy(dtype=np.float64)
 
 
-def check_same_folds(cfg: TrainConfig, tcfg: TrainConfig, path: Path) -> None:
+def check_same_folds(cfg: TrainConfig, tcfg: TrainConfig, path: Path, flag: str = "--soft-labels") -> None:
     """The teacher cross-validated on the student's folds, id by id; else an error naming an id that moved."""
     if tcfg.mode != "folds":
-        raise PipelineError(f"--soft-labels {path} is a {tcfg.mode} run: its model trained on rows of every fold "
+        raise PipelineError(f"{flag} {path} is a {tcfg.mode} run: its model trained on rows of every fold "
                             "and it has no out-of-fold predictions; train the teacher with --folds K on this "
                             "run's folds")
     ours, theirs = read_folds(cfg.work_dir), read_folds(tcfg.work_dir)
     for ident, fold in ours.items():
         if theirs.get(ident) != fold:
             where = "has no fold" if ident not in theirs.index else f"is in fold {theirs[ident]}"
-            raise PipelineError(f"--soft-labels {path}: id {ident!r} is in fold {fold} here but {where} in the "
+            raise PipelineError(f"{flag} {path}: id {ident!r} is in fold {fold} here but {where} in the "
                                 f"teacher's {tcfg.work_dir}: its out-of-fold predictions would come from models "
                                 "that trained on this run's validation rows; train the teacher on these folds")
 
@@ -175,6 +175,33 @@ def pseudo_items(cfg: TrainConfig, task: Task, info: dict) -> tuple[list[Item], 
     test = list_split(cfg.work_dir, info, "test")
     probs = _rows(_by_name(frame, task.names, run.test_probs_path, "teacher's test prediction"), test,
                   run.test_probs_path, "teacher's test prediction")
+    return labelled(cfg, task, test, probs, PSEUDO_NOTE.format(run=path), record.get("members"))
+
+
+def fold_pseudo_items(cfg: TrainConfig, task: Task, info: dict, fold: int) -> tuple[list[Item], dict]:
+    """--pseudo-source fold: the test images labelled by the teacher's fold-``fold`` model, and their record."""
+    from pipeline.predict.stage import predict_items
+    from pipeline.runs import FOLD, member_name
+
+    run = Run(cfg.pseudo_label)
+    tcfg, _ = load_resolved(run.config_path)
+    member = run.member(member_name(FOLD, fold))
+    if tcfg.mode != "folds" or not member.is_finished:
+        raise PipelineError(f"--pseudo-label {cfg.pseudo_label} has no finished {member.name} to label fold "
+                            f"{fold}'s test rows; train the teacher's folds, or use --pseudo-source all")
+    test = list_split(cfg.work_dir, info, "test")
+    ids, probs, classes = predict_items([member], test, tta=tcfg.tta, device=cfg.device,
+                                        num_workers=cfg.num_workers, unreadable="uniform", work_dir=cfg.work_dir)
+    frame = pd.DataFrame(probs, columns=classes).assign(id=ids)
+    probs = _rows(_by_name(frame, task.names, member.dir, "teacher's fold model"), test, member.dir,
+                  "teacher's fold model")
+    return labelled(cfg, task, test, probs, FOLD_PSEUDO_NOTE.format(run=cfg.pseudo_label), [member.name])
+
+
+def labelled(cfg: TrainConfig, task: Task, test: list[Item], probs: np.ndarray, note: str,
+             members) -> tuple[list[Item], dict]:
+    """The test items with the teacher's rows as targets: soft, or hard where it is --pseudo-threshold sure
+    (the others dropped); and the record."""
     kept_rows = np.ones(len(test), dtype=bool)
     if cfg.pseudo_threshold is not None:
         if task.kind not in HARD_PSEUDO_KINDS:
@@ -189,10 +216,9 @@ def pseudo_items(cfg: TrainConfig, task: Task, info: dict) -> tuple[list[Item], 
     hard_class = task.kind == "single" and cfg.pseudo_threshold is not None
     items = [replace(it, target=int(row[0]) if hard_class else tuple(float(v) for v in row))
              for it, row, keep in zip(test, probs, kept_rows) if keep]
-    note = {"pseudo_label": str(path), "pseudo_rows": len(items), "pseudo_test_images": len(test),
-            "pseudo_threshold": cfg.pseudo_threshold, "pseudo_members": record.get("members"),
-            "pseudo_note": PSEUDO_NOTE.format(run=path)}
-    return items, note
+    record = {"pseudo_label": str(cfg.pseudo_label), "pseudo_rows": len(items), "pseudo_test_images": len(test),
+              "pseudo_threshold": cfg.pseudo_threshold, "pseudo_members": members, "pseudo_note": note}
+    return items, record
 
 
 def training_items(items: list[Item], pseudo: list[Item], task: Task) -> list[Item]:
@@ -207,6 +233,8 @@ def training_items(items: list[Item], pseudo: list[Item], task: Task) -> list[It
 
 OOF_NOTE = ("; optimistic CV: each fold's soft targets came from teacher models that trained on that fold's "
             "validation rows")
+FOLD_PSEUDO_NOTE = ("trained with pseudo-labels from test predictions of {run}'s model of the same fold: the test "
+                    "set is not in the CV, but the model saw its images")
 PSEUDO_NOTE = ("trained with pseudo-labels from test predictions of {run}: the test set is not in the CV, but the "
                "model saw its images (labelled by members that trained on every fold's rows)")
 
@@ -224,7 +252,7 @@ class Teachers:
     """The teachers of a run, read once: the soft-label table and the pseudo-labelled test images."""
 
     def __init__(self, cfg: TrainConfig, soft: pd.DataFrame | None, pseudo: list[Item], pseudo_note: dict):
-        self.soft, self.pseudo = soft, pseudo
+        self.soft, self.pseudo, self.info = soft, pseudo, None
         self.record = {**teacher_record(cfg), **pseudo_note}
         self.record["line"] = teacher_line(self.record)
 
@@ -239,16 +267,27 @@ class Teachers:
         if cfg.pseudo_label is not None and cfg.balance == "sampler":
             raise PipelineError("--balance sampler weighs labelled rows only; with --pseudo-label use "
                                 "--balance loss or none")
-        pseudo, note = pseudo_items(cfg, task, info)
-        return cls(cfg, soft_table(cfg, task), pseudo, note)
+        per_fold = cfg.pseudo_source == "fold" and cfg.mode == "folds"  # else: what predict kept
+        pseudo, note = ([], {}) if per_fold else pseudo_items(cfg, task, info)
+        teachers = cls(cfg, soft_table(cfg, task), pseudo, note)
+        if per_fold and cfg.pseudo_label is not None:  # its fold-k model labels fold k's test rows
+            check_same_folds(cfg, _teacher(cfg.pseudo_label, cfg, "--pseudo-label")[1], cfg.pseudo_label,
+                             "--pseudo-label")
+            teachers.info = info
+        return teachers
 
     def member_rows(self, cfg: TrainConfig, member, train_items: list[Item], task: Task) -> tuple[list[Item], dict]:
         """A member's training rows (its items with mixed targets, then the pseudo rows) and their record."""
         table, source = self.soft, None
         if self.soft is not None and cfg.soft_source == "fold" and member.fold is not None:
             table, source = fold_table(cfg, member.fold, train_items, task)
-        rows = training_items(soft_items(cfg, task, train_items, table, source), self.pseudo, task)
-        return rows, {**self.record, "labelled_rows": len(train_items)}
+        pseudo, record = self.pseudo, self.record
+        if self.info is not None and member.fold is not None:  # --pseudo-source fold
+            pseudo, note = fold_pseudo_items(cfg, task, self.info, member.fold)
+            record = {**record, **note}
+            record["line"] = teacher_line(record)
+        rows = training_items(soft_items(cfg, task, train_items, table, source), pseudo, task)
+        return rows, {**record, "labelled_rows": len(train_items)}
 
 
 def teacher_line(record: dict) -> str:
