@@ -99,6 +99,9 @@ class TrainConfig:
     cutmix: float = setting(0.0, "CutMix Beta alpha (0: off).", minimum=0)
     clip_grad: float = setting(0.0, "Max gradient norm (0: off).", minimum=0)
     ema: float = setting(0.0, "EMA decay of the weights per step, e.g. 0.999 (0: off).", minimum=0)
+    average_last: int = setting(0, "Weight averaging (SWA): predict keeps the equal-weight average of the weights "
+                                "at the end of each of the last K epochs, BatchNorm statistics recomputed on the "
+                                "training images (0: off).", minimum=0)
     time_limit: float = setting(0.0, "Minutes per member: training stops at the first epoch boundary where another "
                                 "epoch as long as the last would pass it, leaving a finished member (0: off).",
                                 movable=True, minimum=0)
@@ -160,6 +163,8 @@ class TrainConfig:
         if self.head == "logreg" and self.ema:
             raise PipelineError("--head logreg is fitted once: an --ema average of it would be the unfitted head; "
                                 "drop --ema")
+        if self.average_last:
+            check_averaging(self)
 
     @property
     def model_head(self) -> str:
@@ -186,6 +191,23 @@ class TrainConfig:
             if k in known:
                 check_setting(known[k], v, f"config.{k}")
         return cls(**{k: _typed(known[k], v) for k, v in data.items() if k in known})
+
+
+def check_averaging(cfg: TrainConfig) -> None:
+    """--average-last K: K epochs of one trained phase to average, one kind of averaged weights, kept last."""
+    if cfg.head == "logreg":
+        raise PipelineError("--head logreg is fitted once: an --average-last average of it would be the unfitted "
+                            "head; drop --average-last")
+    if cfg.average_last > cfg.epochs - cfg.unfreeze_after:
+        raise PipelineError(f"--average-last {cfg.average_last} needs that many epochs of training after "
+                            f"--unfreeze-after {cfg.unfreeze_after} in --epochs {cfg.epochs}; lower --average-last "
+                            "or raise --epochs")
+    if cfg.ema:
+        raise PipelineError("choose --ema (a moving average per step) or --average-last (an equal average of the "
+                            "last epochs), not both")
+    if cfg.select == "best":
+        raise PipelineError("--average-last keeps the average of the last epochs; --select best would keep one "
+                            "epoch: drop one of them")
 
 
 def flag_of(f: dataclasses.Field) -> str:

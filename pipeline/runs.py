@@ -372,11 +372,13 @@ def load_best(member: Member) -> dict[str, Any]:
 
 
 def load_last(member: Member) -> dict[str, Any]:
-    """The last epoch's weights as :func:`load_best` gives them: EMA weights when the run kept an EMA."""
+    """The last epoch's weights as :func:`load_best` gives them: EMA weights when the run kept an EMA, the
+    average once --average-last holds an epoch."""
     from pipeline.checkpoint import load_checkpoint
 
     state = load_checkpoint(member.dir / LAST_FILE)
-    ema = state.get("ema")
+    average = state.get("average") or {}
+    ema = average.get("model") if average.get("epochs") else state.get("ema")
     if ema:  # an AveragedModel's state: the module's tensors under "module." and its step count
         state["model"] = {k[len("module."):]: v for k, v in ema.items() if k.startswith("module.")}
     return state
