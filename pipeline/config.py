@@ -28,7 +28,8 @@ AUGMENTS = ("pad_crop_flip", "resized_crop_flip_jitter", "letterbox", "light", "
 CACHEABLE_AUGMENTS = ("pad_crop_flip", "none")  # what the image cache augments on the device (pipeline/data/loaders.py)
 MAX_CACHE_ON_SIDE = 256  # --cache on above this side would hold too much in memory
 TTAS = ("none", "flip", "d4")  # pipeline/models/inference.py TTA_VIEWS: 1, 2 and 8 views
-CALIBRATES = ("auto", "on", "off")  # pipeline/predict/calibrate.py: auto is on for log-loss competitions
+CALIBRATES = ("auto", "on", "off")
+AUTO = "auto"  # --batch-size auto: pipeline/train/autobatch.py picks it per member  # pipeline/predict/calibrate.py: auto is on for log-loss competitions
 
 
 def setting(default: Any, help: str, *, choices: tuple = (), movable: bool = False, flag: str | None = None,
@@ -76,7 +77,8 @@ class TrainConfig:
                                            "from a memory budget, see pipeline/devices.py).", movable=True, minimum=1)
     # optimisation (lr is per group before the schedule's multiplier)
     epochs: int = setting(10, "Training epochs.", movable=True, minimum=1)
-    batch_size: int = setting(128, "Images per step (per process under torchrun).", minimum=1)
+    batch_size: int | str = setting(128, "Images per step (per process under torchrun), or auto: the largest the "
+                                    "memory holds (CUDA: probed; halved on out-of-memory while training).", minimum=1)
     accum_steps: int = setting(1, "Gradient accumulation: each optimizer step sums the gradients of N batches "
                                "(one batch of N x --batch-size in the memory of one).", minimum=1)
     lr: float = setting(0.1, "Peak learning rate of the head (backbone: x --backbone-lr-scale).")
@@ -135,6 +137,8 @@ class TrainConfig:
             check_setting(f, getattr(self, f.name))
         if not self.model:
             raise PipelineError("no model: give --model NAME (the competition's recipe names none)")
+        if isinstance(self.batch_size, str) and self.batch_size != AUTO:
+            raise PipelineError(f"--batch-size must be a whole number or {AUTO}, got {self.batch_size!r}")
         if self.lr <= 0:
             raise PipelineError(f"--lr must be > 0, got {self.lr}")
         if not 0 <= self.ema < 1:
@@ -227,7 +231,7 @@ def check_setting(f: dataclasses.Field, value: Any, name: str | None = None) -> 
     if f.metadata.get("choices"):
         check_choice(name, value, f.metadata["choices"])
     minimum = f.metadata.get("minimum")
-    if minimum is not None and value is not None and value < minimum:
+    if minimum is not None and isinstance(value, (int, float)) and value < minimum:
         raise PipelineError(f"{name} must be >= {minimum}, got {value}")
 
 

@@ -27,6 +27,7 @@ from pipeline.models.inference import infer, unreadable_positions
 from pipeline.predict.submission import positive_index, submission_clip
 from pipeline.progress import epoch_line, log_scalars, stage, tensorboard_writer
 from pipeline.runs import Member, Run, save_epoch
+from pipeline.train.oom import restart_halved
 from pipeline.train.averaging import update_average, warn_unaveraged
 from pipeline.train.budget import time_is_up
 from pipeline.train.engine import deferred_interrupt, phase, train_one_epoch
@@ -157,12 +158,20 @@ def fit_member(plan: MemberPlan, comp: Competition, data: dict, resume: bool) ->
         member.write_config(replace(cfg, head=cfg.model_head).to_json(), st.data.device.to_json(), plan.to_json())
     board = tensorboard_writer(member.tensorboard_dir) if cfg.tensorboard and dist.is_main() else None
     stopped = out_of_time = False
-    for epoch in range(st.first_epoch, cfg.epochs):
+    epoch = st.first_epoch
+    while epoch < cfg.epochs:
         if epoch == cfg.unfreeze_after and epoch > st.first_epoch:
             unfreeze_member(st, epoch)
         pcfg = phase(cfg, epoch)
         saved_cfg = replace(pcfg, head=pcfg.model_head)  # logreg: an ordinary linear head for predict
-        row = _run_epoch(pcfg, comp, st, epoch, train_items, valid_items, n_classes)
+        try:
+            row = _run_epoch(pcfg, comp, st, epoch, train_items, valid_items, n_classes)
+        except torch.OutOfMemoryError as exc:  # --batch-size auto: half the batch, this epoch again
+            st = None  # its memory goes before the member is set up again
+            plan, st = restart_halved(plan, comp.metric, epoch, exc)
+            cfg = plan.config
+            continue
+        epoch += 1
         st.history.append(row)
         st.improved = st.best.update(row, st.ema is not None, validated=st.data.valid is not None)
         stopped = st.stopper.step(st.improved)
@@ -175,9 +184,9 @@ def fit_member(plan: MemberPlan, comp: Competition, data: dict, resume: bool) ->
         if stopped:
             log.info("early stop: no improvement of %s for %d epochs", comp.metric, st.stopper.stale)
             break
-        if out_of_time and epoch + 1 < cfg.epochs:
+        if out_of_time and epoch < cfg.epochs:
             log.warning("--time-limit %g min: %s stops after epoch %d of %d (another would pass the limit)",
-                        cfg.time_limit, member.name, epoch + 1, cfg.epochs)
+                        cfg.time_limit, member.name, epoch, cfg.epochs)
             break
     warn_unaveraged(st, cfg)
     kept = finish_kept(st, comp, n_classes)
@@ -223,7 +232,7 @@ def _train_locked(resolved: Resolved, resume: bool, force: bool) -> list[MemberR
     info = load_reorg(cfg.work_dir, comp.slug)
     data = {"classes": info["classes"], "competition": comp.slug,
             "fingerprint": training_fingerprint(cfg.work_dir, info)}
-    resolved, plans = plan_run(resolved, info)
+    resolved, plans = plan_run(resolved, info, probe=True)
     log_plan_warnings(plans)
     check_members(cfg, plans, len(info["classes"]), resume, force)
     if dist.is_main():
