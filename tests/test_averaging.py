@@ -125,6 +125,7 @@ def test_a_run_keeps_and_predicts_the_average_with_recomputed_batchnorm(toy_work
     import pipeline.train.stage as stage
     from torch.optim.swa_utils import update_bn
     from pipeline.checkpoint import load_checkpoint
+    from pipeline.cli.train import result_line
     from pipeline.data.items import list_split, load_reorg
     from pipeline.data.plan import eval_loader
     from pipeline.distributed import plan_for
@@ -147,7 +148,7 @@ def test_a_run_keeps_and_predicts_the_average_with_recomputed_batchnorm(toy_work
 
     monkeypatch.setattr(stage, "_save", capture)
     caplog.set_level("INFO", "pipeline")
-    train(cfg_for(comp, work, tmp_path / "run"))
+    results = train(cfg_for(comp, work, tmp_path / "run"))
     member = Run(tmp_path / "run").member("holdout")
     best = load_checkpoint(member.best_path)["model"]
     for name, value in best.items():
@@ -162,6 +163,8 @@ def test_a_run_keeps_and_predicts_the_average_with_recomputed_batchnorm(toy_work
     metrics = pd.read_csv(member.dir / "metrics.csv")
     assert metrics["valid_accuracy_average"].isna().tolist() == [True, False, False]
     assert done["kept"]["metric"] == pytest.approx(metrics["valid_accuracy_average"].iloc[-1])
+    line = result_line(results[0], "accuracy")  # what `pipeline train` prints
+    assert f"kept the average of epochs 2-3 (last): accuracy {done['kept']['metric']:.4f}" in line
 
     state = load_checkpoint(member.best_path)
     cfg = TrainConfig.from_json(state["config"])
