@@ -23,15 +23,13 @@ Runs the `pipeline` CLI (this checkout's package) as a user would:
   (dog 300: the calibrated nested CV beside the uncalibrated CV of the same
   predictions, with the paired 95% interval of the change); --tta flip on dog;
   --augment trivialaugment on cifar-10-tiny (fast recipe).
-- averaging (issue 23 point 5): cifar-10-tiny, --recipe fast, without and with
-  --average-last 3 (same seed and budget): the kept weights' valid accuracy.
 
 Each row prints its baseline on the same images: for accuracy the majority
 class of the training images, for log loss the uniform guess and the class
 frequencies of the training folds (out of fold). The dog part also blends its
 two runs (`pipeline blend`) and prints the blended CV.
 
-    python benchmarks/bench_quality.py [--parts dog,cifar,tiny,finetune,defaults,tricks,averaging] [--keep DIR]
+    python benchmarks/bench_quality.py [--parts dog,cifar,tiny,finetune,defaults,tricks] [--keep DIR]
 """
 from __future__ import annotations
 
@@ -241,7 +239,7 @@ def last_valid_accuracy(member: Path) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--parts", default="dog,cifar,tiny,finetune,defaults,tricks",
-                        help="comma-separated: dog, cifar, tiny, finetune, defaults, tricks, averaging")
+                        help="comma-separated: dog, cifar, tiny, finetune, defaults, tricks")
     parser.add_argument("--keep", type=Path, help="work in this folder and keep it")
     args = parser.parse_args()
     missing = [p for p in (DOG, CIFAR, TINY, WEIGHTS) if not p.exists()]
