@@ -200,18 +200,13 @@ class TrainConfig:
 def check_averaging(cfg: TrainConfig) -> None:
     """--average-last K: K epochs of one trained phase to average, one kind of averaged weights, kept last."""
     if cfg.head == "logreg":
-        raise PipelineError("--head logreg is fitted once: an --average-last average of it would be the unfitted "
-                            "head; drop --average-last")
+        raise PipelineError("--head logreg is fitted once: its average would be the unfitted head; drop --average-last")
     if cfg.average_last > cfg.epochs - cfg.unfreeze_after:
-        raise PipelineError(f"--average-last {cfg.average_last} needs that many epochs of training after "
-                            f"--unfreeze-after {cfg.unfreeze_after} in --epochs {cfg.epochs}; lower --average-last "
-                            "or raise --epochs")
-    if cfg.ema:
-        raise PipelineError("choose --ema (a moving average per step) or --average-last (an equal average of the "
-                            "last epochs), not both")
-    if cfg.select == "best":
-        raise PipelineError("--average-last keeps the average of the last epochs; --select best would keep one "
-                            "epoch: drop one of them")
+        raise PipelineError(f"--average-last {cfg.average_last} needs that many epochs after --unfreeze-after "
+                            f"{cfg.unfreeze_after} in --epochs {cfg.epochs}; lower --average-last or raise --epochs")
+    if cfg.ema or cfg.select == "best":
+        raise PipelineError("--average-last keeps the average of the last epochs: not with --ema (a moving average "
+                            "per step) or --select best (one epoch); drop one of them")
 
 
 def flag_of(f: dataclasses.Field) -> str:

@@ -109,7 +109,7 @@ def test_a_frozen_backbones_batchnorm_is_left_alone():
 @pytest.mark.parametrize("options, message", [
     (dict(average_last=4, epochs=3), "--average-last 4 needs"),
     (dict(average_last=2, epochs=3, unfreeze_after=2, freeze_backbone=False), "--unfreeze-after 2"),
-    (dict(average_last=2, epochs=3, ema=0.9), "not both"),
+    (dict(average_last=2, epochs=3, ema=0.9), "not with --ema"),
     (dict(average_last=2, epochs=3, select="best"), "--select best"),
     (dict(average_last=1, epochs=1, head="logreg", freeze_backbone=True), "drop --average-last"),
     (dict(average_last=-1), "--average-last must be >= 0"),
