@@ -122,6 +122,8 @@ def test_out_of_memory_while_training_halves_the_batch_and_the_member_finishes(t
     assert record["plan"]["batch_size"] == picked // 2
     assert record["config"]["lr"] == pytest.approx(0.2 * (picked // 2) / picked)
     assert json.loads((member.dir / "done.json").read_text())["epochs"] == 3
+    summary = Run(tmp_path / "run").summary_path.read_text()
+    assert f"note: holdout: batch_size {picked} -> {picked // 2}: out of memory in epoch 2" in summary
     assert len(pd.read_csv(member.metrics_path)) == 3 and member.best_path.is_file()
     train(config_from_recipe(comp, work, tmp_path / "run", batch_size="auto", epochs=4, device="cpu", lr=0.2),
           resume=True)  # one more epoch: with the batch it trained with, not a new pick

@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 from dataclasses import replace
 
+from pipeline.runs import Run
 from pipeline.train.autobatch import free_memory
 from pipeline.train.plan import MemberPlan, halved
 from pipeline.train.setup import MemberState, setup_member
@@ -30,4 +31,6 @@ def restart_halved(plan: MemberPlan, metric: str, epoch: int,
     st = setup_member(new, metric, resume=True)
     new.member.write_config(replace(new.config, head=new.config.model_head).to_json(), st.data.device.to_json(),
                             new.to_json())
+    prefix = f"note: {new.member.name}: batch_size {plan.config.batch_size} -> "  # one line per halving in summary.txt
+    Run(new.config.run_dir).note_in_summary(prefix + new.notes[-1].split(" -> ", 1)[1], prefix)
     return new, st
