@@ -216,6 +216,19 @@ def tricks(tmp: Path) -> list[dict]:
     return rows
 
 
+def prior(tmp: Path) -> list[dict]:
+    """The dog recipe with the class prior (the default: 119 of 120 breeds are ImageNet classes by name) and
+    without it, each with the CV's 95% interval; the second run reads the first's feature cache."""
+    rows = []
+    for name, run, extra in (("class prior (default)", tmp / "dog-prior", []),
+                             ("--class-prior off", tmp / "dog-noprior", ["--class-prior", "off"])):
+        row = dog_cv(tmp, name, run, extra)
+        lo, hi = json.loads((run / "cv.json").read_text())["interval"]
+        row["score"] += f" [{lo:.3f}, {hi:.3f}]"
+        rows.append(row)
+    return rows
+
+
 AVERAGE_K = 3  # --average-last: the last 3 of the fast recipe's 10 epochs (its one-cycle tail)
 
 
@@ -239,14 +252,14 @@ def last_valid_accuracy(member: Path) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--parts", default="dog,cifar,tiny,finetune,defaults,tricks",
-                        help="comma-separated: dog, cifar, tiny, finetune, defaults, tricks")
+                        help="comma-separated: dog, cifar, tiny, finetune, defaults, tricks, prior, averaging")
     parser.add_argument("--keep", type=Path, help="work in this folder and keep it")
     args = parser.parse_args()
     missing = [p for p in (DOG, CIFAR, TINY, WEIGHTS) if not p.exists()]
     if missing:
         raise SystemExit(f"shared data missing: {', '.join(map(str, missing))}")
     parts = {"dog": dog, "cifar": cifar, "tiny": tiny, "finetune": finetune, "defaults": defaults, "tricks": tricks,
-             "averaging": averaging}
+             "prior": prior, "averaging": averaging}
     with tempfile.TemporaryDirectory() as scratch:
         tmp = args.keep or Path(scratch)
         tmp.mkdir(parents=True, exist_ok=True)
