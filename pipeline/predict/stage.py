@@ -26,7 +26,7 @@ from pipeline.data.features import backbone_views
 from pipeline.data.loaders import FeatureViews
 from pipeline.data.plan import cached_views, eval_loader, shared_backbone_groups
 from pipeline.models.heads import FeatureHead
-from pipeline.devices import inference_batch, resolve_device
+from pipeline.devices import inference_batch, probe, resolve_device
 from pipeline.distributed import plan_for
 from pipeline.errors import PipelineError, check_choice
 from pipeline.models.inference import TTA_VIEWS, infer, normalise_rows, unreadable_positions
@@ -249,6 +249,8 @@ def predict(comp: Competition, work_dir: Path, run_dir: Path, out_csv: Path, mem
                                             batch_size=batch_size, unreadable=unreadable, work_dir=work_dir)
     views = len(TTA_VIEWS[tta](torch.zeros(1, 1, 1, 1)))
     view_seconds = (time.perf_counter() - started) * (views - 1) / views  # the model's time grows with the views
+    run.write_predict_time({"seconds": time.perf_counter() - started, "images": len(items), "members": len(chosen),
+                            "views": views, "tta": tta, "device": probe(resolve_device(device)).name})
     probs = calibrate.apply_stored(calibrate.stored(run), probs, classes)  # the values the CV was scored with
     frame = write_checked(comp, ids, probs, classes, sample, info["classes"], out_csv, force,
                           decision_task(run, info))
