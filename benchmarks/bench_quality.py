@@ -223,9 +223,9 @@ def tricks(tmp: Path) -> list[dict]:
 def soft(tmp: Path) -> list[dict]:
     """Issue 23 point 3 on dog 300 (3 folds, the recipe's logreg head on Lite0): the teacher run, a student
     with --soft-labels TEACHER (the teacher's fold-k model's probabilities mixed into fold k's targets, weight
-    0.5), the same with --soft-source oof (its out-of-fold table: an optimistic CV), and one
+    0.5), the same with --teacher-source all (its out-of-fold table: an optimistic CV), and one
     with --pseudo-label TEACHER (the 300 test images added as soft rows, labelled by the teacher's fold-k model
-    for fold k; with --pseudo-source all by what `pipeline predict` kept: an optimistic CV). Each row: CV log
+    for fold k; with --teacher-source all by what `pipeline predict` kept: an optimistic CV). Each row: CV log
     loss with its interval, wall time, and the paired 95% interval of the per-image log-loss change against
     the teacher (same out-of-fold images; below 0: the student wins beyond the noise of these rows)."""
     from pipeline.predict.calibrate import paired_change_interval
@@ -259,11 +259,11 @@ def soft(tmp: Path) -> list[dict]:
         rows[-1]["seconds"] += cli("predict", "dog-breed-identification", str(work), str(teacher),
                                    str(tmp / "soft-teacher.csv"), "--force")
     rows.append(run_row("--soft-labels teacher", tmp / "soft-student", ["--soft-labels", str(teacher)]))
-    rows.append(run_row("... --soft-source oof", tmp / "soft-oof-student", ["--soft-labels", str(teacher),
-                                                                            "--soft-source", "oof"]))
+    rows.append(run_row("... --teacher-source all", tmp / "soft-oof-student", ["--soft-labels", str(teacher),
+                                                                              "--teacher-source", "all"]))
     rows.append(run_row("--pseudo-label teacher", tmp / "pseudo-fold-student", ["--pseudo-label", str(teacher)]))
-    rows.append(run_row("... --pseudo-source all", tmp / "pseudo-student", ["--pseudo-label", str(teacher),
-                                                                           "--pseudo-source", "all"]))
+    rows.append(run_row("... --teacher-source all", tmp / "pseudo-student", ["--pseudo-label", str(teacher),
+                                                                            "--teacher-source", "all"]))
     return rows
 
 

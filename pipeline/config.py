@@ -1,9 +1,8 @@
 """The training settings, declared once: TrainConfig, recipes as partial overlays, resolution.
 
-Every setting is a field of :class:`TrainConfig` whose metadata holds its help
-text, its choices and whether it may change on ``--resume``. The ``train``
-command's options are generated from these fields (pipeline/cli/train.py), a
-recipe is a :class:`Recipe` naming only the settings it sets, and
+Every setting is a field of :class:`TrainConfig` whose metadata holds its help text, its choices and whether
+it may change on ``--resume``. The ``train`` command's options are generated from these fields
+(pipeline/cli/train.py), a recipe is a :class:`Recipe` naming only the settings it sets, and
 :func:`resolve_config` merges the layers
 
     default < competition (its spec and default recipe) < --recipe NAME < weights < flags
@@ -119,22 +118,11 @@ class TrainConfig:
     folds: int = setting(0, "Train every fold of folds.csv (give its fold count).", movable=True, minimum=0)
     fold: int | None = setting(None, "Train one fold of folds.csv.", movable=True, minimum=0)
     full: bool = setting(False, "Train on train_valid, no validation (final retrain).", movable=True)
-    soft_labels: Path | None = setting(None, "Self-distillation: train each member on a mix of its labels and this "
-                                       "teacher run's predictions (a fold run on the same folds; see --soft-source, "
-                                       "pipeline/train/teacher.py).")
-    soft_source: str = setting("fold", "--soft-labels: fold (fold k's rows get the teacher's fold-k model's "
-                               "predictions: no label of fold k reaches the student) or oof (the teacher's "
-                               "out-of-fold table: each row predicted by a model that trained on fold k's "
-                               "validation rows; the CV says it is optimistic).", choices=("fold", "oof"))
-    soft_weight: float = setting(0.5, "--soft-labels: target = (1 - A) x label + A x teacher probability.", minimum=0)
-    pseudo_label: Path | None = setting(None, "Add this teacher run's test predictions (what `pipeline predict` "
-                                        "kept) to every member's training rows, never to a validation split.")
-    pseudo_source: str = setting("fold", "--pseudo-label: fold (fold k's test rows labelled by the teacher's "
-                                 "fold-k model: no label of fold k reaches the student) or all (what `pipeline "
-                                 "predict` kept: every member, fold k's validation rows seen; the CV says so).",
-                                 choices=("fold", "all"))
-    pseudo_threshold: float | None = setting(None, "--pseudo-label: hard labels where the teacher's top probability "
-                                             "is >= P, rows under P dropped (default: soft, every row).", minimum=0)
+    soft_labels: Path | None = setting(None, "Teacher run whose predictions mix into the targets (train/teacher.py).")
+    soft_weight: float = setting(0.5, "--soft-labels: target = (1 - A) x label + A x teacher.", minimum=0)
+    pseudo_label: Path | None = setting(None, "Teacher run labelling the test images added to every training set.")
+    pseudo_threshold: float | None = setting(None, "Hard pseudo-labels where the teacher is >= P sure.", minimum=0)
+    teacher_source: str = setting("fold", "Fold k's teacher: its fold-k model (fold) or all.", choices=("fold", "all"))
     tta: str = setting("none", "Test-time augmentation of validation and out-of-fold predictions.", choices=TTAS)
     calibrate: str = setting("off", "Fit a temperature and a class-prior weight on the out-of-fold predictions "
                              "(scored nested), applied by predict and blend: auto (on for log-loss competitions), "
@@ -183,8 +171,6 @@ class TrainConfig:
                                 "--freeze-backbone (and keep --feature-cache on), or use --head linear")
         if self.head == "logreg" and self.unfreeze_after > 1:
             raise PipelineError("--head logreg is fitted once: use --unfreeze-after 1")
-        if self.soft_weight > 1 or (self.pseudo_threshold or 0) > 1:
-            raise PipelineError("--soft-weight and --pseudo-threshold are probabilities: give a value in [0, 1]")
         if self.head == "logreg" and self.ema:
             raise PipelineError("--head logreg is fitted once: an --ema average of it would be the unfitted head; "
                                 "drop --ema")

@@ -70,7 +70,7 @@ def test_the_teachers_oof_columns_are_read_by_name(teacher, tmp_path):
 
     def targets(teacher_dir):
         _, plans = plan_run(config(teacher, tmp_path / "s", folds=3, soft_labels=teacher_dir, soft_weight=0.5,
-                                   soft_source="oof"), load_reorg(work))
+                                   teacher_source="all"), load_reorg(work))
         return {it.id: it.target for p in plans for it in p.training_rows}
 
     ours, shuffled = targets(run), targets(copy)
@@ -97,7 +97,7 @@ def test_the_fold_source_takes_the_teachers_model_of_the_same_fold(teacher, tmp_
         got = np.array([it.target for it in plan.training_rows])
         assert np.allclose(got, 0.75 * labels + 0.25 * probs, atol=1e-6)
         assert not np.allclose(got, 0.75 * labels + 0.25 * oof.loc[ids, CLASSES].to_numpy(float), atol=1e-3)
-    assert plans[0].teacher["soft_source"] == "fold" and "same fold's model" in plans[0].teacher["line"]
+    assert plans[0].teacher["teacher_source"] == "fold" and "same fold's model" in plans[0].teacher["line"]
 
 
 # ---------------------------------------------------------------- (b) refusals
@@ -142,7 +142,7 @@ def test_a_teacher_missing_a_class_or_an_id_is_named(teacher, tmp_path):
         plan_run(config(teacher, tmp_path / "s", folds=3, soft_labels=copy), load_reorg(work))
     frame.iloc[1:].to_csv(Run(copy).oof_path, index=False)
     with pytest.raises(PipelineError, match=f"has no prediction for id '{frame['id'][0]}'"):
-        plan_run(config(teacher, tmp_path / "s", folds=3, soft_labels=copy, soft_source="oof"), load_reorg(work))
+        plan_run(config(teacher, tmp_path / "s", folds=3, soft_labels=copy, teacher_source="all"), load_reorg(work))
 
 
 # ---------------------------------------------------------------- (c) weight 0 is the plain run
@@ -203,7 +203,7 @@ def test_pseudo_rows_are_in_every_folds_training_set_and_in_no_validation_split(
     info = load_reorg(work)
     test_ids = {it.id for it in list_split(work, info, "test")}
     _, plans = plan_run(config(teacher, tmp_path / "s", folds=3, pseudo_label=run, cache=cache,
-                               pseudo_source="all"), info)
+                               teacher_source="all"), info)
     kept, _ = Run(run).read_test_probs()
     kept = kept.set_index("id")
     for plan in plans:
@@ -228,7 +228,7 @@ def test_the_threshold_drops_rows_under_it_and_hard_labels_the_rest(teacher, tmp
     top = kept.set_index("id")[CLASSES].max(axis=1)
     cut = float(top.median())
     _, plans = plan_run(config(teacher, tmp_path / "s", folds=3, pseudo_label=run, pseudo_threshold=cut,
-                               pseudo_source="all"), load_reorg(work))
+                               teacher_source="all"), load_reorg(work))
     pseudo = plans[0].training_rows[len(plans[0].train_items):]
     assert {it.id for it in pseudo} == set(top.index[top >= cut]) and 0 < len(pseudo) < len(top)
     probs = kept.set_index("id")[CLASSES]
@@ -263,7 +263,7 @@ def test_a_teacher_without_test_predictions_is_refused(teacher, tmp_path):
     shutil.copytree(run, copy)
     Run(copy).test_probs_meta_path.unlink()
     with pytest.raises(PipelineError, match="run `pipeline predict` on it first"):
-        plan_run(config(teacher, tmp_path / "s", folds=3, pseudo_label=copy, pseudo_source="all"), load_reorg(work))
+        plan_run(config(teacher, tmp_path / "s", folds=3, pseudo_label=copy, teacher_source="all"), load_reorg(work))
 
 
 # ---------------------------------------------------------------- (f) what the run records
@@ -273,7 +273,7 @@ def test_cv_json_and_the_summary_record_the_teacher_and_the_pseudo_note(teacher,
     _, _, run = registered(teacher)
     student = tmp_path / "student"
     train(config(teacher, student, folds=3, soft_labels=run, soft_weight=0.3, pseudo_label=run,
-                 pseudo_source="all"))
+                 teacher_source="all"))
     cv = Run(student).read_cv()
     record = cv["teacher"]
     assert record["soft_labels"] == str(run) and record["soft_weight"] == 0.3
@@ -282,8 +282,8 @@ def test_cv_json_and_the_summary_record_the_teacher_and_the_pseudo_note(teacher,
     table = format_cv_table(cv)
     assert f"pseudo-labels from test predictions of {run}: the test set is not in the CV" in table
     summary = Run(student).summary_path.read_text()
-    assert "teacher    soft labels: (1 - 0.3) x label + 0.3 x the predictions of the same fold's model" in summary
-    assert "optimistic" not in summary  # the fold source sends no validation label to the student
+    assert "teacher    soft labels: (1 - 0.3) x label + 0.3 x the out-of-fold predictions" in summary
+    assert "optimistic CV: each fold's soft targets came from teacher models that trained on that fold's" in table
     assert "10 of 10 test images added" in summary
 
 

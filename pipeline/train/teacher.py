@@ -3,13 +3,13 @@
 ``--soft-labels RUN``: each member trains on ``(1 - A) * label + A * p``, ``p``
 the teacher's prediction of the row, matched by id and by class name. The
 teacher must have cross-validated on the same folds, id by id. Where ``p``
-comes from (``--soft-source``):
+comes from (``--teacher-source``):
 
 - ``fold`` (default): fold k's training rows are predicted by the teacher's
   fold-k model, which trained on exactly those rows and never on fold k's
   validation rows, so no label of the validation fold reaches the student
   and its CV stays honest. (A --full student takes the out-of-fold table.)
-- ``oof``: the teacher's oof.csv. Each row is predicted by a model that did
+- ``all``: the teacher's oof.csv. Each row is predicted by a model that did
   not train on it, but that did train on every other fold, fold k's
   validation rows among them: their labels reach fold k's student through
   its targets, and the CV records that it is optimistic.
@@ -17,11 +17,12 @@ comes from (``--soft-source``):
 The teacher may not itself have learnt from another run's predictions (a
 chain would carry labels across folds).
 
-``--pseudo-label RUN``: the teacher's kept test predictions (test_probs.csv,
-what ``pipeline predict`` averaged) label the work folder's test images, which
-join every member's training rows, soft or, with ``--pseudo-threshold P``,
-hard where the teacher is at least P sure (the others dropped). They never
-enter a validation split, so they are in no score.
+``--pseudo-label RUN``: the work folder's test images join every member's
+training rows, labelled by the teacher (``fold``: fold k's by its fold-k
+model; ``all``: by its kept test predictions, test_probs.csv, what ``pipeline
+predict`` averaged over members that saw fold k's validation rows), soft or,
+with ``--pseudo-threshold P``, hard where the teacher is at least P sure (the
+others dropped). They never enter a validation split, so they are in no score.
 
 This module builds the training items (targets included) once per member,
 for :func:`pipeline.train.plan.plan_member`; the loaders take the items'
@@ -138,7 +139,7 @@ def soft_items(cfg: TrainConfig, task: Task, items: list[Item], table: pd.DataFr
 
 
 def fold_table(cfg: TrainConfig, fold: int, items: list[Item], task: Task) -> tuple[pd.DataFrame, Path]:
-    """--soft-source fold: the teacher's fold-``fold`` model's predictions of ``items`` (the student's training
+    """--teacher-source fold: the teacher's fold-``fold`` model's predictions of ``items`` (the student's training
     rows of that fold), by id and class; an unreadable image keeps its label (the loaders leave it out)."""
     from pipeline.predict.stage import predict_items
     from pipeline.runs import FOLD, member_name
@@ -179,7 +180,7 @@ def pseudo_items(cfg: TrainConfig, task: Task, info: dict) -> tuple[list[Item], 
 
 
 def fold_pseudo_items(cfg: TrainConfig, task: Task, info: dict, fold: int) -> tuple[list[Item], dict]:
-    """--pseudo-source fold: the test images labelled by the teacher's fold-``fold`` model, and their record."""
+    """--teacher-source fold: the test images labelled by the teacher's fold-``fold`` model, and their record."""
     from pipeline.predict.stage import predict_items
     from pipeline.runs import FOLD, member_name
 
@@ -188,7 +189,7 @@ def fold_pseudo_items(cfg: TrainConfig, task: Task, info: dict, fold: int) -> tu
     member = run.member(member_name(FOLD, fold))
     if tcfg.mode != "folds" or not member.is_finished:
         raise PipelineError(f"--pseudo-label {cfg.pseudo_label} has no finished {member.name} to label fold "
-                            f"{fold}'s test rows; train the teacher's folds, or use --pseudo-source all")
+                            f"{fold}'s test rows; train the teacher's folds, or use --teacher-source all")
     test = list_split(cfg.work_dir, info, "test")
     ids, probs, classes = predict_items([member], test, tta=tcfg.tta, device=cfg.device,
                                         num_workers=cfg.num_workers, unreadable="uniform", work_dir=cfg.work_dir)
@@ -244,7 +245,7 @@ def teacher_record(cfg: TrainConfig) -> dict:
     if cfg.soft_labels is None:
         return {}
     cv = Run(cfg.soft_labels).read_cv() or {}
-    return {"soft_labels": str(cfg.soft_labels), "soft_weight": cfg.soft_weight, "soft_source": cfg.soft_source,
+    return {"soft_labels": str(cfg.soft_labels), "soft_weight": cfg.soft_weight, "teacher_source": cfg.teacher_source,
             "teacher_cv": cv.get("cv"), "teacher_interval": cv.get("interval"), "teacher_metric": cv.get("metric")}
 
 
@@ -259,6 +260,8 @@ class Teachers:
     @classmethod
     def read(cls, cfg: TrainConfig, task: Task, info: dict) -> Teachers | None:
         """The run's teachers, checked (None when it has none)."""
+        if cfg.soft_weight > 1 or (cfg.pseudo_threshold or 0) > 1:
+            raise PipelineError("--soft-weight and --pseudo-threshold are probabilities: give a value in [0, 1]")
         if cfg.soft_labels is None and cfg.pseudo_label is None:
             return None
         if cfg.soft_labels is not None and cfg.mode == "holdout":
@@ -267,7 +270,7 @@ class Teachers:
         if cfg.pseudo_label is not None and cfg.balance == "sampler":
             raise PipelineError("--balance sampler weighs labelled rows only; with --pseudo-label use "
                                 "--balance loss or none")
-        per_fold = cfg.pseudo_source == "fold" and cfg.mode == "folds"  # else: what predict kept
+        per_fold = cfg.teacher_source == "fold" and cfg.mode == "folds"  # else: what predict kept
         pseudo, note = ([], {}) if per_fold else pseudo_items(cfg, task, info)
         teachers = cls(cfg, soft_table(cfg, task), pseudo, note)
         if per_fold and cfg.pseudo_label is not None:  # its fold-k model labels fold k's test rows
@@ -279,10 +282,10 @@ class Teachers:
     def member_rows(self, cfg: TrainConfig, member, train_items: list[Item], task: Task) -> tuple[list[Item], dict]:
         """A member's training rows (its items with mixed targets, then the pseudo rows) and their record."""
         table, source = self.soft, None
-        if self.soft is not None and cfg.soft_source == "fold" and member.fold is not None:
+        if self.soft is not None and cfg.teacher_source == "fold" and member.fold is not None:
             table, source = fold_table(cfg, member.fold, train_items, task)
         pseudo, record = self.pseudo, self.record
-        if self.info is not None and member.fold is not None:  # --pseudo-source fold
+        if self.info is not None and member.fold is not None:  # --teacher-source fold
             pseudo, note = fold_pseudo_items(cfg, task, self.info, member.fold)
             record = {**record, **note}
             record["line"] = teacher_line(record)
@@ -296,10 +299,10 @@ def teacher_line(record: dict) -> str:
     if record.get("soft_labels"):
         cv = record.get("teacher_cv")
         score = f"its CV {record.get('teacher_metric')} {cv:.4f}" if cv is not None else "its CV unknown"
-        where = {"fold": "predictions of the same fold's model of", "oof": "out-of-fold predictions of"}
+        where = {"fold": "predictions of the same fold's model of", "all": "out-of-fold predictions of"}
         parts.append(f"soft labels: (1 - {record['soft_weight']:g}) x label + {record['soft_weight']:g} x the "
-                     f"{where[record.get('soft_source', 'oof')]} {record['soft_labels']} ({score})"
-                     + (OOF_NOTE if record.get("soft_source") == "oof" else ""))
+                     f"{where[record.get('teacher_source', 'all')]} {record['soft_labels']} ({score})"
+                     + (OOF_NOTE if record.get("teacher_source") == "all" else ""))
     if record.get("pseudo_label"):
         cut = record.get("pseudo_threshold")
         how = "soft" if cut is None else f"hard where the teacher's top probability >= {cut:g}"
