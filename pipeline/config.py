@@ -27,8 +27,24 @@ AUGMENTS = ("pad_crop_flip", "resized_crop_flip_jitter", "letterbox", "light", "
             "randaugment", "d4", "erasing")  # pipeline/data/items.py and pipeline/data/presets.py build them
 CACHEABLE_AUGMENTS = ("pad_crop_flip", "none")  # what the image cache augments on the device (pipeline/data/loaders.py)
 MAX_CACHE_ON_SIDE = 256  # --cache on above this side would hold too much in memory
-TTAS = ("none", "flip", "d4")  # pipeline/models/inference.py TTA_VIEWS: 1, 2 and 8 views
 CALIBRATES = ("auto", "on", "off")  # pipeline/predict/calibrate.py: auto is on for log-loss competitions
+VIEW_OPS = ("none", "flip", "vflip", "rot90", "rot180", "rot270", "transpose", "transverse")  # models/views.py
+TTA_PRESETS = {"none": "none", "flip": "none,flip", "d4": "none,rot90,rot180,rot270,flip,transpose,vflip,transverse",
+               "multiscale": "none,scale1.15,scale1.3"}  # the decoded image at larger sides too (FixRes)
+
+
+def tta_views(tta: str) -> tuple[tuple[str, float], ...]:
+    """(operation, scale) of each view of a --tta value, once each in order: a comma list of presets and views (OP,
+    scaleF: the image decoded at F x the test side, or OP+scaleF); an unknown view is one line naming the valid ones."""
+    views: list = []
+    for name in ",".join(TTA_PRESETS.get(part.strip(), part.strip()) for part in str(tta).split(",")).split(","):
+        head, _, scale = name.rpartition("scale") if "scale" in name else (name + "+", "", "1")
+        op = head[:-1] if head.endswith("+") else ("none" if not head else "")
+        if op not in VIEW_OPS or not scale.replace(".", "", 1).isdigit() or not 0.5 <= float(scale) <= 2:
+            raise PipelineError(f"--tta {tta}: unknown view {name!r}; valid: presets {', '.join(TTA_PRESETS)}; views "
+                                f"{', '.join(VIEW_OPS)}, scaleF (0.5 <= F <= 2, e.g. scale1.15) or OP+scaleF")
+        views += [(op, float(scale))] if (op, float(scale)) not in views else []
+    return tuple(views)
 
 
 def setting(default: Any, help: str, *, choices: tuple = (), movable: bool = False, flag: str | None = None,
@@ -111,7 +127,10 @@ class TrainConfig:
     folds: int = setting(0, "Train every fold of folds.csv (give its fold count).", movable=True, minimum=0)
     fold: int | None = setting(None, "Train one fold of folds.csv.", movable=True, minimum=0)
     full: bool = setting(False, "Train on train_valid, no validation (final retrain).", movable=True)
-    tta: str = setting("none", "Test-time augmentation of validation and out-of-fold predictions.", choices=TTAS)
+    tta: str = setting("none", "Test-time views, averaged in validation, out-of-fold and test predictions: a comma "
+                       "list of views (flip, rot90, scale1.15, flip+scale1.15, ...) and presets (d4, multiscale).")
+    test_size: str = setting("train", "Test images' side before the views: train (the training side), auto (the "
+                             "weights' test_input_size and crop: FixRes) or pixels.")
     calibrate: str = setting("off", "Fit a temperature and a class-prior weight on the out-of-fold predictions "
                              "(scored nested), applied by predict and blend: auto (on for log-loss competitions), "
                              "on, off (default: on dog 300 it gained 0.025 log loss, inside its paired interval).",
@@ -132,6 +151,8 @@ class TrainConfig:
             check_setting(f, getattr(self, f.name))
         if not self.model:
             raise PipelineError("no model: give --model NAME (the competition's recipe names none)")
+        if tta_views(self.tta) and not (self.test_size in ("train", "auto") or self.test_size.isdigit()):
+            raise PipelineError(f"--test-size must be train, auto or pixels (e.g. 288), got {self.test_size!r}")
         if self.lr <= 0:
             raise PipelineError(f"--lr must be > 0, got {self.lr}")
         if not 0 <= self.ema < 1:
