@@ -73,6 +73,9 @@ class ScaledTransform:
     def __call__(self, image) -> dict:
         return {"image": [t(image=image)["image"] for t in self.transforms]}
 
+    def set_random_seed(self, seed: int) -> None:
+        """Nothing random here; the loaders seed every transform they are given (items.seed_transform)."""
+
     def blank(self) -> list[torch.Tensor]:
         """What an unreadable image becomes: zeros at each side (its target marks it)."""
         return [torch.zeros(3, s, s) for s in self.sizes]
