@@ -153,6 +153,12 @@ def test_the_view_feature_cache_key_follows_the_views_and_the_test_size(toy_work
     assert run("flip-again", tta="none,flip") == 0  # the same views: both caches read
     assert run("rot90", tta="none,rot90") == 36 * 2  # other views: computed afresh
     assert run("flip-20", tta="flip", test_size="20") == 36 * 2  # another test side: computed afresh
+    member = Run(tmp_path / "flip").finished("folds")[0]
+    _, valid = fold_split(work, load_reorg(work), member.fold)
+    before = sum(seen)
+    predict_stage.predict_items([member], valid, tta="none,vflip", device="cpu", num_workers=0)
+    assert sum(seen) - before == len(valid) * 2  # only the rows asked for (a holdout's validation images)
+    assert run("vflip", tta="none,vflip") == (36 - len(valid)) * 2  # then the rest, once
     oof = {name: pd.read_csv(tmp_path / name / "oof.csv", dtype={"id": str}).set_index("id").sort_index()
            for name in ("flip", "flip-again", "rot90")}
     assert np.allclose(oof["flip"].iloc[:, 1:], oof["flip-again"].iloc[:, 1:])

@@ -42,6 +42,7 @@ from pipeline.workdir import BAD_TARGET
 from pipeline.data.items import (ImageDataset, Item, build_transform, list_split, load_reorg,
                                  unreadable_message)
 from pipeline.errors import PipelineError
+from pipeline.io import atomic_path
 from pipeline.models.heads import FeatureHead
 from pipeline.workdir import CACHE_DIR
 
@@ -275,10 +276,10 @@ def cached_views(cfg: TrainConfig, items: list[Item], tta: str, amp_dtype: torch
 
     One plain view at the training geometry: the un-augmented features the member trained and validated on
     (the training cache). Other views (flip, d4, scales, a test size): a cache of the pool's view features
-    keyed on the views and the test geometry as well, built by ``compute(pool)`` (-> (V, N, F), targets)
-    the first time (none: None). Either way each image and view goes through the backbone once for all the
-    folds' out-of-fold scores; test images are not in the pool. ``strict``: None when a row is unreadable
-    (the caller then reads the files and says which).
+    keyed on the views and the test geometry as well; the rows it lacks are computed by ``compute(items)``
+    (-> (V, n, F), targets) and added (without ``compute``: None). Either way each image and view goes
+    through the backbone once, whichever folds, members and runs ask; test images are not in the pool.
+    ``strict``: None when a row is unreadable (the caller then reads the files and says which).
     """
     if not (cfg.freeze_backbone and cfg.feature_cache):
         return None
@@ -295,21 +296,39 @@ def cached_views(cfg: TrainConfig, items: list[Item], tta: str, amp_dtype: torch
                           feature_key(cfg, pool, amp_dtype) if plain else view_key(cfg, pool, tta, amp_dtype))
     except OSError:  # the weights file the key stats has gone
         return None
-    if not path.is_file() and (plain or compute is None):
-        return None
-
-    def build() -> dict[str, torch.Tensor]:
-        views, targets = compute(pool)
-        return {"views": views, "bad": torch.nonzero(bad_mask(targets)).flatten()}
-
-    bank = stored_tensors(path, build)
     rows = torch.tensor([where[it.id] for it in items], dtype=torch.long)
-    bad = set(bank["bad"].tolist())
+    if plain or compute is None:
+        if not path.is_file():
+            return None
+        bank = stored_tensors(path, dict)
+        bad = set(bank["bad"].tolist())
+        views = bank["eval"][None] if plain else bank["views"]
+        if not plain and not bank["done"][rows].all():
+            return None
+    else:
+        views, bad = _add_views(path, pool, rows, compute)
     if strict and bad & set(rows.tolist()):
         return None
-    targets = cached_targets(pool, bad)[rows]
     log.info("data: features of %d images read from the feature cache %s", len(items), path.name)
-    return (bank["eval"][None] if plain else bank["views"])[:, rows], targets
+    return views[:, rows], cached_targets(pool, bad)[rows]
+
+
+def _add_views(path: Path, pool: list[Item], rows: torch.Tensor, compute) -> tuple[torch.Tensor, set[int]]:
+    """The view cache at ``path`` with ``rows`` of the pool computed where it lacks them (saved atomically):
+    all its views (V, N, F) and the pool positions of unreadable images."""
+    bank = stored_tensors(path, dict) if path.is_file() else {}
+    done = bank.get("done", torch.zeros(len(pool), dtype=torch.bool))
+    missing = rows[~done[rows]].unique()
+    if len(missing):
+        views, targets = compute([pool[i] for i in missing.tolist()])
+        if "views" not in bank:
+            bank["views"], bank["bad"] = torch.zeros(len(views), len(pool), views.shape[2]), torch.zeros(0).long()
+        bank["views"][:, missing] = views
+        bank["bad"] = torch.cat([bank["bad"], missing[bad_mask(targets)]])
+        bank["done"] = done.index_fill(0, missing, True)
+        with atomic_path(path) as tmp:
+            torch.save(bank, tmp)
+    return bank["views"], set(bank["bad"].tolist())
 
 
 def view_key(cfg: TrainConfig, pool: list[Item], tta: str, amp_dtype: torch.dtype | None) -> str:

@@ -99,11 +99,11 @@ def _group_probs(group: list[LoadedMember], items: list[Item], tta: str, device:
                           channels_last=plan.channels_last, progress="predict", gather=False,
                           activation=first.task.activation)
         return [p], unreadable_positions(t, pos)
-    def pool_views(pool: list[Item]):  # the views of every image of the pool, cached for all the folds
-        pool_loader = eval_loader(cfg, pool, batch_size, plan, strict=False, tta=tta)
-        return backbone_views(first.model, pool_loader, device, len(pool), tta, amp_dtype=plan.dtype)
+    def missing_views(some: list[Item]):  # what the pool's view cache lacks: computed once, kept for any fold
+        return backbone_views(first.model, eval_loader(cfg, some, batch_size, plan, strict=False, tta=tta), device,
+                              len(some), tta, amp_dtype=plan.dtype)
 
-    cached = cached_views(first.config, items, tta, plan.dtype, pool_views, strict)  # out-of-fold rows
+    cached = cached_views(first.config, items, tta, plan.dtype, missing_views, strict)  # out-of-fold rows
     views, targets = cached or backbone_views(first.model, loader, device, len(items), tta, amp_dtype=plan.dtype)
     out = []
     for lm in group:  # each head on the shared (V, N, F) features, with its own encoding of the metadata
