@@ -231,9 +231,23 @@ def views(tmp: Path) -> list[dict]:
         row = dog_cv(tmp, name, run, extra)
         cv = json.loads((run / "cv.json").read_text())
         lo, hi = cv["interval"]
-        row.update(score=f"CV log loss {cv['cv']:.3f} [{lo:.3f}, {hi:.3f}]", target="")
+        row.update(score=f"CV log loss {cv['cv']:.3f} [{lo:.3f}, {hi:.3f}]",
+                   target=paired_change(tmp / "dog-views-0", run) if i else "")
         rows.append(row)
     return rows
+
+
+def paired_change(base: Path, run: Path) -> str:
+    """The 95% paired bootstrap interval of the per-row out-of-fold log loss change of ``run`` against ``base``
+    (the same images, classes matched by name): below 0 is a gain beyond the noise of these rows."""
+    from pipeline.predict.calibrate import paired_change_interval
+
+    before = pd.read_csv(base / "oof.csv", dtype={"id": str}).set_index("id").sort_index()
+    after = pd.read_csv(run / "oof.csv", dtype={"id": str}).set_index("id").loc[before.index]
+    classes = [c for c in before.columns if c != "label"]
+    targets = before["label"].map({c: k for k, c in enumerate(classes)}).to_numpy()
+    lo, hi = paired_change_interval(before[classes].to_numpy(), after[classes].to_numpy(), targets)
+    return f"change vs none [{lo:+.3f}, {hi:+.3f}]"
 
 
 def last_valid_accuracy(member: Path) -> float:
