@@ -119,6 +119,8 @@ def test_test_size_and_multiscale_change_what_the_net_sees_in_evaluation_only(to
                              batch_size=8, device="cpu"))
     assert {side for training, side in seen if training} == {16}  # training: the training side only
     assert {side for training, side in seen if not training} == {20, 23, 26}  # 20 x (1, 1.15, 1.3)
+    assert "views      3 (multiscale) at sides 20, 23, 26 (training 16, --test-size 20)" in \
+        (run / "summary.txt").read_text()  # the run's summary says so
     seen.clear()
     predict(comp, work, run, tmp_path / "sub.csv", device="cpu")
     assert {side for _, side in seen} == {20, 23, 26}
