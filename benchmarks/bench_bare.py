@@ -1,12 +1,15 @@
 """The pipeline against a bare hand-written script doing the same computation, run in turn (A B A B ...).
 
     python benchmarks/bench_bare.py [--repeat 2] [--data DIR] [--weights FILE] [--folds 3]
+    python benchmarks/bench_bare.py --part fast [--repeat 2] [--images 2000] [--epochs 3]
 
 A (the pipeline, through its CLI, as a user runs it): the dog recipe's K-fold
 frozen-backbone run and its test predictions in one process,
 
     pipeline train dog-breed-identification WORK RUN --folds K --model timm:tf_efficientnet_lite0
-        --weights FILE --feature-views 0 --device cpu --predict OUT.csv
+        --weights FILE --feature-views 0 --class-prior off --device cpu --predict OUT.csv
+
+(``--class-prior off``: B fits the plain logistic regression; the prior is measured in bench_quality.py.)
 
 B (this file's ``--bare`` mode, which imports nothing of the package): the same
 computation written out by hand with timm, albumentations and scikit-learn:
@@ -17,6 +20,17 @@ fold a logistic regression on standardised features with C chosen by an
 inner K-fold CV on the training fold (absent classes get a low bias), the
 out-of-fold probabilities (floored at 1e-6, as the submission) and the test
 probabilities averaged over the folds' heads. Both read the same folds.csv.
+
+``--part fast``: the fast recipe's training steps. A: ``pipeline train cifar-10
+WORK RUN --recipe fast --epochs E --device cpu`` on a CIFAR-10 subset (N
+training images from ../shared/data/cifar-10-jpeg); B (``--bare-fast``): the same
+loop by hand: the images decoded once into a uint8 tensor, batches cut from it
+with a random translation and flip, FastNet written out (stem, three conv
+groups, max pooling, logits x 1/9, the stem whitened from the first batch),
+Nesterov SGD without weight decay on norms and biases, the one-cycle lr,
+label smoothing, flip TTA on the validation images each epoch; with the batch,
+lr and epochs A's run resolved (read from its config.json). The augmentation
+draws differ, so the accuracies agree only within noise: the figure is the time.
 
 Each run is a fresh process with a fresh feature cache; wall time, CPU time
 (user + system, with its children) and peak RSS (the largest process, from
@@ -173,6 +187,93 @@ def bare(raw: Path, work: Path, out: Path, weights: Path, side: int, mean, std, 
     (out / "test_ids.txt").write_text("\n".join(test_ids))
 
 
+# ---------------------------------------------------------------- B: the fast recipe's loop (no package imports)
+
+
+def bare_fast(work: Path, out: Path, batch: int, lr: float, epochs: int, mean, std, seed: int = 0) -> None:
+    import math
+
+    import numpy as np
+    import torch
+    from PIL import Image
+    from torch import nn
+
+    torch.manual_seed(seed)
+
+    def load(split: str):
+        classes = sorted(p.name for p in (work / split).iterdir() if p.is_dir())
+        files = [(f, k) for k, c in enumerate(classes) for f in sorted((work / split / c).iterdir())]
+        x = torch.from_numpy(np.stack([np.asarray(Image.open(f).convert("RGB")) for f, _ in files]))
+        return x.permute(0, 3, 1, 2).contiguous(), torch.tensor([k for _, k in files]), len(classes)
+
+    xtr, ytr, k = load("train")
+    xva, yva, _ = load("valid")
+    m = torch.tensor(mean).view(1, 3, 1, 1) * 255
+    sd = torch.tensor(std).view(1, 3, 1, 1) * 255
+
+    def conv_bn(a, b):
+        return [nn.Conv2d(a, b, 3, padding=1, bias=False), nn.BatchNorm2d(b), nn.GELU()]
+
+    def group(a, b):
+        first = conv_bn(a, b)
+        return nn.Sequential(first[0], nn.MaxPool2d(2), *first[1:], *conv_bn(b, b))
+
+    net = nn.Sequential(nn.Sequential(*conv_bn(3, 32)), group(32, 64), group(64, 256), group(256, 256),
+                        nn.AdaptiveMaxPool2d(1), nn.Flatten(), nn.Linear(256, k))
+    nn.init.zeros_(net[-1].weight)
+    nn.init.zeros_(net[-1].bias)
+    gen = torch.Generator().manual_seed(seed)
+
+    def crop_flip(x):  # a random shift by up to h/8 px (zero padding) and a flip, by indexing the padded batch
+        b, _, h, w = x.shape
+        pad = h // 8
+        padded = nn.functional.pad(x, (pad, pad, pad, pad))
+        dy, dx = torch.randint(0, 2 * pad + 1, (2, b), generator=gen)
+        flip = torch.rand(b, generator=gen) < 0.5
+        rows = torch.arange(h)[None, :] + dy[:, None]
+        cols = torch.arange(w)[None, :].expand(b, w)
+        cols = torch.where(flip[:, None], cols.flip(1), cols) + dx[:, None]
+        return padded[torch.arange(b)[:, None, None], :, rows[:, :, None], cols[:, None, :]].permute(0, 3, 1, 2)
+
+    order = torch.randperm(len(xtr), generator=gen)
+    with torch.no_grad():  # whiten the stem from the first batch's 3x3 patches
+        first = (xtr[order[:batch]].float() - m) / sd
+        patches = first.unfold(2, 3, 1).unfold(3, 3, 1).permute(0, 2, 3, 1, 4, 5).reshape(-1, 27).double()
+        patches -= patches.mean(0)
+        val, vec = torch.linalg.eigh(patches.T @ patches / len(patches))
+        filt = (vec.T / (val + 5e-4).sqrt()[:, None]).flip(0)[:16].reshape(16, 3, 3, 3).float()
+        net[0][0].weight.copy_(torch.cat([filt, -filt]))
+    decay = [p for n, p in net.named_parameters() if p.ndim > 1]
+    rest = [p for n, p in net.named_parameters() if p.ndim <= 1]
+    opt = torch.optim.SGD([{"params": decay, "weight_decay": 5e-4}, {"params": rest, "weight_decay": 0.0}],
+                          lr=lr, momentum=0.85, nesterov=True)
+    steps = len(xtr) // batch
+    total, peak = steps * epochs, max(1, int(0.3 * steps * epochs))
+    loss_fn = nn.CrossEntropyLoss(label_smoothing=0.2)
+    step, accs = 0, []
+    for epoch in range(epochs):
+        net.train()
+        order = torch.randperm(len(xtr), generator=gen)
+        for i in range(steps):
+            idx = order[i * batch:(i + 1) * batch]
+            f = 0.04 + 0.96 * step / peak if step < peak else \
+                0.5 * (1 + math.cos(math.pi * (step - peak) / max(1, total - peak))) + 1e-4
+            for g in opt.param_groups:
+                g["lr"] = lr * f
+            x = (crop_flip(xtr[idx].float()) - m) / sd
+            loss = loss_fn(net(x) / 9, ytr[idx])
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            step += 1
+        net.eval()
+        with torch.no_grad():
+            x = (xva.float() - m) / sd
+            p = torch.softmax(net(x) / 9, 1) + torch.softmax(net(x.flip(3)) / 9, 1)
+        accs.append(float((p.argmax(1) == yva).float().mean()))
+    (out / "fast.json").write_text(json.dumps({"valid_accuracy": accs}))
+
+
 # ---------------------------------------------------------------- the driver
 
 
@@ -196,7 +297,7 @@ def run_pipeline(work: Path, tmp: Path, opts, env: dict) -> dict:
     out.unlink(missing_ok=True)
     result = timed([sys.executable, "-m", "pipeline", "train", SLUG, str(work), str(run), "--folds", str(opts.folds),
                     "--model", f"timm:{MODEL}", "--weights", str(opts.weights), "--feature-views", "0",
-                    "--device", "cpu", "--predict", str(out)], env)
+                    "--class-prior", "off", "--device", "cpu", "--predict", str(out)], env)
     cv = json.loads((run / "cv.json").read_text())
     config = json.loads((run / "config.json").read_text())
     config = config.get("config", config)
@@ -239,11 +340,17 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=None, help="B's batch (default: the one the package picks)")
     parser.add_argument("--workers", type=int, default=None, help="B's DataLoader workers (default: the package's)")
     parser.add_argument("--tmp", type=Path, default=Path("/tmp/bench_bare"))
+    parser.add_argument("--part", choices=("dog", "fast"), default="dog")
+    parser.add_argument("--images", type=int, default=2000, help="--part fast: CIFAR-10 training images")
+    parser.add_argument("--epochs", type=int, default=3, help="--part fast: epochs of both")
     opts = parser.parse_args()
-    if not (opts.data / "labels.csv").is_file() or not opts.weights.is_file():
-        raise SystemExit(f"skipped: {opts.data} or {opts.weights} is absent")
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
     env.pop("PYTHONDONTWRITEBYTECODE", None)
+    if opts.part == "fast":
+        shutil.rmtree(opts.tmp, ignore_errors=True)
+        return fast_main(opts, env)
+    if not (opts.data / "labels.csv").is_file() or not opts.weights.is_file():
+        raise SystemExit(f"skipped: {opts.data} or {opts.weights} is absent")
     sys.path.insert(0, str(ROOT))
     from pipeline.devices import CPU, available_cpus, batch_for_budget, default_workers, host_available, item_bytes
 
@@ -297,8 +404,60 @@ def bare_main(argv: list[str]) -> None:
     bare(o.raw, o.work, o.out, o.weights, o.side, tuple(o.mean), tuple(o.std), o.batch, o.workers)
 
 
+def fast_main(opts, env: dict) -> None:
+    """A/B of the fast recipe's training on a CIFAR-10 subset (see the module's docstring)."""
+    import pandas as pd
+    from PIL import Image
+
+    cifar = SHARED / "data" / "cifar-10-jpeg"
+    if not (cifar / "trainLabels.csv").is_file():
+        raise SystemExit(f"skipped: {cifar} is absent")
+    raw, work = opts.tmp / "cifar-raw", opts.tmp / "cifar-work"
+    labels = pd.read_csv(cifar / "trainLabels.csv").sample(opts.images + 10, random_state=0)
+    for sub in ("train", "test"):
+        (raw / sub).mkdir(parents=True, exist_ok=True)
+    for i, row in enumerate(labels.itertuples()):
+        name = raw / ("train" if i < opts.images else "test") / f"{row.id}.png"
+        Image.open(cifar / "train" / f"{row.id}.jpg").convert("RGB").save(name)
+    labels[:opts.images].to_csv(raw / "trainLabels.csv", index=False)
+    pd.DataFrame({"id": labels["id"][opts.images:], "label": "cat"}).to_csv(raw / "sampleSubmission.csv",
+                                                                           index=False)
+    subprocess.run([sys.executable, "-m", "pipeline", "-q", "reorg", "cifar-10", str(raw), str(work), "--folds",
+                    "0"], env=env, check=True)
+    print(f"cifar-10 {opts.images} images, --recipe fast --epochs {opts.epochs}, holdout; "
+          f"load {os.getloadavg()[0]:.2f}")
+    print(f"{'run':<10} {'wall s':>8} {'cpu s':>8} {'peak GB':>8}  valid accuracy (last epoch)")
+    a_runs, b_runs = [], []
+    for r in range(opts.repeat):
+        run, out = opts.tmp / "fast-run", opts.tmp / "fast-bare"
+        for path in (run, out, work / "cache"):
+            shutil.rmtree(path, ignore_errors=True)
+        out.mkdir()
+        a = timed([sys.executable, "-m", "pipeline", "-q", "train", "cifar-10", str(work), str(run), "--recipe",
+                   "fast", "--epochs", str(opts.epochs), "--device", "cpu"], env)
+        cfg = json.loads((run / "config.json").read_text())
+        cfg = cfg.get("config", cfg)
+        a["acc"] = float(pd.read_csv(run / "holdout" / "metrics.csv")["valid_accuracy"].iloc[-1])
+        a_runs.append(a)
+        print(f"A{r + 1:<9} {a['wall']:>8.1f} {a['cpu']:>8.1f} {a['peak_gb']:>8.2f}  {a['acc']:.3f}  "
+              f"load {os.getloadavg()[0]:.2f}")
+        b = timed([sys.executable, __file__, "--bare-fast", str(work), str(out), str(cfg["batch_size"]),
+                   str(cfg["lr"]), str(cfg["epochs"]), *map(str, cfg["mean"]), *map(str, cfg["std"])], env)
+        b["acc"] = json.loads((out / "fast.json").read_text())["valid_accuracy"][-1]
+        b_runs.append(b)
+        print(f"B{r + 1:<9} {b['wall']:>8.1f} {b['cpu']:>8.1f} {b['peak_gb']:>8.2f}  {b['acc']:.3f}  "
+              f"load {os.getloadavg()[0]:.2f}  (batch {cfg['batch_size']}, lr {cfg['lr']:.4g})")
+    ratios = {k: statistics.median(a[k] / b[k] for a, b in zip(a_runs, b_runs)) for k in ("wall", "cpu", "peak_gb")}
+    print(f"median ratio A/B over the pairs: time {ratios['wall']:.2f}x, CPU {ratios['cpu']:.2f}x, "
+          f"peak memory {ratios['peak_gb']:.2f}x; accuracy A {statistics.median(a['acc'] for a in a_runs):.3f}, "
+          f"B {statistics.median(b['acc'] for b in b_runs):.3f} (augmentation draws differ: equal within noise)")
+
+
 if __name__ == "__main__":
     if sys.argv[1:2] == ["--bare"]:
         bare_main(sys.argv[2:])
+    elif sys.argv[1:2] == ["--bare-fast"]:
+        w, o, bs, lr, ep, *ms = sys.argv[2:]
+        bare_fast(Path(w), Path(o), int(bs), float(lr), int(ep), tuple(map(float, ms[:3])), tuple(map(float, ms[3:])))
     else:
         main()

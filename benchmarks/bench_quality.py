@@ -219,6 +219,19 @@ def tricks(tmp: Path) -> list[dict]:
     return rows
 
 
+def prior(tmp: Path) -> list[dict]:
+    """The dog recipe with the class prior (the default: 119 of 120 breeds are ImageNet classes by name) and
+    without it, each with the CV's 95% interval; the second run reads the first's feature cache."""
+    rows = []
+    for name, run, extra in (("class prior (default)", tmp / "dog-prior", []),
+                             ("--class-prior off", tmp / "dog-noprior", ["--class-prior", "off"])):
+        row = dog_cv(tmp, name, run, extra)
+        lo, hi = json.loads((run / "cv.json").read_text())["interval"]
+        row["score"] += f" [{lo:.3f}, {hi:.3f}]"
+        rows.append(row)
+    return rows
+
+
 def views(tmp: Path) -> list[dict]:
     """Issue 23 point 1: the dog recipe (frozen Lite0, logreg head) with --tta none, flip, multiscale and a test
     side above the training one (256 for 224); each run from a cold feature cache, so the wall times compare."""
@@ -257,14 +270,14 @@ def last_valid_accuracy(member: Path) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--parts", default="dog,cifar,tiny,finetune,defaults,tricks",
-                        help="comma-separated: dog, cifar, tiny, finetune, defaults, tricks, views")
+                        help="comma-separated: dog, cifar, tiny, finetune, defaults, tricks, prior, views")
     parser.add_argument("--keep", type=Path, help="work in this folder and keep it")
     args = parser.parse_args()
     missing = [p for p in (DOG, CIFAR, TINY, WEIGHTS) if not p.exists()]
     if missing:
         raise SystemExit(f"shared data missing: {', '.join(map(str, missing))}")
     parts = {"dog": dog, "cifar": cifar, "tiny": tiny, "finetune": finetune, "defaults": defaults, "tricks": tricks,
-             "views": views}
+             "prior": prior, "views": views}
     with tempfile.TemporaryDirectory() as scratch:
         tmp = args.keep or Path(scratch)
         tmp.mkdir(parents=True, exist_ok=True)

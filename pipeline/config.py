@@ -69,6 +69,9 @@ class TrainConfig:
                         "a linear head fitted by logistic regression on the cached features, C by inner CV).",
                         choices=("linear", "mlp", "logreg"))
     head_hidden: int = setting(256, "Hidden width of the mlp head.", minimum=1)
+    class_prior: str = setting("auto", "Classes whose names match the pretrained classifier's (ImageNet's, by "
+                               "name) start the head from its rows: auto (when half the classes match) or off.",
+                               choices=("auto", "off"))
     drop_rate: float | None = setting(None, "Dropout before the classifier (default: the architecture's).")
     freeze_backbone: bool = setting(False, "Train only a new head on a frozen backbone.")
     backbone_lr_scale: float = setting(1.0, "Backbone lr = lr x this (fine-tuning).")

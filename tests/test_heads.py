@@ -85,19 +85,30 @@ def test_mlp_head_keeps_hidden_init_and_zeroes_only_the_final_layer(tmp_path: Pa
 class _FakeTimm(nn.Module):
     """Stands in for a timm model whose classifier came from pretrained weights."""
 
-    def __init__(self, num_classes: int):
+    def __init__(self, num_classes: int = 1000):
         super().__init__()
+        self.num_classes = num_classes
         self.fc = nn.Linear(4, num_classes)
         nn.init.ones_(self.fc.weight)
         self.pretrained_cfg = {"classifier": "fc", "num_classes": 1000}
+
+    def get_classifier(self) -> nn.Module:
+        return self.fc
+
+    def reset_classifier(self, num_classes: int) -> None:
+        self.num_classes, self.fc = num_classes, nn.Linear(4, num_classes)
 
 
 @pytest.mark.parametrize("num_classes, kept", [(1000, True), (10, False)])
 def test_timm_pretrained_head_is_kept_only_when_it_was_loaded(monkeypatch: pytest.MonkeyPatch,
                                                               num_classes: int, kept: bool) -> None:
-    monkeypatch.setattr(timm_models.timm, "create_model", lambda name, pretrained, **kw: _FakeTimm(kw["num_classes"]))
+    monkeypatch.setattr(timm_models.timm, "create_model",
+                        lambda name, pretrained, **kw: _FakeTimm(kw.get("num_classes", 1000)))
     model = create_timm_model("resnet18", num_classes, pretrained=True)
     assert bool(model.fc.weight.any()) is kept
+    assert model.fc.out_features == num_classes
+    # a replaced pretrained classifier is kept aside, as the class prior's source (tests/test_class_prior.py)
+    assert hasattr(model, "pretrained_head") is not kept
 
 
 def class_clustered_features(n: int, dim: int, num_classes: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -52,6 +52,8 @@ def create_timm_model(
         options["drop_rate"] = drop_rate
     if zero_init_residual:
         options["zero_init_last"] = True
+    if pretrained:  # built with the pretrained classes first, so their classifier is kept as a prior
+        options.pop("num_classes")
     try:
         model = timm.create_model(name, pretrained=pretrained, **options)
     except TypeError as err:  # an option this architecture's constructor lacks
@@ -64,9 +66,24 @@ def create_timm_model(
             f"could not download pretrained weights for {TIMM_PREFIX}{name} ({err}); "
             "for offline use pass --weights FILE with a local .safetensors/.pth file"
         ) from err
-    if pretrained and not _head_loaded(model, num_classes, pretrained):  # a new head on pretrained weights
+    if pretrained and model.num_classes != num_classes:  # a new head on pretrained weights
+        keep_classifier(model)
+        model.reset_classifier(num_classes)
+    if pretrained and not _head_loaded(model, num_classes, pretrained):
         init_new_heads(model, head_names(model))
     return model
+
+
+def keep_classifier(model: nn.Module) -> None:
+    """Keep the pretrained classifier (about to be replaced) as ``model.pretrained_head``: a prior for the
+    competition's classes that share its class names (pipeline/models/class_prior.py)."""
+    from pipeline.models.class_prior import pretrained_head
+
+    layer = model.get_classifier()
+    if isinstance(layer, nn.Linear):
+        head = pretrained_head(layer.weight, layer.bias)
+        if head is not None:
+            model.pretrained_head = head
 
 
 def _head_loaded(model: nn.Module, num_classes: int, pretrained: bool) -> bool:

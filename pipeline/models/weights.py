@@ -202,10 +202,28 @@ def apply_state_dict(model: nn.Module, state: Mapping[str, Tensor], source: str)
                             f"({len(loaded)} of {len(state)} tensors fit): {listed}; "
                             "use weights saved from this architecture or pick the model they belong to")
     model.load_state_dict({key: state[key] for key in loaded}, strict=False)
+    keep_dropped_classifier(model, heads, state, dropped)
     done = set(loaded)
     _zero_unloaded_heads(model, heads, done)
     random = [key for key in own if in_head(key, heads) and key not in done]
     return LoadReport(loaded, dropped, random, source=source, reason=_drop_reason(dropped, state, own))
+
+
+def keep_dropped_classifier(model: nn.Module, heads: Sequence[str], state: Mapping[str, Tensor],
+                            dropped: list[str]) -> None:
+    """Keep the file's own classifier (dropped: other classes) as ``model.pretrained_head``: what it knows
+    of classes the competition shares with it, by name (pipeline/models/class_prior.py)."""
+    from pipeline.models.class_prior import pretrained_head
+
+    for path in heads[:1]:  # the main head; auxiliary ones are not priors
+        key = f"{path}.weight" if f"{path}.weight" in dropped else None
+        found = final_layer(model.get_submodule(path))
+        if key is None and found is not None:
+            key = ".".join(filter(None, (path, found[0], "weight")))
+        if key in dropped:
+            head = pretrained_head(state[key], state.get(key[:-len("weight")] + "bias"))
+            if head is not None:
+                model.pretrained_head = head
 
 
 def load_weights(model: nn.Module, path: Path) -> LoadReport:

@@ -84,13 +84,15 @@ def _log_loss(logits: np.ndarray, y: np.ndarray) -> float:
     return float(-logp[np.arange(len(y)), y].mean())
 
 
-def fit_feature_head(model: nn.Module, loader, task, seed: int = 0) -> tuple[float, dict]:
+def fit_feature_head(model: nn.Module, loader, task, seed: int = 0, prior=None) -> tuple[float, dict]:
     """Fit the classifier of ``model`` on a feature loader's views and targets; the training log loss and
     the fit's record (C, the inner-CV log loss by C, rows and views fitted on: the run keeps it).
 
     ``loader`` is the data plan's FeatureLoader ((V, N, F) views, (N,) targets);
     unreadable images (pipeline/models/task.py's bad_mask) are left out. ``task`` (pipeline/models/task.py) says what is
     fitted: a softmax over its classes (single), or the fit of pipeline/train/linear_fits.py (the others).
+    ``prior`` (pipeline/models/class_prior.py): the pretrained classifier's rows for classes it knows by
+    name; the head is then fitted around them (pipeline/train/prior_fit.py).
     """
     views, targets = loader.views.float().cpu(), loader.targets.cpu()
     n_views, n = views.shape[:2]
@@ -106,9 +108,17 @@ def fit_feature_head(model: nn.Module, loader, task, seed: int = 0) -> tuple[flo
     if task.kind != "single":
         return _fit_other(model, task, x[keep], y[keep], groups[keep], seed, n_views)
     n_classes = task.n_outputs
-    weight, bias, info = fit_logreg(x[keep], y[keep], n_classes, groups[keep], seed)
+    if prior is not None:
+        from pipeline.train.prior_fit import fit_logreg_prior
+
+        weight, bias, info = fit_logreg_prior(x[keep], y[keep], prior.weight.numpy(), prior.bias.numpy(),
+                                              groups[keep], seed)
+        info["prior"] = prior.describe()
+    else:
+        weight, bias, info = fit_logreg(x[keep], y[keep], n_classes, groups[keep], seed)
     load_linear_head(model, weight, bias)
-    log.info("logistic regression head: C %g chosen by inner CV on the training images (log loss by C: %s)",
+    log.info("logistic regression head%s: C %g chosen by inner CV on the training images (log loss by C: %s)",
+             f" around the class prior (alpha {info['prior_alpha']:g})" if prior is not None else "",
              info["C"], info["inner_cv_log_loss"])
     record = {"head": "logreg", **info, "inner_folds": INNER_FOLDS, "rows": int(keep.sum()), "views": int(n_views)}
     return _log_loss(x[keep] @ weight.T + bias, y[keep]), record

@@ -47,6 +47,7 @@ class MemberState:
     latest: dict | None = None  # this epoch's validation (probs, targets) per variant: live, ema
     kept: dict | None = None  # what the kept weights scored: epoch, variant, metric, and their validation
     head_fit: dict | None = None  # --head logreg: the fit's record (C, inner-CV curve), kept in the member
+    prior: object | None = None  # the pretrained classifier's rows for the classes it knows by name (class_prior)
 
     def kept_parts(self):
         """The kept record as checkpoint state (its validation probabilities stay in memory)."""
@@ -90,6 +91,7 @@ def setup_member(plan: MemberPlan, metric: str, resume: bool = False) -> MemberS
     torch.manual_seed(cfg.seed)
     width = plan.metadata.width if plan.metadata is not None else 0
     model = model_from_config(pcfg, plan.task.n_outputs, meta_width=width).to(device)
+    prior = start_from_prior(model, cfg, plan.task) if not saved else None
     optimizer = build_optimizer(model, pcfg)
     rt = make_runtime(pcfg, device, plan.steps_per_epoch, dplan, first_epoch)
     weights = None
@@ -97,7 +99,7 @@ def setup_member(plan: MemberPlan, metric: str, resume: bool = False) -> MemberS
         weights = plan.task.balance_weights(target_tensor([it.target for it in plan.train_items]))
     criterion = plan.task.criterion(cfg.label_smoothing, weights)
     st = MemberState(plan, model, model, optimizer, make_ema(model, cfg.ema), rt, criterion, None,
-                     BestTracker(metric), EarlyStop(cfg.early_stop), [], first_epoch=first_epoch)
+                     BestTracker(metric), EarlyStop(cfg.early_stop), [], first_epoch=first_epoch, prior=prior)
     if saved:
         parts = st.parts()
         if first_epoch == rt.first_epoch:  # a phase starts here: its optimizer is new
@@ -109,6 +111,19 @@ def setup_member(plan: MemberPlan, metric: str, resume: bool = False) -> MemberS
         log.info("resuming %s after epoch %d", member.dir, st.first_epoch)
     plan_data(st, pcfg, dplan)
     return st
+
+
+def start_from_prior(model: nn.Module, cfg: TrainConfig, task):
+    """--class-prior: the pretrained classifier's rows for the classes it knows by name; a trainable Linear
+    head starts from them, the logreg head is fitted around them (pipeline/train/prior_fit.py)."""
+    if task.kind != "single" or cfg.head == "mlp":
+        return None
+    from pipeline.models.class_prior import class_prior, start_head_from
+
+    prior = class_prior(model, task.names, cfg.class_prior)
+    if prior is not None and cfg.head == "linear":
+        start_head_from(model, prior)
+    return prior
 
 
 def plan_data(st: MemberState, pcfg: TrainConfig, dplan, initial: bool = True) -> None:
