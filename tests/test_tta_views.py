@@ -165,6 +165,13 @@ def test_the_view_feature_cache_key_follows_the_views_and_the_test_size(toy_work
            for name in ("flip", "flip-again", "rot90")}
     assert np.allclose(oof["flip"].iloc[:, 1:], oof["flip-again"].iloc[:, 1:])
     assert np.abs(oof["flip"].iloc[:, 1:].to_numpy() - oof["rot90"].iloc[:, 1:].to_numpy()).max() > 0  # other views
+    info = load_reorg(work)
+    at_20 = pd.read_csv(tmp_path / "flip-20" / "oof.csv", dtype={"id": str}).set_index("id")
+    for member in Run(tmp_path / "flip-20").finished("folds"):  # the cached view features are the views at 20 px
+        lm = load_member(member, torch.device("cpu"))
+        _, valid = fold_split(work, info, member.fold)
+        np.testing.assert_allclose(at_20.loc[[it.id for it in valid], info["classes"]].to_numpy(),
+                                   by_hand(lm.model, lm.config, valid, "flip", 20), atol=1e-5)
 
 
 # ---------------------------------------------------------------- the CV scores what is submitted
