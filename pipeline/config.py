@@ -21,30 +21,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipeline.errors import PipelineError, check_choice, check_kind
+from pipeline.errors import PipelineError, check_choice, check_kind, check_views
 
 AUGMENTS = ("pad_crop_flip", "resized_crop_flip_jitter", "letterbox", "light", "none", "trivialaugment",
             "randaugment", "d4", "erasing")  # pipeline/data/items.py and pipeline/data/presets.py build them
 CACHEABLE_AUGMENTS = ("pad_crop_flip", "none")  # what the image cache augments on the device (pipeline/data/loaders.py)
 MAX_CACHE_ON_SIDE = 256  # --cache on above this side would hold too much in memory
-CALIBRATES = ("auto", "on", "off")  # pipeline/predict/calibrate.py: auto is on for log-loss competitions
-VIEW_OPS = ("none", "flip", "vflip", "rot90", "rot180", "rot270", "transpose", "transverse")  # models/views.py
-TTA_PRESETS = {"none": "none", "flip": "none,flip", "d4": "none,rot90,rot180,rot270,flip,transpose,vflip,transverse",
-               "multiscale": "none,scale1.15,scale1.3"}  # the decoded image at larger sides too (FixRes)
-
-
-def tta_views(tta: str) -> tuple[tuple[str, float], ...]:
-    """(operation, scale) of each view of a --tta value, once each in order: a comma list of presets and views (OP,
-    scaleF: the image decoded at F x the test side, or OP+scaleF); an unknown view is one line naming the valid ones."""
-    views: list = []
-    for name in ",".join(TTA_PRESETS.get(part.strip(), part.strip()) for part in str(tta).split(",")).split(","):
-        head, _, scale = name.rpartition("scale") if "scale" in name else (name + "+", "", "1")
-        op = head[:-1] if head.endswith("+") else ("none" if not head else "")
-        if op not in VIEW_OPS or not scale.replace(".", "", 1).isdigit() or not 0.5 <= float(scale) <= 2:
-            raise PipelineError(f"--tta {tta}: unknown view {name!r}; valid: presets {', '.join(TTA_PRESETS)}; views "
-                                f"{', '.join(VIEW_OPS)}, scaleF (0.5 <= F <= 2, e.g. scale1.15) or OP+scaleF")
-        views += [(op, float(scale))] if (op, float(scale)) not in views else []
-    return tuple(views)
+CALIBRATES = ("auto", "on", "off")
+AUTO = "auto"  # --batch-size auto: pipeline/train/autobatch.py picks it per member  # pipeline/predict/calibrate.py: auto is on for log-loss competitions
 
 
 def setting(default: Any, help: str, *, choices: tuple = (), movable: bool = False, flag: str | None = None,
@@ -95,7 +79,8 @@ class TrainConfig:
                                            "from a memory budget, see pipeline/devices.py).", movable=True, minimum=1)
     # optimisation (lr is per group before the schedule's multiplier)
     epochs: int = setting(10, "Training epochs.", movable=True, minimum=1)
-    batch_size: int = setting(128, "Images per step (per process under torchrun).", minimum=1)
+    batch_size: int | str = setting(128, "Images per step (per process under torchrun), or auto: the largest the "
+                                    "memory holds (CUDA: probed; halved on out-of-memory while training).", minimum=1)
     accum_steps: int = setting(1, "Gradient accumulation: each optimizer step sums the gradients of N batches "
                                "(one batch of N x --batch-size in the memory of one).", minimum=1)
     lr: float = setting(0.1, "Peak learning rate of the head (backbone: x --backbone-lr-scale).")
@@ -118,6 +103,9 @@ class TrainConfig:
     cutmix: float = setting(0.0, "CutMix Beta alpha (0: off).", minimum=0)
     clip_grad: float = setting(0.0, "Max gradient norm (0: off).", minimum=0)
     ema: float = setting(0.0, "EMA decay of the weights per step, e.g. 0.999 (0: off).", minimum=0)
+    average_last: int = setting(0, "Weight averaging (SWA): predict keeps the equal-weight average of the weights "
+                                "at the end of each of the last K epochs, BatchNorm statistics recomputed on the "
+                                "training images (0: off).", minimum=0)
     time_limit: float = setting(0.0, "Minutes per member: training stops at the first epoch boundary where another "
                                 "epoch as long as the last would pass it, leaving a finished member (0: off).",
                                 movable=True, minimum=0)
@@ -154,8 +142,9 @@ class TrainConfig:
             check_setting(f, getattr(self, f.name))
         if not self.model:
             raise PipelineError("no model: give --model NAME (the competition's recipe names none)")
-        if tta_views(self.tta) and not (self.test_size in ("train", "auto") or self.test_size.isdigit()):
-            raise PipelineError(f"--test-size must be train, auto or pixels (e.g. 288), got {self.test_size!r}")
+        check_views(self.tta, self.test_size)  # pipeline/errors.py: one line naming the valid values
+        if isinstance(self.batch_size, str) and self.batch_size != AUTO:
+            raise PipelineError(f"--batch-size must be a whole number or {AUTO}, got {self.batch_size!r}")
         if self.lr <= 0:
             raise PipelineError(f"--lr must be > 0, got {self.lr}")
         if not 0 <= self.ema < 1:
@@ -184,6 +173,8 @@ class TrainConfig:
         if self.head == "logreg" and self.ema:
             raise PipelineError("--head logreg is fitted once: an --ema average of it would be the unfitted head; "
                                 "drop --ema")
+        if self.average_last:
+            check_averaging(self)
 
     @property
     def model_head(self) -> str:
@@ -212,6 +203,18 @@ class TrainConfig:
         return cls(**{k: _typed(known[k], v) for k, v in data.items() if k in known})
 
 
+def check_averaging(cfg: TrainConfig) -> None:
+    """--average-last K: K epochs of one trained phase to average, one kind of averaged weights, kept last."""
+    if cfg.head == "logreg":
+        raise PipelineError("--head logreg is fitted once: its average would be the unfitted head; drop --average-last")
+    if cfg.average_last > cfg.epochs - cfg.unfreeze_after:
+        raise PipelineError(f"--average-last {cfg.average_last} needs that many epochs after --unfreeze-after "
+                            f"{cfg.unfreeze_after} in --epochs {cfg.epochs}; lower --average-last or raise --epochs")
+    if cfg.ema or cfg.select == "best":
+        raise PipelineError("--average-last keeps the average of the last epochs: not with --ema (a moving average "
+                            "per step) or --select best (one epoch); drop one of them")
+
+
 def flag_of(f: dataclasses.Field) -> str:
     return f.metadata.get("flag") or "--" + f.name.replace("_", "-")
 
@@ -229,7 +232,7 @@ def check_setting(f: dataclasses.Field, value: Any, name: str | None = None) -> 
     if f.metadata.get("choices"):
         check_choice(name, value, f.metadata["choices"])
     minimum = f.metadata.get("minimum")
-    if minimum is not None and value is not None and value < minimum:
+    if minimum is not None and isinstance(value, (int, float)) and value < minimum:
         raise PipelineError(f"{name} must be >= {minimum}, got {value}")
 
 

@@ -313,6 +313,29 @@ def batch_for_budget(acc: Accelerator, available: int, per_item: int, image_size
     return 1 << (min(fit, cap).bit_length() - 1)
 
 
+TRAIN_FACTOR = 3  # a training step keeps its activations for backward, plus their gradients: ~3x a no-grad pass
+
+
+def train_batch_candidates(acc: Accelerator, available: int, per_item: int, image_size: int, limit: int, *,
+                           processes: int = 1) -> tuple[int, ...]:
+    """--batch-size auto: the training batches to try, largest first (pure). ``per_item``: an inference
+    image's bytes (:func:`item_bytes`); ``limit``: the largest batch the data allows.
+
+    CPU (and MPS): one batch, never probed: :func:`batch_for_budget` of the
+    training cost. Running out of the host's RAM raises nothing a probe could
+    catch (the kernel's OOM killer ends the process, or swap slows it down), and
+    a CPU's speed stops growing at CPU_MAX_PIXELS anyway. CUDA: out of memory is
+    an exception, so the real limit is probed: from twice the largest batch the
+    estimate fits in all the free memory (the estimate is rough) down to 1,
+    halving; the first batch that completes a few steps wins.
+    """
+    cost = per_item * TRAIN_FACTOR
+    if acc.type != "cuda":
+        return (max(1, min(batch_for_budget(acc, available, cost, image_size, processes=processes), limit)),)
+    top = max(1, min(2 * batch_for_budget(acc, available, cost, image_size, fraction=1.0), CUDA_MAX_BATCH, limit))
+    return tuple(top >> i for i in range(top.bit_length()))
+
+
 def host_available(meminfo: str = "/proc/meminfo", cgroup: str = "/sys/fs/cgroup") -> int:
     """Bytes of RAM this process may still take: MemAvailable, within a container's memory limit."""
     def read(path: str) -> str:

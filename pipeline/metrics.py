@@ -326,5 +326,6 @@ def reported_metrics(metric: str, task: str = "single") -> tuple[str, ...]:
 
 
 def valid_key(metric: str, variant: str = "live") -> str:
-    """The metrics.csv column of a validation score: ``valid_<metric>``, ``_ema`` for the averaged weights."""
-    return f"valid_{metric}" + ("_ema" if variant == "ema" else "")
+    """The metrics.csv column of a validation score: ``valid_<metric>``, ``_ema`` / ``_average`` for the EMA /
+    --average-last weights."""
+    return f"valid_{metric}" + ("" if variant == "live" else f"_{variant}")

@@ -357,7 +357,8 @@ def epoch_line(row: dict, metric: str, epochs: int) -> str:
     from pipeline.metrics import valid_key
 
     scored = () if metric == "log_loss" else (valid_key(metric),)  # valid_loss is the log loss
-    for key in dict.fromkeys(("valid_loss", valid_key("accuracy"), *scored, valid_key(metric, "ema"))):
+    averaged = (valid_key(metric, "ema"), valid_key(metric, "average"))
+    for key in dict.fromkeys(("valid_loss", valid_key("accuracy"), *scored, *averaged)):
         if key in row:
             parts.append(f"{key} {row[key]:.4f}")
     parts.append(f"lr {row['lr']:.3g}")

@@ -41,6 +41,7 @@ OOF_FILE = "oof.csv"
 CV_FILE = "cv.json"
 TEST_PROBS_FILE = "test_probs.csv"  # id + one column per class: what the last predict averaged (blend reads it)
 TEST_PROBS_META_FILE = "test_probs.json"  # beside it: members, TTA, test ids' count, training fingerprint
+PREDICT_TIME_FILE = "predict_time.json"  # the last predict's seconds, images, members, views, device (kernel build)
 PLAN_KEY = "plan"  # the member plan in a member's config.json
 DEVICE_KEY = "device"  # member config.json: the effective device settings (pipeline/devices.py's DevicePlan)
 HEAD_FIT_FILE = "head_fit.json"  # a member whose head was fitted, not trained: how (C, inner-CV curve)
@@ -309,6 +310,18 @@ class Run:
         atomic_write_csv(self.test_probs_path, probs, float_format="%.10g")
         atomic_write_json(self.test_probs_meta_path, record)
 
+    @property
+    def predict_time_path(self) -> Path:
+        return self.dir / PREDICT_TIME_FILE
+
+    def write_predict_time(self, record: dict) -> None:
+        atomic_write_json(self.predict_time_path, record)
+
+    def read_predict_time(self) -> dict | None:
+        """What the last predict took: seconds, images, members, views, device (None before any)."""
+        path = self.predict_time_path
+        return _read_json(path, "predict time record") if path.is_file() else None
+
     def read_test_probs(self) -> tuple[pd.DataFrame, dict] | None:
         """The kept test probabilities (ids as strings, class columns as floats) and their record, or None."""
         if not (self.test_probs_meta_path.is_file() and self.test_probs_path.is_file()):
@@ -372,11 +385,13 @@ def load_best(member: Member) -> dict[str, Any]:
 
 
 def load_last(member: Member) -> dict[str, Any]:
-    """The last epoch's weights as :func:`load_best` gives them: EMA weights when the run kept an EMA."""
+    """The last epoch's weights as :func:`load_best` gives them: EMA weights when the run kept an EMA, the
+    average once --average-last holds an epoch."""
     from pipeline.checkpoint import load_checkpoint
 
     state = load_checkpoint(member.dir / LAST_FILE)
-    ema = state.get("ema")
+    average = state.get("average") or {}
+    ema = average.get("model") if average.get("epochs") else state.get("ema")
     if ema:  # an AveragedModel's state: the module's tensors under "module." and its step count
         state["model"] = {k[len("module."):]: v for k, v in ema.items() if k.startswith("module.")}
     return state

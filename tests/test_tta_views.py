@@ -12,7 +12,8 @@ import timm
 import torch
 
 from conftest import config_from_recipe
-from pipeline.config import TrainConfig, tta_views
+from pipeline.config import TrainConfig
+from pipeline.errors import tta_views
 from pipeline.data import views as data_views
 from pipeline.data.items import build_transform, fold_split, list_split, load_reorg, read_image
 from pipeline.errors import PipelineError

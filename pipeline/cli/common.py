@@ -209,6 +209,10 @@ def setting_option(f) -> inspect.Parameter:  # f: a pipeline.config.TrainConfig 
     from pipeline.config import flag_of
 
     base = _TYPES[str(f.type).split("|")[0].strip()]
+    if str(f.type) == "int | str":  # a number or a word (--batch-size auto): parsed by _int_or_word
+        return inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=None, annotation=Annotated[
+            Optional[str], typer.Option(flag_of(f), help=f.metadata["help"] + _default_text(f.default),
+                                        show_default=False, metavar="N|auto", callback=_int_or_word)])
     flag = flag_of(f)
     choices = f.metadata.get("choices")
     help_text = f.metadata["help"] + _default_text(f.default)
@@ -219,6 +223,11 @@ def setting_option(f) -> inspect.Parameter:  # f: a pipeline.config.TrainConfig 
         help_text = f.metadata["help"] + f" One of: {', '.join(choices)}." + _default_text(f.default)
     annotation = Annotated[Optional[base], typer.Option(*decls, help=help_text, show_default=False, metavar=metavar)]
     return inspect.Parameter(f.name, inspect.Parameter.KEYWORD_ONLY, default=None, annotation=annotation)
+
+
+def _int_or_word(value: str | None) -> int | str | None:
+    """"128" -> 128; a word stays a word (the config checks which words it takes)."""
+    return int(value) if value is not None and value.strip().lstrip("-").isdigit() else value
 
 
 def _default_text(default: Any) -> str:

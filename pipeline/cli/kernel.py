@@ -49,6 +49,10 @@ def build(
                                                        "with --fold K, ' fold K' is added).")] = None,
     fold: Annotated[Optional[int], typer.Option(help="Train only fold K of the run --train-args' --folds N describes "
                                                      "(one kernel per fold; `kernel gather` joins their outputs).")] = None,
+    kaggle_limit: Annotated[float, typer.Option(help="Hours a Kaggle kernel may run: a --run kernel whose predict "
+                                                     "estimate passes it is warned about.", min=0)] = 9.0,
+    safety: Annotated[float, typer.Option(help="Factor on the predict time measured here (Kaggle's P100/T4 are "
+                                               "slower than most GPUs).", min=1)] = 2.0,
     force: Force = False,
 ) -> None:
     """Write a kernel folder: kernel-metadata.json and a script that writes submission.csv offline.
@@ -81,9 +85,28 @@ def build(
     carry += f" --spec {competition}" if comp.spec_file else ""  # the kernel's commands name the carried spec
     typer.echo(f"next: pipeline kernel dataset --out DATASET_DIR --dataset {spec.dataset}{carry}; "
                f"pipeline kernel push-dataset DATASET_DIR; pipeline kernel push {out}")
+    if run is not None:
+        _predict_estimate(run, spec.predict_args, safety, kaggle_limit)
     if fold is not None:
         typer.echo(f"then, every fold kernel finished: pipeline kernel gather {competition} WORK_DIR RUN_DIR "
                    f"--kernel {kernel_metadata(spec)['id']} --kernel ... (one per fold)")
+
+
+def _predict_estimate(run: Path, predict_args: tuple[str, ...], safety: float, limit_hours: float) -> None:
+    """The kernel's predict time from the run's last predict here; one warning line past ``limit_hours``."""
+    from pipeline.kernel.estimate import over_limit, run_estimate
+
+    args = list(predict_args)
+    tta = next((args[i + 1] for i, a in enumerate(args[:-1]) if a == "--tta"), None)
+    tta = tta or next((a.split("=", 1)[1] for a in args if a.startswith("--tta=")), None)
+    estimate = run_estimate(run, tta, safety)
+    if estimate is None:
+        typer.echo("predict estimate: none yet; run `pipeline predict` with this run once to measure it")
+        return
+    typer.echo(estimate.line())
+    warning = over_limit(estimate, limit_hours)
+    if warning:
+        typer.echo(warning, err=True)
 
 
 @command(kernel_app)

@@ -174,7 +174,9 @@ def result_line(r, metric: str) -> str:
     kept = r.kept or {}
     if kept.get("metric") is None:
         return f"{r.dir}: {state}{r.epochs} epochs (no validation), {r.seconds:.1f}s"
-    line = f"{r.dir}: {state}{r.epochs} epochs; kept epoch {kept['epoch']} ({kept['selection']}): {metric} {kept['metric']:.4f}"
+    averaged = kept.get("averaged_epochs")  # --average-last: the kept weights are their average
+    what = f"the average of epochs {averaged[0]}-{averaged[-1]}" if averaged else f"epoch {kept['epoch']}"
+    line = f"{r.dir}: {state}{r.epochs} epochs; kept {what} ({kept['selection']}): {metric} {kept['metric']:.4f}"
     if kept.get("interval"):
         lo, hi = kept["interval"]
         line += f" (95% interval {lo:.4f}-{hi:.4f}, {kept['valid_images']} validation images)"

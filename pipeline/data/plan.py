@@ -34,14 +34,14 @@ from pipeline.data.cache import MAX_CACHED_SIDE, cache_path, image_cache, items_
 from pipeline.data.features import feature_bank
 from pipeline.data.views import eval_geometry, eval_sizes, eval_transform, trains_geometry
 from pipeline.data.loaders import FeatureLoader, TensorBatchLoader, make_loader
-from pipeline.config import CACHEABLE_AUGMENTS, TrainConfig, tta_views
+from pipeline.config import CACHEABLE_AUGMENTS, TrainConfig
 from pipeline.devices import DevicePlan, ddp_find_unused, inference_batch
 from pipeline.models.task import bad_mask, target_tensor
 from pipeline.models.views import is_plain
 from pipeline.workdir import BAD_TARGET
 from pipeline.data.items import (ImageDataset, Item, build_transform, list_split, load_reorg,
                                  unreadable_message)
-from pipeline.errors import PipelineError
+from pipeline.errors import PipelineError, tta_views
 from pipeline.io import atomic_path
 from pipeline.models.heads import FeatureHead
 from pipeline.workdir import CACHE_DIR

@@ -1,4 +1,4 @@
-"""Test-time views of an image batch: each a tiny named function (the names of ``--tta``: pipeline/config.py).
+"""Test-time views of an image batch: each a tiny named function (the names of ``--tta``: pipeline/errors.py tta_views).
 
 An image batch is (B, C, H, W). When the views need several scales the
 evaluation loader decodes each image once per scale (pipeline/data/views.py)
@@ -13,7 +13,7 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from pipeline.config import VIEW_OPS, tta_views
+from pipeline.errors import VIEW_OPS, tta_views
 
 OPS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "none": lambda x: x,

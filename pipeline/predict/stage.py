@@ -20,15 +20,15 @@ import torch
 
 from pipeline.data import shm
 from pipeline.competition import Competition
-from pipeline.config import TrainConfig, load_resolved, tta_views
+from pipeline.config import TrainConfig, load_resolved
 from pipeline.data.items import Item, list_split, load_reorg, training_fingerprint, unreadable_message
 from pipeline.data.features import backbone_views
 from pipeline.data.loaders import FeatureViews
 from pipeline.data.plan import cached_views, eval_loader, shared_backbone_groups, test_sized
 from pipeline.models.heads import FeatureHead
-from pipeline.devices import inference_batch, resolve_device
+from pipeline.devices import inference_batch, probe, resolve_device
 from pipeline.distributed import plan_for
-from pipeline.errors import PipelineError, check_choice
+from pipeline.errors import PipelineError, check_choice, tta_views
 from pipeline.models.views import first_view_share
 from pipeline.models.inference import infer, normalise_rows, unreadable_positions
 from pipeline.io import read_csv
@@ -255,6 +255,8 @@ def predict(comp: Competition, work_dir: Path, run_dir: Path, out_csv: Path, mem
                                             batch_size=batch_size, unreadable=unreadable, work_dir=work_dir)
     # the model's time grows with the views, each in proportion to its pixels (models/views.py)
     view_seconds = (time.perf_counter() - started) * (1 - first_view_share(tta))
+    run.write_predict_time({"seconds": time.perf_counter() - started, "images": len(items), "members": len(chosen),
+                            "views": len(tta_views(tta)), "tta": tta, "device": probe(resolve_device(device)).name})
     probs = calibrate.apply_stored(calibrate.stored(run), probs, classes)  # the values the CV was scored with
     frame = write_checked(comp, ids, probs, classes, sample, info["classes"], out_csv, force,
                           decision_task(run, info))

@@ -41,6 +41,7 @@ SHOWN = (("model", "model"), ("head", "head"), ("training", "training"), ("optim
          ("phases", "phases"), ("batch_size", "batch size"), ("steps_per_epoch", "steps per epoch"),
          ("fit", "head fit"), ("weights", "weights"), ("data", "data"), ("image_size", "image size"),
          ("augment", "augment"), ("feature_views", "feature views"), ("ema", "ema"),
+         ("average_last", "average of the last epochs"),
          ("device", "device"), ("precision", "precision"), ("train_images", "training images"),
          ("absent_classes", "classes absent from training"), ("absent_labels", "labels never positive in training"),
          ("target_range", "training range"), ("adapted", "adapted to the data"))
@@ -78,7 +79,7 @@ def member_facts(member: Member, run_config: dict | None = None, run_notes: tupl
         "data": data,
         "image_size": cfg.get("image_size"), "augment": cfg.get("augment") if sgd else None,
         "feature_views": cfg.get("feature_views") if "features" in data else None,
-        "ema": cfg.get("ema") or None,
+        "ema": cfg.get("ema") or None, "average_last": cfg.get("average_last") or None,
         "device": _device(device, cfg), "precision": _precision(device),
         "train_images": plan.get("n_train"), "adapted": list(plan.get("adapted", run_notes) or []), "stopped_early": bool((done or {}).get("stopped_early")),
     }

@@ -15,7 +15,7 @@ from typing import Any
 import torch
 
 from pipeline import distributed as dist
-from pipeline.config import Resolved, TrainConfig
+from pipeline.config import AUTO, Resolved, TrainConfig
 from pipeline.data.items import Item
 from pipeline.data.plan import Source, choose_source
 from pipeline.devices import DevicePlan
@@ -24,7 +24,8 @@ from pipeline.data.metadata import MetaEncoder, item_metadata, meta_tensor
 from pipeline.download.specfile import competition_of
 from pipeline.runs import Member
 from pipeline.models.task import Task, target_tensor
-from pipeline.train.adapt import adapt_to_data
+from pipeline.train.adapt import adapt_to_data, lr_scaling, scaled_lr
+from pipeline.train.autobatch import lr_batch, resolve_auto
 from pipeline.train.engine import phase
 from pipeline.train.members import plan_members
 
@@ -47,6 +48,7 @@ class MemberPlan:
     warnings: tuple[str, ...] = ()  # what the plan itself warns about
     task: Task = Task("single", ())  # the work folder's task, fitted to this member's training targets
     metadata: MetaEncoder | None = None  # the spec's metadata columns, encoded as this member's training rows say
+    batch_auto: bool = False  # --batch-size auto: the batch was picked here and halves on out-of-memory
 
     @property
     def name(self) -> str:
@@ -111,11 +113,24 @@ def weights_source(cfg: TrainConfig) -> str:
 
 
 def plan_member(cfg: TrainConfig, sources: dict[str, str], member: Member, train_items: list[Item],
-                valid_items: list[Item], task: Task, columns: list[str] = ()) -> MemberPlan:
-    """One member's plan: the recipe adapted to its images, the batch capped, steps and source; the task
-    fitted to its training targets (a regression's standardisation)."""
+                valid_items: list[Item], task: Task, columns: list[str] = (), *, probe: bool = False,
+                lr_batch: int = 128) -> MemberPlan:
+    """One member's plan: the recipe adapted to its images, the batch capped (--batch-size auto: picked,
+    probed when ``probe``), steps and source; the task fitted to its training targets (a regression's
+    standardisation)."""
     share = dist.per_process(len(train_items))
+    encoder = None
+    if columns:  # fitted on this member's training rows only
+        encoder = MetaEncoder.fit(item_metadata(cfg.work_dir, columns, train_items), columns)
+    auto, picked = cfg.batch_size == AUTO, []
+    if auto:
+        cfg, picked = resolve_auto(cfg, share, sources, n_outputs=task.n_outputs,
+                                   meta_width=encoder.width if encoder else 0,
+                                   source_kind=choose_source(phase(cfg, 0)).kind, reference=lr_batch, member=member,
+                                   probe_memory=probe)
+        sources = {**sources, "batch_size": "caller"}  # picked: not adapted again
     adapted, notes = adapt_to_data(cfg, share, sources)
+    notes = picked + notes
     warnings = []
     if 0 < share < adapted.batch_size:
         warnings.append(f"{member.name}: {share} training images per process is less than one batch of "
@@ -129,18 +144,30 @@ def plan_member(cfg: TrainConfig, sources: dict[str, str], member: Member, train
     task = task.fitted(target_tensor([it.target for it in train_items])) if train_items else task
     if cfg.balance != "none" and task.numeric:
         warnings.append(f"--balance {cfg.balance}: a {task.kind} target has no classes to balance; ignored")
-    encoder = None
-    if columns:  # fitted on this member's training rows only
-        encoder = MetaEncoder.fit(item_metadata(cfg.work_dir, columns, train_items), columns)
     return MemberPlan(member, train_items, valid_items, adapted, share, source, steps, total, tuple(notes),
-                      tuple(warnings), task, encoder)
+                      tuple(warnings), task, encoder, auto)
 
 
-def plan_run(resolved: Resolved, info: dict) -> tuple[Resolved, list[MemberPlan]]:
-    """Every member's plan; the resolved config gains the adaptation notes (logged once each)."""
+def halved(plan: MemberPlan, epoch: int) -> MemberPlan:
+    """The plan with half its batch after running out of memory in ``epoch`` (--batch-size auto): the lr
+    follows the batch (pipeline/train/adapt.py's rule), the steps are those of the new batch."""
+    cfg = plan.config
+    batch = cfg.batch_size // 2
+    new = replace(cfg, batch_size=batch, lr=scaled_lr(cfg.lr, cfg.optimizer, cfg.batch_size, batch))
+    steps = steps_per_epoch(new, plan.per_process)
+    note = (f"batch_size {cfg.batch_size} -> {batch}: out of memory in epoch {epoch + 1}, which starts again; lr "
+            f"{cfg.lr:g} -> {new.lr:.4g} ({lr_scaling(cfg.optimizer)} for {cfg.optimizer})")
+    return replace(plan, config=new, steps_per_epoch=steps, total_steps=steps * (new.epochs - fitted_epochs(new)),
+                   notes=(*plan.notes, note))
+
+
+def plan_run(resolved: Resolved, info: dict, probe: bool = False) -> tuple[Resolved, list[MemberPlan]]:
+    """Every member's plan; the resolved config gains the adaptation notes (logged once each). ``probe``:
+    --batch-size auto tries its candidate batches on the device (training), else takes the budget's."""
     task = Task.of(info, competition_of(resolved.config.competition).loss)
     columns = list(info.get("metadata", ()))
-    plans = [plan_member(resolved.config, resolved.sources, *m, task, columns)
+    reference = lr_batch(resolved.config, resolved.recipe) if resolved.config.batch_size == AUTO else 0
+    plans = [plan_member(resolved.config, resolved.sources, *m, task, columns, probe=probe, lr_batch=reference)
              for m in plan_members(resolved.config, info)]
     notes = tuple(dict.fromkeys(n for p in plans for n in p.notes))
     return replace(resolved, notes=tuple(dict.fromkeys((*resolved.notes, *notes)))), plans

@@ -20,6 +20,7 @@ from pipeline.data.plan import DataPlan, choose_source, plan_member
 from pipeline.devices import resolve_device
 from pipeline.models import model_from_config, unfreeze
 from pipeline.runs import restore_parts
+from pipeline.train.averaging import make_average
 from pipeline.train.engine import BestTracker, EarlyStop, Runtime, build_optimizer, make_ema, make_runtime, phase
 from pipeline.train.plan import MemberPlan
 
@@ -47,6 +48,7 @@ class MemberState:
     latest: dict | None = None  # this epoch's validation (probs, targets) per variant: live, ema
     kept: dict | None = None  # what the kept weights scored: epoch, variant, metric, and their validation
     head_fit: dict | None = None  # --head logreg: the fit's record (C, inner-CV curve), kept in the member
+    average: object | None = None  # --average-last: the epochs' average (pipeline/train/averaging.py)
     prior: object | None = None  # the pretrained classifier's rows for the classes it knows by name (class_prior)
 
     def kept_parts(self):
@@ -56,7 +58,7 @@ class MemberState:
     def parts(self) -> dict:
         """The stateful parts a checkpoint holds; save and restore both use this one list."""
         return {"model": self.model, "ema": self.ema, "optimizer": self.optimizer, "scaler": self.rt.scaler,
-                "best": self.best, "early_stop": self.stopper, "kept": self.kept_parts()}
+                "best": self.best, "early_stop": self.stopper, "kept": self.kept_parts(), "average": self.average}
 
 
 class _KeptState:
@@ -99,7 +101,8 @@ def setup_member(plan: MemberPlan, metric: str, resume: bool = False) -> MemberS
         weights = plan.task.balance_weights(target_tensor([it.target for it in plan.train_items]))
     criterion = plan.task.criterion(cfg.label_smoothing, weights)
     st = MemberState(plan, model, model, optimizer, make_ema(model, cfg.ema), rt, criterion, None,
-                     BestTracker(metric), EarlyStop(cfg.early_stop), [], first_epoch=first_epoch, prior=prior)
+                     BestTracker(metric), EarlyStop(cfg.early_stop), [], first_epoch=first_epoch, prior=prior,
+                     average=make_average(model, cfg.average_last))
     if saved:
         parts = st.parts()
         if first_epoch == rt.first_epoch:  # a phase starts here: its optimizer is new

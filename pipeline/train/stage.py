@@ -27,6 +27,8 @@ from pipeline.models.inference import infer, unreadable_positions
 from pipeline.predict.submission import positive_index, submission_clip
 from pipeline.progress import epoch_line, log_scalars, stage, tensorboard_writer
 from pipeline.runs import Member, Run, save_epoch
+from pipeline.train.oom import restart_halved
+from pipeline.train.averaging import update_average, warn_unaveraged
 from pipeline.train.budget import time_is_up
 from pipeline.train.engine import deferred_interrupt, phase, train_one_epoch
 from pipeline.train.members import MemberResult, already_done, check_members
@@ -45,6 +47,8 @@ def kept_variant(cfg: TrainConfig, st) -> str | None:
     the validation data, so its score is honest. best: only an improving epoch.
     """
     if cfg.select == "last":
+        if st.average is not None and st.average.epochs:  # --average-last: the average once it holds an epoch
+            return "average"
         return "ema" if st.ema is not None else "live"
     return st.best.variant if st.improved else None
 
@@ -66,7 +70,8 @@ def _validate(st: MemberState, cfg: TrainConfig, comp: Competition, n_classes: i
     """
     rt, st.latest, row, task = st.rt, {}, {}, st.plan.task
     names = reported_metrics(comp.metric, task.kind)
-    views = {"live": st.net, "ema": st.ema is not None and st.data.view(st.ema.module)}
+    views = {"live": st.net, "ema": st.ema is not None and st.data.view(st.ema.module),
+             "average": st.average is not None and bool(st.average.epochs) and st.data.view(st.average.module)}
     for variant, net in views.items():
         if net is False:
             continue
@@ -97,6 +102,7 @@ def _run_epoch(cfg: TrainConfig, comp: Competition, st: MemberState, epoch: int,
                                                            st.prior), 0, set()
     else:
         loss, steps, bad = train_one_epoch(st.net, st.data.train, st.optimizer, st.criterion, cfg, st.rt, st.ema, epoch, gen)
+        update_average(st, st.model, epoch, cfg.epochs)
     _warn_unreadable(st, "train", bad, train_items, "skipping")
     row = {"epoch": epoch + 1, "train_loss": loss, "lr": st.optimizer.param_groups[-1]["lr"], "steps": steps}
     if st.data.valid is not None:
@@ -113,6 +119,8 @@ def _keep(st: MemberState, cfg: TrainConfig, comp: Competition, row: dict) -> st
     if variant is not None:
         st.kept = {"epoch": row["epoch"], "variant": variant, "metric": row.get(valid_key(comp.metric, variant)),
                    "selection": cfg.select, "valid": (st.latest or {}).get(variant)}
+        if variant == "average":
+            st.kept["averaged_epochs"] = [e + 1 for e in st.average.epochs]
     return variant
 
 
@@ -125,7 +133,7 @@ def _save(member: Member, st: MemberState, cfg: TrainConfig, data: dict, variant
     meta = {"epoch": len(st.history), "history": st.history, "config": cfg.to_json(), **data}
     kept = None
     if variant is not None:
-        weights = st.ema.module if variant == "ema" else st.model
+        weights = {"ema": st.ema and st.ema.module, "average": st.average and st.average.module}.get(variant) or st.model
         kept = {"model": weights.state_dict(), "config": meta["config"], **data,
                 "epoch": meta["epoch"], "best": st.best.state_dict(), "kept": st.kept_parts().state_dict()}
     with deferred_interrupt():
@@ -151,12 +159,20 @@ def fit_member(plan: MemberPlan, comp: Competition, data: dict, resume: bool) ->
         member.write_config(replace(cfg, head=cfg.model_head).to_json(), st.data.device.to_json(), plan.to_json())
     board = tensorboard_writer(member.tensorboard_dir) if cfg.tensorboard and dist.is_main() else None
     stopped = out_of_time = False
-    for epoch in range(st.first_epoch, cfg.epochs):
+    epoch = st.first_epoch
+    while epoch < cfg.epochs:
         if epoch == cfg.unfreeze_after and epoch > st.first_epoch:
             unfreeze_member(st, epoch)
         pcfg = phase(cfg, epoch)
         saved_cfg = replace(pcfg, head=pcfg.model_head)  # logreg: an ordinary linear head for predict
-        row = _run_epoch(pcfg, comp, st, epoch, train_items, valid_items, n_classes)
+        try:
+            row = _run_epoch(pcfg, comp, st, epoch, train_items, valid_items, n_classes)
+        except torch.OutOfMemoryError as exc:  # --batch-size auto: half the batch, this epoch again
+            st = None  # its memory goes before the member is set up again
+            plan, st = restart_halved(plan, comp.metric, epoch, exc)
+            cfg = plan.config
+            continue
+        epoch += 1
         st.history.append(row)
         st.improved = st.best.update(row, st.ema is not None, validated=st.data.valid is not None)
         stopped = st.stopper.step(st.improved)
@@ -169,10 +185,11 @@ def fit_member(plan: MemberPlan, comp: Competition, data: dict, resume: bool) ->
         if stopped:
             log.info("early stop: no improvement of %s for %d epochs", comp.metric, st.stopper.stale)
             break
-        if out_of_time and epoch + 1 < cfg.epochs:
+        if out_of_time and epoch < cfg.epochs:
             log.warning("--time-limit %g min: %s stops after epoch %d of %d (another would pass the limit)",
-                        cfg.time_limit, member.name, epoch + 1, cfg.epochs)
+                        cfg.time_limit, member.name, epoch, cfg.epochs)
             break
+    warn_unaveraged(st, cfg)
     kept = finish_kept(st, comp, n_classes)
     if dist.is_main():
         member.mark_done({"epochs": len(st.history), "best": st.best.state_dict(), "kept": kept,
@@ -216,7 +233,7 @@ def _train_locked(resolved: Resolved, resume: bool, force: bool) -> list[MemberR
     info = load_reorg(cfg.work_dir, comp.slug)
     data = {"classes": info["classes"], "competition": comp.slug,
             "fingerprint": training_fingerprint(cfg.work_dir, info)}
-    resolved, plans = plan_run(resolved, info)
+    resolved, plans = plan_run(resolved, info, probe=True)
     log_plan_warnings(plans)
     check_members(cfg, plans, len(info["classes"]), resume, force)
     if dist.is_main():

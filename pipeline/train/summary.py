@@ -173,7 +173,7 @@ def gather_facts(resolved: Any, plans: Sequence[Any], info: dict) -> RunFacts:
 def view_line(cfg: Any) -> str:
     """The views validation, the out-of-fold scores and predict average, and the sides they decode the
     images at (--tta, --test-size); "" for one view at the training side."""
-    from pipeline.config import tta_views
+    from pipeline.errors import tta_views
     from pipeline.data.views import eval_geometry, eval_sizes
 
     views, sides = tta_views(cfg.tta), eval_sizes(cfg, cfg.tta)
