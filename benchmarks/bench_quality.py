@@ -23,6 +23,8 @@ Runs the `pipeline` CLI (this checkout's package) as a user would:
   (dog 300: the calibrated nested CV beside the uncalibrated CV of the same
   predictions, with the paired 95% interval of the change); --tta flip on dog;
   --augment trivialaugment on cifar-10-tiny (fast recipe).
+- views (issue 23): dog 300 with --tta none, flip, multiscale and --test-size 256 (the
+  decoded images at a side above the training 224), CV log loss with its interval.
 
 Each row prints its baseline on the same images: for accuracy the majority
 class of the training images, for log loss the uniform guess and the class
@@ -40,6 +42,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -296,6 +299,37 @@ def averaging(tmp: Path) -> list[dict]:
     return rows
 
 
+def views(tmp: Path) -> list[dict]:
+    """Issue 23 point 1: the dog recipe (frozen Lite0, logreg head) with --tta none, flip, multiscale and a test
+    side above the training one (256 for 224); each run from a cold feature cache, so the wall times compare."""
+    rows = []
+    for i, (name, extra) in enumerate((("--tta none", ["--tta", "none"]), ("--tta flip", ["--tta", "flip"]),
+                                       ("--tta multiscale", ["--tta", "multiscale"]),
+                                       ("--test-size 256", ["--test-size", "256"]))):
+        shutil.rmtree(dog_work(tmp) / "cache", ignore_errors=True)  # every run builds its features
+        run = tmp / f"dog-views-{i}"
+        row = dog_cv(tmp, name, run, extra)
+        cv = json.loads((run / "cv.json").read_text())
+        lo, hi = cv["interval"]
+        row.update(score=f"CV log loss {cv['cv']:.3f} [{lo:.3f}, {hi:.3f}]",
+                   target=paired_change(tmp / "dog-views-0", run) if i else "")
+        rows.append(row)
+    return rows
+
+
+def paired_change(base: Path, run: Path) -> str:
+    """The 95% paired bootstrap interval of the per-row out-of-fold log loss change of ``run`` against ``base``
+    (the same images, classes matched by name): below 0 is a gain beyond the noise of these rows."""
+    from pipeline.predict.calibrate import paired_change_interval
+
+    before = pd.read_csv(base / "oof.csv", dtype={"id": str}).set_index("id").sort_index()
+    after = pd.read_csv(run / "oof.csv", dtype={"id": str}).set_index("id").loc[before.index]
+    classes = [c for c in before.columns if c != "label"]
+    targets = before["label"].map({c: k for k, c in enumerate(classes)}).to_numpy()
+    lo, hi = paired_change_interval(before[classes].to_numpy(), after[classes].to_numpy(), targets)
+    return f"change vs none [{lo:+.3f}, {hi:+.3f}]"
+
+
 def last_valid_accuracy(member: Path) -> float:
     return float(pd.read_csv(member / "metrics.csv")["valid_accuracy"].iloc[-1])
 
@@ -303,14 +337,15 @@ def last_valid_accuracy(member: Path) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--parts", default="dog,cifar,tiny,finetune,defaults,tricks",
-                        help="comma-separated: dog, cifar, tiny, finetune, defaults, tricks, prior, averaging, soft")
+                        help="comma-separated: dog, cifar, tiny, finetune, defaults, tricks, prior, averaging, soft, views")
     parser.add_argument("--keep", type=Path, help="work in this folder and keep it")
     args = parser.parse_args()
     missing = [p for p in (DOG, CIFAR, TINY, WEIGHTS) if not p.exists()]
     if missing:
         raise SystemExit(f"shared data missing: {', '.join(map(str, missing))}")
     parts = {"dog": dog, "cifar": cifar, "tiny": tiny, "finetune": finetune, "defaults": defaults, "tricks": tricks,
-             "prior": prior, "averaging": averaging, "soft": soft}
+             "prior": prior, "averaging": averaging, "soft": soft,
+             "views": views}
     with tempfile.TemporaryDirectory() as scratch:
         tmp = args.keep or Path(scratch)
         tmp.mkdir(parents=True, exist_ok=True)

@@ -20,15 +20,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from pipeline.errors import PipelineError, check_choice, check_kind
+from pipeline.errors import PipelineError, check_choice, check_kind, check_views
 
 AUGMENTS = ("pad_crop_flip", "resized_crop_flip_jitter", "letterbox", "light", "none", "trivialaugment",
             "randaugment", "d4", "erasing")  # pipeline/data/items.py and pipeline/data/presets.py build them
 CACHEABLE_AUGMENTS = ("pad_crop_flip", "none")  # what the image cache augments on the device (pipeline/data/loaders.py)
 MAX_CACHE_ON_SIDE = 256  # --cache on above this side would hold too much in memory
-TTAS = ("none", "flip", "d4")  # pipeline/models/inference.py TTA_VIEWS: 1, 2 and 8 views
-CALIBRATES = ("auto", "on", "off")
-AUTO = "auto"  # --batch-size auto: pipeline/train/autobatch.py picks it per member  # pipeline/predict/calibrate.py: auto is on for log-loss competitions
+CALIBRATES = ("auto", "on", "off")  # pipeline/predict/calibrate.py: auto is on for log-loss competitions
+AUTO = "auto"  # --batch-size auto: pipeline/train/autobatch.py picks it per member
 
 
 def setting(default: Any, help: str, *, choices: tuple = (), movable: bool = False, flag: str | None = None,
@@ -49,13 +48,11 @@ class TrainConfig:
     model: str = setting("", "Registered model (resnet18, resnet18_cifar, googlenet, fastnet, ...) or timm:<name>.")
     pretrained: bool = setting(False, "Download ImageNet weights (timm hub / torchvision).")
     weights: Path | None = setting(None, "Local weights (.safetensors/.pth/.pt) to start from, offline.")
-    head: str = setting("linear", "New head: linear, mlp (Linear-ReLU-Linear), or logreg (with --freeze-backbone: "
-                        "a linear head fitted by logistic regression on the cached features, C by inner CV).",
-                        choices=("linear", "mlp", "logreg"))
+    head: str = setting("linear", "New head: linear, mlp (Linear-ReLU-Linear), or logreg (--freeze-backbone: fitted "
+                        "by logistic regression on the cached features).", choices=("linear", "mlp", "logreg"))
     head_hidden: int = setting(256, "Hidden width of the mlp head.", minimum=1)
-    class_prior: str = setting("auto", "Classes whose names match the pretrained classifier's (ImageNet's, by "
-                               "name) start the head from its rows: auto (when half the classes match) or off.",
-                               choices=("auto", "off"))
+    class_prior: str = setting("auto", "Classes named as the pretrained classifier's (ImageNet's) start the head from "
+                               "its rows: auto (half the classes match) or off.", choices=("auto", "off"))
     drop_rate: float | None = setting(None, "Dropout before the classifier (default: the architecture's).")
     freeze_backbone: bool = setting(False, "Train only a new head on a frozen backbone.")
     backbone_lr_scale: float = setting(1.0, "Backbone lr = lr x this (fine-tuning).")
@@ -123,11 +120,13 @@ class TrainConfig:
     pseudo_label: Path | None = setting(None, "Teacher run labelling the test images added to every training set.")
     pseudo_threshold: float | None = setting(None, "Hard pseudo-labels where the teacher is >= P sure.", minimum=0)
     teacher_source: str = setting("fold", "Fold k's teacher: its fold-k model (fold) or all.", choices=("fold", "all"))
-    tta: str = setting("none", "Test-time augmentation of validation and out-of-fold predictions.", choices=TTAS)
-    calibrate: str = setting("off", "Fit a temperature and a class-prior weight on the out-of-fold predictions "
-                             "(scored nested), applied by predict and blend: auto (on for log-loss competitions), "
-                             "on, off (default: on dog 300 it gained 0.025 log loss, inside its paired interval).",
-                             choices=CALIBRATES, movable=True)
+    tta: str = setting("none", "Test-time views, averaged in validation, out-of-fold and test predictions: a comma "
+                       "list of views (flip, rot90, scale1.15, flip+scale1.15, ...) and presets (d4, multiscale).")
+    test_size: str = setting("train", "Test images' side before the views: train (the training side), auto (the "
+                             "weights' test_input_size and crop: FixRes) or pixels.")
+    calibrate: str = setting("off", "Temperature + class-prior weight fitted on the OOF (scored nested), used by "
+                             "predict and blend: auto (log-loss competitions), on, off.", choices=CALIBRATES,
+                             movable=True)
     # hardware
     device: str = setting("auto", "auto, cpu, cuda or cuda:N.", movable=True)
     amp: str = setting("auto", "Mixed precision: auto (bf16 on GPUs with native bf16, fp16 + loss scaling on "
@@ -144,6 +143,7 @@ class TrainConfig:
             check_setting(f, getattr(self, f.name))
         if not self.model:
             raise PipelineError("no model: give --model NAME (the competition's recipe names none)")
+        check_views(self.tta, self.test_size)  # pipeline/errors.py: one line naming the valid values
         if isinstance(self.batch_size, str) and self.batch_size != AUTO:
             raise PipelineError(f"--batch-size must be a whole number or {AUTO}, got {self.batch_size!r}")
         if self.lr <= 0:

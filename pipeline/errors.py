@@ -1,5 +1,7 @@
 """The one exception type the CLI turns into a message and exit code 1, and the checks that raise it for
-a value: one of the choices (:func:`check_choice`), of the kind its setting declares (:func:`check_kind`)."""
+a value: one of the choices (:func:`check_choice`), of the kind its setting declares (:func:`check_kind`),
+a list of test-time views and a test side (:func:`tta_views`, :func:`check_views`: the grammar of ``--tta``
+and ``--test-size``, here because pipeline/config.py is at its size limit and the core at its module count)."""
 from __future__ import annotations
 
 import math
@@ -82,3 +84,29 @@ def check_kind(annotation: str, name: str, value: Any) -> None:
         return
     wanted = " or ".join(words for _, words in known)
     raise PipelineError(f"{name} must be {wanted}, got {value!r}")
+
+
+VIEW_OPS = ("none", "flip", "vflip", "rot90", "rot180", "rot270", "transpose", "transverse")  # models/views.py
+TTA_PRESETS = {"none": "none", "flip": "none,flip", "d4": "none,rot90,rot180,rot270,flip,transpose,vflip,transverse",
+               "multiscale": "none,scale1.15,scale1.3"}  # the decoded image at larger sides too (FixRes)
+
+
+def tta_views(tta: str) -> tuple[tuple[str, float], ...]:
+    """(operation, scale) of each view of a --tta value, once each in order: a comma list of presets and views (OP,
+    scaleF: the image decoded at F x the test side, or OP+scaleF); an unknown view is one line naming the valid ones."""
+    views: list = []
+    for name in ",".join(TTA_PRESETS.get(part.strip(), part.strip()) for part in str(tta).split(",")).split(","):
+        head, _, scale = name.rpartition("scale") if "scale" in name else (name + "+", "", "1")
+        op = head[:-1] if head.endswith("+") else ("none" if not head else "")
+        if op not in VIEW_OPS or not scale.replace(".", "", 1).isdigit() or not 0.5 <= float(scale) <= 2:
+            raise PipelineError(f"--tta {tta}: unknown view {name!r}; valid: presets {', '.join(TTA_PRESETS)}; views "
+                                f"{', '.join(VIEW_OPS)}, scaleF (0.5 <= F <= 2, e.g. scale1.15) or OP+scaleF")
+        views += [(op, float(scale))] if (op, float(scale)) not in views else []
+    return tuple(views)
+
+
+def check_views(tta: str, test_size: str) -> None:
+    """--tta (:func:`tta_views`) and --test-size: train (the training side), auto (the weights') or pixels."""
+    tta_views(tta)
+    if not (test_size in ("train", "auto") or str(test_size).isdigit() and int(test_size) > 0):
+        raise PipelineError(f"--test-size must be train, auto or pixels (e.g. 288), got {test_size!r}")

@@ -37,6 +37,9 @@ def teacher(tmp_path_factory):
     reorg(comp, raw, work, valid_ratio=0.25, folds=3, seed=0)
     train(resolve_config(comp, work, run, None, {**BASE, "folds": 3, "epochs": 2}))  # 1 epoch: near uniform
     predict(comp, work, run, root / "teacher.csv", device="cpu")
+    from pipeline.competition import _REGISTRY
+
+    _REGISTRY.pop(comp.slug, None)  # set up before each test's registry snapshot: unregistered here, not leaked
     return comp, work, run
 
 

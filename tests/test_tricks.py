@@ -11,7 +11,8 @@ from torch import nn
 
 from pipeline.config import TrainConfig, resolve_config
 from pipeline.errors import PipelineError
-from pipeline.models.inference import TTA_VIEWS, infer
+from pipeline.models.inference import infer
+from pipeline.models.views import image_views
 from pipeline.train.budget import time_is_up
 from pipeline.distributed import plan_for
 from pipeline.train.engine import make_runtime, train_one_epoch
@@ -91,7 +92,7 @@ def test_time_limit_stops_at_an_epoch_boundary_leaving_a_finished_member(toy_wor
 
 def test_d4_views_are_the_eight_symmetries_of_the_square():
     x = torch.arange(2 * 3 * 5 * 5, dtype=torch.float32).reshape(2, 3, 5, 5)
-    views = TTA_VIEWS["d4"](x)
+    views = image_views(x, "d4")
     assert len(views) == 8 and all(v.shape == x.shape for v in views)
     assert len({v.numpy().tobytes() for v in views}) == 8  # all distinct
     assert any(torch.equal(v, torch.flip(x, dims=[3])) for v in views)  # holds the flip view
@@ -180,7 +181,7 @@ def test_d4_preset_gives_one_of_the_eight_symmetries():
     image = photo(16)
     transform = build_transform("d4", 16, (0.0,) * 3, (1.0,) * 3, train=True)
     plain = torch.from_numpy(image.astype(np.float32) / 255).permute(2, 0, 1)[None]
-    symmetries = [v[0] for v in TTA_VIEWS["d4"](plain)]
+    symmetries = [v[0] for v in image_views(plain, "d4")]
     seen = set()
     for s in range(40):
         seed_transform(transform, s)

@@ -41,9 +41,9 @@ def write_submission(competition: str, work_dir: Path, run_dir: Path, submission
     else:
         typer.echo(f"{result.path}: {result.rows} rows from {len(result.members)} model(s) in {result.seconds:.1f}s",
                    err=to_stderr)
-        if result.tta != "none":
+        if result.view_seconds > 0:
             typer.echo(f"tta {result.tta}: about {result.view_seconds:.1f}s of that went to the views beyond the "
-                       "first (predicting time x (views - 1) / views)", err=to_stderr)
+                       "first (predicting time x the other views' share of the pixels)", err=to_stderr)
 
 
 def _index_submission(competition: str, result, run_dir: Path, tta: str) -> Path | None:

@@ -15,7 +15,7 @@ def predict_image(
     run_dir: RunDir,
     images: Annotated[list[Path], typer.Argument(metavar="IMAGE...", help="Image files (any format PIL reads).")],
     top_k: Annotated[int, typer.Option(help="How many classes to print per image.")] = 5,
-    tta: Annotated[Optional[str], typer.Option(help="Test-time augmentation: none or flip (default: the run's).")] = None,
+    tta: Annotated[Optional[str], typer.Option(help="Test-time views: a comma list of views or presets, as predict --tta (default: the run's).")] = None,
     plot: Annotated[Optional[Path], typer.Option(help="Also save a PNG: each image beside its top-k bar chart, titled with its path.")] = None,
     members: Annotated[str, typer.Option(help="auto, folds, full, holdout or all.")] = "auto",
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",

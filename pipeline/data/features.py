@@ -14,30 +14,32 @@ from torch.utils.data import Dataset
 
 from pipeline.models.task import bad_mask
 from pipeline.data.loaders import make_loader
-from pipeline.models.inference import TTA_VIEWS, forward_batches
+from pipeline.models.inference import forward_batches
+from pipeline.models.views import image_views
 
 
 def extract_features(model: nn.Module, loader: Iterable, device: torch.device, n: int,
-                     transform: Callable[[torch.Tensor], torch.Tensor] | None = None,
+                     views: Callable[[torch.Tensor], list[torch.Tensor]] | None = None,
                      amp_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Pooled features (n, F) of the loader's images (after ``transform``, e.g. a TTA view) and targets (n,).
+    """Pooled features (n, F) of the loader's images and targets (n,); with ``views`` (a batch -> its TTA
+    views, pipeline/models/views.py), the features of every view, (V, n, F), in one pass over the loader.
 
     ``amp_dtype`` is the run's autocast dtype (None: fp32): the cache, training,
     validation and predict all compute features at the one precision of the run.
     """
     def pooled(x: torch.Tensor) -> torch.Tensor:
-        x = transform(x) if transform is not None else x
-        return model.forward_head(model.forward_features(x), pre_logits=True)
+        return torch.stack([model.forward_head(model.forward_features(v), pre_logits=True)
+                            for v in (views(x) if views is not None else [x])])
 
     out = targets = None
     for f, y, idx in forward_batches(pooled, loader, device, amp_dtype=amp_dtype, progress="backbone features",
                                      total=n):
         f, y = f.float().cpu(), torch.as_tensor(y)
         if out is None:  # targets: class indices (n,) or float rows (n, K), as the task has them
-            out, targets = torch.empty((n, f.shape[1])), torch.zeros((n, *y.shape[1:]), dtype=y.dtype)
-        out[idx] = f
+            out, targets = torch.empty((len(f), n, f.shape[2])), torch.zeros((n, *y.shape[1:]), dtype=y.dtype)
+        out[:, idx] = f
         targets[idx] = y
-    return out, targets
+    return (out if views is not None else out[0]), targets
 
 
 def feature_bank(model: nn.Module, eval_set: Dataset, train_set: Dataset, views: int, *, batch_size: int,
@@ -67,13 +69,8 @@ def backbone_views(model: nn.Module, loader: Iterable, device: torch.device, n: 
                    amp_dtype: torch.dtype | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Pooled features (V, N, F) of every TTA view of the loader's images, and the targets (N,).
 
+    The loader is an evaluation loader of the views' scales (pipeline/data/views.py);
     ``amp_dtype`` is the run's precision: the head then sees features computed
     exactly as the ones it was trained on.
     """
-    views, targets = [], None
-    for v in range(len(TTA_VIEWS[tta](torch.zeros(1, 1, 1, 1)))):
-        feats, t = extract_features(model, loader, device, n, transform=lambda x, v=v: TTA_VIEWS[tta](x)[v],
-                                    amp_dtype=amp_dtype)
-        views.append(feats)
-        targets = t
-    return torch.stack(views), targets
+    return extract_features(model, loader, device, n, views=lambda x: image_views(x, tta), amp_dtype=amp_dtype)

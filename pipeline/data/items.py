@@ -219,7 +219,9 @@ class ImageDataset(Dataset):
         except Exception as exc:  # PIL raises many types for broken files
             if self.strict:
                 raise PipelineError(f"cannot read image {item.path} (id {item.id!r}): {exc}; replace or remove the file") from exc
-            return torch.zeros(3, self.image_size, self.image_size), _target(bad_target(item.target)), index
+            blank = getattr(self.transform, "blank", None)  # an evaluation at several scales: one per scale
+            image = blank() if blank else torch.zeros(3, self.image_size, self.image_size)
+            return image, _target(bad_target(item.target)), index
         return self.transform(image=image)["image"], _target(item.target), index
 
 
@@ -263,9 +265,12 @@ def _pad_crop_flip(s: int, train: bool, fill: tuple[int, ...]) -> list:
             A.RandomCrop(height=s, width=s), A.HorizontalFlip(p=0.5)]
 
 
-def _resized_crop_flip_jitter(s: int, train: bool, fill: tuple[int, ...]) -> list:
+EVAL_CROP_PCT = 224 / 256  # the centre crop's share of the short side at evaluation (the ImageNet convention)
+
+
+def _resized_crop_flip_jitter(s: int, train: bool, fill: tuple[int, ...], crop_pct: float = EVAL_CROP_PCT) -> list:
     if not train:
-        return [A.SmallestMaxSize(max_size=int(round(s * 256 / 224))), A.CenterCrop(height=s, width=s)]
+        return [A.SmallestMaxSize(max_size=int(round(s / crop_pct))), A.CenterCrop(height=s, width=s)]
     return [A.RandomResizedCrop(size=(s, s), scale=(0.08, 1.0), ratio=(3 / 4, 4 / 3)), A.HorizontalFlip(p=0.5),
             A.ColorJitter(brightness=0.4, contrast=0.4, saturation=0.4, hue=0.0, p=1.0)]
 
@@ -288,11 +293,13 @@ def _none(s: int, train: bool, fill: tuple[int, ...]) -> list:
     return [_resize(s)]
 
 
+EVAL_CROPS = ("resized_crop_flip_jitter",)  # the presets whose evaluation centre-crops: --test-size auto sets it
 _PRESETS = {"pad_crop_flip": _pad_crop_flip, "resized_crop_flip_jitter": _resized_crop_flip_jitter,
             "letterbox": _letterbox, "light": _light, "none": _none, **presets.PRESETS}
 
 
-def build_transform(augment: str, image_size: int, mean, std, train: bool, seed: int = 0) -> A.Compose:
+def build_transform(augment: str, image_size: int, mean, std, train: bool, seed: int = 0,
+                    crop_pct: float | None = None) -> A.Compose:
     """The competition's albumentations pipeline, ending in a normalised tensor.
 
     - pad_crop_flip (small images, the CIFAR tutorials): resize to size, pad 4
@@ -309,12 +316,14 @@ def build_transform(augment: str, image_size: int, mean, std, train: bool, seed:
     Evaluation does the preset's geometry without its randomness (letterbox:
     the same letterbox; light and none: the resize), so train and test framing
     agree. Each random transform draws from its own stream (``seed_transform``).
+    ``crop_pct``: the evaluation's centre crop of the EVAL_CROPS presets (None: EVAL_CROP_PCT).
     """
     if augment not in _PRESETS:
         raise PipelineError(f"unknown augment {augment!r}; choose one of {', '.join(AUGMENTS)}")
     fill = tuple(int(round(255 * m)) for m in mean)
     tail = [A.Normalize(mean=mean, std=std, max_pixel_value=255.0), ToTensorV2()]
-    compose = A.Compose(_PRESETS[augment](image_size, train, fill) + tail, seed=seed)
+    crop = {"crop_pct": crop_pct} if crop_pct is not None and not train and augment in EVAL_CROPS else {}
+    compose = A.Compose(_PRESETS[augment](image_size, train, fill, **crop) + tail, seed=seed)
     seed_transform(compose, seed)
     return compose
 

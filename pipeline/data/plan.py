@@ -16,6 +16,7 @@ image batch (B, C, H, W) or features, (B, F) or (V, B, F) for V views.
 """
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import os
@@ -31,14 +32,17 @@ from torch import nn
 from pipeline import distributed as dist
 from pipeline.data.cache import MAX_CACHED_SIDE, cache_path, image_cache, items_key, stored_tensors
 from pipeline.data.features import feature_bank
+from pipeline.data.views import eval_geometry, eval_sizes, eval_transform, trains_geometry
 from pipeline.data.loaders import FeatureLoader, TensorBatchLoader, make_loader
 from pipeline.config import CACHEABLE_AUGMENTS, TrainConfig
 from pipeline.devices import DevicePlan, ddp_find_unused, inference_batch
-from pipeline.models.task import target_tensor
+from pipeline.models.task import bad_mask, target_tensor
+from pipeline.models.views import is_plain
 from pipeline.workdir import BAD_TARGET
 from pipeline.data.items import (ImageDataset, Item, build_transform, list_split, load_reorg,
                                  unreadable_message)
-from pipeline.errors import PipelineError
+from pipeline.errors import PipelineError, tta_views
+from pipeline.io import atomic_path
 from pipeline.models.heads import FeatureHead
 from pipeline.workdir import CACHE_DIR
 
@@ -115,25 +119,31 @@ def _file_plan(cfg: TrainConfig, train_items, valid_items, device, source: Sourc
     train_dl = make_loader(ImageDataset(train_items, train_tf, cfg.image_size, strict=cfg.strict), cfg.batch_size,
                            True, dplan.workers, cfg.seed, drop_last=True, pin_memory=dplan.pin_memory, rank=rank,
                            world=world)
-    valid_dl = None
-    if valid_items:
-        batch = inference_batch(cfg, device, workers=dplan.workers, half_precision=dplan.dtype is not None,
-                                processes=world)
-        valid_dl = eval_loader(cfg, valid_items, batch, dplan, strict=cfg.strict, rank=rank, world=world)
-    return DataPlan(source, train_dl, valid_dl, lambda m: m, dplan)
+    return DataPlan(source, train_dl, _valid_files(cfg, valid_items, device, dplan), lambda m: m, dplan)
+
+
+def _valid_files(cfg: TrainConfig, valid_items: list[Item], device, dplan: DevicePlan):
+    """The validation images through the run's evaluation (test size, views' scales), sharded like training."""
+    if not valid_items:
+        return None
+    world = dist.world_size()
+    batch = inference_batch(test_sized(cfg, cfg.tta), device, workers=dplan.workers,
+                            half_precision=dplan.dtype is not None, processes=world)
+    return eval_loader(cfg, valid_items, batch, dplan, strict=cfg.strict, rank=dist.rank(), world=world)
 
 
 def eval_loader(cfg: TrainConfig, items: list[Item], batch_size: int, dplan: DevicePlan | torch.device, *,
-                strict: bool, rank: int = 0, world: int = 1):
-    """Images of ``items`` in order through the run's eval transform (no randomness).
+                strict: bool, rank: int = 0, world: int = 1, tta: str | None = None):
+    """Images of ``items`` in order through the run's eval transform (no randomness), at the test size and
+    each scale the views of ``tta`` (default: the run's) need (pipeline/data/views.py).
 
     ``dplan`` is a plan for image files (or the device to plan for): its workers
     and memory pinning feed the loader.
     """
     if isinstance(dplan, torch.device):
         dplan = dist.plan_for(cfg, dplan, "files")
-    eval_tf = build_transform(cfg.augment, cfg.image_size, cfg.mean, cfg.std, train=False)
-    return make_loader(ImageDataset(items, eval_tf, cfg.image_size, strict=strict), batch_size, False, dplan.workers,
+    eval_tf, side = eval_transform(cfg, cfg.tta if tta is None else tta)
+    return make_loader(ImageDataset(items, eval_tf, side, strict=strict), batch_size, False, dplan.workers,
                        0, pin_memory=dplan.pin_memory, rank=rank, world=world)
 
 
@@ -172,6 +182,11 @@ def cached_targets(items: list[Item], bad_rows: set[int]) -> torch.Tensor:
     if bad_rows:
         targets[sorted(bad_rows)] = BAD_TARGET if targets.ndim == 1 else math.nan
     return targets
+
+
+def test_sized(cfg: TrainConfig, tta: str) -> TrainConfig:
+    """``cfg`` at the largest side its evaluation decodes: what the inference batch's memory budget needs."""
+    return dataclasses.replace(cfg, image_size=max(eval_sizes(cfg, tta)))
 
 
 def backbone_key(cfg: TrainConfig) -> list:
@@ -237,7 +252,12 @@ def _cached_plan(cfg: TrainConfig, train_items, valid_items, device, source: Sou
         return TensorBatchLoader(images[rows], targets, cfg.batch_size * 2, shuffle=False, augment="none",
                                  **common)
 
-    return _pooled_plan(cfg, train_items, valid_items, source, dplan, pool, bad, loader, lambda m: m)
+    plan = _pooled_plan(cfg, train_items, valid_items, source, dplan, pool, bad, loader, lambda m: m)
+    if valid_items and not trains_geometry(cfg, cfg.tta):  # views at other sides: validated on the files, as OOF
+        files = dist.plan_for(cfg, device, "files")
+        plan.valid = _valid_files(cfg, valid_items, device, dataclasses.replace(dplan, workers=files.workers,
+                                                                               pin_memory=files.pin_memory))
+    return plan
 
 
 def _feature_plan(cfg: TrainConfig, model, train_items, valid_items, device, source: Source,
@@ -280,16 +300,21 @@ def joined_banks(banks: list[dict]) -> dict:
 # ---------------------------------------------------------------- inference inputs
 
 
-def cached_views(cfg: TrainConfig, items: list[Item], tta: str,
-                 amp_dtype: torch.dtype | None) -> tuple[torch.Tensor, torch.Tensor] | None:
-    """The un-augmented features (1, N, F) of ``items`` and their targets (N,) from the member's feature cache,
-    when it holds them: a frozen backbone, one view (no TTA), every item an image of the cache's pool (the
-    same file) and a cache built at this precision; else None, and the caller runs the backbone.
+def cached_views(cfg: TrainConfig, items: list[Item], tta: str, amp_dtype: torch.dtype | None,
+                 compute: Callable[[list[Item]], tuple[torch.Tensor, torch.Tensor]] | None = None,
+                 strict: bool = False) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """The features (V, N, F) of the views of ``tta`` of ``items`` and their targets (N,) from a feature cache
+    over the pool (train_valid), when ``items`` are images of the pool (the same files), the backbone frozen
+    and cached; else None, and the caller runs the backbone.
 
-    These are the features the member trained and validated on, computed once per image (out-of-fold
-    scores, the report); test images are not in the pool.
+    One plain view at the training geometry: the un-augmented features the member trained and validated on
+    (the training cache). Other views (flip, d4, scales, a test size): a cache of the pool's view features
+    keyed on the views and the test geometry as well; the rows it lacks are computed by ``compute(items)``
+    (-> (V, n, F), targets) and added (without ``compute``: None). Either way each image and view goes
+    through the backbone once, whichever folds, members and runs ask; test images are not in the pool.
+    ``strict``: None when a row is unreadable (the caller then reads the files and says which).
     """
-    if tta != "none" or not (cfg.freeze_backbone and cfg.feature_cache):
+    if not (cfg.freeze_backbone and cfg.feature_cache):
         return None
     try:
         pool = list_split(cfg.work_dir, load_reorg(cfg.work_dir), "train_valid")
@@ -298,18 +323,51 @@ def cached_views(cfg: TrainConfig, items: list[Item], tta: str,
     where = {it.id: i for i, it in enumerate(pool)}
     if any(it.id not in where or pool[where[it.id]].path != it.path for it in items):
         return None
+    plain = is_plain(tta) and trains_geometry(cfg, tta)
     try:
-        path = cache_path(cache_root(cfg), "features", feature_key(cfg, pool, amp_dtype))
+        path = cache_path(cache_root(cfg), "features" if plain else "views",
+                          feature_key(cfg, pool, amp_dtype) if plain else view_key(cfg, pool, tta, amp_dtype))
     except OSError:  # the weights file the key stats has gone
         return None
-    if not path.is_file():
-        return None
-    bank = stored_tensors(path, dict)
     rows = torch.tensor([where[it.id] for it in items], dtype=torch.long)
-    targets = cached_targets(pool, set(bank["bad"].tolist()))[rows]
+    if plain or compute is None:
+        if not path.is_file():
+            return None
+        bank = stored_tensors(path, dict)
+        bad = set(bank["bad"].tolist())
+        views = bank["eval"][None] if plain else bank["views"]
+        if not plain and not bank["done"][rows].all():
+            return None
+    else:
+        views, bad = _add_views(path, pool, rows, compute)
+    if strict and bad & set(rows.tolist()):
+        return None
     log.info("data: features of %d images read from the feature cache %s", len(items), path.name)
-    return bank["eval"][None, rows], targets
+    return views[:, rows], cached_targets(pool, bad)[rows]
 
+
+def _add_views(path: Path, pool: list[Item], rows: torch.Tensor, compute) -> tuple[torch.Tensor, set[int]]:
+    """The view cache at ``path`` with ``rows`` of the pool computed where it lacks them (saved atomically):
+    all its views (V, N, F) and the pool positions of unreadable images."""
+    bank = stored_tensors(path, dict) if path.is_file() else {}
+    done = bank.get("done", torch.zeros(len(pool), dtype=torch.bool))
+    missing = rows[~done[rows]].unique()
+    if len(missing):
+        views, targets = compute([pool[i] for i in missing.tolist()])
+        if "views" not in bank:
+            bank["views"], bank["bad"] = torch.zeros(len(views), len(pool), views.shape[2]), torch.zeros(0).long()
+        bank["views"][:, missing] = views
+        bank["bad"] = torch.cat([bank["bad"], missing[bad_mask(targets)]])
+        bank["done"] = done.index_fill(0, missing, True)
+        with atomic_path(path) as tmp:
+            torch.save(bank, tmp)
+    return bank["views"], set(bank["bad"].tolist())
+
+
+def view_key(cfg: TrainConfig, pool: list[Item], tta: str, amp_dtype: torch.dtype | None) -> str:
+    """The view feature cache's key: the pool's files, the backbone, the views and the test geometry (side,
+    crop: a changed --tta or --test-size never reads another's features), and the precision."""
+    return items_key(pool, *backbone_key(cfg), tta_views(tta), eval_geometry(cfg), str(amp_dtype), "views-v1")
 
 
 def shared_backbone_groups(configs: list[TrainConfig], dtypes: list | None = None) -> list[list[int]]:
@@ -322,7 +380,7 @@ def shared_backbone_groups(configs: list[TrainConfig], dtypes: list | None = Non
     dtypes = dtypes or [None] * len(configs)
     groups: dict[str, list[int]] = {}
     for i, cfg in enumerate(configs):
-        key = repr([*backbone_key(cfg), str(dtypes[i])]) if cfg.freeze_backbone else f"own-{i}"
+        key = repr([*backbone_key(cfg), cfg.test_size, str(dtypes[i])]) if cfg.freeze_backbone else f"own-{i}"
         groups.setdefault(key, []).append(i)
     return list(groups.values())
 

@@ -66,15 +66,10 @@ def count_test_images(work_dir: Path | None, fallback: int) -> int:
 
 
 def view_count(tta: str) -> int:
-    """Views of a TTA setting, as predict makes them."""
-    import torch
+    """Views of a TTA setting, as predict makes them (an unknown view: one line naming the valid ones)."""
+    from pipeline.errors import tta_views
 
-    from pipeline.config import TTAS
-    from pipeline.errors import check_choice
-    from pipeline.models.inference import TTA_VIEWS
-
-    check_choice("--tta", tta, TTAS)
-    return len(TTA_VIEWS[tta](torch.zeros(1, 1, 2, 2)))
+    return len(tta_views(tta))
 
 
 def run_estimate(run_dir: Path, tta: str | None = None, safety: float = SAFETY) -> PredictEstimate | None:

@@ -6,6 +6,8 @@ fastnet_s (small all-conv speed-run networks for small images). Any timm
 model is ``timm:<name>``.
 """
 
+import functools
+
 from pipeline.models import fastnet as _fastnet  # noqa: F401  (registers its builders)
 from pipeline.models import googlenet as _googlenet  # noqa: F401  (registers its builder)
 from pipeline.models import resnet as _resnet  # noqa: F401  (registers its builders)
@@ -40,6 +42,14 @@ def weights_data_config(model_name: str) -> dict:
     return {"image_size": int(data["input_size"][-1]), "mean": tuple(data["mean"]), "std": tuple(data["std"])}
 
 
+@functools.lru_cache(maxsize=16)
+def weights_test_config(model_name: str) -> dict:
+    """What a model's pretrained config says of evaluation (timm's ``pretrained_cfg``: input_size,
+    test_input_size, crop_pct, test_crop_pct), for ``--test-size auto`` (pipeline/data/views.py test_geometry)."""
+    cfg = create_model(model_name, num_classes=2).pretrained_cfg  # random init; only its config is read
+    return {k: cfg.get(k) for k in ("input_size", "test_input_size", "crop_pct", "test_crop_pct")}
+
+
 __all__ = [
     "LoadReport",
     "compute_loss",
@@ -54,4 +64,5 @@ __all__ = [
     "set_train_mode",
     "unfreeze",
     "weights_data_config",
+    "weights_test_config",
 ]

@@ -3,9 +3,9 @@
 Validation during training, the out-of-fold predictions, ``predict`` and
 ``predict-image`` all call :func:`infer`; only what they feed it differs (a
 data plan's loader of images or of backbone features). Test-time
-augmentation is a tiny function of an image batch, picked by name; for
-feature batches the views were computed by the backbone beforehand and
-arrive stacked as (V, B, F).
+augmentation is a list of tiny named functions of an image batch
+(pipeline/models/views.py); for feature batches the views were computed by
+the backbone beforehand and arrive stacked as (V, B, F).
 """
 from __future__ import annotations
 
@@ -19,20 +19,15 @@ from pipeline import distributed as dist
 from pipeline.models.task import bad_mask
 from pipeline.devices import autocast, non_blocking, probe
 from pipeline.models.fusion import batch_meta, call
+from pipeline.models.views import image_views
 from pipeline.progress import track
 
-TTA_VIEWS: dict[str, Callable[[torch.Tensor], list[torch.Tensor]]] = {
-    "none": lambda x: [x],
-    "flip": lambda x: [x, torch.flip(x, dims=[3])],  # (B, C, H, W): mirror left-right
-    # the dihedral group D4: 4 rotations by 90 degrees, of the image and of its mirror (orientation-free images)
-    "d4": lambda x: [torch.rot90(v, k, dims=(2, 3)) for v in (x, torch.flip(x, dims=[3])) for k in range(4)],
-}
 
-
-def views_of(x: torch.Tensor, tta: str) -> list[torch.Tensor]:
-    """The inputs to average over: TTA views of an image batch, or precomputed feature views."""
-    if x.ndim == 4:
-        return TTA_VIEWS[tta](x)
+def views_of(x: torch.Tensor | list[torch.Tensor], tta: str) -> list[torch.Tensor]:
+    """The inputs to average over: TTA views of an image batch (or of its scales: a list, one batch per scale;
+    pipeline/models/views.py), or precomputed feature views."""
+    if isinstance(x, (list, tuple)) or x.ndim == 4:
+        return image_views(x, tta)
     if x.ndim == 3:  # (V, B, F): one feature batch per view, computed by the backbone
         return list(x)
     return [x]  # (B, F): one view of features
@@ -49,13 +44,17 @@ def forward_batches(fn: Callable[[torch.Tensor], torch.Tensor], loader: Iterable
     """
     copy_async = non_blocking(probe(device))
     for x, y, idx in track(loader, progress, total, enabled=dist.is_main()):
-        x = x.to(device, non_blocking=copy_async)
-        if channels_last and x.ndim == 4:
-            x = x.contiguous(memory_format=torch.channels_last)
+        x = [_to(t, device, copy_async, channels_last) for t in x] if isinstance(x, list) else \
+            _to(x, device, copy_async, channels_last)  # a list: the batch at each scale of the views
         meta = batch_meta(loader, idx, device)  # a loader with metadata: fn takes its rows too
         with torch.no_grad(), autocast(device, amp_dtype):
             out = fn(x) if meta is None else fn(x, meta)
         yield out, y, idx
+
+
+def _to(x: torch.Tensor, device: torch.device, copy_async: bool, channels_last: bool) -> torch.Tensor:
+    x = x.to(device, non_blocking=copy_async)
+    return x.contiguous(memory_format=torch.channels_last) if channels_last and x.ndim == 4 else x
 
 
 def infer(net: nn.Module, loader: Iterable, device: torch.device, *, tta: str = "none",

@@ -14,6 +14,7 @@ import pandas as pd
 
 from pipeline.competition import Competition
 from pipeline.config import TrainConfig
+from pipeline.data.views import eval_geometry
 from pipeline.data.items import fold_split, n_folds, read_folds
 from pipeline.errors import PipelineError
 from pipeline.metrics import bootstrap_interval, reported_metrics, score
@@ -74,6 +75,7 @@ def write_cv(cfg: TrainConfig, comp: Competition, info: dict, members: list[Memb
     oof, per_fold = out_of_fold(cfg, comp, info, members, "best")
     calibration, oof = calibrated(cfg, comp, info, oof) if calibrate else (None, oof)
     cv = {"metric": comp.metric, **_overall(oof, comp, info, cfg), "folds": per_fold, "tta": cfg.tta,
+          "test_side": eval_geometry(cfg)[0],  # the side the views were decoded at (--test-size)
           "clip": submission_clip(comp), "selection": cfg.select, "note": SELECTION_NOTES[cfg.select],
           "calibration": calibration}
     if task.kind != "single":
@@ -183,7 +185,8 @@ def format_cv_table(cv: dict) -> str:
                      + "  ".join(f"{f[n]:>8.4f}" for n in names) + f"  {f['seconds']:>8.1f}")
     lines.append(f"{'oof':>4}  {'':>6}  {'':>4}  {'':>4}  " + "  ".join(f"{o[n]:>8.4f}" for n in names))
     lo, hi = cv.get("interval", [math.nan, math.nan])
-    lines.append(f"CV {cv['metric']} {cv['cv']:.4f} (95% interval {lo:.4f}-{hi:.4f}; tta {cv['tta']}; "
+    side = f" at side {cv['test_side']}" if "test_side" in cv else ""  # the test images' side (--test-size)
+    lines.append(f"CV {cv['metric']} {cv['cv']:.4f} (95% interval {lo:.4f}-{hi:.4f}; tta {cv['tta']}{side}; "
                  f"{cv.get('note', '')})")
     decision = cv.get("decision")
     if decision:

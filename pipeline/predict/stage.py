@@ -20,16 +20,17 @@ import torch
 
 from pipeline.data import shm
 from pipeline.competition import Competition
-from pipeline.config import TTAS, TrainConfig, load_resolved
+from pipeline.config import TrainConfig, load_resolved
 from pipeline.data.items import Item, list_split, load_reorg, training_fingerprint, unreadable_message
 from pipeline.data.features import backbone_views
 from pipeline.data.loaders import FeatureViews
-from pipeline.data.plan import cached_views, eval_loader, shared_backbone_groups
+from pipeline.data.plan import cached_views, eval_loader, shared_backbone_groups, test_sized
 from pipeline.models.heads import FeatureHead
 from pipeline.devices import inference_batch, probe, resolve_device
 from pipeline.distributed import plan_for
-from pipeline.errors import PipelineError, check_choice
-from pipeline.models.inference import TTA_VIEWS, infer, normalise_rows, unreadable_positions
+from pipeline.errors import PipelineError, check_choice, tta_views
+from pipeline.models.views import first_view_share
+from pipeline.models.inference import infer, normalise_rows, unreadable_positions
 from pipeline.io import read_csv
 from pipeline.models import model_from_config, set_train_mode
 from pipeline.workdir import SAMPLE_FILE
@@ -87,8 +88,9 @@ def _group_probs(group: list[LoadedMember], items: list[Item], tta: str, device:
     first = group[0]
     cfg = replace(first.config, num_workers=num_workers)
     plan = plan_for(cfg, device, "files", amp=first.amp)  # predict reads image files
-    batch_size = batch_size or inference_batch(cfg, device, workers=plan.workers, half_precision=plan.dtype is not None)
-    loader = eval_loader(cfg, items, batch_size, plan, strict=strict)
+    batch_size = batch_size or inference_batch(test_sized(cfg, tta), device, workers=plan.workers,
+                                               half_precision=plan.dtype is not None)
+    loader = eval_loader(cfg, items, batch_size, plan, strict=strict, tta=tta)  # the test size, the views' scales
     if not first.config.freeze_backbone:
         loader.meta = meta_tensor(first.metadata, work_dir or first.config.work_dir, items)
         if plan.channels_last:
@@ -97,7 +99,11 @@ def _group_probs(group: list[LoadedMember], items: list[Item], tta: str, device:
                           channels_last=plan.channels_last, progress="predict", gather=False,
                           activation=first.task.activation)
         return [p], unreadable_positions(t, pos)
-    cached = cached_views(first.config, items, tta, plan.dtype)  # out-of-fold rows: the cache holds them
+    def missing_views(some: list[Item]):  # what the pool's view cache lacks: computed once, kept for any fold
+        return backbone_views(first.model, eval_loader(cfg, some, batch_size, plan, strict=False, tta=tta), device,
+                              len(some), tta, amp_dtype=plan.dtype)
+
+    cached = cached_views(first.config, items, tta, plan.dtype, missing_views, strict)  # out-of-fold rows
     views, targets = cached or backbone_views(first.model, loader, device, len(items), tta, amp_dtype=plan.dtype)
     out = []
     for lm in group:  # each head on the shared (V, N, F) features, with its own encoding of the metadata
@@ -119,7 +125,7 @@ def predict_items(members: list[Member], items: list[Item], *, tta: str = "none"
     is left out ("drop", for out-of-fold rows). ``work_dir``: the work folder holding the items' metadata
     (default: the one each member trained on).
     """
-    check_choice("--tta", tta, TTAS)
+    tta_views(tta)  # an unknown view: one line naming the valid ones
     check_choice("--unreadable-test", unreadable, UNREADABLE_CHOICES)
     dev = resolve_device(device)
     loaded = [load_member(m, dev, weights) for m in members]
@@ -237,7 +243,7 @@ def predict(comp: Competition, work_dir: Path, run_dir: Path, out_csv: Path, mem
     config = match_run(run, comp, work_dir, info)
     if tta is None:
         tta = config.get("tta", "none")
-    elif tta != config.get("tta", "none"):
+    elif tta_views(tta) != tta_views(config.get("tta", "none")):
         log.warning("warning: the run's scores used --tta %s; this submission uses --tta %s, so they do not "
                     "describe it", config.get("tta"), tta)
     sample = read_csv(Path(work_dir) / SAMPLE_FILE, what="sample submission")
@@ -247,10 +253,10 @@ def predict(comp: Competition, work_dir: Path, run_dir: Path, out_csv: Path, mem
     with shm.guard():  # a worker out of shared memory: the cause and the fixes, not its traceback
         ids, probs, classes = predict_items(chosen, items, tta=tta, device=device, num_workers=num_workers,
                                             batch_size=batch_size, unreadable=unreadable, work_dir=work_dir)
-    views = len(TTA_VIEWS[tta](torch.zeros(1, 1, 1, 1)))
-    view_seconds = (time.perf_counter() - started) * (views - 1) / views  # the model's time grows with the views
+    # the model's time grows with the views, each in proportion to its pixels (models/views.py)
+    view_seconds = (time.perf_counter() - started) * (1 - first_view_share(tta))
     run.write_predict_time({"seconds": time.perf_counter() - started, "images": len(items), "members": len(chosen),
-                            "views": views, "tta": tta, "device": probe(resolve_device(device)).name})
+                            "views": len(tta_views(tta)), "tta": tta, "device": probe(resolve_device(device)).name})
     probs = calibrate.apply_stored(calibrate.stored(run), probs, classes)  # the values the CV was scored with
     frame = write_checked(comp, ids, probs, classes, sample, info["classes"], out_csv, force,
                           decision_task(run, info))

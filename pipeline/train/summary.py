@@ -57,6 +57,7 @@ class RunFacts:
     training: str = ""  # how the epochs train when it is not plain SGD on every epoch (logreg, fine-tuning)
     task: str = ""  # the task kind, its outputs, metadata and groups when any is not plain single-label (task_line)
     teacher: str = ""  # --soft-labels / --pseudo-label: the teacher and its rows (pipeline/train/teacher.py)
+    views: str = ""  # the test-time views and the sides they are decoded at, when not one plain view (view_line)
 
 
 def count_parameters(model: Any) -> tuple[int, int]:
@@ -104,6 +105,8 @@ def format_summary(table: str, facts: RunFacts, warnings: Sequence[str]) -> str:
         lines.append(f"  task       {facts.task}")
     if facts.teacher:
         lines.append(f"  teacher    {facts.teacher}")
+    if facts.views:
+        lines.append(f"  views      {facts.views}")
     unique = list(dict.fromkeys(w.removeprefix("warning: ") for w in warnings))
     lines.append("  warnings   " + ("none" if not unique else f"{len(unique)}"))
     lines += [f"    - {w}" for w in unique]
@@ -167,7 +170,22 @@ def gather_facts(resolved: Any, plans: Sequence[Any], info: dict) -> RunFacts:
                     dplan.channels_last, dplan.workers, first.source.kind, first.source.reason,
                     dict(info.get("counts", {})), members, training_plan(cfg),
                     task_line(first.task, info.get("metadata", ()), info.get("group_column", ""),
-                              {p.name: p.task for p in plans}), first.teacher.get("line", ""))
+                              {p.name: p.task for p in plans}), first.teacher.get("line", ""),
+                    view_line(cfg))
+
+
+def view_line(cfg: Any) -> str:
+    """The views validation, the out-of-fold scores and predict average, and the sides they decode the
+    images at (--tta, --test-size); "" for one view at the training side."""
+    from pipeline.errors import tta_views
+    from pipeline.data.views import eval_geometry, eval_sizes
+
+    views, sides = tta_views(cfg.tta), eval_sizes(cfg, cfg.tta)
+    if len(views) == 1 and sides == (cfg.image_size,) and eval_geometry(cfg)[1] is None:
+        return ""
+    crop = eval_geometry(cfg)[1]
+    return (f"{len(views)} ({cfg.tta}) at side{'s' if len(sides) > 1 else ''} {', '.join(map(str, sides))} "
+            f"(training {cfg.image_size}, --test-size {cfg.test_size}" + (f", crop {crop:g})" if crop else ")"))
 
 
 def task_line(task: Any, metadata: Sequence[str], group_column: str, members: dict[str, Any]) -> str:
