@@ -17,10 +17,11 @@ FORCE_FLAG := $(if $(FORCE),--force)
 
 setup: $(VENV)/.installed
 
-# everything the targets below use: the package, its tests and the kaggle CLI
+# everything the targets below use: the package, its tests and the kaggle CLI; --no-compile: Python
+# compiles the modules a command imports on first use, not all of torch's at install time (CI's budget)
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
-	$(BIN)/pip install -q $(TORCH) -e '.[test,kaggle]'
+	$(BIN)/pip install -q --no-compile $(TORCH) -e '.[test,kaggle]'
 	touch $@
 
 # both cores (pytest-xdist): tests sharing a module fixture on one worker (tests/conftest.py groups them),

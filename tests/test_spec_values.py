@@ -29,7 +29,8 @@ def spec_text(recipe: str, extra: str = "") -> str:
 @pytest.mark.parametrize("line, words", [
     ('epochs = "ten"', "epochs must be a whole number, got 'ten'"),
     ("epochs = 1.5", "epochs must be a whole number, got 1.5"),
-    ("batch_size = true", "batch_size must be a whole number, got True"),
+    ("epochs = true", "epochs must be a whole number, got True"),
+    ("batch_size = true", "batch_size must be a whole number or a string in quotes, got True"),
     ('lr = "0.1"', "lr must be a number, got '0.1'"),
     ("pretrained = 1", "pretrained must be true or false, got 1"),
     ("batch_size = 0", "batch_size must be >= 1, got 0"),
@@ -65,7 +66,8 @@ def test_a_stored_run_config_with_a_bad_value_is_refused_naming_file_and_field(t
     path.write_text(json.dumps({"config": good}))
     assert load_resolved(path)[0].epochs == 10
     for field, value, words in (("epochs", 1.5, "config.epochs must be a whole number, got 1.5"),
-                                ("batch_size", True, "config.batch_size must be a whole number, got True"),
+                                ("steps_per_epoch", True, "config.steps_per_epoch must be a whole number, got True"),
+                                ("batch_size", True, "config.batch_size must be a whole number or a string"),
                                 ("schedule", "wavy", "config.schedule 'wavy' is not one of")):
         path.write_text(json.dumps({"config": {**good, field: value}}))
         with pytest.raises(PipelineError, match=rf"^{path} is not a valid run config \({words}"):
