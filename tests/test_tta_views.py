@@ -12,6 +12,7 @@ import timm
 import torch
 
 from conftest import config_from_recipe
+from test_backbone_once import counting
 from pipeline.config import TrainConfig
 from pipeline.errors import tta_views
 from pipeline.data import views as data_views
@@ -128,16 +129,7 @@ def test_test_size_and_multiscale_change_what_the_net_sees_in_evaluation_only(to
 
 
 # ---------------------------------------------------------------- the cache of a frozen backbone's views
-
-
-def counting(build, seen: list[int]):
-    """model_from_config whose first convolution counts the images it sees (as tests/test_backbone_once.py)."""
-    def make(cfg, num_classes, **kw):
-        model = build(cfg, num_classes, **kw)
-        first = next(m for m in model.modules() if isinstance(m, torch.nn.Conv2d))
-        first.register_forward_pre_hook(lambda module, args: seen.append(args[0].shape[0]))
-        return model
-    return make
+# (counting: tests/test_backbone_once.py's model builder whose first convolution counts the images it sees)
 
 
 def test_the_view_feature_cache_key_follows_the_views_and_the_test_size(toy_work, tmp_path, monkeypatch):
