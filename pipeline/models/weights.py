@@ -215,15 +215,11 @@ def keep_dropped_classifier(model: nn.Module, heads: Sequence[str], state: Mappi
     of classes the competition shares with it, by name (pipeline/models/class_prior.py)."""
     from pipeline.models.class_prior import pretrained_head
 
-    for path in heads[:1]:  # the main head; auxiliary ones are not priors
-        key = f"{path}.weight" if f"{path}.weight" in dropped else None
-        found = final_layer(model.get_submodule(path))
-        if key is None and found is not None:
-            key = ".".join(filter(None, (path, found[0], "weight")))
-        if key in dropped:
-            head = pretrained_head(state[key], state.get(key[:-len("weight")] + "bias"))
-            if head is not None:
-                model.pretrained_head = head
+    key = f"{heads[0]}.weight" if heads else None  # the main classifier; auxiliary heads are not priors
+    if key in dropped:
+        head = pretrained_head(state[key], state.get(f"{heads[0]}.bias"))
+        if head is not None:
+            model.pretrained_head = head
 
 
 def load_weights(model: nn.Module, path: Path) -> LoadReport:
