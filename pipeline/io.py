@@ -291,8 +291,7 @@ def _open_lock(path: Path, what: str, wait: float = 0.0):
         try:
             fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
-            fh.seek(0)
-            holder = fh.read().strip() or "another process"
+            holder = _holder(fh)
             fh.close()
             if time.monotonic() < deadline:
                 time.sleep(0.05)
@@ -303,6 +302,17 @@ def _open_lock(path: Path, what: str, wait: float = 0.0):
         fh.close()  # we locked a file its last holder had just removed: lock the current one
         if attempt > 100 and time.monotonic() >= deadline:
             raise PipelineError(f"{what} is busy: {path} keeps changing; wait for the other process to finish")
+
+
+def _holder(fh) -> str:
+    """'pid N' as the holder wrote it; it writes just after locking, so an empty file is read again a moment later."""
+    for _ in range(20):
+        fh.seek(0)
+        holder = fh.read().strip()
+        if holder:
+            return holder
+        time.sleep(0.005)
+    return "another process"
 
 
 def _same_file(fh, path: Path) -> bool:

@@ -268,6 +268,26 @@ def test_distinct_files_of_one_size_are_not_duplicates(tmp_path):
     assert account.sets == () and account.identical == 0 and account.hashed == 5
 
 
+def test_large_files_are_hashed_whole_and_scanned_sizes_spare_the_stat(tmp_path):
+    from pipeline.download.duplicates import CHUNK
+    head = b"h" * CHUNK  # two reads of CHUNK, then the tail: files equal in their first chunk differ after it
+    paths = files(tmp_path, {"a": head + b"tail-1", "b": head + b"tail-2", "c": head + b"tail-1"})
+    assert duplicates_across(paths, frozenset({"c"}), None).sets == (("a", "c"),)
+    # sizes given (as reorg passes the scan's): a size the files do not have is what is compared
+    lied = duplicates_across(paths, frozenset({"c"}), None, sizes={"a": 1, "b": 2, "c": 3})
+    assert lied.sets == () and lied.hashed == 0
+
+
+def test_file_sizes_are_keyed_by_the_download_relative_path(tmp_path):
+    from pipeline.download.scan import Folder, _scan, file_sizes
+    (tmp_path / "train" / "cat").mkdir(parents=True)
+    (tmp_path / "train" / "cat" / "1.png").write_bytes(b"x" * 7)
+    (tmp_path / "2.png").write_bytes(b"y" * 3)
+    nested = Folder("train", *_scan(tmp_path / "train", 2, ".png"))
+    top = Folder(".", *_scan(tmp_path, 1, ".png"))
+    assert file_sizes({"train": nested, "test": top}) == {"train/cat/1.png": 7, "2.png": 3}
+
+
 def test_reorg_warns_once_about_a_copy_across_the_split(toy, tmp_path, caplog):
     comp, raw = toy
     shutil.copyfile(raw / "train" / "1.png", raw / "train" / "4.png")  # 1 and 4 are both cats

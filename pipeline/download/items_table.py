@@ -37,11 +37,13 @@ def write_items(plan, download: Download, image_ext: str, staging: Path) -> list
     """items.csv (and test_items.csv with metadata) into ``staging``; the names written."""
     labels = download.labels.set_index("id").loc[plan.labels["id"]].reset_index()
     single = download.task.kind == "single"
-    files = [f"train_valid/{class_dir_name(label)}/" if single else f"{IMAGES_DIR}/" for label in labels["label"]]
+    ids, paths, valid = labels["id"].tolist(), download.train_paths, plan.valid_ids  # lists: 5x faster to walk
+    folders = {c: f"train_valid/{class_dir_name(c)}/" for c in download.classes} if single else {}
+    files = [folders[label] for label in labels["label"].tolist()] if single else [f"{IMAGES_DIR}/"] * len(ids)
     frame = pd.DataFrame({
         "id": labels["id"],
-        "file": [d + link_name(i, download.train_paths[i], image_ext) for d, i in zip(files, labels["id"])],
-        "split": ["valid" if i in plan.valid_ids else "train" for i in labels["id"]],
+        "file": [d + link_name(i, paths[i], image_ext) for d, i in zip(files, ids)],
+        "split": ["valid" if i in valid else "train" for i in ids],
         "fold": plan.folds.to_numpy() if plan.folds is not None else -1,
         "group": labels["group"] if "group" in labels.columns else "",
         "label": labels["label"],

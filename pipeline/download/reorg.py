@@ -19,7 +19,7 @@ import logging
 import os
 import shutil
 import time
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -29,7 +29,7 @@ from pipeline.errors import PipelineError
 from pipeline.io import atomic_write_json, exclusive_lock, made_folder, os_error_message, remove_stale_temps
 from pipeline.download.naming import MAX_DIR_NAME, class_dir_name, link_name  # noqa: F401  (re-exported)
 from pipeline.download.layout import Download, Folder, input_files, layout_spec, read_download
-from pipeline.download.scan import scan_download
+from pipeline.download.scan import file_sizes, scan_download
 from pipeline.workdir import (FOLDS_FILE, IMAGES_DIR, LOCK_FILE, REORG_FILE, SAMPLE_FILE, SPLITS, TEST_CLASS_DIR,
                               TEST_ITEMS_FILE)
 
@@ -118,20 +118,24 @@ def _place(mode: str, src: str, dst: str) -> None:
         shutil.copy2(src, dst)
 
 
-def _link_all(jobs: list[tuple[str, str]], mode: str) -> None:
-    """Create every link; a few threads overlap the file-system calls (they release the GIL)."""
+def _fs_threads() -> int:
+    """Threads for many small file-system calls (links, unlinks): they release the GIL."""
+    return min(4, os.cpu_count() or 1)
+
+
+def _link_all(jobs: list[tuple[str, str]], mode: str, pool: ThreadPoolExecutor) -> list[Future]:
+    """Start making every link in ``pool`` (its threads overlap the file-system calls, which release the GIL)."""
     def run(chunk: list[tuple[str, str]]) -> None:
         for src, dst in chunk:
             _place(mode, src, dst)
 
-    workers = min(4, os.cpu_count() or 1)
-    size = max(1024, -(-len(jobs) // (4 * workers)))
-    with ThreadPoolExecutor(max_workers=workers) as pool:
-        list(pool.map(run, [jobs[i : i + size] for i in range(0, len(jobs), size)]))
+    size = max(1024, -(-len(jobs) // (4 * _fs_threads())))
+    return [pool.submit(run, jobs[i : i + size]) for i in range(0, len(jobs), size)]
 
 
-def materialize(plan: SplitPlan, download: Download, raw_dir: Path, image_ext: str, staging: Path) -> str:
-    """Write the class-folder trees into ``staging``; returns the link mode used.
+def materialize(plan: SplitPlan, download: Download, raw_dir: Path, image_ext: str, staging: Path,
+                pool: ThreadPoolExecutor) -> tuple[str, list[Future]]:
+    """Start writing the class-folder trees into ``staging`` in ``pool``; returns the link mode and the pending work.
 
     Paths are plain strings: building 110,000 pathlib objects took longer than the links.
     """
@@ -164,8 +168,7 @@ def materialize(plan: SplitPlan, download: Download, raw_dir: Path, image_ext: s
     test = f"{out}test/{TEST_CLASS_DIR}/"
     jobs += both
     jobs += [(source(path), test + link_name(i, path, image_ext)) for i, path in download.test_paths.items()]
-    _link_all(jobs, mode)
-    return mode
+    return mode, _link_all(jobs, mode, pool)
 
 
 # ---------------------------------------------------------------- the stage
@@ -196,7 +199,7 @@ def _remove_tree(root: Path) -> None:
     """rmtree, one thread per split folder: a replaced tree has 100,000 links to unlink."""
     with os.scandir(root) as entries:
         parts = [Path(e.path) for e in entries if e.is_dir(follow_symlinks=False)]
-    with ThreadPoolExecutor(max_workers=min(4, os.cpu_count() or 1)) as pool:
+    with ThreadPoolExecutor(max_workers=_fs_threads()) as pool:
         list(pool.map(lambda part: shutil.rmtree(part, ignore_errors=True), parts))
     shutil.rmtree(root, ignore_errors=True)
 
@@ -246,10 +249,16 @@ def reorg(comp: Competition, raw_dir: Path, work_dir: Path, valid_ratio: float =
         download = read_download(comp, raw_dir, scans)
         plan = plan_split(split_frame(download, folds), valid_ratio, folds, seed, download.given_valid,
                           groups=download.labels.get("group"))
-        if not comp.group_column:  # a group keeps its copies on one side; without one, say where copies straddle
-            warn_duplicates({i: f"{raw_dir}/{download.train_paths[i]}" for i in plan.labels["id"]},
-                            plan.valid_ids, plan.folds)
-        info = _build(comp, raw_dir, work_dir, plan, download, params, digest)
+        with ThreadPoolExecutor(max_workers=1) as side:
+            checked = None
+            if not comp.group_column:  # a group keeps its copies on one side; without one, say where copies straddle
+                # read and hashed beside the links being made: each waits on the file system, not on the other
+                sizes, paths = file_sizes(scans), {i: download.train_paths[i] for i in plan.labels["id"]}
+                checked = side.submit(warn_duplicates, {i: f"{raw_dir}/{p}" for i, p in paths.items()},
+                                      plan.valid_ids, plan.folds, {i: sizes[p] for i, p in paths.items() if p in sizes})
+            info = _build(comp, raw_dir, work_dir, plan, download, params, digest)
+            if checked is not None:
+                checked.result()
     return ReorgResult(work_dir, info, skipped=False, seconds=time.perf_counter() - start)
 
 
@@ -270,15 +279,19 @@ def _stage(comp: Competition, raw_dir: Path, plan: SplitPlan, download: Download
 
     from pipeline.download.items_table import write_items
 
-    mode = materialize(plan, download, raw_dir, comp.image_ext, staging)
-    shutil.copyfile(raw_dir / comp.sample_submission, staging / SAMPLE_FILE)
-    trees = [*SPLITS] if download.task.kind == "single" else [IMAGES_DIR]
-    names = [*trees, "test", SAMPLE_FILE, *write_items(plan, download, comp.image_ext, staging)]
-    if plan.folds is not None:
-        frame = pd.DataFrame({"id": plan.labels["id"], "label": plan.labels["label"],
-                              "fold": plan.folds.to_numpy()})
-        frame.to_csv(staging / FOLDS_FILE, index=False)
-        names.append(FOLDS_FILE)
+    with ThreadPoolExecutor(max_workers=_fs_threads()) as pool:
+        mode, linking = materialize(plan, download, raw_dir, comp.image_ext, staging, pool)
+        # the tables are written while the links are made
+        shutil.copyfile(raw_dir / comp.sample_submission, staging / SAMPLE_FILE)
+        trees = [*SPLITS] if download.task.kind == "single" else [IMAGES_DIR]
+        names = [*trees, "test", SAMPLE_FILE, *write_items(plan, download, comp.image_ext, staging)]
+        if plan.folds is not None:
+            frame = pd.DataFrame({"id": plan.labels["id"], "label": plan.labels["label"],
+                                  "fold": plan.folds.to_numpy()})
+            frame.to_csv(staging / FOLDS_FILE, index=False)
+            names.append(FOLDS_FILE)
+        for part in linking:
+            part.result()  # the first error, raised here
     return mode, names
 
 

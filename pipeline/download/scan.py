@@ -15,7 +15,7 @@ import os
 import posixpath
 import stat
 from array import array
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from pipeline.download.archives import UNPACK_HINT, not_unpacked
@@ -33,10 +33,11 @@ class Folder:
     files: list[str]  # every non-hidden file under it, relative to it, "/"-separated, sorted
     stamp: bytes  # the files' names, sizes and mtimes: what the fingerprint sees
     links: frozenset[str] = frozenset()  # the files that are links (followed for reading, wherever they lead)
+    stats: array = field(default_factory=lambda: array("q"), compare=False, repr=False)  # size, mtime per file
 
 
-def _scan(root: Path, depth: int | None, ext: str) -> tuple[list[str], bytes, frozenset]:
-    """(sorted regular files, stamp, links) under ``root`` to ``depth`` levels; anything else skipped, with a warning."""
+def _scan(root: Path, depth: int | None, ext: str) -> tuple[list[str], bytes, frozenset, array]:
+    """(sorted regular files, stamp, links, size and mtime of each) under ``root`` to ``depth`` levels; anything else skipped, with a warning."""
     fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
     seen = _Seen(os.path.realpath(root), ext.lower(), [], [])
     try:
@@ -47,7 +48,7 @@ def _scan(root: Path, depth: int | None, ext: str) -> tuple[list[str], bytes, fr
     if seen.skipped:
         log.warning("skipped %d entries of %s that are not regular image files: %s%s", len(seen.skipped), root,
                     ", ".join(seen.skipped[:5]), ", ..." if len(seen.skipped) > 5 else "")
-    return files, "\0".join(files).encode() + stamp.tobytes(), frozenset(seen.links)
+    return files, "\0".join(files).encode() + stamp.tobytes(), frozenset(seen.links), stamp
 
 
 @dataclass
@@ -158,3 +159,12 @@ def scan_download(comp: Competition, raw_dir: Path) -> dict[str, Folder]:
             raise PipelineError(f"image folder {root} not found; point RAW_DIR at the unzipped Kaggle download")
         scans[rel] = Folder(posixpath.normpath(rel), *_scan(root, depth, comp.image_ext))
     return {role: scans[rel] for role, rel in roles.items()}
+
+
+def file_sizes(scans: dict[str, Folder]) -> dict[str, int]:
+    """Every scanned file's size in bytes, keyed by its path relative to RAW_DIR (as the download's paths are)."""
+    sizes: dict[str, int] = {}
+    for folder in scans.values():
+        prefix = "" if folder.rel == "." else f"{folder.rel}/"
+        sizes.update(zip((prefix + name for name in folder.files), folder.stats[::2]))
+    return sizes
