@@ -83,9 +83,16 @@ def test_interrupted_fine_tuning_resumes_exactly(toy_work, tmp_path, monkeypatch
     import pipeline.train.stage as train_module
     from pipeline.checkpoint import load_checkpoint
 
+    import pipeline.train.setup as setup_module
+
     comp, work = toy_work
     options = dict(epochs=3, ema=0.8, optimizer="adamw", lr=0.01)
+    plans, runtime = [], setup_module.make_runtime  # the device plan each phase of each run computes with
+    monkeypatch.setattr(setup_module, "make_runtime",
+                        lambda cfg, dev, spe, dplan, epoch=0: plans.append((epoch, dplan)) or runtime(cfg, dev, spe,
+                                                                                                      dplan, epoch))
     train(cfg_for(comp, work, tmp_path / "whole", **options))
+    whole_plans, plans[:] = dict(plans), []
     saved = train_module._save
 
     def save_then_stop(member, st, *args):
@@ -97,7 +104,10 @@ def test_interrupted_fine_tuning_resumes_exactly(toy_work, tmp_path, monkeypatch
     with pytest.raises(KeyboardInterrupt):
         train(cfg_for(comp, work, tmp_path / "cut", **options))
     monkeypatch.setattr(train_module, "_save", saved)
+    plans[:] = []
     train(cfg_for(comp, work, tmp_path / "cut", **options), resume=True)
+    (epoch, resumed), = plans  # set up once, in the phase it resumes in: the plan the switch took
+    assert whole_plans[0].channels_last is False and resumed == whole_plans[1 if epoch >= 1 else 0]
     whole, cut_run = (pd.read_csv(tmp_path / n / "holdout" / "metrics.csv").drop(columns="seconds")
                       for n in ("whole", "cut"))
     pd.testing.assert_frame_equal(whole, cut_run)

@@ -63,14 +63,22 @@ class MemberPlan:
     def name(self) -> str:
         return self.member.name
 
-    def device(self, device: torch.device) -> DevicePlan:
-        """The device decisions for this member's training source on ``device`` (this process's)."""
-        return dist.plan_for(self.config, device, self.source.kind)
+    def source_at(self, epoch: int) -> Source:
+        """What the model consumes in the phase of ``epoch``: the first phase's source, then (--unfreeze-after)
+        the unfrozen phase's, images."""
+        if not self.config.unfreeze_after or epoch < self.config.unfreeze_after:
+            return self.source
+        return choose_source(phase(self.config, epoch))
+
+    def device(self, device: torch.device, epoch: int = 0) -> DevicePlan:
+        """The device decisions for this member's source in the phase of ``epoch`` on ``device`` (this
+        process's): a fresh start, a phase switch and a resume into a later phase all take them from here."""
+        return dist.plan_for(phase(self.config, epoch), device, self.source_at(epoch).kind)
 
     def to_json(self) -> dict[str, Any]:
         """The member's plan as its config.json records it (the report reads it back)."""
         cfg = self.config
-        later = choose_source(phase(cfg, cfg.unfreeze_after)) if cfg.unfreeze_after else None
+        later = self.source_at(cfg.unfreeze_after) if cfg.unfreeze_after else None
         return {"source": {"kind": self.source.kind, "reason": self.source.reason},
                 "unfrozen_source": later and {"kind": later.kind, "reason": later.reason},
                 "n_train": len(self.train_items), "n_valid": len(self.valid_items),

@@ -16,7 +16,7 @@ from pipeline import distributed as dist
 from pipeline.checkpoint import load_checkpoint
 from pipeline.config import TrainConfig
 from pipeline.models.task import target_tensor
-from pipeline.data.plan import DataPlan, choose_source, plan_member
+from pipeline.data.plan import DataPlan, plan_member
 from pipeline.devices import resolve_device
 from pipeline.models import model_from_config, unfreeze
 from pipeline.runs import restore_parts
@@ -83,13 +83,13 @@ def setup_member(plan: MemberPlan, metric: str, resume: bool = False) -> MemberS
     """
     cfg, member = plan.config, plan.member
     device = resolve_device(cfg.device)
-    dplan = plan.device(device)  # every device decision (pipeline/devices.py), recorded with the member
-    torch.backends.cudnn.benchmark = dplan.cudnn_benchmark
-    for warning in dplan.warnings:
-        log.warning(warning)
     saved = load_checkpoint(member.last_path) if resume and member.is_started else None
     first_epoch = int(saved["epoch"]) if saved else 0
     pcfg = phase(cfg, first_epoch)
+    dplan = plan.device(device, first_epoch)  # every device decision (pipeline/devices.py), for this phase
+    torch.backends.cudnn.benchmark = dplan.cudnn_benchmark
+    for warning in dplan.warnings:
+        log.warning(warning)
     torch.manual_seed(cfg.seed)
     width = plan.metadata.width if plan.metadata is not None else 0
     model = model_from_config(pcfg, plan.task.n_outputs, meta_width=width).to(device)
@@ -167,7 +167,7 @@ def unfreeze_member(st: MemberState, epoch: int) -> None:
              epoch + 1, cfg.epochs - epoch, cfg.backbone_lr_scale)
     pcfg = phase(cfg, epoch)
     unfreeze(st.model)
-    dplan = dist.plan_for(pcfg, st.rt.device, choose_source(pcfg).kind)  # the whole model reads images now
+    dplan = st.plan.device(st.rt.device, epoch)  # the whole model reads images now
     st.optimizer = build_optimizer(st.model, pcfg)
     st.rt = make_runtime(pcfg, st.rt.device, st.plan.steps_per_epoch, dplan, epoch)
     plan_data(st, pcfg, dplan, initial=False)
