@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from pipeline import devices
-from pipeline.devices import (A100, CPU, H100, P100, T4, V100, Accelerator, autocast_dtype, cudnn_benchmark,
+from pipeline.devices import (A100, ARM_CPU, CPU, H100, P100, T4, V100, Accelerator, autocast_dtype, cudnn_benchmark,
                               ddp_backend, default_workers, gpu, needs_grad_scaler, non_blocking, pin_memory,
                               plan_device, precision_warning, probe, resolve_device, use_channels_last)
 from pipeline.errors import PipelineError
@@ -15,7 +15,7 @@ from pipeline.errors import PipelineError
 MPS = Accelerator("mps", None, "Apple MPS")
 MAXWELL = gpu((5, 2), "Tesla M60")
 ACCS = {"CPU": CPU, "P100": P100, "V100": V100, "T4": T4, "A100": A100, "H100": H100,
-        "MPS": MPS, "M60": MAXWELL}
+        "MPS": MPS, "M60": MAXWELL, "ARM": ARM_CPU}
 BF16, FP16 = torch.bfloat16, torch.float16
 KINDS = ("files", "image_cache", "features")
 
@@ -81,11 +81,19 @@ def test_grad_scaler_only_for_fp16(dtype, acc, expected):
 
 
 @pytest.mark.parametrize("acc, expected", _table(
-    {"CPU": False, "P100": False, "V100": True, "T4": True, "A100": True, "H100": True, "MPS": False}))
-def test_channels_last_auto_from_volta_on(acc, expected):
+    {"CPU": True, "ARM": False, "P100": False, "V100": True, "T4": True, "A100": True, "H100": True, "MPS": False}))
+def test_channels_last_auto_from_volta_on_and_on_x86_cpus(acc, expected):
     assert use_channels_last(None, acc, 4) is expected
     assert use_channels_last(True, acc, 4) is True  # explicit on is honoured, CPU included
     assert use_channels_last(False, acc, 4) is False
+
+
+def test_a_probed_cpu_knows_its_architecture():
+    import platform
+
+    acc = devices.probe(torch.device("cpu"))
+    assert acc.type == "cpu" and acc.arch == platform.machine().lower() != ""
+    assert use_channels_last(None, acc, 4) is (acc.arch in devices.X86)
 
 
 @pytest.mark.parametrize("acc", ACCS.values(), ids=ACCS.keys())
@@ -130,7 +138,7 @@ def _plan(acc, **kw):
 
 
 @pytest.mark.parametrize("name, amp, scaler, channels_last, workers, backend", [
-    ("CPU", "none", False, False, 2, "gloo"), ("P100", "fp16", True, False, 7, "nccl"),
+    ("CPU", "none", False, True, 2, "gloo"), ("P100", "fp16", True, False, 7, "nccl"),
     ("V100", "fp16", True, True, 7, "nccl"), ("T4", "fp16", True, True, 7, "nccl"),
     ("A100", "bf16", False, True, 7, "nccl"), ("H100", "bf16", False, True, 7, "nccl")])
 def test_plan_device_auto(name, amp, scaler, channels_last, workers, backend):

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import os
+import platform
 import re
 import stat
 import sys
@@ -13,6 +14,7 @@ from typer.testing import CliRunner
 
 from pipeline import progress
 from pipeline.cli.app import app
+from pipeline.devices import X86
 from pipeline.io import atomic_write_text, exclusive_lock, undo_on_failure
 from pipeline.runs import Run
 from pipeline.train.summary import MemberLine, RunFacts, format_summary, interrupt_note, plan_warnings
@@ -59,7 +61,8 @@ def test_the_summary_states_model_counts_steps_and_warnings(trained):
     text = Run(run).summary_path.read_text()
     params = sum(p.numel() for p in create_model("fastnet_s", 3).parameters())
     assert f"fastnet_s: {params:,} parameters, {params:,} trainable" in text
-    assert "device     cpu, precision fp32, channels_last off, 0 DataLoader workers" in text
+    nhwc = "on" if platform.machine().lower() in X86 else "off"  # the CPU's architecture decides
+    assert f"device     cpu, precision fp32, channels_last {nhwc}, 0 DataLoader workers" in text
     assert "data       image_cache:" in text
     steps = n_train // 8
     assert f"holdout: {n_train} train, {n_valid} valid; batch 8, {steps} steps/epoch, {2 * steps} steps in 2 epochs" in text

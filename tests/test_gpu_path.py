@@ -11,6 +11,7 @@ applied to 2-D cached features then fails here, not on a user's GPU.
 from __future__ import annotations
 
 import json
+import platform
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +32,7 @@ from pipeline.data.items import list_split, load_reorg
 from pipeline.data.loaders import FeatureViews
 from pipeline.data.plan import eval_loader
 from pipeline.distributed import plan_for
+from pipeline.devices import X86
 from pipeline.models.inference import infer, normalise_rows
 from pipeline.models import create_model
 from pipeline.predict.stage import load_member, predict_items
@@ -162,14 +164,16 @@ def test_one_step_of_every_recipe_on_the_cuda_path_two_folds(slug, recipe, extra
 
 
 def test_recorded_settings_follow_an_explicit_choice_and_default_otherwise(works, tmp_path):
-    """No flags on CPU: fp32, no channels_last; --amp fp16 on a CPU records the scaler it needs."""
+    """No flags on CPU: fp32, channels_last as the CPU's architecture decides; --amp fp16 on a CPU records the
+    scaler it needs."""
     run = tmp_path / "run"
     result = CliRunner().invoke(app, ["train", "digits", str(works["digits"]), str(run), "--device", "cpu",
                                       "--epochs", "1", "--steps-per-epoch", "1", "--num-workers", "0"])
     assert result.exit_code == 0, result.output
     member = Run(run).member("holdout")
     device = json.loads(member.config_path.read_text())[DEVICE_KEY]
-    assert (device["amp_dtype"], device["channels_last"], device["workers"]) == ("none", False, 0)
+    x86 = platform.machine().lower() in X86
+    assert (device["amp_dtype"], device["channels_last"], device["workers"]) == ("none", x86, 0)
     cfg = TrainConfig.from_json(json.loads(member.config_path.read_text()))
     assert cfg.channels_last is None and cfg.num_workers == 0  # unset stays "decided by the device"
 
@@ -194,14 +198,14 @@ def test_cached_features_validation_and_predict_share_the_runs_precision(tmp_pat
     from pipeline.data import features
 
     real = features.extract_features
-    monkeypatch.setattr(features, "extract_features",
-                        lambda *a, **kw: extracted.append((kw.get("amp_dtype"), real(*a, **kw)[0])) or real(*a, **kw))
+    monkeypatch.setattr(features, "extract_features", lambda *a, **kw: extracted.append(
+        (kw.get("amp_dtype"), kw.get("channels_last"), real(*a, **kw)[0])) or real(*a, **kw))
     monkeypatch.setattr(predict_module, "cached_views", lambda *a, **kw: None)  # test images: the backbone runs
     pool = list_split(work, load_reorg(work), "train_valid")  # the bank's images, in its order
     member = Run(run).member("holdout")
     _, probs, _ = predict_items([member], pool, device="cpu", batch_size=16)
-    (dtype, feats), = extracted
-    assert dtype == torch.bfloat16
+    (dtype, nhwc, feats), = extracted
+    assert dtype == torch.bfloat16 and nhwc is (platform.machine().lower() in X86)  # the files plan's format
     scale = bank["eval"].abs().max()
     assert (feats - bank["eval"]).abs().max() <= 1e-5 * scale  # the same path: the same features
     loaded = load_member(member, torch.device("cpu"))
@@ -212,6 +216,20 @@ def test_cached_features_validation_and_predict_share_the_runs_precision(tmp_pat
     head, _, _ = infer(FeatureHead(loaded.model), FeatureViews(bank["eval"][None], targets, 16), torch.device("cpu"),
                        amp_dtype=torch.bfloat16)
     np.testing.assert_allclose(probs, normalise_rows(head), atol=1e-6)
+
+
+def test_features_in_channels_last_equal_the_contiguous_ones(tmp_path):
+    """The NHWC backbone pass (on by default on x86 CPUs and recent GPUs) computes the same features."""
+    work, run = _toy_run(tmp_path, model="resnet18", freeze_backbone=True)
+    loaded = load_member(Run(run).member("holdout"), torch.device("cpu"))
+    pool = list_split(work, load_reorg(work), "train_valid")
+    loader = eval_loader(loaded.config, pool, 16, plan_for(loaded.config, torch.device("cpu"), "files"), strict=True)
+    from pipeline.data.features import extract_features
+
+    nchw = extract_features(loaded.model, loader, torch.device("cpu"), len(pool), channels_last=False)[0]
+    nhwc = extract_features(loaded.model, loader, torch.device("cpu"), len(pool), channels_last=True)[0]
+    assert loaded.model.conv1.weight.is_contiguous(memory_format=torch.channels_last)  # converted in place
+    assert nchw.abs().max() > 0 and (nhwc - nchw).abs().max() <= 1e-4 * nchw.abs().max()
 
 
 def test_validation_oof_and_predict_of_an_image_run_use_its_precision(tmp_path, monkeypatch):

@@ -274,7 +274,7 @@ def _feature_plan(cfg: TrainConfig, model, train_items, valid_items, device, sou
         # handed over whole: the cache calls the feature extractor, never back into this module
         build = partial(feature_bank, model, *sets, cfg.feature_views, batch_size=batch,
                         workers=files.workers, pin_memory=files.pin_memory, seed=cfg.seed, device=device,
-                        amp_dtype=dplan.dtype)
+                        amp_dtype=dplan.dtype, channels_last=files.channels_last)
         banks.append(dist.main_first(partial(stored_tensors, path, build)))
     bank = banks[0] if len(banks) == 1 else joined_banks(banks)
     pool = [it for part in pools for it in part]

@@ -101,10 +101,11 @@ def _group_probs(group: list[LoadedMember], items: list[Item], tta: str, device:
         return [p], unreadable_positions(t, pos)
     def missing_views(some: list[Item]):  # what the pool's view cache lacks: computed once, kept for any fold
         return backbone_views(first.model, eval_loader(cfg, some, batch_size, plan, strict=False, tta=tta), device,
-                              len(some), tta, amp_dtype=plan.dtype)
+                              len(some), tta, amp_dtype=plan.dtype, channels_last=plan.channels_last)
 
     cached = cached_views(first.config, items, tta, plan.dtype, missing_views, strict)  # out-of-fold rows
-    views, targets = cached or backbone_views(first.model, loader, device, len(items), tta, amp_dtype=plan.dtype)
+    views, targets = cached or backbone_views(first.model, loader, device, len(items), tta, amp_dtype=plan.dtype,
+                                              channels_last=plan.channels_last)
     out = []
     for lm in group:  # each head on the shared (V, N, F) features, with its own encoding of the metadata
         feats = FeatureViews(views, targets, batch_size)
