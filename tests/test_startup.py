@@ -132,3 +132,25 @@ def test_only_single_unbounded_values_of_plain_types_skip_typer_conversion():
     params = {p.name: p for p in group.commands["run"].params}
     assert {n for n, p in params.items() if is_plain(p)} == {"count", "ratio", "name", "where", "flag"}
     assert set(PLAIN_TYPES) == {str, int, float, Path, bool}
+
+
+def test_importing_the_augmentations_opens_no_network_connection():
+    """albumentations checks PyPI for updates on import unless told not to; the package tells it (offline
+    kernels would wait on the timeout in every process)."""
+    probe = (
+        "import socket\n"
+        "tried = []\n"
+        "def refuse(self, address):\n"
+        "    tried.append(address)\n"
+        "    raise OSError('no network in this test')\n"
+        "socket.socket.connect = refuse\n"
+        "import pipeline.data.presets, albumentations\n"
+        "print(len(tried))\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "NO_ALBUMENTATIONS_UPDATE"}
+    done = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, env=env, check=True)
+    assert done.stdout.strip() == "0", done.stderr
+    # the probe itself sees a connection when the setting is absent: it would catch a regression
+    bare = subprocess.run([sys.executable, "-c", probe.replace("import pipeline.data.presets, ", "import ")],
+                          capture_output=True, text=True, env=env, check=True)
+    assert bare.stdout.strip() != "0"
