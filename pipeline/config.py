@@ -121,7 +121,7 @@ class TrainConfig:
     pseudo_threshold: float | None = setting(None, "Hard pseudo-labels where the teacher is >= P sure.", minimum=0)
     teacher_source: str = setting("fold", "Fold k's teacher: its fold-k model (fold) or all.", choices=("fold", "all"))
     tta: str = setting("none", "Test-time views, averaged in validation, out-of-fold and test predictions: a comma "
-                       "list of views (flip, rot90, scale1.15, flip+scale1.15, ...) and presets (d4, multiscale).")
+                       "list of views (flip, rot90, shiftul, scale1.15, ...) and presets (d4, multiscale, flipshift).")
     test_size: str = setting("train", "Test images' side before the views: train (the training side), auto (the "
                              "weights' test_input_size and crop: FixRes) or pixels.")
     calibrate: str = setting("off", "Temperature + class-prior weight fitted on the OOF (scored nested), used by "

@@ -86,9 +86,11 @@ def check_kind(annotation: str, name: str, value: Any) -> None:
     raise PipelineError(f"{name} must be {wanted}, got {value!r}")
 
 
-VIEW_OPS = ("none", "flip", "vflip", "rot90", "rot180", "rot270", "transpose", "transverse")  # models/views.py
+VIEW_OPS = ("none", "flip", "vflip", "rot90", "rot180", "rot270", "transpose", "transverse",  # models/views.py
+            "shiftul", "shiftdr", "flipshiftul", "flipshiftdr")  # moved a side/32 px (min 1) up-left, down-right
 TTA_PRESETS = {"none": "none", "flip": "none,flip", "d4": "none,rot90,rot180,rot270,flip,transpose,vflip,transverse",
-               "multiscale": "none,scale1.15,scale1.3"}  # the decoded image at larger sides too (FixRes)
+               "multiscale": "none,scale1.15,scale1.3",  # the decoded image at larger sides too (FixRes)
+               "flipshift": "none,flip,shiftul,shiftdr,flipshiftul,flipshiftdr"}  # the CIFAR speed runs' views
 
 
 def tta_views(tta: str) -> tuple[tuple[str, float], ...]:

@@ -45,6 +45,23 @@ def test_view_lists_parse_and_presets_expand():
     assert torch.equal(OPS["vflip"](x), torch.flip(x, dims=[2]))
 
 
+def test_shift_views_move_the_image_a_32nd_of_its_side_with_a_mirrored_border():
+    from pipeline.models.views import shifted
+
+    assert [op for op, _ in tta_views("flipshift")] == ["none", "flip", "shiftul", "shiftdr", "flipshiftul",
+                                                        "flipshiftdr"]
+    x = torch.rand(2, 3, 64, 64)
+    up_left, down_right = OPS["shiftul"](x), OPS["shiftdr"](x)
+    assert up_left.shape == x.shape and torch.equal(up_left[..., :-2, :-2], x[..., 2:, 2:])  # 64 / 32 = 2 px
+    assert torch.equal(down_right[..., 2:, 2:], x[..., :-2, :-2])
+    assert torch.equal(down_right[..., 0, 2:], x[..., 2, :-2])  # the new top row mirrors the image's own rows
+    assert torch.equal(OPS["flipshiftdr"](x), shifted(torch.flip(x, dims=[3]), 1))
+    small = torch.rand(1, 3, 16, 16)  # below 32 px: one pixel
+    assert torch.equal(OPS["shiftul"](small)[..., :-1, :-1], small[..., 1:, 1:])
+    nhwc = x.contiguous(memory_format=torch.channels_last)
+    assert torch.equal(OPS["shiftdr"](nhwc), down_right)
+
+
 @pytest.mark.parametrize("bad", ["rot45", "flipscale1.1", "scale3", "scale", "+scale1.2", "", "flip,mirror"])
 def test_unknown_views_are_refused_with_the_valid_names(bad):
     with pytest.raises(PipelineError) as err:

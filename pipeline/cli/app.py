@@ -160,7 +160,7 @@ def predict(
     run_dir: RunDir,
     submission_csv: Annotated[Path, typer.Argument(metavar="SUBMISSION_CSV", help="Where to write the submission.")],
     members: Annotated[str, typer.Option(help="auto, folds, full, holdout or all.")] = "auto",
-    tta: Annotated[Optional[str], typer.Option(help="Test-time views: a comma list of views or presets (none, flip, d4, multiscale, rot90, scale1.15, flip+scale1.15, ...; default: the run's, which its scores used).")] = None,
+    tta: Annotated[Optional[str], typer.Option(help="Test-time views: a comma list of views or presets (none, flip, d4, multiscale, flipshift, rot90, scale1.15, flip+scale1.15, ...; default: the run's, which its scores used).")] = None,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
     batch_size: Annotated[Optional[int], typer.Option(help="Images per inference batch (default: from a memory budget, see pipeline/devices.py).", min=1)] = None,
     num_workers: Annotated[Optional[int], typer.Option(help="DataLoader worker processes (default: from the CPU count and device).")] = None,

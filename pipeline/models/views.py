@@ -24,8 +24,22 @@ OPS: dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "rot270": lambda x: torch.rot90(x, 3, dims=(2, 3)),
     "transpose": lambda x: x.transpose(2, 3),  # mirror about the main diagonal
     "transverse": lambda x: torch.rot90(x, 2, dims=(2, 3)).transpose(2, 3),  # about the other diagonal
+    "shiftul": lambda x: shifted(x, -1),
+    "shiftdr": lambda x: shifted(x, 1),
+    "flipshiftul": lambda x: shifted(torch.flip(x, dims=[3]), -1),
+    "flipshiftdr": lambda x: shifted(torch.flip(x, dims=[3]), 1),
 }
 assert set(OPS) == set(VIEW_OPS)
+
+
+def shifted(x: torch.Tensor, direction: int) -> torch.Tensor:
+    """The batch moved diagonally by side/32 px (at least 1): up-left for -1, down-right for +1; the border that
+    comes in is the image's own, mirrored (the small translations the training crops drew)."""
+    h, w = x.shape[-2:]
+    step = max(1, min(h, w) // 32)
+    padded = torch.nn.functional.pad(x, (step, step, step, step), mode="reflect")
+    at = step - direction * step  # where the window starts in the padded batch
+    return padded[..., at : at + h, at : at + w]
 
 
 def scales(tta: str) -> tuple[float, ...]:
