@@ -37,9 +37,10 @@ def test_members_of_one_run_get_their_own_batch_steps_and_epochs(tmp_path):
     adapted, plans = plan_run(resolved, load_reorg(work))
     got = [(p.name, len(p.train_items), p.config.batch_size, p.steps_per_epoch, p.config.epochs, p.total_steps)
            for p in plans]
-    # 50 images: batch 8 gives 6 steps an epoch, 40 epochs make 240 < 300 steps: 50 epochs;
-    # 95 images: 11 steps an epoch, 440 steps in the recipe's 40 epochs: unchanged
-    assert got == [("fold0", 50, 8, 6, 50, 300), ("fold1", 95, 8, 11, 40, 440), ("fold2", 95, 8, 11, 40, 440)]
+    # 50 images: batch 8 gives 6 steps an epoch, 40 epochs make 240 < 300 steps: 50 epochs; then, small data,
+    # up to 1.5x the recipe's epochs for the images seen: 60. 95 images: 11 steps an epoch, 440 steps in the
+    # recipe's 40 epochs, enough; the images seen raise them to 60 as well
+    assert got == [("fold0", 50, 8, 6, 60, 360), ("fold1", 95, 8, 11, 60, 660), ("fold2", 95, 8, 11, 60, 660)]
     assert [(p.config.fold, p.config.folds) for p in plans] == [(0, 0), (1, 0), (2, 0)]
     assert any(n.startswith("epochs 40 -> 50") for n in adapted.notes)
     assert {p.source.kind for p in plans} == {"image_cache"}
@@ -51,8 +52,8 @@ def test_the_summary_shows_each_members_own_plan(tmp_path):
     resolved = resolve_config(comp, work, tmp_path / "run", None, {"device": "cpu", "folds": 3})
     adapted, plans = plan_run(resolved, load_reorg(work))
     text = log_run_summary(adapted, plans, load_reorg(work))
-    assert "fold0: 50 train, 70 valid; batch 8, 6 steps/epoch, 300 steps in 50 epochs" in text
-    assert "fold1: 95 train, 25 valid; batch 8, 11 steps/epoch, 440 steps in 40 epochs" in text
+    assert "fold0: 50 train, 70 valid; batch 8, 6 steps/epoch, 360 steps in 60 epochs" in text
+    assert "fold1: 95 train, 25 valid; batch 8, 11 steps/epoch, 660 steps in 60 epochs" in text
     assert "data       image_cache:" in text
     assert Run(tmp_path / "run").summary_path.read_text().strip() == text
 

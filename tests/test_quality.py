@@ -13,7 +13,8 @@ from torch import nn
 
 from competitions.cifar10 import CIFAR10
 from competitions.dog_breed import DOG_BREED
-from pipeline.train.adapt import MIN_BATCH, MIN_STEPS_PER_EPOCH, MIN_TOTAL_STEPS, adapt_to_data, adapted_batch, lr_scaling, scaled_lr
+from pipeline.train.adapt import (MIN_BATCH, MIN_IMAGES_SEEN, MIN_STEPS_PER_EPOCH, MIN_TOTAL_STEPS, SEEN_EPOCH_FACTOR,
+                                  adapt_to_data, adapted_batch, lr_scaling, scaled_lr)
 from pipeline.config import TrainConfig, resolve_config
 from pipeline.errors import PipelineError
 from pipeline.train.logreg import fit_logreg, load_linear_head
@@ -33,20 +34,22 @@ def test_dog_recipe_on_270_images_takes_enough_steps(tmp_path):
     cfg, notes = adapt_to_data(r.config, 270, r.sources)
     steps = 270 // cfg.batch_size
     assert steps >= MIN_STEPS_PER_EPOCH and cfg.batch_size >= MIN_BATCH
-    assert steps * cfg.epochs >= MIN_TOTAL_STEPS and cfg.epochs == 20  # the batch moved, the recipe's epochs stay
+    assert steps * cfg.epochs >= MIN_TOTAL_STEPS  # the batch moved to give the steps
+    assert cfg.epochs == 30 and notes[2].startswith("epochs 20 -> 30: 270 training images make 5,400 seen")
     assert (270 % cfg.batch_size) / 270 <= 0.05  # drop_last leaves out little
-    assert len(notes) == 2 and notes[0].startswith("batch_size 128 -> ")
+    assert len(notes) == 3 and notes[0].startswith("batch_size 128 -> ")
     assert cfg.lr == pytest.approx(0.03 * cfg.batch_size / 128)  # SGD: the lr follows the batch linearly
     assert notes[1].startswith(f"lr 0.03 -> {cfg.lr:.4g}: scaled with the batch (linear for sgd")
-    assert (cfg.model, cfg.lr_period_epochs) == (r.config.model, 10)  # nothing else moves
+    assert (cfg.model, cfg.lr_period_epochs) == (r.config.model, 15)  # the step schedule keeps its shape
 
 
 def test_epochs_rise_when_the_batch_cannot_shrink_enough(tmp_path):
     r = resolved(DOG_BREED, tmp_path, model="timm:tf_efficientnet_lite0", head="mlp")  # the SGD head
     cfg, notes = adapt_to_data(r.config, 100, r.sources)  # batch 8: 12 steps per epoch, 240 in 20 epochs
-    assert cfg.batch_size == MIN_BATCH and cfg.epochs == 25 and 12 * 25 >= MIN_TOTAL_STEPS
-    assert cfg.lr_period_epochs == round(10 * 25 / 20)  # the step schedule keeps its shape
-    assert notes[2].startswith("epochs 20 -> 25")
+    assert cfg.batch_size == MIN_BATCH and 12 * 25 >= MIN_TOTAL_STEPS
+    assert notes[2].startswith("epochs 20 -> 25")  # the steps: then the images seen raise them again
+    assert cfg.epochs == 30 and notes[3].startswith("epochs 25 -> 30: 100 training images make 2,500 seen")
+    assert cfg.lr_period_epochs == round(10 * 30 / 20)  # the step schedule keeps its shape
     cfg, _ = adapt_to_data(r.config, 10, r.sources)  # 1 step per epoch
     assert cfg.epochs == 20 * 10  # raised at most tenfold
 
@@ -56,7 +59,7 @@ def test_cifar_fast_recipe_on_tiny_takes_enough_steps(tmp_path):
     assert (r.config.batch_size, r.config.epochs) == (512, 10)
     cfg, notes = adapt_to_data(r.config, 900, r.sources)
     assert 900 // cfg.batch_size >= MIN_STEPS_PER_EPOCH
-    assert (900 // cfg.batch_size) * cfg.epochs >= MIN_TOTAL_STEPS and cfg.epochs == 10 and len(notes) == 2
+    assert (900 // cfg.batch_size) * cfg.epochs >= MIN_TOTAL_STEPS and cfg.epochs == 15 and len(notes) == 3
     assert cfg.lr == pytest.approx(0.4 * cfg.batch_size / 512)
 
 
@@ -68,6 +71,18 @@ def test_cifar_default_recipe_lr_follows_its_batch(tmp_path):
     kept = resolved(CIFAR10, tmp_path, lr=0.1)  # --lr given: the user's lr, whatever the batch
     cfg, notes = adapt_to_data(kept.config, 900, kept.sources)
     assert cfg.batch_size < 256 and cfg.lr == 0.1 and not any(n.startswith("lr ") for n in notes)
+
+
+@pytest.mark.parametrize("n, want", [(1800, 15), (4000, 13), (5000, 10), (50_000, 10), (900, 15)])
+def test_small_data_sees_more_images_up_to_half_again_the_recipes_epochs(tmp_path, n, want):
+    """CIFAR 2,000 with the fast recipe: 10 epochs saw 18,000 images; 15 scored +0.049 on 1,000 held-out ones."""
+    r = resolved(CIFAR10, tmp_path, recipe="fast")
+    cfg, notes = adapt_to_data(r.config, n, r.sources)
+    assert cfg.epochs == want
+    assert cfg.epochs * n >= MIN_IMAGES_SEEN or cfg.epochs == int(10 * SEEN_EPOCH_FACTOR)
+    assert any(note.startswith("epochs 10 -> ") and "seen" in note for note in notes) is (want > 10)
+    kept = resolved(CIFAR10, tmp_path, recipe="fast", epochs=10)  # --epochs: the user's, whatever the data
+    assert adapt_to_data(kept.config, n, kept.sources)[0].epochs == 10
 
 
 @pytest.mark.parametrize("optimizer, rule", [("sgd", "linear"), ("adam", "sqrt"), ("adamw", "sqrt"),

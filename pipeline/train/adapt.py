@@ -19,6 +19,8 @@ MIN_STEPS_PER_EPOCH = 8  # a recipe's batch is capped so that each epoch takes a
 MIN_BATCH = 8  # ... but not below this
 MIN_TOTAL_STEPS = 300  # epochs are raised until the run takes at least these many optimizer steps
 MAX_EPOCH_FACTOR = 10  # ... but never beyond this multiple of the recipe's epochs
+MIN_IMAGES_SEEN = 50_000  # on small data the epochs also rise until a run trains on this many images in all
+SEEN_EPOCH_FACTOR = 1.5  # ... by at most this factor of the recipe's epochs (the time a small-data default may add)
 MAX_DROPPED = 0.05  # drop_last may leave out at most this share of the training images per epoch
 FIXED_SOURCES = ("flag", "caller")  # values the user gave: never adapted
 SQRT_SCALED = ("ada", "lamb")  # optimizer name parts (adam, adamw, adagrad, lamb) whose lr follows sqrt(batch), as in timm
@@ -34,7 +36,9 @@ def adapt_to_data(cfg: TrainConfig, n_train: int, sources: Mapping[str, str]) ->
     epochs, >= MIN_BATCH, made smaller where drop_last would leave out more than
     MAX_DROPPED of the images); where the batch cannot shrink enough, the epochs
     (at least MIN_TOTAL_STEPS steps in all, at most MAX_EPOCH_FACTOR x the
-    recipe's) with the step schedule's period and the warm-up stretched alike.
+    recipe's) with the step schedule's period and the warm-up stretched alike;
+    on small data the epochs (at least MIN_IMAGES_SEEN images seen in all, at
+    most SEEN_EPOCH_FACTOR x the recipe's: :func:`_see_enough`).
     A logreg head: one fit, on the unaugmented features.
     """
     def free(name: str) -> bool:
@@ -61,7 +65,28 @@ def adapt_to_data(cfg: TrainConfig, n_train: int, sources: Mapping[str, str]) ->
         changes.update(epochs=epochs, **_stretched(cfg, epochs / cfg.epochs, free))
         notes.append(f"epochs {cfg.epochs} -> {epochs}: {steps} step(s) per epoch make {steps * cfg.epochs} in all, "
                      f"{steps * epochs} now (at least {MIN_TOTAL_STEPS} wanted; --epochs keeps yours)")
+    if free("epochs") and not cfg.steps_per_epoch and n_train > 0:
+        _see_enough(cfg, n_train, changes, notes, free)
     return (dataclasses.replace(cfg, **changes) if changes else cfg), notes
+
+
+def _see_enough(cfg: TrainConfig, n_train: int, changes: dict, notes: list[str], free) -> None:
+    """Epochs up to MIN_IMAGES_SEEN images in all, by at most SEEN_EPOCH_FACTOR x the recipe's (in place).
+
+    With the lr scaled linearly to the batch, how far SGD moves the weights follows
+    the images it trains on, not the steps: a recipe's epochs on a few thousand
+    images stop far short of what it was tuned for. On CIFAR-10 2,000 with the
+    fast recipe, 15 epochs instead of 10 scored 0.621 against 0.572 on 1,000
+    held-out images (paired change +0.049 [+0.027, +0.071]; issue 23).
+    """
+    epochs = changes.get("epochs", cfg.epochs)
+    wanted = min(-(-MIN_IMAGES_SEEN // n_train), int(cfg.epochs * SEEN_EPOCH_FACTOR))
+    if wanted <= epochs:
+        return
+    changes.update(epochs=wanted, **_stretched(cfg, wanted / cfg.epochs, free))
+    notes.append(f"epochs {epochs} -> {wanted}: {n_train} training images make {n_train * epochs:,} seen in "
+                 f"{epochs} epochs, {n_train * wanted:,} now (at least {MIN_IMAGES_SEEN:,} wanted, at most "
+                 f"{SEEN_EPOCH_FACTOR:g}x the recipe's epochs; --epochs keeps yours)")
 
 
 def adapted_batch(batch: int, n_train: int, epochs: int = 1) -> int:
