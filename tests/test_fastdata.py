@@ -104,6 +104,6 @@ def test_named_recipes():
 
     comp = get_competition("cifar-10")
     fast = config_from_recipe(comp, "w", "r", recipe_name="fast", epochs=3).config
-    assert (fast.model, fast.tta, fast.nesterov, fast.epochs) == ("fastnet", "flipshift", True, 3)
+    assert (fast.model, fast.tta, fast.nesterov, fast.epochs) == ("fastnet", "flip", True, 3)
     with pytest.raises(PipelineError, match="no recipe 'nope'; choose one of: default, fast, resnet18"):
         config_from_recipe(comp, "w", "r", recipe_name="nope")

@@ -159,6 +159,6 @@ def test_fast_recipe_with_a_whitened_stem_runs_through_the_cli(cifar_tiny_work, 
     ok("train", "cifar-10", cifar_tiny_work, run, "--recipe", "fast", "--epochs", "2", "--batch-size", "64",
        "--device", "cpu")
     config = json.loads((run / "config.json").read_text())["config"]
-    assert (config["model"], config["data_init"], config["tta"], config["label_smoothing"]) == ("fastnet", True, "flipshift", 0.2)
+    assert (config["model"], config["data_init"], config["tta"], config["label_smoothing"]) == ("fastnet", True, "flip", 0.2)
     metrics = pd.read_csv(run / "holdout" / "metrics.csv")
     assert metrics["steps"].tolist() == [900 // 64] * 2 and metrics["valid_accuracy"].max() > 0.1
