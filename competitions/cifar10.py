@@ -12,7 +12,7 @@ flip. Named recipes (`--recipe`):
 - resnet18: the same ResNet-18 trained the modern way (Nesterov, one-cycle,
   label smoothing, larger batches, flip TTA).
 """
-from pipeline.competition import Competition, Recipe, register
+from pipeline.competition import SPEED_RUN, Competition, Recipe, register
 
 CIFAR10 = register(
     Competition(
@@ -41,9 +41,7 @@ CIFAR10 = register(
             augment="pad_crop_flip",
         ),
         recipes={
-            "fast": Recipe(model="fastnet", epochs=10, batch_size=512, lr=0.4, optimizer="sgd", momentum=0.85,
-                           nesterov=True, weight_decay=5e-4, schedule="onecycle", label_smoothing=0.2,
-                           augment="pad_crop_flip", tta="flip", data_init=True),
+            "fast": Recipe(**SPEED_RUN),
             "resnet18": Recipe(model="resnet18_cifar", epochs=30, batch_size=512, lr=0.2, optimizer="sgd",
                                momentum=0.9, nesterov=True, weight_decay=5e-4, schedule="onecycle",
                                label_smoothing=0.1, augment="pad_crop_flip", tta="flip"),

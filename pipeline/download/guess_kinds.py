@@ -14,6 +14,8 @@ from typing import TYPE_CHECKING
 
 import pandas as pd
 
+from pipeline.competition import SPEED_RUN
+
 if TYPE_CHECKING:  # spec_guess imports this module
     from pipeline.download.spec_guess import Guess, Survey
 
@@ -383,9 +385,7 @@ def size_and_recipe(s: Survey, g: Guess) -> None:
     if small:
         g.set("mean", [0.5, 0.5, 0.5], "scratch training: a neutral normalisation")
         g.set("std", [0.25, 0.25, 0.25], "scratch training: a neutral normalisation")
-        g.recipe = {"model": "fastnet", "epochs": 10, "batch_size": 512, "lr": 0.4, "optimizer": "sgd",
-                    "momentum": 0.85, "nesterov": True, "weight_decay": 5e-4, "schedule": "onecycle",
-                    "label_smoothing": 0.2, "augment": "pad_crop_flip", "tta": "flip", "data_init": True}
+        g.recipe = dict(SPEED_RUN)
         g.notes.append("recipe: fastnet from scratch (small images; the CIFAR-10 speed-run recipe)")
         if g.fields.get("metric") == "log_loss" or g.fields.get("task", "single") != "single":
             del g.recipe["label_smoothing"]  # smoothed targets cap the probabilities log loss scores
