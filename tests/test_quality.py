@@ -73,6 +73,21 @@ def test_cifar_default_recipe_lr_follows_its_batch(tmp_path):
     assert cfg.batch_size < 256 and cfg.lr == 0.1 and not any(n.startswith("lr ") for n in notes)
 
 
+@pytest.mark.parametrize("accum", [2, 4])
+def test_accumulation_adapts_the_images_per_optimizer_step(tmp_path, accum):
+    """--accum-steps N: an optimizer step takes N batches, so the cap applies to batch x N, not to the batch."""
+    plain = resolved(CIFAR10, tmp_path, recipe="fast")
+    base, _ = adapt_to_data(plain.config, 1800, plain.sources)
+    r = resolved(CIFAR10, tmp_path, recipe="fast", accum_steps=accum)
+    cfg, notes = adapt_to_data(r.config, 1800, r.sources)
+    assert cfg.batch_size == base.batch_size // accum  # the step's images stay, the memory falls N-fold
+    assert 1800 // (cfg.batch_size * accum) == 1800 // base.batch_size >= MIN_STEPS_PER_EPOCH
+    assert cfg.lr == pytest.approx(0.4 * cfg.batch_size / 512) and cfg.epochs == base.epochs
+    assert f"at {cfg.batch_size} x {accum} accumulated" in notes[0]
+    big = resolved(CIFAR10, tmp_path, recipe="fast", accum_steps=accum)  # full data: the user's step, untouched
+    assert adapt_to_data(big.config, 100_000, big.sources)[0].batch_size == 512
+
+
 @pytest.mark.parametrize("n, want", [(1800, 15), (4000, 13), (5000, 10), (50_000, 10), (900, 15)])
 def test_small_data_sees_more_images_up_to_half_again_the_recipes_epochs(tmp_path, n, want):
     """CIFAR 2,000 with the fast recipe: 10 epochs saw 18,000 images; 15 scored +0.049 on 1,000 held-out ones."""

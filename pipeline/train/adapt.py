@@ -47,19 +47,21 @@ def adapt_to_data(cfg: TrainConfig, n_train: int, sources: Mapping[str, str]) ->
     if cfg.head == "logreg" and not cfg.unfreeze_after:
         return _adapted_logreg(cfg, free)
     changes, notes = _logreg_views(cfg, free)
-    batch = cfg.batch_size
+    batch, accum = cfg.batch_size, cfg.accum_steps  # an optimizer step takes batch x accum images
     if free("batch_size") and n_train > 0:
-        batch = adapted_batch(batch, n_train, cfg.epochs)
+        batch = max(1, adapted_batch(batch * accum, n_train, cfg.epochs) // accum)
         if batch != cfg.batch_size:
             changes["batch_size"] = batch
+            per = f" x {accum} accumulated" if accum > 1 else ""
             notes.append(f"batch_size {cfg.batch_size} -> {batch}: {n_train} training images make "
-                         f"{n_train // cfg.batch_size} step(s) per epoch at {cfg.batch_size}, {n_train // batch} at "
-                         f"{batch} (at least {MIN_STEPS_PER_EPOCH} wanted; --batch-size keeps yours)")
+                         f"{n_train // (cfg.batch_size * accum)} step(s) per epoch at {cfg.batch_size}{per}, "
+                         f"{n_train // (batch * accum)} at {batch}{per} (at least {MIN_STEPS_PER_EPOCH} wanted; "
+                         f"--batch-size keeps yours)")
             if free("lr"):
                 changes["lr"] = scaled_lr(cfg.lr, cfg.optimizer, cfg.batch_size, batch)
                 notes.append(f"lr {cfg.lr:g} -> {changes['lr']:.4g}: scaled with the batch "
                              f"({lr_scaling(cfg.optimizer)} for {cfg.optimizer}; --lr keeps yours)")
-    steps = max(1, n_train // batch)
+    steps = max(1, n_train // (batch * accum))
     if free("epochs") and not cfg.steps_per_epoch and steps * cfg.epochs < MIN_TOTAL_STEPS:
         epochs = min(-(-MIN_TOTAL_STEPS // steps), cfg.epochs * MAX_EPOCH_FACTOR)
         changes.update(epochs=epochs, **_stretched(cfg, epochs / cfg.epochs, free))
