@@ -85,6 +85,22 @@ def test_on_cuda_the_plan_probes_and_keeps_what_fits(monkeypatch, tmp_path):
     assert budget_only.batch_size == 500 and len(tried) == 5
 
 
+def test_with_accumulation_auto_caps_and_scales_the_steps_images(monkeypatch, tmp_path):
+    from pipeline.runs import Member
+
+    monkeypatch.setattr(autobatch, "probe", lambda device: A100)
+    monkeypatch.setattr(autobatch, "resolve_device", lambda name: torch.device("cpu"))
+    monkeypatch.setattr(autobatch, "available_memory", lambda device: 38 * GiB)
+    tried = []
+    monkeypatch.setattr(autobatch, "probe_steps", lambda cfg, n, w, d, p, b: oom_above(48, tried)(b))
+    cfg = TrainConfig(competition="x", work_dir=".", run_dir=".", model="fastnet_s", image_size=224, lr=0.4,
+                      batch_size="auto", epochs=30, accum_steps=2)
+    out, notes = autobatch.resolve_auto(cfg, 5000, {}, n_outputs=3, meta_width=0, source_kind="files",
+                                        reference=512, member=Member(tmp_path / "run", "holdout"), probe_memory=True)
+    assert tried[0] == 250 and out.batch_size == 31  # 500 images a step at most: 250 per micro-batch
+    assert out.lr == pytest.approx(0.4 * 62 / 512) and "to 62 images a step" in notes[1]
+
+
 def test_auto_on_the_command_line_and_in_recipes(toy_work, tmp_path):
     comp, work = toy_work
     result = CliRunner().invoke(app, ["train", "toy", str(work), str(tmp_path / "r"), "--batch-size", "auto",

@@ -75,14 +75,15 @@ def test_cifar_default_recipe_lr_follows_its_batch(tmp_path):
 
 @pytest.mark.parametrize("accum", [2, 4])
 def test_accumulation_adapts_the_images_per_optimizer_step(tmp_path, accum):
-    """--accum-steps N: an optimizer step takes N batches, so the cap applies to batch x N, not to the batch."""
+    """--accum-steps N: an optimizer step takes N batches, so the cap applies to batch x N, not to the batch, and
+    the lr follows the step's images: on small data accumulation changes the memory, not the training."""
     plain = resolved(CIFAR10, tmp_path, recipe="fast")
     base, _ = adapt_to_data(plain.config, 1800, plain.sources)
     r = resolved(CIFAR10, tmp_path, recipe="fast", accum_steps=accum)
     cfg, notes = adapt_to_data(r.config, 1800, r.sources)
     assert cfg.batch_size == base.batch_size // accum  # the step's images stay, the memory falls N-fold
     assert 1800 // (cfg.batch_size * accum) == 1800 // base.batch_size >= MIN_STEPS_PER_EPOCH
-    assert cfg.lr == pytest.approx(0.4 * cfg.batch_size / 512) and cfg.epochs == base.epochs
+    assert cfg.lr == pytest.approx(base.lr) and cfg.epochs == base.epochs  # the same step, the same lr
     assert f"at {cfg.batch_size} x {accum} accumulated" in notes[0]
     big = resolved(CIFAR10, tmp_path, recipe="fast", accum_steps=accum)  # full data: the user's step, untouched
     assert adapt_to_data(big.config, 100_000, big.sources)[0].batch_size == 512

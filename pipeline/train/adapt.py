@@ -58,7 +58,8 @@ def adapt_to_data(cfg: TrainConfig, n_train: int, sources: Mapping[str, str]) ->
                          f"{n_train // (batch * accum)} at {batch}{per} (at least {MIN_STEPS_PER_EPOCH} wanted; "
                          f"--batch-size keeps yours)")
             if free("lr"):
-                changes["lr"] = scaled_lr(cfg.lr, cfg.optimizer, cfg.batch_size, batch)
+                # the recipe's lr is for a step of its batch; a step now takes batch x accum images
+                changes["lr"] = scaled_lr(cfg.lr, cfg.optimizer, cfg.batch_size, batch * accum)
                 notes.append(f"lr {cfg.lr:g} -> {changes['lr']:.4g}: scaled with the batch "
                              f"({lr_scaling(cfg.optimizer)} for {cfg.optimizer}; --lr keeps yours)")
     steps = max(1, n_train // (batch * accum))

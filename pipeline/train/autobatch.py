@@ -102,7 +102,8 @@ def resolve_auto(cfg: TrainConfig, share: int, sources: Mapping[str, str], *, n_
     device = resolve_device(cfg.device)
     acc = probe(device)
     dplan = dist.plan_for(replace(cfg, batch_size=1), device, source_kind)
-    limit = adapted_batch(share or MIN_BATCH, share or MIN_BATCH, cfg.epochs)  # what the data allows
+    # what the data allows: an optimizer step takes batch x --accum-steps images (pipeline/train/adapt.py)
+    limit = max(1, adapted_batch(share or MIN_BATCH, share or MIN_BATCH, cfg.epochs) // cfg.accum_steps)
     per_item = item_bytes(acc, cfg.image_size, half_precision=dplan.dtype is not None, workers=dplan.workers)
     candidates = train_batch_candidates(acc, available_memory(device), per_item, cfg.image_size, limit)
     if len(candidates) == 1 or not probe_memory or source_kind == "features":
@@ -112,9 +113,10 @@ def resolve_auto(cfg: TrainConfig, share: int, sources: Mapping[str, str], *, n_
         batch = first_that_fits(candidates, lambda b: probe_steps(cfg, n_outputs, meta_width, device, dplan, b))
         how = f"the largest of {', '.join(map(str, candidates))} that completes {PROBE_STEPS} steps on {acc.name}"
     notes = [f"batch_size auto -> {batch}: {how} (at most {limit} for {share} training images)"]
-    if sources.get("lr") not in ("flag", "caller") and batch != reference:
-        lr = scaled_lr(cfg.lr, cfg.optimizer, reference, batch)
-        notes.append(f"lr {cfg.lr:g} -> {lr:.4g}: scaled from the batch of {reference} it was set for to {batch} "
-                     f"({lr_scaling(cfg.optimizer)} for {cfg.optimizer}; --lr keeps yours)")
+    step = batch * cfg.accum_steps  # images per optimizer step
+    if sources.get("lr") not in ("flag", "caller") and step != reference:
+        lr = scaled_lr(cfg.lr, cfg.optimizer, reference, step)
+        notes.append(f"lr {cfg.lr:g} -> {lr:.4g}: scaled from the batch of {reference} it was set for to "
+                     f"{step} images a step ({lr_scaling(cfg.optimizer)} for {cfg.optimizer}; --lr keeps yours)")
         cfg = replace(cfg, lr=lr)
     return replace(cfg, batch_size=batch), notes
