@@ -30,6 +30,12 @@ Runs the `pipeline` CLI (this checkout's package) as a user would:
   beside their holdout accuracy (100 images).
 - views (issue 23): dog 300 with --tta none, flip, multiscale and --test-size 256 (the
   decoded images at a side above the training 224), CV log loss with its interval.
+- presets (issue 23): the fast recipe with --augment randaugment, erasing, d4 and with
+  --accum-steps 2, on CIFAR 2,000 and on cifar-10-tiny's unseen images, paired intervals.
+- layer-decay (issue 23): fine-tuning Lite0 with and without --layer-decay 0.75 on dog 300
+  (3 folds) and on cifar-10-tiny at 64 px (2,000 unseen images).
+- second (issue 23): a second data set for techniques first measured on one: averaging, the
+  lr rule, d4 and multiscale views on CIFAR 2,000; soft and pseudo-labels on cifar-10-tiny (3 folds).
 
 Each row prints its baseline on the same images: for accuracy the majority
 class of the training images, for log loss the uniform guess and the class
@@ -40,7 +46,7 @@ two runs (`pipeline blend`) and prints the blended CV.
   --soft-labels TEACHER and one with --pseudo-label TEACHER, with the paired
   interval of each student's per-image log-loss change against the teacher.
 
-    python benchmarks/bench_quality.py [--parts dog,cifar,tiny,finetune,defaults,tricks,soft] [--keep DIR]
+    python benchmarks/bench_quality.py [--parts dog,cifar,tiny,finetune,defaults,tricks,soft,...] [--keep DIR]
 """
 from __future__ import annotations
 
@@ -108,11 +114,74 @@ def dog(tmp: Path) -> list[dict]:
     return rows
 
 
+FINETUNE = ["--head", "logreg", "--unfreeze-after", "1", "--epochs", "4", "--lr", "0.001",
+            "--backbone-lr-scale", "0.1", "--optimizer", "adamw", "--weight-decay", "0.05"]
+
+
 def finetune(tmp: Path) -> list[dict]:
     """The logreg fit, then three epochs fine-tuning the whole network (--unfreeze-after 1)."""
-    extra = ["--head", "logreg", "--unfreeze-after", "1", "--epochs", "4", "--lr", "0.001",
-             "--backbone-lr-scale", "0.1", "--optimizer", "adamw", "--weight-decay", "0.05"]
-    return [dog_cv(tmp, "--unfreeze-after 1", tmp / "dog-ft", extra)]
+    return [dog_cv(tmp, "--unfreeze-after 1", tmp / "dog-ft", FINETUNE)]
+
+
+def layer_decay(tmp: Path) -> list[dict]:
+    """Issue 23 point 5: fine-tuning Lite0 with and without --layer-decay 0.75 (timm's param groups: each block
+    below the head at 0.75x the lr of the one above), on dog 300 (3 folds, the finetune part's schedule) and on
+    cifar-10-tiny at 64 px with its 2,000 unseen test images (holdout, 10 epochs, AdamW)."""
+    rows = []
+    for i, extra in enumerate(([], ["--layer-decay", "0.75"])):
+        run = tmp / f"dog-ft-ld{i}"
+        row = dog_cv(tmp, " ".join(["--unfreeze-after 1", *extra]), run, FINETUNE + extra)
+        cv = json.loads((run / "cv.json").read_text())
+        lo, hi = cv["interval"]
+        row.update(score=f"CV log loss {cv['cv']:.3f} [{lo:.3f}, {hi:.3f}]",
+                   target=paired_change(tmp / "dog-ft-ld0", run, "without") if i else "")
+        rows.append(row)
+    tiny = ("--model", "timm:tf_efficientnet_lite0", "--weights", str(WEIGHTS), "--image-size", "64", "--epochs", "10",
+            "--optimizer", "adamw", "--lr", "0.001", "--weight-decay", "0.05", "--backbone-lr-scale", "0.1")
+    return rows + unseen(tmp, (tiny, (*tiny, "--layer-decay", "0.75")))
+
+
+def second(tmp: Path) -> list[dict]:
+    """Issue 23 point 8: a second data set for the techniques first measured on one. CIFAR 2,000 (fast recipe,
+    1,000 held-out images): --average-last 3, --lr 0.4 (the recipe's lr unscaled: the lr rule undone), --tta d4
+    and --tta multiscale. cifar-10-tiny with 3 folds and 2,000 unseen test images (fast recipe): the teacher,
+    a student with --soft-labels TEACHER and one with --pseudo-label TEACHER (the fold source: fold k's targets
+    from the teacher's fold-k model), each with its CV accuracy and its accuracy on the unseen images."""
+    rows = cifar(tmp, ((), ("--average-last", "3"), ("--lr", "0.4"), ("--tta", "d4"), ("--tta", "multiscale")))
+    unseen(tmp, ())  # builds the download of tiny + 2,000 unseen images
+    raw, work = tmp / "unseen-raw", tmp / "unseen3-work"
+    if not (work / "reorg.json").is_file():
+        cli("reorg", "cifar-10", str(raw), str(work), "--folds", "3")
+    labels = pd.read_csv(CIFAR / "trainLabels.csv").set_index("id")["label"]
+    truth = pd.Series(labels.loc[list(range(48001, 50001))].to_numpy(), index=range(1, 2001))
+    teacher, first = tmp / "tiny3-teacher", None
+    for name, extra in (("teacher (--recipe fast --folds 3)", []), ("--soft-labels TEACHER", ["--soft-labels"]),
+                        ("--pseudo-label TEACHER", ["--pseudo-label"])):
+        run, sub = (teacher if not extra else tmp / f"tiny3-{extra[0].strip('-')}"), tmp / f"tiny3-{len(extra)}.csv"
+        shutil.rmtree(run, ignore_errors=True)
+        sub.unlink(missing_ok=True)
+        secs = cli("train", "cifar-10", str(work), str(run), "--folds", "3", "--recipe", "fast",
+                   *(extra and [extra[0], str(teacher)]))
+        secs += cli("predict", "cifar-10", str(work), str(run), str(sub))
+        right = (pd.read_csv(sub).set_index("id")["label"].loc[truth.index] == truth).to_numpy(dtype=float)
+        first = right if first is None else first
+        cv = json.loads((run / "cv.json").read_text())
+        lo, hi = cv["interval"]
+        rows.append({"data": "cifar-10-tiny 3 folds + 2,000 unseen", "variant": name,
+                     "score": f"CV accuracy {cv['cv']:.3f} [{lo:.2f}, {hi:.2f}], unseen {right.mean():.3f}",
+                     "target": paired(right - first) if extra else "", "baseline": f"majority "
+                     f"{float((truth == pd.read_csv(raw / 'trainLabels.csv')['label'].value_counts().idxmax()).mean()):.3f}",
+                     "seconds": secs, "notes": [cv["teacher"]["line"]] if cv.get("teacher") else []})
+    return rows
+
+
+def presets(tmp: Path) -> list[dict]:
+    """Issue 23 points 2 and 4: the fast recipe beside each augmentation preset (--augment randaugment, erasing,
+    d4) and beside --accum-steps 2 (an optimizer step of two half batches: the same images per step in half the
+    memory), on CIFAR 2,000 (1,000 held-out images) and on cifar-10-tiny (2,000 unseen images)."""
+    changes = (("--augment", "randaugment"), ("--augment", "erasing"), ("--augment", "d4"), ("--accum-steps", "2"))
+    fast = ("--recipe", "fast")
+    return cifar(tmp, ((), *changes)) + unseen(tmp, (fast, *((*fast, *c) for c in changes)))
 
 
 def cv_log_loss_baselines(work: Path) -> str:
@@ -165,7 +234,7 @@ def cifar(tmp: Path, variants: tuple[tuple[str, ...], ...] = ((),)) -> list[dict
     top = pd.read_csv(raw / "trainLabels.csv")["label"].value_counts().idxmax()
     rows, first = [], None
     for extra in variants:
-        name = "cifar-" + ("-".join(a.strip("-") for a in extra) or "fast")
+        name = "cifar-" + ("-".join(Path(a).name.strip("-") for a in extra) or "fast")
         run, sub = tmp / f"{name}-run", tmp / f"{name}-sub.csv"
         shutil.rmtree(run, ignore_errors=True)
         sub.unlink(missing_ok=True)
@@ -216,6 +285,12 @@ def defaults(tmp: Path) -> list[dict]:
             holdout(tmp, "digits", digits_raw, "digits", "digits (scikit-learn)")]
 
 
+def paired(change: np.ndarray) -> str:
+    """The mean per-image change with its 95% normal interval (both runs scored on the same images)."""
+    half = 1.96 * change.std(ddof=1) / math.sqrt(len(change))
+    return f"paired {change.mean():+.3f} [{change.mean() - half:+.3f}, {change.mean() + half:+.3f}]"
+
+
 def binomial_interval(p: float, n: int) -> str:
     half = 1.96 * math.sqrt(p * (1 - p) / n)
     return f"[{max(0.0, p - half):.2f}, {min(1.0, p + half):.2f}]"
@@ -238,19 +313,21 @@ def unseen(tmp: Path, variants: tuple[tuple[str, ...], ...] = ((), ("--recipe", 
         cli("reorg", "cifar-10", str(raw), str(work), "--folds", "0")
     labels = pd.read_csv(CIFAR / "trainLabels.csv").set_index("id")["label"]
     truth = pd.Series(labels.loc[list(truth_ids)].to_numpy(), index=range(1, len(truth_ids) + 1))
-    rows = []
+    rows, first = [], None
     for extra in variants:
-        name = "unseen-" + ("-".join(a.strip("-") for a in extra) or "default")
+        name = "unseen-" + ("-".join(Path(a).name.strip("-") for a in extra) or "default")
         run, sub = tmp / f"{name}-run", tmp / f"{name}.csv"
         shutil.rmtree(run, ignore_errors=True)
         sub.unlink(missing_ok=True)
         secs = cli("train", "cifar-10", str(work), str(run), *extra)
         secs += cli("predict", "cifar-10", str(work), str(run), str(sub))
-        acc = float((pd.read_csv(sub).set_index("id")["label"].loc[truth.index] == truth).mean())
-        valid = last_valid_accuracy(run / "holdout")
+        right = (pd.read_csv(sub).set_index("id")["label"].loc[truth.index] == truth).to_numpy(dtype=float)
+        first = right if first is None else first
+        acc, valid = float(right.mean()), last_valid_accuracy(run / "holdout")
         rows.append({"data": "cifar-10-tiny + 2,000 unseen", "variant": " ".join(extra) or "default recipe",
                      "score": f"unseen {acc:.3f} {binomial_interval(acc, len(truth))}, holdout {valid:.2f} "
-                              f"{binomial_interval(valid, 100)}", "target": ">= 0.45",
+                              f"{binomial_interval(valid, 100)}",
+                     "target": paired(right - first) if rows else ">= 0.45",
                      "baseline": f"majority {majority_accuracy(work):.3f}", "seconds": secs, "notes": notes_of(run)})
     return rows
 
@@ -381,7 +458,7 @@ def views(tmp: Path) -> list[dict]:
     return rows
 
 
-def paired_change(base: Path, run: Path) -> str:
+def paired_change(base: Path, run: Path, against: str = "none") -> str:
     """The 95% paired bootstrap interval of the per-row out-of-fold log loss change of ``run`` against ``base``
     (the same images, classes matched by name): below 0 is a gain beyond the noise of these rows."""
     from pipeline.predict.calibrate import paired_change_interval
@@ -391,7 +468,7 @@ def paired_change(base: Path, run: Path) -> str:
     classes = [c for c in before.columns if c != "label"]
     targets = before["label"].map({c: k for k, c in enumerate(classes)}).to_numpy()
     lo, hi = paired_change_interval(before[classes].to_numpy(), after[classes].to_numpy(), targets)
-    return f"change vs none [{lo:+.3f}, {hi:+.3f}]"
+    return f"change vs {against} [{lo:+.3f}, {hi:+.3f}]"
 
 
 def last_valid_accuracy(member: Path) -> float:
@@ -402,7 +479,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--parts", default="dog,cifar,tiny,finetune,defaults,tricks",
                         help="comma-separated: dog, cifar, tiny, finetune, defaults, tricks, prior, averaging, soft, views, "
-                             "unseen, cifar-tricks")
+                             "unseen, cifar-tricks, presets, layer-decay, second")
     parser.add_argument("--keep", type=Path, help="work in this folder and keep it")
     args = parser.parse_args()
     missing = [p for p in (DOG, CIFAR, TINY, WEIGHTS) if not p.exists()]
@@ -410,7 +487,8 @@ def main() -> None:
         raise SystemExit(f"shared data missing: {', '.join(map(str, missing))}")
     parts = {"dog": dog, "cifar": cifar, "tiny": tiny, "finetune": finetune, "defaults": defaults, "tricks": tricks,
              "prior": prior, "averaging": averaging, "soft": soft,
-             "views": views, "unseen": unseen, "cifar-tricks": cifar_tricks}
+             "views": views, "unseen": unseen, "cifar-tricks": cifar_tricks, "presets": presets,
+             "layer-decay": layer_decay, "second": second}
     with tempfile.TemporaryDirectory() as scratch:
         tmp = args.keep or Path(scratch)
         tmp.mkdir(parents=True, exist_ok=True)

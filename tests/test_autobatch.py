@@ -65,14 +65,21 @@ def test_probe_steps_train_the_members_model_for_real():
     autobatch.probe_steps(cfg, 3, 0, torch.device("cpu"), dplan, 4)  # forward, backward, step: no error
 
 
-def test_on_cuda_the_plan_probes_and_keeps_what_fits(monkeypatch, tmp_path):
-    from pipeline.runs import Member
-
+@pytest.fixture
+def a100_fitting_48(monkeypatch):
+    """An A100 with 38 GiB free (simulated on the CPU) where a batch above 48 runs out of memory; the batches tried."""
     monkeypatch.setattr(autobatch, "probe", lambda device: A100)
     monkeypatch.setattr(autobatch, "resolve_device", lambda name: torch.device("cpu"))
     monkeypatch.setattr(autobatch, "available_memory", lambda device: 38 * GiB)
     tried = []
     monkeypatch.setattr(autobatch, "probe_steps", lambda cfg, n, w, d, p, b: oom_above(48, tried)(b))
+    return tried
+
+
+def test_on_cuda_the_plan_probes_and_keeps_what_fits(a100_fitting_48, tmp_path):
+    from pipeline.runs import Member
+
+    tried = a100_fitting_48
     cfg = TrainConfig(competition="x", work_dir=".", run_dir=".", model="fastnet_s", image_size=224, lr=0.4,
                       batch_size="auto", epochs=30)
     member = Member(tmp_path / "run", "holdout")
@@ -85,14 +92,10 @@ def test_on_cuda_the_plan_probes_and_keeps_what_fits(monkeypatch, tmp_path):
     assert budget_only.batch_size == 500 and len(tried) == 5
 
 
-def test_with_accumulation_auto_caps_and_scales_the_steps_images(monkeypatch, tmp_path):
+def test_with_accumulation_auto_caps_and_scales_the_steps_images(a100_fitting_48, tmp_path):
     from pipeline.runs import Member
 
-    monkeypatch.setattr(autobatch, "probe", lambda device: A100)
-    monkeypatch.setattr(autobatch, "resolve_device", lambda name: torch.device("cpu"))
-    monkeypatch.setattr(autobatch, "available_memory", lambda device: 38 * GiB)
-    tried = []
-    monkeypatch.setattr(autobatch, "probe_steps", lambda cfg, n, w, d, p, b: oom_above(48, tried)(b))
+    tried = a100_fitting_48
     cfg = TrainConfig(competition="x", work_dir=".", run_dir=".", model="fastnet_s", image_size=224, lr=0.4,
                       batch_size="auto", epochs=30, accum_steps=2)
     out, notes = autobatch.resolve_auto(cfg, 5000, {}, n_outputs=3, meta_width=0, source_kind="files",
