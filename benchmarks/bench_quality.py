@@ -125,10 +125,11 @@ def finetune(tmp: Path) -> list[dict]:
 
 def layer_decay(tmp: Path) -> list[dict]:
     """Issue 23 point 5: fine-tuning Lite0 with and without --layer-decay 0.75 (timm's param groups: each block
-    below the head at 0.75x the lr of the one above), on dog 300 (3 folds, the finetune part's schedule) and on
-    cifar-10-tiny at 64 px with its 2,000 unseen test images (holdout, 10 epochs, AdamW)."""
-    rows = []
-    for i, extra in enumerate(([], ["--layer-decay", "0.75"])):
+    below the head at 0.75x the lr of the one above), on top of --backbone-lr-scale 0.1 and instead of it, on
+    dog 300 (3 folds, the finetune part's schedule) and on cifar-10-tiny at 64 px with its 2,000 unseen test
+    images (holdout, 10 epochs, AdamW)."""
+    rows, decays = [], (["--layer-decay", "0.75"], ["--layer-decay", "0.75", "--backbone-lr-scale", "1"])
+    for i, extra in enumerate(([], *decays)):
         run = tmp / f"dog-ft-ld{i}"
         row = dog_cv(tmp, " ".join(["--unfreeze-after 1", *extra]), run, FINETUNE + extra)
         cv = json.loads((run / "cv.json").read_text())
@@ -138,7 +139,7 @@ def layer_decay(tmp: Path) -> list[dict]:
         rows.append(row)
     tiny = ("--model", "timm:tf_efficientnet_lite0", "--weights", str(WEIGHTS), "--image-size", "64", "--epochs", "10",
             "--optimizer", "adamw", "--lr", "0.001", "--weight-decay", "0.05", "--backbone-lr-scale", "0.1")
-    return rows + unseen(tmp, (tiny, (*tiny, "--layer-decay", "0.75")))
+    return rows + unseen(tmp, (tiny, *((*tiny, *d) for d in decays)))
 
 
 def second(tmp: Path) -> list[dict]:
