@@ -13,13 +13,15 @@ from sklearn.metrics import (cohen_kappa_score, fbeta_score, mean_absolute_error
 
 from pipeline.competition import Competition
 from pipeline.config import Recipe
-from pipeline.data.metadata import MetaEncoder
+from pipeline.data.items import Item
+from pipeline.data.metadata import MetaEncoder, item_metadata
 from pipeline.download.targets import names_labels, targets_of
 from pipeline.errors import PipelineError
 from pipeline.metrics import score
 from pipeline.models.task import Task, bad_mask
 from pipeline.predict.decide import fit_thresholds, nested_decision
 from pipeline.predict.submission import build_submission, check_submission
+from pipeline.workdir import ITEMS_FILE, TEST_CLASS_DIR, TEST_ITEMS_FILE
 
 RNG = np.random.default_rng(0)
 
@@ -194,6 +196,17 @@ def test_metadata_is_encoded_with_the_training_rows_statistics_only():
     test = pd.DataFrame({"age": ["60", ""], "site": ["leg", "torso"]})
     assert enc.transform(test).tolist() == [[2.0, 0.0, 0.0], [0.0, 0.0, 1.0]]  # unseen site: zeros; missing: mean
     assert MetaEncoder.from_json(enc.to_json()) == enc
+
+
+def test_metadata_rows_come_from_the_items_split_not_from_its_folder_name(tmp_path):
+    """A training class called "unknown" lives in a folder named like the test images' one; an id may be both a
+    training and a test id (Kaggle numbers both from 1): each row is read from its own split's table."""
+    pd.DataFrame({"id": ["1"], "m:age": ["30"]}).to_csv(tmp_path / ITEMS_FILE, index=False)
+    pd.DataFrame({"id": ["1"], "m:age": ["70"]}).to_csv(tmp_path / TEST_ITEMS_FILE, index=False)
+    labelled = Item("1", tmp_path / "train_valid" / TEST_CLASS_DIR / "1.png", 0)
+    test = Item("1", tmp_path / "test" / TEST_CLASS_DIR / "1.png", -1, test=True)
+    assert item_metadata(tmp_path, ["age"], [labelled, test])["age"].tolist() == ["30", "70"]
+    assert (labelled.key, test.key) == ((False, "1"), (True, "1"))
 
 
 # ---------------------------------------------------------------- submissions and their checks per kind

@@ -8,6 +8,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import torch
+from PIL import Image
 from conftest import make_competition, write_raw
 from typer.testing import CliRunner
 
@@ -258,6 +259,37 @@ def test_the_fold_source_labels_fold_ks_test_rows_with_the_teachers_fold_k_model
         assert "model of the same fold" in plan.teacher["line"]
         seen.append(probs)
     assert not np.allclose(seen[0], seen[1], atol=1e-4)  # three models, three labellings
+
+
+def test_pseudo_rows_are_the_test_images_even_where_test_ids_repeat_training_ids(tmp_path):
+    """Kaggle's cifar-10 numbers its training and its test images from 1 alike: a pseudo-labelled test image
+    is found by its file, never taken for the training image of the same id (image cache and files alike)."""
+    comp = make_competition("toy-clash", submission="probs")
+    raw = write_raw(tmp_path / "raw", comp)
+    for k, old in enumerate(sorted((raw / comp.test_dir).iterdir()), start=1):  # ids 1..10, plain white
+        Image.fromarray(np.full((16, 16, 3), 255, np.uint8)).save(raw / comp.test_dir / f"{k}{comp.image_ext}")
+        old.unlink()
+    sample = pd.read_csv(raw / comp.sample_submission)
+    sample.assign(**{comp.id_column: [str(k) for k in range(1, len(sample) + 1)]}).to_csv(
+        raw / comp.sample_submission, index=False)
+    work, run = tmp_path / "work", tmp_path / "teacher"
+    reorg(comp, raw, work, valid_ratio=0.25, folds=3, seed=0)
+    train(resolve_config(comp, work, run, None, {**BASE, "folds": 3}))
+    info = load_reorg(work)
+    test = {it.path for it in list_split(work, info, "test")}
+    assert {it.id for it in list_split(work, info, "test")} <= {it.id for it in list_split(work, info, "train_valid")}
+    for cache in ("auto", "off"):
+        cfg = resolve_config(comp, work, tmp_path / f"s-{cache}", None,
+                             {**BASE, "folds": 3, "pseudo_label": run, "cache": cache})
+        plan = plan_run(cfg, info)[1][0]
+        own, pseudo = plan.training_rows[:len(plan.train_items)], plan.training_rows[len(plan.train_items):]
+        assert {it.path for it in pseudo} == test and not test & {it.path for it in [*own, *plan.valid_items]}
+        data = setup_member(plan, comp.metric).data
+        if cache == "auto":  # the cached rows the member trains on: its own images, then the white test ones
+            assert (data.train.images[len(own):] == 255).all() and len(data.train.images) == len(own) + 10
+            assert not (data.train.images[:len(own)] == 255).all(dim=(1, 2, 3)).any()
+        else:
+            assert [it.path for it in data.train.dataset.items] == [it.path for it in plan.training_rows]
 
 
 def test_a_teacher_without_test_predictions_is_refused(teacher, tmp_path):

@@ -40,11 +40,18 @@ Image.MAX_IMAGE_PIXELS = 89_478_485
 @dataclass(frozen=True)
 class Item:
     """One image: its id, its file and its target: a class index (-1 when unknown), or for the other task
-    kinds (pipeline/models/task.py) a tuple of floats (inf when unknown: a test image)."""
+    kinds (pipeline/models/task.py) a tuple of floats (inf when unknown: a test image). ``test``: an image of
+    the test split, whose id may repeat a training image's (Kaggle numbers both from 1, as cifar-10 does)."""
 
     id: str
     path: Path
     target: int | tuple[float, ...]
+    test: bool = False
+
+    @property
+    def key(self) -> tuple[bool, str]:
+        """The item's identity in a pool of labelled and test images (pseudo-labels train on both)."""
+        return self.test, self.id
 
 
 def load_reorg(work_dir: Path, competition: str | None = None) -> dict:
@@ -70,7 +77,7 @@ def list_split(work_dir: Path, info: dict, split: str) -> list[Item]:
     if split == "test":
         folder = root / TEST_CLASS_DIR
         unknown = -1 if info.get("task", "single") == "single" else (math.inf,) * len(info["classes"])  # not NaN: unreadable
-        return [Item(_id_of(p.name, ext), p, unknown) for p in sorted(folder.iterdir())]
+        return [Item(_id_of(p.name, ext), p, unknown, test=True) for p in sorted(folder.iterdir())]
     if info.get("task", "single") != "single":
         return _table_items(Path(work_dir), info, split)
     items = []

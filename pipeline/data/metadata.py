@@ -18,7 +18,7 @@ import pandas as pd
 import torch
 
 from pipeline.errors import PipelineError
-from pipeline.workdir import ITEMS_FILE, META_PREFIX, TEST_CLASS_DIR, TEST_ITEMS_FILE
+from pipeline.workdir import ITEMS_FILE, META_PREFIX, TEST_ITEMS_FILE
 
 
 @dataclass(frozen=True)
@@ -88,7 +88,7 @@ def item_metadata(work_dir: Path, columns: list[str], items) -> pd.DataFrame:
             tables[role] = frame.set_index("id")[[META_PREFIX + c for c in columns]]
     rows = []
     for it in items:
-        role = "test" if Path(it.path).parent.name == TEST_CLASS_DIR else "train"
+        role = "test" if it.test else "train"  # not by folder: a class may be called "unknown" too
         table = tables.get(role)
         if table is None or it.id not in table.index:
             raise PipelineError(f"{work_dir}: no metadata row for image {it.id!r} "

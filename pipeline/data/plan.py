@@ -148,23 +148,24 @@ def eval_loader(cfg: TrainConfig, items: list[Item], batch_size: int, dplan: Dev
 
 
 def _rows_of(items: list[Item], pool: list[Item]) -> torch.Tensor:
-    """Positions of ``items`` in ``pool`` (by id): members select from one shared cache."""
-    where = {it.id: i for i, it in enumerate(pool)}
-    return torch.tensor([where[it.id] for it in items], dtype=torch.long)
+    """Positions of ``items`` in ``pool`` (by key: a pool of training and test images may hold an id twice):
+    members select from one shared cache."""
+    where = {it.key: i for i, it in enumerate(pool)}
+    return torch.tensor([where[it.key] for it in items], dtype=torch.long)
 
 
 def _unreadable_rows(cfg: TrainConfig, pool: list[Item], bad: set[int], train_items: list[Item],
-                     valid_items: list[Item]) -> tuple[set[int], set[str]]:
-    """Training positions and ids of the pool's unreadable images: an error under --strict, else a warning."""
-    bad_ids = {pool[i].id for i in bad}
-    bad_train = {j for j, it in enumerate(train_items) if it.id in bad_ids}
-    if cfg.strict and (bad_train or any(it.id in bad_ids for it in valid_items)):
-        first = next(it for it in [*train_items, *valid_items] if it.id in bad_ids)
+                     valid_items: list[Item]) -> set[int]:
+    """Training positions of the pool's unreadable images: an error under --strict, else a warning."""
+    bad_keys = {pool[i].key for i in bad}
+    bad_train = {j for j, it in enumerate(train_items) if it.key in bad_keys}
+    if cfg.strict and (bad_train or any(it.key in bad_keys for it in valid_items)):
+        first = next(it for it in [*train_items, *valid_items] if it.key in bad_keys)
         raise PipelineError(f"cannot read image {first.path} (id {first.id!r}); replace or remove the file "
-                            f"({len(bad_ids)} unreadable)")
+                            f"({len(bad_keys)} unreadable)")
     if bad_train:
         log.warning("skipping %s", unreadable_message(train_items, bad_train, "training images"))
-    return bad_train, bad_ids
+    return bad_train
 
 
 def cache_root(cfg: TrainConfig) -> Path:
@@ -210,7 +211,7 @@ def _pooled_plan(cfg: TrainConfig, train_items: list[Item], valid_items: list[It
     ``loader(rows, targets, train)`` makes the loader over the cached rows and their targets; ``view`` wraps
     the model to take it. Training targets are the training items' own (a teacher may have mixed them).
     """
-    bad_train, _ = _unreadable_rows(cfg, pool, bad, train_items, valid_items)
+    bad_train = _unreadable_rows(cfg, pool, bad, train_items, valid_items)
     # unreadable images are left out of the loss and the scores
     train_dl = loader(_rows_of(train_items, pool), cached_targets(train_items, bad_train), True)
     valid_rows = _rows_of(valid_items, pool)
@@ -223,15 +224,9 @@ def cache_pools(cfg: TrainConfig, train_items: list[Item]) -> list[list[Item]]:
     from it (--pseudo-label); each pool has its own cache, shared by every run on the work folder."""
     info = load_reorg(cfg.work_dir)
     pool = list_split(cfg.work_dir, info, "train_valid")
-    known = {it.id for it in pool}
-    if all(it.id in known for it in train_items):
+    if not any(it.test for it in train_items):
         return [pool]
-    test = list_split(cfg.work_dir, info, "test")
-    clash = next((it.id for it in test if it.id in known), None)
-    if clash is not None:
-        raise PipelineError(f"test image id {clash!r} is also a training id: pseudo-labelled test images need ids "
-                            "of their own")
-    return [pool, test]
+    return [pool, list_split(cfg.work_dir, info, "test")]
 
 
 def _cached_plan(cfg: TrainConfig, train_items, valid_items, device, source: Source, dplan: DevicePlan) -> DataPlan:
