@@ -76,7 +76,8 @@ def test_cifar_default_recipe_lr_follows_its_batch(tmp_path):
 @pytest.mark.parametrize("accum", [2, 4])
 def test_accumulation_adapts_the_images_per_optimizer_step(tmp_path, accum):
     """--accum-steps N: an optimizer step takes N batches, so the cap applies to batch x N, not to the batch, and
-    the lr follows the step's images: on small data accumulation changes the memory, not the training."""
+    the lr follows the step's images: on small data accumulation changes the memory, not the training; on full
+    data the step grows N-fold and the lr with it (linear for SGD), as timm scales with its global batch."""
     plain = resolved(CIFAR10, tmp_path, recipe="fast")
     base, _ = adapt_to_data(plain.config, 1800, plain.sources)
     r = resolved(CIFAR10, tmp_path, recipe="fast", accum_steps=accum)
@@ -85,8 +86,14 @@ def test_accumulation_adapts_the_images_per_optimizer_step(tmp_path, accum):
     assert 1800 // (cfg.batch_size * accum) == 1800 // base.batch_size >= MIN_STEPS_PER_EPOCH
     assert cfg.lr == pytest.approx(base.lr) and cfg.epochs == base.epochs  # the same step, the same lr
     assert f"at {cfg.batch_size} x {accum} accumulated" in notes[0]
-    big = resolved(CIFAR10, tmp_path, recipe="fast", accum_steps=accum)  # full data: the user's step, untouched
-    assert adapt_to_data(big.config, 100_000, big.sources)[0].batch_size == 512
+    assert notes[1].startswith(f"lr 0.4 -> {cfg.lr:.4g}: scaled with the images of a step ({cfg.batch_size} x {accum}")
+    full, notes = adapt_to_data(r.config, 100_000, r.sources)  # full data: N batches of 512 a step, the lr N-fold
+    assert full.batch_size == 512 and full.lr == pytest.approx(0.4 * accum) and notes[0].startswith("lr 0.4 -> ")
+    # the lr follows the step's images as the data grows: never above the full-data lr, never falling
+    lrs = [adapt_to_data(r.config, n, r.sources)[0].lr for n in (900, 1800, 6000, 20_000, 50_000, 100_000)]
+    assert lrs == sorted(lrs) and lrs[-1] == pytest.approx(0.4 * accum)
+    kept = resolved(CIFAR10, tmp_path, recipe="fast", accum_steps=accum, batch_size=512 // accum)  # the way to
+    assert adapt_to_data(kept.config, 100_000, kept.sources)[0].lr == 0.4  # keep the recipe's step in less memory
 
 
 @pytest.mark.parametrize("n, want", [(1800, 15), (4000, 13), (5000, 10), (50_000, 10), (900, 15)])

@@ -57,11 +57,12 @@ def adapt_to_data(cfg: TrainConfig, n_train: int, sources: Mapping[str, str]) ->
                          f"{n_train // (cfg.batch_size * accum)} step(s) per epoch at {cfg.batch_size}{per}, "
                          f"{n_train // (batch * accum)} at {batch}{per} (at least {MIN_STEPS_PER_EPOCH} wanted; "
                          f"--batch-size keeps yours)")
-            if free("lr"):
-                # the recipe's lr is for a step of its batch; a step now takes batch x accum images
-                changes["lr"] = scaled_lr(cfg.lr, cfg.optimizer, cfg.batch_size, batch * accum)
-                notes.append(f"lr {cfg.lr:g} -> {changes['lr']:.4g}: scaled with the batch "
-                             f"({lr_scaling(cfg.optimizer)} for {cfg.optimizer}; --lr keeps yours)")
+    if free("batch_size") and free("lr") and batch * accum != cfg.batch_size:
+        # the recipe set its lr for a step of its batch; a step now takes batch x accum images (timm's global batch)
+        changes["lr"] = scaled_lr(cfg.lr, cfg.optimizer, cfg.batch_size, batch * accum)
+        what = "the batch" if accum == 1 else f"the images of a step ({batch} x {accum} accumulated)"
+        notes.append(f"lr {cfg.lr:g} -> {changes['lr']:.4g}: scaled with {what} "
+                     f"({lr_scaling(cfg.optimizer)} for {cfg.optimizer}; --lr keeps yours)")
     steps = max(1, n_train // (batch * accum))
     if free("epochs") and not cfg.steps_per_epoch and steps * cfg.epochs < MIN_TOTAL_STEPS:
         epochs = min(-(-MIN_TOTAL_STEPS // steps), cfg.epochs * MAX_EPOCH_FACTOR)
