@@ -34,7 +34,9 @@ def adapt_to_data(cfg: TrainConfig, n_train: int, sources: Mapping[str, str]) ->
     flag (or a caller's own TrainConfig) are kept. Adapted: the batch (at least
     MIN_STEPS_PER_EPOCH steps per epoch and MIN_TOTAL_STEPS in the recipe's
     epochs, >= MIN_BATCH, made smaller where drop_last would leave out more than
-    MAX_DROPPED of the images); where the batch cannot shrink enough, the epochs
+    MAX_DROPPED of the images; with --accum-steps N these bound the N batches of
+    an optimizer step, and the recipe's lr follows the step's images on any data
+    size); where the batch cannot shrink enough, the epochs
     (at least MIN_TOTAL_STEPS steps in all, at most MAX_EPOCH_FACTOR x the
     recipe's) with the step schedule's period and the warm-up stretched alike;
     on small data the epochs (at least MIN_IMAGES_SEEN images seen in all, at
