@@ -95,6 +95,7 @@ def dog_work(tmp: Path) -> Path:
 
 def dog_cv(tmp: Path, name: str, run: Path, extra: list[str]) -> dict:
     work = dog_work(tmp)
+    shutil.rmtree(run, ignore_errors=True)  # a kept folder's earlier run of this row: trained again
     secs = cli("train", "dog-breed-identification", str(work), str(run), "--folds", "3", *LITE0, *extra)
     cv = json.loads((run / "cv.json").read_text())
     return {"data": "dog 300, 3 folds", "variant": name, "score": f"CV log loss {cv['cv']:.3f}",
@@ -136,7 +137,6 @@ def layer_decay(tmp: Path) -> list[dict]:
     bases, rows = (0, 0, 0, 2), []
     for i, extra in enumerate(variants):
         run = tmp / f"dog-ft-ld{i}"
-        shutil.rmtree(run, ignore_errors=True)
         row = dog_cv(tmp, " ".join(["--unfreeze-after 1", *extra]), run, FINETUNE + list(extra))
         cv = json.loads((run / "cv.json").read_text())
         lo, hi = cv["interval"]
@@ -279,6 +279,7 @@ def holdout(tmp: Path, slug: str, raw: Path, name: str, label: str, *extra: str)
     work, run = tmp / f"{name}-work", tmp / f"{name}-run"
     if not (work / "reorg.json").is_file():
         cli("reorg", slug, str(raw), str(work), "--folds", "0")
+    shutil.rmtree(run, ignore_errors=True)
     secs = cli("train", slug, str(work), str(run), *extra)
     return {"data": label, "variant": " ".join(extra) or "default recipe",
             "score": f"valid accuracy {last_valid_accuracy(run / 'holdout'):.3f}", "target": "above baseline",
