@@ -263,7 +263,8 @@ def test_the_fold_source_labels_fold_ks_test_rows_with_the_teachers_fold_k_model
 
 def test_pseudo_rows_are_the_test_images_even_where_test_ids_repeat_training_ids(tmp_path):
     """Kaggle's cifar-10 numbers its training and its test images from 1 alike: a pseudo-labelled test image
-    is found by its file, never taken for the training image of the same id (image cache and files alike)."""
+    is found as a test image (its key), never taken for the training image of the same id (image cache and
+    files alike)."""
     comp = make_competition("toy-clash", submission="probs")
     raw = write_raw(tmp_path / "raw", comp)
     for k, old in enumerate(sorted((raw / comp.test_dir).iterdir()), start=1):  # ids 1..10, plain white

@@ -22,7 +22,7 @@ import torch
 from pipeline.config import TrainConfig, recipe_of
 from pipeline.devices import available_memory, item_bytes, probe, resolve_device, train_batch_candidates
 from pipeline.errors import PipelineError
-from pipeline.train.adapt import MIN_BATCH, adapted_batch, lr_scaling, scaled_lr
+from pipeline.train.adapt import FIXED_SOURCES, MIN_BATCH, adapted_batch, lr_scaling, scaled_lr
 
 log = logging.getLogger("pipeline")
 
@@ -114,7 +114,7 @@ def resolve_auto(cfg: TrainConfig, share: int, sources: Mapping[str, str], *, n_
         how = f"the largest of {', '.join(map(str, candidates))} that completes {PROBE_STEPS} steps on {acc.name}"
     notes = [f"batch_size auto -> {batch}: {how} (at most {limit} for {share} training images)"]
     step = batch * cfg.accum_steps  # images per optimizer step
-    if sources.get("lr") not in ("flag", "caller") and step != reference:
+    if sources.get("lr") not in FIXED_SOURCES and step != reference:
         lr = scaled_lr(cfg.lr, cfg.optimizer, reference, step)
         notes.append(f"lr {cfg.lr:g} -> {lr:.4g}: scaled from the batch of {reference} it was set for to "
                      f"{step} images a step ({lr_scaling(cfg.optimizer)} for {cfg.optimizer}; --lr keeps yours)")
